@@ -1,0 +1,5 @@
+import sys
+
+from jmaml.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""Input validation shared by the library: clear errors instead of deep JAX traces.
+
+Checks here only look at static information (shapes, Python values) or at values
+that are concrete; traced values pass through unchecked so every function stays
+jittable.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import numpy as np
+
+from jmaml.types import Batch, Task
+
+
+def concrete_or_none(value):
+    """Returns ``value`` as a NumPy array if it is concrete, ``None`` if it is traced."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def check_num_steps(value, name: str = "num_inner_steps") -> int:
+    """Checks a static, non-negative integer count and returns it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative Python int, got {value!r} "
+                        f"of type {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def check_positive_int(value, name: str) -> int:
+    """Checks a static integer >= 1 and returns it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r} "
+                        f"of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_rate(value, name: str = "inner_lr", *, allow_zero: bool = True) -> None:
+    """Checks a learning rate when it is concrete: finite and non-negative (or positive)."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a real number or array, got {value!r}")
+    arr = concrete_or_none(value)
+    if arr is None:  # traced: checked by the caller's divergence reporting instead
+        return
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{name} must be a real number or array, got {value!r}")
+    if arr.dtype == np.bool_:
+        raise TypeError(f"{name} must be a real number, got a bool {value!r}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if np.any(arr < 0) or (not allow_zero and np.any(arr == 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def _shape(a) -> tuple:
+    return tuple(np.shape(a))
+
+
+def check_batch(batch, name: str = "batch", *, task_axis: bool = False) -> None:
+    """Checks that a Batch has x and y with the same, non-zero number of points.
+
+    With ``task_axis=True`` the points axis is axis 1 (axis 0 being tasks).
+    """
+    if not isinstance(batch, Batch):
+        raise TypeError(f"{name} must be a jmaml.Batch(x, y), got {type(batch).__name__}")
+    xs, ys = _shape(batch.x), _shape(batch.y)
+    axis = 1 if task_axis else 0
+    what = "(num_tasks, num_points, ...)" if task_axis else "(num_points, ...)"
+    for part, shape in (("x", xs), ("y", ys)):
+        if len(shape) <= axis:
+            raise ValueError(f"{name}.{part} must have shape {what}, got shape {shape}")
+    if xs[axis] != ys[axis]:
+        raise ValueError(f"{name}.x and {name}.y must have the same number of points, got "
+                         f"x.shape={xs} and y.shape={ys}")
+    if xs[axis] == 0:
+        raise ValueError(f"{name} must hold at least one point, got x.shape={xs}")
+
+
+def check_task(task, name: str = "task") -> None:
+    """Checks a single Task (no task axis)."""
+    if not isinstance(task, Task):
+        raise TypeError(f"{name} must be a jmaml.Task(support, query), got {type(task).__name__}")
+    check_batch(task.support, f"{name}.support")
+    check_batch(task.query, f"{name}.query")
+
+
+def check_task_batch(tasks, name: str = "tasks") -> int:
+    """Checks a Task with a leading task axis on every leaf; returns the number of tasks."""
+    if not isinstance(tasks, Task):
+        raise TypeError(f"{name} must be a jmaml.Task(support, query) with a leading task axis, "
+                        f"got {type(tasks).__name__}")
+    check_batch(tasks.support, f"{name}.support", task_axis=True)
+    check_batch(tasks.query, f"{name}.query", task_axis=True)
+    sizes = {f"{name}.{s}.{p}": _shape(getattr(getattr(tasks, s), p))[0]
+             for s in ("support", "query") for p in ("x", "y")}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{name} must have a leading task axis of one size on every leaf "
+                         f"(shape (num_tasks, num_points, ...)); got leading sizes {sizes}. "
+                         "A single task has no task axis: use task_objective, or add one "
+                         "with jax.tree.map(lambda a: a[None], task).")
+    num_tasks = next(iter(sizes.values()))
+    if num_tasks == 0:
+        raise ValueError(f"{name} must hold at least one task, got num_tasks=0")
+    return num_tasks
+
+
+def check_finite_float(value, name: str) -> float:
+    """Checks a Python real number is finite and returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)

@@ -1,0 +1,5 @@
+"""Task distributions and fixed task sets."""
+
+from jmaml.tasks import seed
+
+__all__ = ["seed"]

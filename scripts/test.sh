@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up ./.venv (if needed), lints, and runs the whole test suite.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" dev
+cd "$root"
+ruff check jmaml tests scripts experiments
+exec python -m pytest -q "$@"

@@ -1,0 +1,98 @@
+"""End-to-end: the `jmaml seed` walk-through and its tasks-file input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jmaml import analytic, cli, walkthrough
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_seed_prints_the_seeds_numbers(capsys):
+    code, out, _ = _run(capsys, "seed")
+    assert code == 0
+    for text in ("w(1)  = 0.8", "phi_1 = 0.6", "phi_2 = -8.2", "= 4.48", "= 3028.48",
+                 "= -1515.48", "diverges", "-295.32"):
+        assert text in out, text
+
+
+def test_seed_json_values_and_k_table_against_the_closed_form(capsys):
+    code, out, _ = _run(capsys, "seed", "--json")
+    r = json.loads(out)
+    assert code == 0
+    assert r["conventional_w1"] == pytest.approx(0.8, abs=1e-9)
+    assert r["phi"] == pytest.approx([0.6, -8.2], abs=1e-9)
+    assert r["query_grads"] == pytest.approx([4.48, 3028.48], abs=1e-9)
+    assert r["theta1"] == pytest.approx(-1515.48, abs=1e-9)
+    assert [row["k"] for row in r["k_table"]] == [1, 2, 3, 4, 5]
+    for row in r["k_table"]:
+        for j, xs in enumerate(([2.0, 3.0], [5.0, 6.0])):
+            want = analytic.dW_dtheta(xs, 0.1, row["k"])
+            assert abs(row["dW_dtheta"][j] - want) <= 1e-12 * max(1.0, abs(want))
+    assert r["diverges"] is True
+    # Hessian-based bound on S2 equals the exact 1/sum(x^2).
+    assert r["stability"][1]["alpha_bound"] == pytest.approx(1 / 61, rel=1e-12)
+
+
+def test_seed_with_own_tasks_file(tmp_path, capsys):
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps({"tasks": [
+        {"support": {"x": [0.5, 1.0], "y": [1.0, 2.0]}, "query": {"x": [2.0], "y": [3.0]}},
+        {"support": {"x": [1.0, -1.0, 0.2], "y": [0.0, 1.0, 0.5]}, "query": {"x": [1.5], "y": [1.0]}},
+    ]}))
+    code, out, _ = _run(capsys, "seed", "--tasks", str(path), "--alpha", "0.05", "--beta", "0.1",
+                        "--k", "3", "--json")
+    r = json.loads(out)
+    assert code == 0 and "conventional_w1" not in r
+    tasks = [([0.5, 1.0], [1.0, 2.0], [2.0], [3.0]), ([1.0, -1.0, 0.2], [0.0, 1.0, 0.5], [1.5], [1.0])]
+    assert r["theta1"] == pytest.approx(analytic.meta_step(1.0, tasks, 0.05, 0.1), abs=1e-12)
+    assert r["diverges"] is False
+
+
+@pytest.mark.parametrize("doc, match", [
+    ({}, "missing the key 'tasks'"),
+    ({"tasks": [{"support": {"x": [1.0], "y": [1.0]}}]}, r"tasks\[0\] is missing the key 'query'"),
+    ({"tasks": [{"support": {"x": [1.0]}, "query": {"x": [1.0], "y": [1.0]}}]},
+     r"tasks\[0\].support is missing the key 'y'"),
+    ({"tasks": [{"support": {"x": [1.0, 2.0], "y": [1.0]}, "query": {"x": [1.0], "y": [1.0]}}]},
+     r"tasks\[0\].support.x and .*same length, got 2 and 1"),
+    ({"tasks": [{"support": {"x": [[1.0], 2.0], "y": [1.0, 2.0]}, "query": {"x": [1.0], "y": [1.0]}}]},
+     r"tasks\[0\].support.x\[0\] is a list"),
+    ({"tasks": [{"support": {"x": ["a"], "y": [1.0]}, "query": {"x": [1.0], "y": [1.0]}}]},
+     r"tasks\[0\].support.x\[0\] must be a number, got 'a'"),
+    ({"tasks": [{"support": {"x": [], "y": []}, "query": {"x": [1.0], "y": [1.0]}}]},
+     r"tasks\[0\].support.x must hold at least one number"),
+])
+def test_malformed_tasks_json(tmp_path, capsys, doc, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises((ValueError, TypeError), match=match):
+        walkthrough.load_tasks_json(str(path))
+    code, _, err = _run(capsys, "seed", "--tasks", str(path))
+    assert code == 2 and "error" in err
+
+
+def test_tasks_file_that_is_not_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        walkthrough.load_tasks_json(str(path))
+
+
+def test_bad_flags_are_clear_errors(capsys):
+    assert _run(capsys, "seed", "--k", "-1")[0] == 2
+    assert _run(capsys, "seed", "--alpha", "nan")[0] == 2
+
+
+def test_console_entry_point_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "jmaml", "seed", "--k", "1"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "-1515.48" in proc.stdout
