@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import signal
 import sys
+import time
 
 from jmaml import walkthrough
+
+DEFAULT_RUN_DIR = os.path.join("runs", "sinusoid")
 
 
 def _cmd_seed(args: argparse.Namespace) -> int:
@@ -23,6 +29,152 @@ def _cmd_seed(args: argparse.Namespace) -> int:
             print("\nNote: the seed's prose quotes -295.32 for this meta-step; its own Eq. 20 "
                   "gives -1515.48, the value reproduced above.")
     return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 40,40, got {text!r}") from None
+
+
+# flag name -> TrainConfig field
+_TRAIN_FLAGS = {
+    "hidden": "hidden", "activation": "activation", "shots": "num_support", "query_shots": "num_query",
+    "inner_lr": "inner_lr", "inner_steps": "num_inner_steps", "meta_lr": "meta_lr",
+    "optimiser": "optimiser", "meta_batch_size": "meta_batch_size", "loss": "loss", "steps": "steps",
+    "seed": "seed", "first_order": "first_order", "checkpoint_every": "checkpoint_every",
+    "log_every": "log_every", "pretrain": "pretrain",
+}
+
+
+def _train_config(args: argparse.Namespace):
+    from jmaml.train import TrainConfig, load_config
+
+    given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
+             if getattr(args, flag) is not None}
+    base = TrainConfig()
+    if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
+        base = load_config(args.out)  # resume with the stored settings unless flags say otherwise
+    config = dataclasses.replace(base, **given)
+    if "steps" in given and "checkpoint_every" not in given and not args.resume:
+        # Short runs checkpoint at least at the end; keep the interval a multiple of log_every.
+        every = min(config.checkpoint_every, config.steps)
+        config = dataclasses.replace(config, checkpoint_every=max(config.log_every,
+                                                                  every - every % config.log_every))
+    if "steps" in given and "log_every" not in given and config.steps < config.log_every and not args.resume:
+        config = dataclasses.replace(config, log_every=config.steps, checkpoint_every=config.steps)
+    return config.validate()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jmaml import evaluate, train
+
+    config = _train_config(args)
+    t0 = time.perf_counter()
+    try:
+        train.train(config, args.out, resume=args.resume, overwrite=args.overwrite)
+    except train.Interrupted as e:
+        print(f"jmaml train: {e}. Resume with: jmaml train --out {args.out} --resume", file=sys.stderr)
+        return 128 + (e.signum or signal.SIGINT)
+    except train.DivergenceError as e:
+        print(f"jmaml train: {e}", file=sys.stderr)
+        return 3
+    train_s = time.perf_counter() - t0
+    print(f"trained in {train_s:.1f} s; run dir: {args.out}", file=sys.stderr)
+    if args.no_eval:
+        return 0
+    if _up_to_date(args.out, ["eval.json"], [f"{p}.ckpt.npz" for p in train.PHASES]):
+        print(f"{args.out} is already trained and evaluated; showing its results "
+              "(jmaml eval / jmaml plot recompute them).", file=sys.stderr)
+        with open(os.path.join(args.out, "eval.json"), encoding="utf-8") as f:
+            results = json.load(f)
+    else:
+        results = evaluate.evaluate_run(args.out)
+    print(evaluate.format_table(results))
+    if not args.no_plot and not _up_to_date(args.out, ["plots/fits.png", "plots/curves.png"], ["eval.json"]):
+        _plot(args.out)
+    return 0
+
+
+def _up_to_date(run_dir: str, outputs: list[str], inputs: list[str]) -> bool:
+    """Whether every output exists and is newer than every existing input."""
+    outs = [os.path.join(run_dir, o) for o in outputs]
+    ins = [os.path.join(run_dir, i) for i in inputs if os.path.exists(os.path.join(run_dir, i))]
+    if not all(os.path.exists(o) for o in outs):
+        return False
+    return min(os.path.getmtime(o) for o in outs) >= max((os.path.getmtime(i) for i in ins), default=0.0)
+
+
+def _plot(run_dir: str) -> None:
+    from jmaml import plot
+
+    try:
+        paths = plot.plot_run(run_dir)
+    except ImportError as e:
+        print(f"jmaml: skipping plots: {e}", file=sys.stderr)
+        return
+    print("plots: " + ", ".join(paths))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from jmaml import evaluate
+
+    results = evaluate.evaluate_run(args.run_dir)
+    print(json.dumps(results, indent=2) if args.json else evaluate.format_table(results))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from jmaml import plot
+
+    for path in plot.plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="meta-train on sinusoid regression (the MAML paper's setting), "
+                                     "then evaluate and plot",
+                       description="Sinusoid few-shot regression, Finn et al. 2017 Section 5.1. "
+                                   "Defaults are the paper's settings.")
+    g = p.add_argument_group("model and task")
+    g.add_argument("--hidden", type=_ints, default=None, help="hidden widths (default 40,40)")
+    g.add_argument("--activation", default=None, help="relu (default), tanh, sigmoid, gelu, silu, identity")
+    g.add_argument("--shots", type=int, default=None, help="K support points per task (default 10)")
+    g.add_argument("--query-shots", type=int, default=None, help="query points per task (default 10)")
+    g.add_argument("--loss", default=None, help="mse (default) or sse")
+    g = p.add_argument_group("MAML")
+    g.add_argument("--inner-lr", type=float, default=None, help="inner rate alpha (default 0.01)")
+    g.add_argument("--inner-steps", "--k", type=int, default=None, help="inner steps k (default 1)")
+    g.add_argument("--first-order", action="store_const", const=True, default=None,
+                   help="first-order MAML (FOMAML)")
+    g.add_argument("--meta-lr", type=float, default=None, help="meta rate beta (default 1e-3)")
+    g.add_argument("--optimiser", default=None, help="adam (default), adamw, sgd, momentum, rmsprop")
+    g.add_argument("--meta-batch-size", type=int, default=None, help="tasks per meta-step (default 25)")
+    g.add_argument("--steps", type=int, default=None, help="meta-steps (default 70000)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    g.add_argument("--no-pretrain", dest="pretrain", action="store_const", const=False, default=None,
+                   help="skip the pretrained-regression baseline")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run dir (default {DEFAULT_RUN_DIR})")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 5000)")
+    g.add_argument("--log-every", type=int, default=None,
+                   help="steps per compiled chunk and per metrics line (default 1000)")
+    g.add_argument("--no-eval", action="store_true", help="skip evaluation and plots")
+    g.add_argument("--no-plot", action="store_true", help="skip plots")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="adaptation curves of a run on 600 held-out tasks (table + eval.json)")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="write a run's figures (fits.png, curves.png) into RUN_DIR/plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                         '"conventional": {"x": [...], "y": [...]} (optional)}')
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_seed)
+    _add_train_parser(sub)
     return parser
 
 
@@ -50,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError) as e:
         print(f"jmaml {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

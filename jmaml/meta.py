@@ -140,8 +140,9 @@ def make_step(optimiser: optax.GradientTransformation, loss_fn: LossFn, *, inner
 
     Returns:
       ``step(state, tasks, *, inner_lr=None, num_inner_steps=None)``; metrics hold
-      ``meta_loss`` (scalar), ``grad_norm`` (global norm of the meta-gradient) and
-      ``task_losses`` (per-task query losses, shape ``(num_tasks,)``).
+      ``meta_loss`` (scalar), ``grad_norm`` (global norm of the meta-gradient),
+      ``task_losses`` (per-task query losses, shape ``(num_tasks,)``) and ``pre_adapt_loss``
+      (the query loss at θ before adaptation, reduced like the meta-loss).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -168,8 +169,11 @@ def make_step(optimiser: optax.GradientTransformation, loss_fn: LossFn, *, inner
             max_inner_steps=max_inner_steps, first_order=first_order, unroll=unroll, remat=remat)
         updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"meta_loss": loss, "grad_norm": tree_norm(grads),
-                   "task_losses": per_task}
+        # The query loss before adaptation: cheap (a forward pass) and the reference against
+        # which an exploding inner loop shows (adapted loss >> un-adapted loss).
+        pre = jax.vmap(loss_fn, in_axes=(None, 0))(state.params, tasks.query)
+        metrics = {"meta_loss": loss, "grad_norm": tree_norm(grads), "task_losses": per_task,
+                   "pre_adapt_loss": jnp.sum(pre) if reduction == "sum" else jnp.mean(pre)}
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
     return step

@@ -96,3 +96,39 @@ def test_console_entry_point_runs_as_a_module():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "-1515.48" in proc.stdout
+
+
+def test_train_eval_plot_end_to_end(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    argv = ["train", "--out", run, "--steps", "30", "--log-every", "10", "--hidden", "8",
+            "--meta-batch-size", "4"]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert "| maml | 10 | 0.01 |" in out and "| pretrained | 10 |" in out
+    for name in ("config.json", "metrics.jsonl", "maml.ckpt.npz", "pretrained.ckpt.npz", "eval.json",
+                 "eval.md", "plots/fits.png", "plots/curves.png"):
+        assert (tmp_path / "run" / name).exists(), name
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert results["protocol"]["held_out_tasks"] == 600
+    assert set(results["maml"]) == {"5", "10", "20"} and len(results["maml"]["10"]["mean"]) == 11
+    # Running the same command again finds the finished run and does not retrain or re-evaluate.
+    eval_mtime = (tmp_path / "run" / "eval.json").stat().st_mtime
+    code, out, err = _run(capsys, *argv)
+    assert code == 0 and "| maml | 10 |" in out and "already trained and evaluated" in err
+    assert (tmp_path / "run" / "eval.json").stat().st_mtime == eval_mtime
+    # A different run into the same folder is refused.
+    code, _, err = _run(capsys, *argv[:-1], "8", "--inner-lr", "0.5")
+    assert code == 2 and "different run" in err
+
+
+def test_train_bad_flags(tmp_path, capsys):
+    assert _run(capsys, "train", "--out", str(tmp_path / "x"), "--steps", "0")[0] == 2
+    assert _run(capsys, "train", "--out", str(tmp_path / "x"), "--optimiser", "nope")[0] == 2
+    code, _, err = _run(capsys, "train", "--out", str(tmp_path / "x"), "--activation", "swish", "--steps", "5")
+    assert code == 2 and "activation must be one of" in err
+
+
+def test_train_divergence_exits_with_a_message(tmp_path, capsys):
+    code, _, err = _run(capsys, "train", "--out", str(tmp_path / "d"), "--steps", "40", "--log-every", "10",
+                        "--hidden", "8", "--meta-batch-size", "4", "--inner-lr", "10")
+    assert code == 3 and "diverged" in err and "exploding inner loop over steps 1-10" in err

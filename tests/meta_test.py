@@ -96,15 +96,15 @@ def test_check_grads_of_batched_second_order_objective_for_an_mlp(x64, k):
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     tasks = jax.tree.map(lambda a: a.astype(jnp.float64), tasks)
     f = lambda p: batched_objective(loss, p, tasks, inner_lr=0.1, num_inner_steps=k)  # noqa: E731
-    check_grads(f, (params,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    check_grads(jax.jit(f), (params,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 def test_vmap_over_tasks_equals_a_python_loop():
     loss, params, tasks = _mlp_setup()
     total, per_task = batched_objective(loss, params, tasks, inner_lr=0.1, num_inner_steps=2,
                                         return_per_task=True)
-    looped = [task_objective(loss, params, jax.tree.map(lambda a, j=j: a[j], tasks), inner_lr=0.1,
-                             num_inner_steps=2) for j in range(4)]
+    one = jax.jit(lambda p, t: task_objective(loss, p, t, inner_lr=0.1, num_inner_steps=2))
+    looped = [one(params, jax.tree.map(lambda a, j=j: a[j], tasks)) for j in range(4)]
     np.testing.assert_allclose(per_task, np.array(looped), rtol=1e-5)
     np.testing.assert_allclose(total, np.mean(np.array(looped)), rtol=1e-5)
 

@@ -1,5 +1,5 @@
 """Task distributions and fixed task sets."""
 
-from jmaml.tasks import seed
+from jmaml.tasks import seed, sinusoid
 
-__all__ = ["seed"]
+__all__ = ["seed", "sinusoid"]

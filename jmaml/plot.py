@@ -1,0 +1,106 @@
+"""Figures for a run dir: the MAML paper's Figure 2 (fits on held-out tasks) and Figure 3
+(query MSE vs gradient steps with 95% CI bands). Needs matplotlib (``pip install jmaml[plot]``)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmaml.evaluate import heldout_tasks
+from jmaml.inner import adapt
+from jmaml.losses import make_loss
+from jmaml.tasks import sinusoid
+from jmaml.train import build_model, load_config, load_params
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'jmaml[plot]' "
+                          "(bash scripts/run.sh installs it)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "apply_fn", "steps"))
+def _fits(loss_fn, apply_fn, params, support, grid, inner_lr, steps):
+    """Predictions on ``grid`` after each number of steps in ``steps``, per task: (tasks, len(steps), n, 1)."""
+    def one(s, g):
+        return jnp.stack([apply_fn(adapt(loss_fn, params, s, inner_lr=inner_lr, num_steps=k), g)
+                          for k in steps])
+    return jax.vmap(one)(support, grid)
+
+
+def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[str]:
+    """Writes ``plots/fits.png`` and ``plots/curves.png`` into ``run_dir``; returns their paths."""
+    plt = _pyplot()
+    config = load_config(run_dir)
+    eval_path = os.path.join(run_dir, "eval.json")
+    if not os.path.exists(eval_path):
+        raise ValueError(f"{run_dir} has no eval.json: run `jmaml eval {run_dir}` first")
+    with open(eval_path, encoding="utf-8") as f:
+        results = json.load(f)
+    model, _ = build_model(config)
+    loss = make_loss(model.apply, "mse")
+    models = {"MAML": (load_params(run_dir, "maml"), results["maml"][str(shots)]["inner_lr"])}
+    if "pretrained" in results:
+        models["pretrained"] = (load_params(run_dir, "pretrained"),
+                                results["pretrained"][str(shots)]["inner_lr"])
+    out_dir = os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+
+    # Figure 2: a few held-out tasks, true curve, the K points, fits after 0, 1 and 10 steps.
+    tasks = heldout_tasks(num_tasks=num_examples, max_shots=shots)
+    grid = jnp.linspace(-5, 5, 200)[None, :, None].repeat(num_examples, axis=0)
+    truth = np.asarray(sinusoid.evaluate(tasks.params, grid))
+    fig, axes = plt.subplots(len(models), num_examples, figsize=(4 * num_examples, 3.2 * len(models)),
+                             squeeze=False, sharex=True)
+    fit_steps = (0, 1, 10)
+    labels = {0: "pre-update", 1: "1 grad step", 10: "10 grad steps"}
+    for row, (name, (params, lr)) in enumerate(models.items()):
+        preds = np.asarray(_fits(loss, model.apply, params, tasks.support, grid, lr, fit_steps))
+        for j in range(num_examples):
+            ax = axes[row, j]
+            ax.plot(grid[j, :, 0], truth[j, :, 0], color="tab:red", lw=2, label="ground truth")
+            for i, (steps, style) in enumerate(zip(fit_steps, (":", "--", "-"))):
+                ax.plot(grid[j, :, 0], preds[j, i, :, 0], style, color="tab:green", label=labels[steps])
+            ax.scatter(tasks.support.x[j, :, 0], tasks.support.y[j, :, 0], marker="^", color="k", zorder=3,
+                       label=f"{shots} points")
+            ax.set_title(f"{name}, task {j + 1} (lr {lr:g})")
+            if j == 0:
+                ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"K = {shots} shots, held-out tasks (MAML paper, Figure 2)")
+    fig.tight_layout()
+    fits = os.path.join(out_dir, "fits.png")
+    fig.savefig(fits, dpi=110)
+    plt.close(fig)
+
+    # Figure 3: query MSE vs gradient steps, mean and 95% CI, for each K.
+    ks = list(results["maml"])
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.4), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for name, key, color in (("MAML", "maml", "tab:blue"), ("pretrained", "pretrained", "tab:orange")):
+            if key not in results:
+                continue
+            r = results[key][k]
+            mean, ci = np.array(r["mean"]), np.array(r["ci95"])
+            steps = np.arange(len(mean))
+            ax.plot(steps, mean, "o-", color=color, ms=3, label=f"{name} (lr {r['inner_lr']:g})")
+            ax.fill_between(steps, mean - ci, mean + ci, color=color, alpha=0.25)
+        ax.set_xlabel("number of gradient steps")
+        ax.set_ylabel("mean squared error")
+        ax.set_title(f"K = {k}")
+        ax.legend(fontsize=8)
+    fig.suptitle("k-shot regression, 600 held-out tasks, 95% CI (MAML paper, Figure 3)")
+    fig.tight_layout()
+    curves = os.path.join(out_dir, "curves.png")
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    return [fits, curves]

@@ -1,0 +1,463 @@
+"""The meta-training loop around ``make_step``: many steps per jitted call, progress, metrics,
+checkpoints, exact resume, interruption and divergence handling.
+
+A run lives in a folder (the *run dir*)::
+
+    config.json          the TrainConfig, versions, and when it was made
+    metrics.jsonl        one line per chunk of steps: phase, step, meta-loss, grad norm, steps/s
+    maml.ckpt.npz        the whole MAML TrainState (params, optimiser state, step, key)
+    pretrained.ckpt.npz  the "pretrained" baseline: the same network trained by plain regression
+
+Steps run in *chunks* of ``log_every`` steps: one jitted ``lax.scan`` samples the tasks on the
+device and applies ``log_every`` meta-steps, and metrics come back to the host once per chunk.
+Chunks are aligned to multiples of ``log_every`` from step 0, so a run that is interrupted and
+resumed executes exactly the same programs on exactly the same states and keys as one that is
+not: the final parameters are bitwise equal on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jmaml import checkpoint
+from jmaml._checks import check_num_steps, check_positive_int, check_rate
+from jmaml.losses import make_loss
+from jmaml.meta import TrainState, init_state, make_step
+from jmaml.models import ACTIVATIONS, mlp
+from jmaml.tasks import sinusoid
+from jmaml.types import LossFn, Model
+
+OPTIMISERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "sgd": optax.sgd,
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+    "rmsprop": optax.rmsprop,
+}
+PHASES = ("maml", "pretrained")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Sinusoid meta-training settings; the defaults are the MAML paper's (Section 5.1)."""
+
+    hidden: tuple[int, ...] = (40, 40)  # MLP 1-40-40-1
+    activation: str = "relu"
+    num_support: int = 10  # K
+    num_query: int = 10
+    inner_lr: float = 0.01  # α
+    num_inner_steps: int = 1  # k
+    meta_lr: float = 1e-3  # β
+    optimiser: str = "adam"
+    meta_batch_size: int = 25
+    loss: str = "mse"
+    steps: int = 70_000
+    seed: int = 0
+    first_order: bool = False
+    checkpoint_every: int = 5_000
+    log_every: int = 1_000  # steps per jitted chunk, and per metrics line
+    pretrain: bool = True  # also train the "pretrained" regression baseline
+    # Stop when, over a chunk, the adapted query loss averages more than this many times the
+    # un-adapted one: the inner loop is exploding (the seed's -1515.48, at scale). inf disables.
+    max_loss_ratio: float = 1000.0
+
+    def validate(self) -> TrainConfig:
+        """Checks every field; returns self. Raises ValueError/TypeError naming the field."""
+        if not isinstance(self.hidden, tuple) or not self.hidden:
+            raise ValueError(f"hidden must be a non-empty tuple of widths, got {self.hidden!r}")
+        for i, h in enumerate(self.hidden):
+            check_positive_int(h, f"hidden[{i}]")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.optimiser not in OPTIMISERS:
+            raise ValueError(f"optimiser must be one of {sorted(OPTIMISERS)}, got {self.optimiser!r}")
+        if self.loss not in ("mse", "sse"):
+            raise ValueError(f"loss must be 'mse' or 'sse' for regression, got {self.loss!r}")
+        for name in ("num_support", "num_query", "meta_batch_size", "steps", "checkpoint_every",
+                     "log_every"):
+            check_positive_int(getattr(self, name), name)
+        check_num_steps(self.num_inner_steps, "num_inner_steps")
+        check_rate(self.inner_lr, "inner_lr")
+        check_rate(self.meta_lr, "meta_lr", allow_zero=False)
+        if isinstance(self.max_loss_ratio, bool) or not isinstance(self.max_loss_ratio, (int, float)) \
+                or not self.max_loss_ratio > 1:
+            raise ValueError(f"max_loss_ratio must be a number > 1 (inf disables), got {self.max_loss_ratio!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
+                             f"log_every ({self.log_every}): checkpoints are written between chunks")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "hidden" in d:
+            d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+
+class DivergenceError(RuntimeError):
+    """Meta-training produced a non-finite loss or gradient."""
+
+
+class Interrupted(Exception):  # noqa: N818 - it is a control-flow signal, not an error
+    """Training stopped on request (signal or ``stop_at_step``) after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ---- building blocks ------------------------------------------------------------------------
+
+def build_model(config: TrainConfig) -> tuple[Model, LossFn]:
+    """The model and loss a config describes."""
+    model = mlp([1, *config.hidden, 1], config.activation)
+    return model, make_loss(model.apply, config.loss)
+
+
+def build_optimiser(config: TrainConfig) -> optax.GradientTransformation:
+    return OPTIMISERS[config.optimiser](config.meta_lr)
+
+
+def initial_state(config: TrainConfig, phase: str = "maml") -> TrainState:
+    """The step-0 state of a phase: both phases start from the same initial parameters."""
+    model, _ = build_model(config)
+    key_init, key_train = jax.random.split(jax.random.key(config.seed))
+    key_train = jax.random.fold_in(key_train, PHASES.index(phase))
+    return init_state(model.init(key_init), build_optimiser(config), key_train)
+
+
+def make_chunk(config: TrainConfig, phase: str = "maml") -> Callable[[TrainState, int], tuple]:
+    """A jitted ``chunk(state, length) -> (state, metrics)`` running ``length`` steps in a scan.
+
+    Each step splits the state's key, samples a meta-batch of sinusoid tasks on the device and
+    applies one meta-step. Phase ``"pretrained"`` is plain regression on the query points
+    (the MAML objective with k = 0), the paper's "pretrained" baseline.
+    """
+    _, loss_fn = build_model(config)
+    k = config.num_inner_steps if phase == "maml" else 0
+    step = make_step(build_optimiser(config), loss_fn, inner_lr=config.inner_lr, num_inner_steps=k,
+                     first_order=config.first_order)
+
+    def one(state: TrainState, _):
+        key, key_tasks = jax.random.split(state.key)
+        tasks = sinusoid.sample_tasks(key_tasks, config.meta_batch_size,
+                                      num_support=config.num_support, num_query=config.num_query)
+        return step(state._replace(key=key), tasks)
+
+    @jax.jit
+    def _chunk(state: TrainState, length_marker: jax.Array):
+        return jax.lax.scan(one, state, None, length=length_marker.shape[0])
+
+    # The length is carried by an argument's shape so jit specialises on it without retracing
+    # the Python function for every call.
+    return lambda state, length: _chunk(state, jnp.zeros((length,), jnp.int8))
+
+
+# ---- progress --------------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on a terminal; plain, throttled log lines otherwise."""
+
+    def __init__(self, label: str, total: int, start: int, stream: TextIO | None = None,
+                 every_s: float = 5.0):
+        self.label, self.total, self.start = label, total, start
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last_line = -math.inf
+        self.every_s = every_s
+
+    def update(self, step: int, loss: float, steps_per_s: float, final: bool = False) -> None:
+        done = step - self.start
+        left = self.total - step
+        elapsed = time.perf_counter() - self.t0
+        rate = done / elapsed if elapsed > 0 else steps_per_s
+        eta = str(datetime.timedelta(seconds=round(left / rate))) if rate > 0 else "?"
+        frac = step / self.total
+        text = (f"{self.label} {step}/{self.total} ({100 * frac:.0f}%) | {rate:,.0f} steps/s | "
+                f"meta-loss {loss:.4f} | ETA {eta}")
+        if self.tty:
+            width = 24
+            bar = "#" * int(width * frac) + "." * (width - int(width * frac))
+            self.stream.write(f"\r[{bar}] {text}\x1b[K" + ("\n" if final else ""))
+            self.stream.flush()
+        elif final or time.perf_counter() - self.last_line >= self.every_s:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.last_line = time.perf_counter()
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+class _StopFlag:
+    """Catches SIGINT/SIGTERM while installed; the loop checks it between chunks."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: str, keep_steps: dict[str, int]) -> None:
+    """Drops metrics lines past each phase's checkpointed step (they will be recomputed)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in lines if r["step"] <= keep_steps.get(r["phase"], 0)]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+
+
+def _divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: float) -> str | None:
+    """Describes the divergence in a chunk's metrics (naming the step and tasks), or None."""
+    loss, gnorm, pre = metrics["meta_loss"], metrics["grad_norm"], metrics["pre_adapt_loss"]
+    bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
+    if bad.any():
+        i = int(np.argmax(bad))
+        tasks = np.flatnonzero(~np.isfinite(metrics["task_losses"][i])).tolist()
+        which = f"tasks {tasks} of the meta-batch" if tasks else "the meta-gradient"
+        return (f"non-finite meta-loss or gradient at step {step0 + i + 1} (meta-loss {loss[i]}, "
+                f"gradient norm {gnorm[i]}; non-finite in {which})")
+    ratio = float(np.mean(loss) / max(float(np.mean(pre)), 1e-30))
+    if ratio > max_loss_ratio:
+        worst = int(np.argmax(loss / np.maximum(pre, 1e-30)))
+        tasks = metrics["task_losses"][worst]
+        top = np.argsort(tasks)[::-1][:3].tolist()
+        return (f"exploding inner loop over steps {step0 + 1}-{step0 + len(loss)}: the adapted query "
+                f"loss averages {np.mean(loss):.4g}, {ratio:.3g} times the un-adapted loss "
+                f"{np.mean(pre):.4g} (max_loss_ratio {max_loss_ratio:g}); worst at step "
+                f"{step0 + worst + 1}, tasks {top} of the meta-batch")
+    return None
+
+
+def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
+              stop_at_step: int | None = None, stream: TextIO | None = None,
+              stop_flag: _StopFlag | None = None) -> TrainState:
+    """Trains one phase to ``config.steps`` with checkpoints; returns the final state.
+
+    Raises:
+      DivergenceError: on a non-finite meta-loss or gradient (the last good state is kept).
+      Interrupted: on a signal or at ``stop_at_step``, after writing a checkpoint.
+    """
+    ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    state = initial_state(config, phase)
+    saved_step = 0
+    if resume and os.path.exists(ckpt):
+        state, header = checkpoint.restore(ckpt, state)
+        saved_step = header["step"]
+    step = int(state.step)
+    if step >= config.steps:
+        return state
+    chunk = make_chunk(config, phase)
+    progress = Progress(phase, config.steps, step, stream)
+    L = config.log_every
+    while step < config.steps:
+        if stop_flag is not None and stop_flag.signum is not None:
+            checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+            name = signal.Signals(stop_flag.signum).name
+            raise Interrupted(f"{name} received: stopped {phase} at step {step}/{config.steps}; "
+                              f"checkpoint saved", stop_flag.signum)
+        if stop_at_step is not None and step >= stop_at_step:
+            checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+            raise Interrupted(f"stopped {phase} at step {step} as asked; checkpoint saved")
+        length = min(L - step % L, config.steps - step)  # chunks aligned to multiples of L
+        t0 = time.perf_counter()
+        new_state, metrics = chunk(state, length)
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - t0
+        msg = _divergence(step, metrics, config.max_loss_ratio if phase == "maml" else math.inf)
+        if msg is not None:
+            if step > saved_step or not os.path.exists(ckpt):
+                checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+                saved_step = step
+            raise DivergenceError(f"{phase} training diverged: {msg}. The last good state "
+                                  f"(step {saved_step}) is kept in {ckpt}. Try a smaller inner rate "
+                                  f"(now {config.inner_lr}) or meta rate (now {config.meta_lr}).")
+        state, step = new_state, step + length
+        record = {"phase": phase, "step": step, "meta_loss": float(np.mean(metrics["meta_loss"])),
+                  "meta_loss_last": float(metrics["meta_loss"][-1]),
+                  "grad_norm": float(np.mean(metrics["grad_norm"])), "steps_per_s": length / dt}
+        _append_jsonl(metrics_path, record)
+        progress.update(step, record["meta_loss"], record["steps_per_s"], final=step >= config.steps)
+        if step % config.checkpoint_every == 0 or step >= config.steps:
+            checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+            saved_step = step
+    return state
+
+
+def _run_info(config: TrainConfig) -> dict[str, Any]:
+    return {"config": config.to_dict(), "task": "sinusoid",
+            "versions": {"jax": jax.__version__, "optax": optax.__version__,
+                         "python": sys.version.split()[0]},
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def load_config(run_dir: str) -> TrainConfig:
+    """The TrainConfig saved in a run dir."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{run_dir} is not a jmaml run dir: no config.json")
+    with open(path, encoding="utf-8") as f:
+        return TrainConfig.from_dict(json.load(f)["config"])
+
+
+def is_complete(run_dir: str, config: TrainConfig) -> bool:
+    """Whether every phase of the run in ``run_dir`` has reached ``config.steps``."""
+    for phase in PHASES if config.pretrain else PHASES[:1]:
+        ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
+        if not os.path.exists(ckpt) or checkpoint.read_header(ckpt)["step"] < config.steps:
+            return False
+    return True
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: str, *, resume: bool = False,
+                    overwrite: bool = False) -> str:
+    """Creates or checks ``run_dir``; returns ``"new"``, ``"resume"`` or ``"complete"``.
+
+    Raises:
+      ValueError: if ``run_dir`` holds a different run (and neither ``resume`` with the same
+        settings nor ``overwrite`` was asked for), or is not a folder.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    cfg_path = os.path.join(run_dir, "config.json")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"output dir {run_dir} exists and is not a folder")
+    existing = os.path.exists(cfg_path)
+    if existing and overwrite:
+        for name in os.listdir(run_dir):
+            if name in ("config.json", "metrics.jsonl", "eval.json", "eval.md") or name.endswith(".ckpt.npz"):
+                os.remove(os.path.join(run_dir, name))
+        existing = False
+    if existing:
+        old = load_config(run_dir)
+        diff = {k: (v, getattr(config, k)) for k, v in old.to_dict().items()
+                if k != "steps" and v != config.to_dict()[k]}
+        if diff:
+            changes = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
+            raise ValueError(f"output dir {run_dir} already holds a different run ({changes}). "
+                             "Use --overwrite to replace it, or choose another --out.")
+        if old.steps != config.steps and not resume:
+            raise ValueError(f"output dir {run_dir} holds a run of {old.steps} steps; to train it to "
+                             f"{config.steps} steps pass --resume, or use --overwrite / another --out.")
+        if not resume and not is_complete(run_dir, old):
+            raise ValueError(f"output dir {run_dir} holds an unfinished run with these settings. "
+                             "Continue it with --resume, or start over with --overwrite.")
+        mode = "resume" if resume else "complete"
+        if resume and old.steps != config.steps:
+            with open(cfg_path, "w", encoding="utf-8") as f:
+                json.dump(_run_info(config), f, indent=2)
+        return mode if not (resume and is_complete(run_dir, config)) else "complete"
+    if resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise ValueError(f"--resume: {run_dir} holds no jmaml run (no config.json)")
+    os.makedirs(run_dir, exist_ok=True)
+    if os.listdir(run_dir) and not overwrite:
+        raise ValueError(f"output dir {run_dir} is not empty and holds no jmaml run; "
+                         "choose an empty or new folder")
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        json.dump(_run_info(config), f, indent=2)
+    return "new"
+
+
+def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
+          stop_at_step: int | None = None, stream: TextIO | None = None) -> dict[str, TrainState]:
+    """Meta-trains (and trains the pretrained baseline) into ``run_dir``.
+
+    Args:
+      config: the settings (validated here).
+      run_dir: the run folder (created if missing).
+      resume: continue the run in ``run_dir`` from its checkpoints.
+      overwrite: replace a different run in ``run_dir``.
+      stop_at_step: stop (with a checkpoint, raising ``Interrupted``) once a phase reaches this
+        step: what an interruption does, on purpose (used by the tests).
+      stream: where progress goes (default stderr).
+
+    Returns:
+      ``{"maml": state, "pretrained": state}`` (the latter only with ``config.pretrain``).
+
+    Raises:
+      ValueError: bad settings or a run dir holding a different run.
+      checkpoint.CheckpointError: a corrupted checkpoint on resume (nothing is overwritten).
+      DivergenceError, Interrupted: see ``run_phase``.
+    """
+    config.validate()
+    mode = prepare_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
+    if mode != "new":  # check every checkpoint before writing anything
+        keep = {}
+        for phase in PHASES:
+            ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
+            if os.path.exists(ckpt):
+                checkpoint.restore(ckpt, initial_state(config, phase))
+                keep[phase] = checkpoint.read_header(ckpt)["step"]
+        if mode == "resume":
+            if keep.get("maml", 0) < config.steps:
+                keep.pop("pretrained", None)
+            _trim_metrics(os.path.join(run_dir, "metrics.jsonl"), keep)
+    states = {}
+    with _StopFlag() as flag:
+        for phase in PHASES if config.pretrain else PHASES[:1]:
+            states[phase] = run_phase(config, run_dir, phase, resume=mode != "new",
+                                      stop_at_step=stop_at_step, stream=stream, stop_flag=flag)
+    return states
+
+
+def load_params(run_dir: str, phase: str = "maml") -> Any:
+    """The trained parameters of a phase from a run dir's checkpoint."""
+    config = load_config(run_dir)
+    state, _ = checkpoint.restore(os.path.join(run_dir, f"{phase}.ckpt.npz"), initial_state(config, phase))
+    return state.params
