@@ -44,7 +44,7 @@ _TRAIN_FLAGS = {
     "inner_lr": "inner_lr", "inner_steps": "num_inner_steps", "meta_lr": "meta_lr",
     "optimiser": "optimiser", "meta_batch_size": "meta_batch_size", "loss": "loss", "steps": "steps",
     "seed": "seed", "first_order": "first_order", "checkpoint_every": "checkpoint_every",
-    "log_every": "log_every", "pretrain": "pretrain",
+    "log_every": "log_every", "pretrain": "pretrain", "remat": "remat",
 }
 
 
@@ -133,6 +133,61 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.001,0.01, got {text!r}") from None
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from jmaml import sweep
+    from jmaml.train import TrainConfig
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    grid = sweep.Grid(args.alpha, args.beta, args.k, tuple(range(args.seeds)))
+    base = TrainConfig(hidden=args.hidden, activation=args.activation, num_support=args.shots,
+                       num_query=args.query_shots, optimiser=args.optimiser,
+                       meta_batch_size=args.meta_batch_size, steps=args.steps, first_order=args.first_order,
+                       remat=args.remat, log_every=min(args.log_every, args.steps),
+                       checkpoint_every=min(args.log_every, args.steps))
+    if os.path.exists(os.path.join(args.out, "sweep.json")) and not args.overwrite:
+        raise ValueError(f"{args.out} already holds a sweep; use --overwrite or another --out")
+    result = sweep.run_sweep(base, grid, task_seed=args.task_seed,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+    paths = sweep.write_results(result, args.out)
+    print(sweep.format_rows(result["rows"]))
+    meta = result["meta"]
+    print(f"\n{meta['num_points']} runs of {args.steps} steps in {meta['seconds']:.1f} s "
+          f"({meta['num_chunks']} chunk(s) of {meta['points_per_chunk']} points); wrote " + ", ".join(paths))
+    return 0
+
+
+def _add_sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="meta-train a whole alpha x beta x k x seed grid as one compiled program",
+                       description="Every grid point is a full MAML run on sinusoids; all points train "
+                                   "together (vmapped) on the same tasks, then are evaluated on held-out tasks.")
+    p.add_argument("--alpha", type=_floats, default=(0.001, 0.01, 0.1), help="inner rates (default 0.001,0.01,0.1)")
+    p.add_argument("--beta", type=_floats, default=(1e-4, 1e-3, 1e-2), help="meta rates (default 1e-4,1e-3,1e-2)")
+    p.add_argument("--k", type=_ints, default=(1,), help="inner steps (default 1)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for the initial parameters (default 1)")
+    p.add_argument("--task-seed", type=int, default=0, help="the training tasks shared by every point (default 0)")
+    p.add_argument("--steps", type=int, default=10_000, help="meta-steps per run (default 10000)")
+    p.add_argument("--meta-batch-size", type=int, default=25)
+    p.add_argument("--shots", type=int, default=10)
+    p.add_argument("--query-shots", type=int, default=10)
+    p.add_argument("--hidden", type=_ints, default=(40, 40))
+    p.add_argument("--activation", default="relu")
+    p.add_argument("--optimiser", default="adam")
+    p.add_argument("--first-order", action="store_true")
+    p.add_argument("--remat", action="store_true", help="rematerialise inner steps (less memory, more time)")
+    p.add_argument("--log-every", type=int, default=1000, help="steps per compiled chunk (default 1000)")
+    p.add_argument("--out", default=os.path.join("runs", "sweep"), help="output dir (default runs/sweep)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
+
+
 def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="meta-train on sinusoid regression (the MAML paper's setting), "
                                      "then evaluate and plot",
@@ -154,6 +209,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--meta-batch-size", type=int, default=None, help="tasks per meta-step (default 25)")
     g.add_argument("--steps", type=int, default=None, help="meta-steps (default 70000)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    g.add_argument("--remat", action="store_const", const=True, default=None,
+                   help="rematerialise inner steps on the backward pass (memory for long inner loops)")
     g.add_argument("--no-pretrain", dest="pretrain", action="store_const", const=False, default=None,
                    help="skip the pretrained-regression baseline")
     g = p.add_argument_group("run")
@@ -195,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_seed)
     _add_train_parser(sub)
+    _add_sweep_parser(sub)
     return parser
 
 

@@ -41,11 +41,18 @@ from jmaml.models import ACTIVATIONS, mlp
 from jmaml.tasks import sinusoid
 from jmaml.types import LossFn, Model
 
+
+def _momentum(learning_rate: float) -> optax.GradientTransformation:
+    return optax.sgd(learning_rate, momentum=0.9)
+
+
+# Each takes the meta rate as its `learning_rate` argument, so optax.inject_hyperparams can make
+# it a traced hyperparameter (jmaml.sweep vmaps runs over it).
 OPTIMISERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "adam": optax.adam,
     "adamw": optax.adamw,
     "sgd": optax.sgd,
-    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+    "momentum": _momentum,
     "rmsprop": optax.rmsprop,
 }
 PHASES = ("maml", "pretrained")
@@ -66,8 +73,10 @@ class TrainConfig:
     meta_batch_size: int = 25
     loss: str = "mse"
     steps: int = 70_000
-    seed: int = 0
+    seed: int = 0  # initial parameters (and tasks, unless task_seed is set)
+    task_seed: int | None = None  # the stream of training tasks; None: derived from seed
     first_order: bool = False
+    remat: bool = False  # rematerialise inner steps on the backward pass (memory for long k)
     checkpoint_every: int = 5_000
     log_every: int = 1_000  # steps per jitted chunk, and per metrics line
     pretrain: bool = True  # also train the "pretrained" regression baseline
@@ -96,8 +105,12 @@ class TrainConfig:
         if isinstance(self.max_loss_ratio, bool) or not isinstance(self.max_loss_ratio, (int, float)) \
                 or not self.max_loss_ratio > 1:
             raise ValueError(f"max_loss_ratio must be a number > 1 (inf disables), got {self.max_loss_ratio!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        for name in ("seed", "task_seed"):
+            value = getattr(self, name)
+            if value is None and name == "task_seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.checkpoint_every % self.log_every:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                              f"log_every ({self.log_every}): checkpoints are written between chunks")
@@ -147,9 +160,14 @@ def build_optimiser(config: TrainConfig) -> optax.GradientTransformation:
 def initial_state(config: TrainConfig, phase: str = "maml") -> TrainState:
     """The step-0 state of a phase: both phases start from the same initial parameters."""
     model, _ = build_model(config)
-    key_init, key_train = jax.random.split(jax.random.key(config.seed))
-    key_train = jax.random.fold_in(key_train, PHASES.index(phase))
-    return init_state(model.init(key_init), build_optimiser(config), key_train)
+    key_init = jax.random.split(jax.random.key(config.seed))[0]
+    return init_state(model.init(key_init), build_optimiser(config), task_stream_key(config, phase))
+
+
+def task_stream_key(config: TrainConfig, phase: str = "maml") -> jax.Array:
+    """The key a phase's training tasks are drawn from (each step splits it)."""
+    seed = config.seed if config.task_seed is None else config.task_seed
+    return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], PHASES.index(phase))
 
 
 def make_chunk(config: TrainConfig, phase: str = "maml") -> Callable[[TrainState, int], tuple]:
@@ -162,7 +180,7 @@ def make_chunk(config: TrainConfig, phase: str = "maml") -> Callable[[TrainState
     _, loss_fn = build_model(config)
     k = config.num_inner_steps if phase == "maml" else 0
     step = make_step(build_optimiser(config), loss_fn, inner_lr=config.inner_lr, num_inner_steps=k,
-                     first_order=config.first_order)
+                     first_order=config.first_order, remat=config.remat)
 
     def one(state: TrainState, _):
         key, key_tasks = jax.random.split(state.key)

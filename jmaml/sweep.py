@@ -1,0 +1,347 @@
+r"""Whole hyperparameter studies as one compiled program: meta-training runs vmapped over a grid.
+
+``run_sweep`` trains one MAML run per grid point of (α, β, k, seed) — all of them inside one
+jitted ``lax.scan`` over steps with a ``vmap`` over grid points:
+
+* α and k are traced per point: the inner loop is a masked ``lax.scan`` to ``k_max = max(ks)``
+  (``jmaml.adapt(..., max_steps=...)``), equal to the plain k-step scan for each k.
+* β is traced through ``optax.inject_hyperparams``: each point's optimiser state holds its rate.
+* the seed sets each point's initial parameters; the training tasks are the same at every grid
+  point (one task stream, from ``task_seed``), so comparisons across the grid are paired.
+
+A grid point equals the single run ``jmaml train`` would do with the same (α, β, k, seed) and
+``task_seed`` (to float32 round-off: the masked scan and the injected rate compute the same
+numbers in a different order). When the grid does not fit the memory budget it is processed in
+chunks of points, transparently; each chunk is padded to the same size so it compiles once.
+
+After training, every point is evaluated with the paper's protocol (held-out tasks, query MSE
+after 0..10 steps at its own α) and its stability is diagnosed: λ_max of the support-loss Hessian
+at the trained parameters, and the bound 2/λ_max beside α.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jmaml._checks import check_num_steps, check_rate
+from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
+from jmaml.evaluate import MAX_EVAL_STEPS, adaptation_curve, heldout_tasks
+from jmaml.losses import make_loss
+from jmaml.meta import init_state, make_step
+from jmaml.tasks import sinusoid
+from jmaml.train import OPTIMISERS, TrainConfig, build_model, task_stream_key
+
+DEFAULT_MEMORY_FRACTION = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The axes of a sweep; the grid is their Cartesian product, in this order."""
+
+    alphas: tuple[float, ...]
+    betas: tuple[float, ...]
+    ks: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+    def validate(self) -> Grid:
+        for name in ("alphas", "betas", "ks", "seeds"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not values:
+                raise ValueError(f"{name} must be a non-empty tuple, got {values!r}")
+        for a in self.alphas:
+            check_rate(a, "alpha")
+        for b in self.betas:
+            check_rate(b, "beta", allow_zero=False)
+        for k in self.ks:
+            check_num_steps(k, "k")
+        for s in self.seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ValueError(f"seeds must be ints >= 0, got {s!r}")
+        return self
+
+    def points(self) -> list[tuple[float, float, int, int]]:
+        return list(itertools.product(self.alphas, self.betas, self.ks, self.seeds))
+
+
+def _device_memory_bytes() -> int:
+    """Memory of the default device: the GPU's limit, or the host's RAM for CPU."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
+        pass
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def estimate_point_bytes(config: TrainConfig, k_max: int, num_params: int) -> int:
+    """A generous estimate of one grid point's working memory in a meta-step.
+
+    Second-order MAML keeps, per task and inner step, the activations of the support pass and of
+    its backward pass (for the Hessian-vector products of the outer gradient); each point also
+    carries its parameters, optimiser state and gradients.
+    """
+    width = 1 + sum(config.hidden) + 1
+    points = config.num_support + config.num_query
+    activations = config.meta_batch_size * points * width * 4 * 6 * (k_max + 2)
+    per_task_params = config.meta_batch_size * num_params * 4 * (k_max + 2)
+    state = num_params * 4 * 8
+    return activations + per_task_params + state
+
+
+def plan_chunks(num_points: int, point_bytes: int, budget_bytes: int) -> int:
+    """How many grid points to run at once within ``budget_bytes``.
+
+    Raises:
+      ValueError: if a single point does not fit.
+    """
+    if point_bytes > budget_bytes:
+        raise ValueError(f"the grid is too large even for chunking: one grid point needs about "
+                         f"{point_bytes / 2**20:.1f} MiB, more than the memory budget of "
+                         f"{budget_bytes / 2**20:.1f} MiB; lower k, the meta-batch size or the widths, "
+                         "or raise memory_budget_bytes")
+    return max(1, min(num_points, budget_bytes // point_bytes))
+
+
+def _make_chunk_fn(config: TrainConfig, k_max: int):
+    model, loss_fn = build_model(config)
+    optimiser = optax.inject_hyperparams(OPTIMISERS[config.optimiser])(learning_rate=config.meta_lr)
+    step = make_step(optimiser, loss_fn, inner_lr=config.inner_lr, num_inner_steps=0,
+                     max_inner_steps=k_max, first_order=config.first_order, remat=config.remat)
+
+    def init(seed, beta):
+        params = model.init(jax.random.split(jax.random.key(seed))[0])
+        state = init_state(params, optimiser, jax.random.key(0))
+        hyper = dict(state.opt_state.hyperparams)
+        hyper["learning_rate"] = jnp.asarray(beta, hyper["learning_rate"].dtype)
+        return state._replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+    def one(carry, _):
+        states, key, alphas, ks = carry
+        key, key_tasks = jax.random.split(key)
+        tasks = sinusoid.sample_tasks(key_tasks, config.meta_batch_size, num_support=config.num_support,
+                                      num_query=config.num_query)
+        states, metrics = jax.vmap(lambda s, a, k: step(s, tasks, inner_lr=a, num_inner_steps=k))(
+            states, alphas, ks)
+        return (states, key, alphas, ks), {"meta_loss": metrics["meta_loss"],
+                                           "pre_adapt_loss": metrics["pre_adapt_loss"]}
+
+    @jax.jit
+    def chunk(states, key, alphas, ks, length_marker):
+        (states, key, _, _), metrics = jax.lax.scan(one, (states, key, alphas, ks), None,
+                                                    length=length_marker.shape[0])
+        return states, key, metrics
+
+    return jax.jit(jax.vmap(init)), chunk, model, loss_fn
+
+
+def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: int, num_diag_tasks: int):
+    eval_loss = make_loss(model.apply, "mse")
+    tasks = heldout_tasks(num_tasks=num_tasks, max_shots=config.num_support)
+
+    @jax.jit
+    def curves(params, alphas):
+        return jax.vmap(lambda p, a: adaptation_curve(eval_loss, p, tasks.support, tasks.query, inner_lr=a,
+                                                      num_steps=MAX_EVAL_STEPS))(params, alphas)
+
+    _, train_loss = build_model(config)
+    diag_support = jax.tree.map(lambda x: x[:num_diag_tasks], tasks.support)
+
+    @jax.jit
+    def curvature(params):
+        return jax.vmap(lambda p: jax.vmap(lambda b: hessian_max_eigenvalue(train_loss, p, b))(diag_support))(params)
+
+    return np.asarray(curves(params, alphas)), np.asarray(curvature(params))
+
+
+def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, eval_tasks: int = 600,
+              diag_tasks: int = 50, memory_budget_bytes: int | None = None, keep_params: bool = False,
+              log=None) -> dict[str, Any]:
+    """Meta-trains every grid point (vmapped, one program per chunk) and evaluates each.
+
+    Args:
+      base: settings shared by every point (model, shots, meta-batch, steps, optimiser, ...);
+        its inner_lr, meta_lr, num_inner_steps and seed are replaced by the grid's.
+      grid: the α, β, k and seed axes.
+      task_seed: the training-task stream shared by all points (default ``base.seed``).
+      eval_tasks: held-out tasks for the evaluation of each point.
+      diag_tasks: held-out tasks on which λ_max is measured per point.
+      memory_budget_bytes: chunk the grid to stay within this (default: a quarter of the device's
+        memory).
+      keep_params: also return each point's trained parameters (``result["params"]``, a list).
+      log: ``log(str)`` for progress lines (default: silent).
+
+    Returns:
+      ``{"rows": [one dict per grid point], "meta": {...timings, chunking...}}``. A point is
+      ``diverged`` when its training produced a non-finite or exploding meta-loss
+      (``train_diverged``, with ``diverged_at_step`` when non-finite) or when adapting it on the
+      held-out tasks at its α blows up (``eval_diverged``: a non-finite loss or one above
+      ``max_loss_ratio`` times the un-adapted loss).
+    """
+    base.validate()
+    grid.validate()
+    points = grid.points()
+    task_seed = base.seed if task_seed is None else task_seed
+    k_max = max(grid.ks)
+    init, chunk, model, _ = _make_chunk_fn(base, k_max)
+    num_params = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(
+        jax.eval_shape(model.init, jax.random.key(0))))
+    budget = memory_budget_bytes or int(DEFAULT_MEMORY_FRACTION * _device_memory_bytes())
+    per_chunk = plan_chunks(len(points), estimate_point_bytes(base, k_max, num_params), budget)
+    stream = task_stream_key(dataclasses.replace(base, task_seed=task_seed))
+    L = base.log_every
+    rows: list[dict[str, Any]] = []
+    kept: list[Any] = []
+    t0 = time.perf_counter()
+    for start in range(0, len(points), per_chunk):
+        part = points[start:start + per_chunk]
+        padded = part + [part[-1]] * (per_chunk - len(part))  # same shape: one compile for all chunks
+        alphas = jnp.asarray([p[0] for p in padded], jnp.float32)
+        betas = jnp.asarray([p[1] for p in padded], jnp.float32)
+        ks = jnp.asarray([p[2] for p in padded], jnp.int32)
+        seeds = jnp.asarray([p[3] for p in padded], jnp.uint32)
+        states, key = init(seeds, betas), stream
+        first_bad = np.full(len(padded), -1)
+        last_loss = np.full(len(padded), np.nan)
+        last_ratio = np.full(len(padded), np.nan)
+        step = 0
+        while step < base.steps:
+            length = min(L - step % L, base.steps - step)
+            states, key, m = chunk(states, key, alphas, ks, jnp.zeros((length,), jnp.int8))
+            loss, pre = np.asarray(m["meta_loss"]), np.asarray(m["pre_adapt_loss"])
+            bad = ~np.isfinite(loss)
+            for g in np.flatnonzero(bad.any(axis=0) & (first_bad < 0)):
+                first_bad[g] = step + int(np.argmax(bad[:, g])) + 1
+            with np.errstate(all="ignore"):
+                last_loss = loss.mean(axis=0)
+                last_ratio = loss.mean(axis=0) / np.maximum(pre.mean(axis=0), 1e-30)
+            step += length
+            if log:
+                log(f"sweep points {start + 1}-{start + len(part)} of {len(points)}: step {step}/{base.steps}")
+        curves, lam = _evaluate_points(base, model, states.params, alphas, num_tasks=eval_tasks,
+                                       num_diag_tasks=diag_tasks)
+        for g, (alpha, beta, k, seed) in enumerate(part):
+            c = curves[g]
+            finite = np.isfinite(c)
+            with np.errstate(all="ignore"):
+                mse = [float(c[finite[:, s], s].mean()) if finite[:, s].any() else math.nan
+                       for s in range(c.shape[1])]
+            lam_g = lam[g]
+            lam_med = float(np.median(lam_g)) if np.isfinite(lam_g).all() else math.nan
+            train_diverged = bool(first_bad[g] >= 0 or (np.isfinite(last_ratio[g])
+                                                        and last_ratio[g] > base.max_loss_ratio))
+            eval_diverged = bool(not all(np.isfinite(mse)) or max(mse) > base.max_loss_ratio * mse[0]
+                                 or (~finite).any())
+            if keep_params:
+                kept.append(jax.tree.map(lambda a, g=g: np.asarray(a[g]), states.params))
+            rows.append({
+                "alpha": alpha, "beta": beta, "k": k, "seed": seed,
+                "final_meta_loss": float(last_loss[g]),
+                "mse_1": mse[1], "mse_5": mse[5], "mse_10": mse[10], "mse_curve": mse,
+                "eval_diverged_tasks": int((~finite[:, -1]).sum()),
+                "lambda_max_median": lam_med,
+                "alpha_bound": float(step_size_bound(jnp.asarray(lam_med))) if np.isfinite(lam_med) else math.nan,
+                "diverged": train_diverged or eval_diverged,
+                "train_diverged": train_diverged, "eval_diverged": eval_diverged,
+                "diverged_at_step": int(first_bad[g]) if first_bad[g] >= 0 else None,
+            })
+    meta = {"num_points": len(points), "points_per_chunk": per_chunk,
+            "num_chunks": math.ceil(len(points) / per_chunk), "seconds": time.perf_counter() - t0,
+            "task_seed": task_seed, "k_max": k_max, "memory_budget_bytes": budget,
+            "base_config": base.to_dict()}
+    result = {"rows": rows, "meta": meta}
+    if keep_params:
+        result["params"] = kept
+    return result
+
+
+CSV_FIELDS = ("alpha", "beta", "k", "seed", "final_meta_loss", "mse_1", "mse_5", "mse_10",
+              "eval_diverged_tasks", "lambda_max_median", "alpha_bound", "diverged", "train_diverged",
+              "eval_diverged", "diverged_at_step")
+
+
+def write_results(result: dict[str, Any], out_dir: str) -> list[str]:
+    """Writes sweep.csv and sweep.json (and heatmaps if matplotlib is installed); returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, json_path = os.path.join(out_dir, "sweep.csv"), os.path.join(out_dir, "sweep.json")
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(result["rows"])
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    paths = [csv_path, json_path]
+    try:
+        paths += plot_heatmaps(result, os.path.join(out_dir, "plots"))
+    except ImportError:
+        pass
+    return paths
+
+
+def plot_heatmaps(result: dict[str, Any], out_dir: str) -> list[str]:
+    """One PNG per k: evaluation MSE after k steps (mean over seeds) over α × β; diverged points marked ×."""
+    from jmaml.plot import _pyplot
+
+    plt = _pyplot()
+    rows = result["rows"]
+    os.makedirs(out_dir, exist_ok=True)
+    alphas = sorted({r["alpha"] for r in rows})
+    betas = sorted({r["beta"] for r in rows})
+    paths = []
+    for k in sorted({r["k"] for r in rows}):
+        step = min(max(k, 1), MAX_EVAL_STEPS)
+        value = np.full((len(betas), len(alphas)), np.nan)
+        diverged = np.zeros_like(value, dtype=bool)
+        for i, b in enumerate(betas):
+            for j, a in enumerate(alphas):
+                sel = [r for r in rows if r["k"] == k and r["alpha"] == a and r["beta"] == b]
+                vals = [r["mse_curve"][step] for r in sel if not r["diverged"]]
+                diverged[i, j] = any(r["diverged"] for r in sel)
+                if vals and np.all(np.isfinite(vals)):
+                    value[i, j] = float(np.mean(vals))
+        fig, ax = plt.subplots(figsize=(1.2 * len(alphas) + 2.5, 0.9 * len(betas) + 1.8))
+        im = ax.imshow(np.log10(value), origin="lower", cmap="viridis_r", aspect="auto")
+        for i in range(len(betas)):
+            for j in range(len(alphas)):
+                text = "×" if diverged[i, j] else (f"{value[i, j]:.3g}" if np.isfinite(value[i, j]) else "nan")
+                ax.text(j, i, text, ha="center", va="center", color="red" if diverged[i, j] else "white",
+                        fontsize=12 if diverged[i, j] else 8)
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
+        ax.set_xlabel("inner rate α")
+        ax.set_ylabel("meta rate β")
+        ax.set_title(f"k = {k}: held-out MSE after {step} step{'s' if step > 1 else ''} (× diverged)")
+        fig.colorbar(im, ax=ax, label="log10 MSE")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"heatmap_k{k}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def format_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of the sweep, one row per grid point."""
+    lines = ["| alpha | beta | k | seed | final meta-loss | MSE@1 | MSE@5 | MSE@10 | λ_max (median) | 2/λ_max "
+             "| diverged |",
+             "|" + " --- |" * 11]
+    for r in rows:
+        div = ("training, step {}".format(r["diverged_at_step"]) if r["diverged_at_step"]
+               else "training" if r["train_diverged"] else "adaptation" if r["eval_diverged"] else "")
+        lines.append(f"| {r['alpha']:g} | {r['beta']:g} | {r['k']} | {r['seed']} | {r['final_meta_loss']:.4g} | "
+                     f"{r['mse_1']:.4g} | {r['mse_5']:.4g} | {r['mse_10']:.4g} | {r['lambda_max_median']:.4g} | "
+                     f"{r['alpha_bound']:.4g} | {div} |")
+    return "\n".join(lines)
