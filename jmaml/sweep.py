@@ -42,7 +42,7 @@ from jmaml.evaluate import MAX_EVAL_STEPS, adaptation_curve, heldout_tasks
 from jmaml.losses import make_loss
 from jmaml.meta import init_state, make_step
 from jmaml.tasks import sinusoid
-from jmaml.train import OPTIMISERS, TrainConfig, build_model, task_stream_key
+from jmaml.train import OPTIMISERS, TrainConfig, build_model, effective_unroll, task_stream_key
 
 DEFAULT_MEMORY_FRACTION = 0.25
 
@@ -120,7 +120,8 @@ def _make_chunk_fn(config: TrainConfig, k_max: int):
     model, loss_fn = build_model(config)
     optimiser = optax.inject_hyperparams(OPTIMISERS[config.optimiser])(learning_rate=config.meta_lr)
     step = make_step(optimiser, loss_fn, inner_lr=config.inner_lr, num_inner_steps=0,
-                     max_inner_steps=k_max, first_order=config.first_order, remat=config.remat)
+                     max_inner_steps=k_max, first_order=config.first_order, remat=config.remat,
+                     unroll=effective_unroll(config.unroll, k_max))
 
     def init(seed, beta):
         params = model.init(jax.random.split(jax.random.key(seed))[0])

@@ -85,11 +85,13 @@ def test_traced_k_equals_plain_k():
     params = model.init(jax.random.key(0))
     x = jnp.linspace(-3, 3, 6)[:, None]
     batch = Batch(x, jnp.cos(x))
-    masked = jax.jit(lambda k: adapt(loss, params, batch, inner_lr=0.1, num_steps=k, max_steps=5))
-    for k in range(6):
-        plain = adapt(loss, params, batch, inner_lr=0.1, num_steps=k)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                     masked(jnp.asarray(k)), plain)
+    for unroll in (1, True):
+        masked = jax.jit(lambda k, u=unroll: adapt(loss, params, batch, inner_lr=0.1, num_steps=k, max_steps=5,
+                                                   unroll=u))
+        for k in range(6):
+            plain = adapt(loss, params, batch, inner_lr=0.1, num_steps=k)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                         masked(jnp.asarray(k)), plain)
 
 
 def test_remat_changes_no_value():
@@ -99,11 +101,20 @@ def test_remat_changes_no_value():
     x = jnp.linspace(-3, 3, 6)[:, None]
     batch = Batch(x, jnp.cos(x))
 
-    def g(remat):
-        return jax.grad(lambda p: loss(adapt(loss, p, batch, inner_lr=0.1, num_steps=3,
-                                             remat=remat), batch))(params)
+    for k, kmax in ((1, None), (3, None), (10, None), (7, 12)):
+        def g(remat, k=k, kmax=kmax):
+            def f(p):
+                phi, losses = adapt(loss, p, batch, inner_lr=0.1, num_steps=k, max_steps=kmax, remat=remat,
+                                    return_losses=True)
+                return loss(phi, batch), losses
+            return jax.value_and_grad(f, has_aux=True)(params)
 
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g(True), g(False))
+        (v1, l1), g1 = g(True)
+        (v0, l0), g0 = g(False)
+        np.testing.assert_allclose(v1, v0, rtol=1e-6)
+        np.testing.assert_allclose(l1, l0, rtol=1e-6)
+        assert l1.shape == (kmax or k,)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
 
 
 # ---- bad input: one test each -------------------------------------------------------------

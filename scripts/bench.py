@@ -1,0 +1,401 @@
+"""jmaml benchmarks, each measured side by side with its comparators in one invocation.
+
+Sinusoid second-order MAML (MLP 1-40-40-1 ReLU, K = 10 + 10 query, alpha = 0.01, Adam 1e-3):
+
+1. meta-steps/s for meta-batch {25, 1000} (and 100,000 on GPU) x k {1, 5}: jmaml (a `lax.scan`
+   of jitted steps, tasks sampled on the device, inner loop rolled or fully unrolled — both
+   measured, the better reported) against (a) the JAX a user writes first (Python loop over inner
+   steps, vmap, jit of the meta-step, optax; one dispatch per step) and (b) PyTorch torch.func
+   (functional_call + grad + vmap, .backward(), torch.optim.Adam). The peers reuse one fixed
+   meta-batch already on the device; jmaml samples a fresh one inside every step (its cost counted).
+2. compile time (trace + XLA compile of one meta-step, B = 25) vs k in {1, 5, 25, 100}.
+3. peak memory of one meta-step (B = 25; XLA's buffer assignment: temporaries + arguments +
+   outputs) vs k in {10, 100, 1000}, with and without remat.
+4. a 64-point alpha x beta grid (k = 1, B = 25) trained as one vmapped program vs the same 64 runs
+   one after another (each compiling, as separate runs do; and reusing one compiled program).
+
+Writes JSON and a Markdown table of ratios. Usage (from the repository root):
+
+    .venv/bin/python scripts/bench.py                 # CPU; writes scripts/bench/results/cpu.*
+    python3 scripts/bench.py --device gpu             # on a GPU machine (PYTHONPATH=.)
+    .venv/bin/python scripts/bench.py --quick         # a fast smoke run (smaller measurements)
+
+torch is optional: `pip install torch==2.13.0` (the CPU build); without it that column is empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _device_setup(device: str) -> None:
+    if device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def machine_info(device: str) -> dict:
+    import jax
+
+    info = {"device": device, "jax": jax.__version__, "python": platform.python_version(),
+            "jax_device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
+            "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if device == "gpu" and torch.cuda.is_available():
+            info["torch_device"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def _timed(run, steps_per_call: int, min_time: float, max_calls: int = 10_000) -> float:
+    """Steps per second of ``run()`` (which performs ``steps_per_call`` steps), after a warm-up."""
+    run()  # compile / warm up
+    calls, total = 0, 0.0
+    while total < min_time and calls < max_calls:
+        total += run()
+        calls += 1
+    return steps_per_call * calls / total
+
+
+def bench_jmaml(meta_batch: int, k: int, unroll, chunk_len: int, min_time: float) -> float:
+    import jax
+
+    from jmaml import train
+
+    config = train.TrainConfig(meta_batch_size=meta_batch, num_inner_steps=k, unroll=unroll,
+                               log_every=chunk_len, checkpoint_every=chunk_len, steps=chunk_len)
+    chunk = train.make_chunk(config)
+    state = {"s": train.initial_state(config)}
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        s, m = chunk(state["s"], chunk_len)
+        jax.block_until_ready(m["meta_loss"])
+        state["s"] = s
+        return time.perf_counter() - t0
+
+    return _timed(run, chunk_len, min_time)
+
+
+def bench_peer_jax(meta_batch: int, k: int, calls: int, min_time: float) -> float:
+    from scripts.bench.peers import common, jax_naive
+
+    run, _, _ = jax_naive.setup(common.sample_numpy_tasks(meta_batch), k)
+    return _timed(lambda: run(calls), calls, min_time)
+
+
+def bench_peer_torch(meta_batch: int, k: int, calls: int, min_time: float, device: str) -> float | None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    from scripts.bench.peers import common, torch_func
+
+    run = torch_func.setup(common.sample_numpy_tasks(meta_batch), k, "cuda" if device == "gpu" else "cpu")
+    return _timed(lambda: run(calls), calls, min_time)
+
+
+def steps_per_second(cells, min_time: float, device: str, log) -> list[dict]:
+    out = []
+    for meta_batch, k in cells:
+        chunk_len = 200 if meta_batch <= 100 else (20 if meta_batch <= 5000 else 2)
+        calls = max(1, chunk_len // 4)
+        row = {"meta_batch": meta_batch, "k": k}
+        row["jmaml_rolled"] = bench_jmaml(meta_batch, k, 1, chunk_len, min_time)
+        row["jmaml_unrolled"] = bench_jmaml(meta_batch, k, True, chunk_len, min_time)
+        row["jmaml"] = max(row["jmaml_rolled"], row["jmaml_unrolled"])
+        row["jmaml_best_unroll"] = "full" if row["jmaml_unrolled"] > row["jmaml_rolled"] else "1 (rolled)"
+        row["jax_naive"] = bench_peer_jax(meta_batch, k, calls, min_time)
+        row["torch_func"] = bench_peer_torch(meta_batch, k, calls, min_time, device)
+        peers = [v for v in (row["jax_naive"], row["torch_func"]) if v]
+        row["ratio_vs_best_peer"] = row["jmaml"] / max(peers)
+        log(f"steps/s B={meta_batch} k={k}: " + ", ".join(
+            f"{n} {row[n]:.1f}" for n in ("jmaml_rolled", "jmaml_unrolled", "jax_naive", "torch_func") if row[n]))
+        out.append(row)
+    return out
+
+
+def _state_and_tasks(meta_batch: int):
+    import jax
+    import optax
+
+    from jmaml import init_state, models
+    from jmaml.tasks import sinusoid
+
+    model = models.mlp([1, 40, 40, 1])
+    params = model.init(jax.random.key(0))
+    opt = optax.adam(1e-3)
+    return model, opt, init_state(params, opt, jax.random.key(1)), sinusoid.sample_tasks(jax.random.key(2), meta_batch)
+
+
+def compile_times(ks, log) -> list[dict]:
+    import jax
+
+    from jmaml import make_loss, make_step
+    from scripts.bench.peers import common, jax_naive
+
+    model, opt, state, tasks = _state_and_tasks(25)
+    loss = make_loss(model.apply, "mse")
+    out = []
+    for k in ks:
+        step = jax.jit(make_step(opt, loss, inner_lr=0.01, num_inner_steps=k))
+        t0 = time.perf_counter()
+        step.lower(state, tasks).compile()
+        t_jmaml = time.perf_counter() - t0
+        _, naive_step, args = jax_naive.setup(common.sample_numpy_tasks(25), k)
+        t0 = time.perf_counter()
+        naive_step.lower(*args).compile()
+        t_naive = time.perf_counter() - t0
+        out.append({"k": k, "jmaml_s": t_jmaml, "jax_naive_s": t_naive})
+        log(f"compile k={k}: jmaml {t_jmaml:.2f} s, naive {t_naive:.2f} s")
+    return out
+
+
+def _memory(compiled) -> dict:
+    ma = compiled.memory_analysis()
+    temp, arg, outp = ma.temp_size_in_bytes, ma.argument_size_in_bytes, ma.output_size_in_bytes
+    alias = getattr(ma, "alias_size_in_bytes", 0)
+    return {"temp_bytes": int(temp), "peak_bytes": int(temp + arg + outp - alias)}
+
+
+def peak_memory(ks, log) -> list[dict]:
+    import jax
+
+    from jmaml import make_loss, make_step
+    from scripts.bench.peers import common, jax_naive
+
+    model, opt, state, tasks = _state_and_tasks(25)
+    loss = make_loss(model.apply, "mse")
+    out = []
+    for k in ks:
+        row = {"k": k}
+        for remat in (False, True):
+            step = jax.jit(make_step(opt, loss, inner_lr=0.01, num_inner_steps=k, remat=remat))
+            row["remat" if remat else "plain"] = _memory(step.lower(state, tasks).compile())
+        if k <= 100:
+            _, naive_step, args = jax_naive.setup(common.sample_numpy_tasks(25), k)
+            row["jax_naive"] = _memory(naive_step.lower(*args).compile())
+        out.append(row)
+        log(f"memory k={k}: plain {row['plain']['peak_bytes'] / 2**20:.2f} MiB, "
+            f"remat {row['remat']['peak_bytes'] / 2**20:.2f} MiB")
+    return out
+
+
+def grid_vs_sequential(steps: int, log, sequential_compiling: bool = True) -> dict:
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jmaml import sweep, train
+
+    alphas = tuple(float(a) for a in np.geomspace(1e-3, 3e-2, 8))
+    betas = tuple(float(b) for b in np.geomspace(1e-4, 1e-2, 8))
+    base = train.TrainConfig(steps=steps, log_every=steps, checkpoint_every=steps, pretrain=False)
+    grid = sweep.Grid(alphas, betas, (1,), (0,))
+    points = grid.points()
+
+    def train_points(pts, init, chunk):
+        alphas_ = jnp.asarray([p[0] for p in pts], jnp.float32)
+        betas_ = jnp.asarray([p[1] for p in pts], jnp.float32)
+        ks = jnp.asarray([p[2] for p in pts], jnp.int32)
+        seeds = jnp.asarray([p[3] for p in pts], jnp.uint32)
+        states = init(seeds, betas_)
+        states, _, m = chunk(states, train.task_stream_key(base), alphas_, ks, jnp.zeros((steps,), jnp.int8))
+        return jax.block_until_ready(m["meta_loss"])
+
+    t0 = time.perf_counter()
+    init, chunk, _, _ = sweep._make_chunk_fn(base, 1)
+    grid_losses = train_points(points, init, chunk)
+    t_grid = time.perf_counter() - t0
+    log(f"grid: 64 runs x {steps} steps as one program: {t_grid:.1f} s (compile included)")
+
+    t0 = time.perf_counter()
+    init1, chunk1, _, _ = sweep._make_chunk_fn(base, 1)
+    for p in points:
+        train_points([p], init1, chunk1)
+    t_reuse = time.perf_counter() - t0
+    log(f"grid: 64 sequential runs reusing one compiled program: {t_reuse:.1f} s")
+
+    out = {"points": len(points), "steps": steps, "grid_s": t_grid, "sequential_reusing_compile_s": t_reuse,
+           "ratio_vs_reusing": t_reuse / t_grid}
+    if sequential_compiling:
+        t0 = time.perf_counter()
+        for a, b, k, s in points:
+            cfg = dataclasses.replace(base, inner_lr=a, meta_lr=b, num_inner_steps=k, seed=s)
+            state = train.initial_state(cfg)
+            chunk = train.make_chunk(cfg)  # a separate run: its own trace and compilation
+            _, m = chunk(state, steps)
+            jax.block_until_ready(m["meta_loss"])
+        t_seq = time.perf_counter() - t0
+        out.update({"sequential_compiling_s": t_seq, "ratio_vs_compiling": t_seq / t_grid})
+        log(f"grid: 64 sequential runs, each compiling: {t_seq:.1f} s")
+    out["grid_final_loss_range"] = [float(np.nanmin(grid_losses[-1])), float(np.nanmax(grid_losses[-1]))]
+    return out
+
+
+def breakdown(log) -> dict:
+    """Where a small meta-step's time goes (B = 25, k = 1): a measured profile."""
+    import jax
+    import jax.numpy as jnp
+
+    from jmaml import make_loss, make_step
+    from jmaml.tasks import sinusoid
+
+    model, opt, state, tasks = _state_and_tasks(25)
+    loss = make_loss(model.apply, "mse")
+    step = make_step(opt, loss, inner_lr=0.01, num_inner_steps=1)
+    n = 500
+
+    def scan_of(fn):
+        f = jax.jit(lambda s: jax.lax.scan(lambda c, _: (fn(c), None), s, None, length=n)[0])
+        jax.block_until_ready(f(state))
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(state))
+        return (time.perf_counter() - t0) / n * 1e6
+
+    key = jax.random.key(0)
+    f_sample = jax.jit(lambda k: jax.lax.scan(
+        lambda c, _: (jax.random.split(c)[0], sinusoid.sample_tasks(c, 25).support.x.sum()), k, None, length=n)[1])
+    jax.block_until_ready(f_sample(key))
+    t0 = time.perf_counter()
+    jax.block_until_ready(f_sample(key))
+    sample_us = (time.perf_counter() - t0) / n * 1e6
+    step_us = scan_of(lambda s: step(s, tasks)[0])
+    fwd = jax.jit(lambda p: jnp.mean(jax.vmap(loss, in_axes=(None, 0))(p, tasks.query)))
+    fwd_us = scan_of(lambda s: s._replace(params=jax.tree.map(lambda p: p + 0 * fwd(s.params), s.params)))
+    noop = jax.jit(lambda x: x + 1)
+    x = jnp.zeros(())
+    noop(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x = noop(x)
+    x.block_until_ready()
+    dispatch_us = (time.perf_counter() - t0) / n * 1e6
+    out = {"sample_tasks_us": sample_us, "meta_step_us": step_us, "forward_query_us": fwd_us,
+           "jit_dispatch_us": dispatch_us}
+    log("breakdown (us per step): " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()))
+    return out
+
+
+def to_markdown(r: dict) -> str:
+    m = r["machine"]
+    who = m["device_kind"] if m["device"] == "gpu" else f"{m.get('cpu')}, {m['cpu_count']} cores"
+    lines = [f"### {m['device'].upper()}: {who}", "",
+             f"JAX {m['jax']}, Python {m['python']}, torch {m.get('torch')}; {r['date']}", "",
+             "**Meta-steps per second** (higher is better; ratio = jmaml / the better peer)", "",
+             "| meta-batch | k | jmaml | jmaml rolled / unrolled | JAX naive | torch.func | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in r["steps_per_second"]:
+        torch_s = f"{c['torch_func']:.1f}" if c["torch_func"] else "n/a"
+        lines.append(f"| {c['meta_batch']} | {c['k']} | {c['jmaml']:.1f} | {c['jmaml_rolled']:.1f} / "
+                     f"{c['jmaml_unrolled']:.1f} | {c['jax_naive']:.1f} | {torch_s} | "
+                     f"{c['ratio_vs_best_peer']:.2f}x |")
+    if r.get("compile"):
+        lines += ["", "**Compile time of one meta-step** (B = 25, trace + XLA compile)", "",
+                  "| k | jmaml (scan) | JAX naive (unrolled) |", "| --- | --- | --- |"]
+        lines += [f"| {c['k']} | {c['jmaml_s']:.2f} s | {c['jax_naive_s']:.2f} s |" for c in r["compile"]]
+        c0, c1 = r["compile"][0], r["compile"][-1]
+        lines.append(f"\njmaml compile at k = {c1['k']} / k = {c0['k']}: {c1['jmaml_s'] / c0['jmaml_s']:.2f}x "
+                     f"(naive: {c1['jax_naive_s'] / c0['jax_naive_s']:.2f}x)")
+    if r.get("memory"):
+        mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+        lines += ["", "**Peak memory of one meta-step** (B = 25; XLA buffer assignment)", "",
+                  "| k | plain | remat | JAX naive |", "| --- | --- | --- | --- |"]
+        for c in r["memory"]:
+            naive = mib(c["jax_naive"]["peak_bytes"]) if "jax_naive" in c else "not compiled"
+            lines.append(f"| {c['k']} | {mib(c['plain']['peak_bytes'])} | {mib(c['remat']['peak_bytes'])} | {naive} |")
+        first, last = r["memory"][0], r["memory"][-1]
+        lines.append(f"\nremat at k = {last['k']} vs k = {first['k']}: "
+                     f"{last['remat']['peak_bytes'] / first['plain']['peak_bytes']:.2f}x the plain k = {first['k']} "
+                     f"step, {last['remat']['peak_bytes'] / first['remat']['peak_bytes']:.2f}x the remat one")
+    if r.get("grid"):
+        g = r["grid"]
+        lines += ["", f"**{g['points']}-point alpha x beta grid, {g['steps']} meta-steps each** (k = 1, B = 25)", "",
+                  "| one vmapped program | 64 runs reusing one compile | 64 runs each compiling |",
+                  "| --- | --- | --- |",
+                  f"| {g['grid_s']:.1f} s | {g['sequential_reusing_compile_s']:.1f} s "
+                  f"({g['ratio_vs_reusing']:.1f}x slower) | "
+                  + (f"{g['sequential_compiling_s']:.1f} s ({g['ratio_vs_compiling']:.1f}x slower) |"
+                     if "sequential_compiling_s" in g else "not run |")]
+    if r.get("breakdown"):
+        b = r["breakdown"]
+        lines += ["", "**Where a small step's time goes** (B = 25, k = 1, per step, inside a scan)", "",
+                  f"sampling 25 tasks {b['sample_tasks_us']:.0f} us; whole meta-step on fixed tasks "
+                  f"{b['meta_step_us']:.0f} us; one forward pass of the query sets {b['forward_query_us']:.0f} us; "
+                  f"one jitted call's dispatch {b['jit_dispatch_us']:.0f} us"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--out", default=None, help="output prefix (default scripts/bench/results/<device>)")
+    parser.add_argument("--quick", action="store_true", help="short measurements, fewer cells")
+    parser.add_argument("--only", default="steps,compile,memory,grid,breakdown",
+                        help="comma-separated parts to run")
+    parser.add_argument("--grid-steps", type=int, default=None)
+    parser.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 2)")
+    parser.add_argument("--merge", action="store_true",
+                        help="update the parts run now in an existing result file, keep the others")
+    args = parser.parse_args(argv)
+    _device_setup(args.device)
+    import jax
+
+    if args.device == "gpu" and jax.devices()[0].platform != "gpu":
+        raise SystemExit(f"--device gpu, but JAX sees {jax.devices()}")
+    only = set(args.only.split(","))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    min_time = args.min_time or (0.5 if args.quick else 2.0)
+    cells = [(25, 1), (25, 5), (1000, 1), (1000, 5)]
+    if args.device == "gpu":
+        cells += [(100_000, 1), (100_000, 5)]
+    if args.quick:
+        cells = cells[:2]
+    result = {"machine": machine_info(args.device), "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
+    log(f"machine: {result['machine']}")
+    if "steps" in only:
+        result["steps_per_second"] = steps_per_second(cells, min_time, args.device, log)
+    if "compile" in only:
+        result["compile"] = compile_times((1, 5, 25) if args.quick else (1, 5, 25, 100), log)
+    if "memory" in only:
+        result["memory"] = peak_memory((10, 100) if args.quick else (10, 100, 1000), log)
+    if "grid" in only:
+        steps = args.grid_steps or (100 if args.quick else 1000)
+        result["grid"] = grid_vs_sequential(steps, log, sequential_compiling=args.device == "cpu")
+    if "breakdown" in only:
+        result["breakdown"] = breakdown(log)
+    prefix = args.out or os.path.join(ROOT, "scripts", "bench", "results", args.device)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    if args.merge and os.path.exists(prefix + ".json"):  # keep the parts not rerun this time
+        with open(prefix + ".json", encoding="utf-8") as f:
+            result = {**json.load(f), **result}
+    with open(prefix + ".json", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    md = to_markdown(result) if "steps_per_second" in result else json.dumps(result, indent=2)
+    with open(prefix + ".md", "w", encoding="utf-8") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

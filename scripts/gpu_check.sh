@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU checks, as one short script for a machine with an NVIDIA GPU and JAX/torch installed
+# (run from the repository root with PYTHONPATH=.): the test suite on the GPU (JAX 0.11 there),
+# then the GPU benchmark cells. Output goes under ${OUT:-gpu_out}.
+set -uo pipefail
+out="${OUT:-gpu_out}"
+mkdir -p "$out"
+export PYTHONPATH=.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import jax, optax, chex; print('jax', jax.__version__, jax.devices(), 'optax', optax.__version__, 'chex', chex.__version__)" | tee -a "$out/gpu.txt"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -25 | tee "$out/tests.txt"
+timeout "${BENCH_TIMEOUT:-300}" python3 scripts/bench.py --device gpu --only steps,breakdown --min-time 1 \
+  --out "$out/gpu" 2>&1 | tail -40
