@@ -170,7 +170,7 @@ def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: i
 
 def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, eval_tasks: int = 600,
               diag_tasks: int = 50, memory_budget_bytes: int | None = None, keep_params: bool = False,
-              log=None) -> dict[str, Any]:
+              evaluate: bool = True, log=None) -> dict[str, Any]:
     """Meta-trains every grid point (vmapped, one program per chunk) and evaluates each.
 
     Args:
@@ -183,6 +183,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
       memory_budget_bytes: chunk the grid to stay within this (default: a quarter of the device's
         memory).
       keep_params: also return each point's trained parameters (``result["params"]``, a list).
+      evaluate: evaluate and diagnose every point after training (else those fields are NaN).
       log: ``log(str)`` for progress lines (default: silent).
 
     Returns:
@@ -232,8 +233,12 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
             step += length
             if log:
                 log(f"sweep points {start + 1}-{start + len(part)} of {len(points)}: step {step}/{base.steps}")
-        curves, lam = _evaluate_points(base, model, states.params, alphas, num_tasks=eval_tasks,
-                                       num_diag_tasks=diag_tasks)
+        if evaluate:
+            curves, lam = _evaluate_points(base, model, states.params, alphas, num_tasks=eval_tasks,
+                                           num_diag_tasks=diag_tasks)
+        else:
+            curves = np.full((len(padded), 1, MAX_EVAL_STEPS + 1), np.nan)
+            lam = np.full((len(padded), 1), np.nan)
         for g, (alpha, beta, k, seed) in enumerate(part):
             c = curves[g]
             finite = np.isfinite(c)
@@ -244,8 +249,8 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
             lam_med = float(np.median(lam_g)) if np.isfinite(lam_g).all() else math.nan
             train_diverged = bool(first_bad[g] >= 0 or (np.isfinite(last_ratio[g])
                                                         and last_ratio[g] > base.max_loss_ratio))
-            eval_diverged = bool(not all(np.isfinite(mse)) or max(mse) > base.max_loss_ratio * mse[0]
-                                 or (~finite).any())
+            eval_diverged = evaluate and bool(not all(np.isfinite(mse)) or max(mse) > base.max_loss_ratio * mse[0]
+                                              or (~finite).any())
             if keep_params:
                 kept.append(jax.tree.map(lambda a, g=g: np.asarray(a[g]), states.params))
             rows.append({

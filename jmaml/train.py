@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -186,12 +187,14 @@ def task_stream_key(config: TrainConfig, phase: str = "maml") -> jax.Array:
     return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], PHASES.index(phase))
 
 
+@functools.lru_cache(maxsize=16)
 def make_chunk(config: TrainConfig, phase: str = "maml") -> Callable[[TrainState, int], tuple]:
     """A jitted ``chunk(state, length) -> (state, metrics)`` running ``length`` steps in a scan.
 
     Each step splits the state's key, samples a meta-batch of sinusoid tasks on the device and
     applies one meta-step. Phase ``"pretrained"`` is plain regression on the query points
-    (the MAML objective with k = 0), the paper's "pretrained" baseline.
+    (the MAML objective with k = 0), the paper's "pretrained" baseline. Cached per (config,
+    phase), so resuming or re-running a configuration in one process reuses its compilation.
     """
     _, loss_fn = build_model(config)
     k = config.num_inner_steps if phase == "maml" else 0

@@ -112,8 +112,8 @@ def bench_peer_torch(meta_batch: int, k: int, calls: int, min_time: float, devic
     return _timed(lambda: run(calls), calls, min_time)
 
 
-def steps_per_second(cells, min_time: float, device: str, log) -> list[dict]:
-    out = []
+def steps_per_second(cells, min_time: float, device: str, log, out: list | None = None, save=None) -> list[dict]:
+    out = [] if out is None else out
     for meta_batch, k in cells:
         chunk_len = 200 if meta_batch <= 100 else (20 if meta_batch <= 5000 else 2)
         calls = max(1, chunk_len // 4)
@@ -129,6 +129,8 @@ def steps_per_second(cells, min_time: float, device: str, log) -> list[dict]:
         log(f"steps/s B={meta_batch} k={k}: " + ", ".join(
             f"{n} {row[n]:.1f}" for n in ("jmaml_rolled", "jmaml_unrolled", "jax_naive", "torch_func") if row[n]))
         out.append(row)
+        if save:
+            save()  # partial results survive a time limit
     return out
 
 
@@ -372,8 +374,16 @@ def main(argv=None) -> int:
         cells = cells[:2]
     result = {"machine": machine_info(args.device), "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
     log(f"machine: {result['machine']}")
+    prefix = args.out or os.path.join(ROOT, "scripts", "bench", "results", args.device)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+
+    def save_partial():
+        with open(prefix + ".partial.json", "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
     if "steps" in only:
-        result["steps_per_second"] = steps_per_second(cells, min_time, args.device, log)
+        result["steps_per_second"] = []
+        steps_per_second(cells, min_time, args.device, log, out=result["steps_per_second"], save=save_partial)
     if "compile" in only:
         result["compile"] = compile_times((1, 5, 25) if args.quick else (1, 5, 25, 100), log)
     if "memory" in only:
@@ -383,8 +393,8 @@ def main(argv=None) -> int:
         result["grid"] = grid_vs_sequential(steps, log, sequential_compiling=args.device == "cpu")
     if "breakdown" in only:
         result["breakdown"] = breakdown(log)
-    prefix = args.out or os.path.join(ROOT, "scripts", "bench", "results", args.device)
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    if os.path.exists(prefix + ".partial.json"):
+        os.remove(prefix + ".partial.json")
     if args.merge and os.path.exists(prefix + ".json"):  # keep the parts not rerun this time
         with open(prefix + ".json", encoding="utf-8") as f:
             result = {**json.load(f), **result}

@@ -26,10 +26,10 @@ def test_lambda_max_matches_eigvalsh_of_the_full_hessian_on_a_small_mlp(x64):
     x = jnp.linspace(-2, 2, 8, dtype=jnp.float64)[:, None]
     batch = Batch(x, jnp.sin(2 * x))
     flat, unravel = ravel_pytree(params)
-    hess = jax.hessian(lambda f: loss(unravel(f), batch))(flat)
+    hess = jax.jit(jax.hessian(lambda f: loss(unravel(f), batch)))(flat)
     eig = np.linalg.eigvalsh(np.asarray(hess))
     dominant = eig[np.argmax(np.abs(eig))]
-    got = diagnostics.hessian_max_eigenvalue(loss, params, batch, num_iters=500)
+    got = jax.jit(lambda p: diagnostics.hessian_max_eigenvalue(loss, p, batch, num_iters=500))(params)
     assert float(got) == pytest.approx(dominant, rel=1e-6)
 
 

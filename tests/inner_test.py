@@ -101,13 +101,13 @@ def test_remat_changes_no_value():
     x = jnp.linspace(-3, 3, 6)[:, None]
     batch = Batch(x, jnp.cos(x))
 
-    for k, kmax in ((1, None), (3, None), (10, None), (7, 12)):
+    for k, kmax in ((3, None), (10, None), (7, 12)):
         def g(remat, k=k, kmax=kmax):
             def f(p):
                 phi, losses = adapt(loss, p, batch, inner_lr=0.1, num_steps=k, max_steps=kmax, remat=remat,
                                     return_losses=True)
                 return loss(phi, batch), losses
-            return jax.value_and_grad(f, has_aux=True)(params)
+            return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
         (v1, l1), g1 = g(True)
         (v0, l0), g0 = g(False)

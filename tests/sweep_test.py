@@ -12,7 +12,7 @@ from jmaml.train import TrainConfig
 
 BASE = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=30, log_every=10,
                    checkpoint_every=30, pretrain=False)
-GRID = sweep.Grid(alphas=(0.01, 0.05), betas=(1e-3, 1e-2), ks=(1, 3), seeds=(0, 1))
+GRID = sweep.Grid(alphas=(0.01, 0.05), betas=(1e-2,), ks=(1, 3), seeds=(0, 1))
 # Float32 tolerance: the sweep's masked k-scan and injected meta rate compute the single run's
 # numbers in another order (and in batched kernels), so they agree to round-off, not bitwise.
 RTOL, ATOL = 2e-4, 2e-5
@@ -25,18 +25,18 @@ def swept():
 
 def test_every_grid_point_equals_the_single_run_with_the_same_settings(swept, tmp_path):
     rows, params = swept["rows"], swept["params"]
-    assert len(rows) == 16
+    assert len(rows) == 8
     checked = 0
     for row, p in zip(rows, params):
-        if (row["alpha"], row["beta"]) not in ((0.05, 1e-3), (0.01, 1e-2)):
-            continue  # a representative half of the grid keeps the test fast
+        if (row["alpha"], row["seed"]) not in ((0.05, 0), (0.01, 1)):
+            continue  # half of the grid, every k and seed, keeps the test fast
         cfg = dataclasses.replace(BASE, inner_lr=row["alpha"], meta_lr=row["beta"], num_inner_steps=row["k"],
                                   seed=row["seed"], task_seed=0)
         single = train.train(cfg, str(tmp_path / f"r{checked}"), stream=io.StringIO())["maml"].params
         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(single)):
             np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
         checked += 1
-    assert checked == 8
+    assert checked == 4
 
 
 def test_all_points_see_the_same_tasks_so_seed_only_changes_the_start(swept):
@@ -48,12 +48,12 @@ def test_all_points_see_the_same_tasks_so_seed_only_changes_the_start(swept):
 
 
 def test_chunking_is_transparent(swept):
-    small = sweep.estimate_point_bytes(BASE, 3, 8 * 2 + 8 + 8 + 1) * 5  # room for 5 points: 4 chunks
-    chunked = sweep.run_sweep(BASE, GRID, task_seed=0, eval_tasks=20, diag_tasks=4, memory_budget_bytes=small)
-    assert chunked["meta"]["points_per_chunk"] == 5 and chunked["meta"]["num_chunks"] == 4
+    small = sweep.estimate_point_bytes(BASE, 3, 8 * 2 + 8 + 8 + 1) * 3  # room for 3 points: 3 chunks
+    chunked = sweep.run_sweep(BASE, GRID, task_seed=0, memory_budget_bytes=small, evaluate=False)
+    assert chunked["meta"]["points_per_chunk"] == 3 and chunked["meta"]["num_chunks"] == 3
     for r1, r2 in zip(swept["rows"], chunked["rows"]):
         assert (r1["alpha"], r1["beta"], r1["k"], r1["seed"]) == (r2["alpha"], r2["beta"], r2["k"], r2["seed"])
-        np.testing.assert_allclose(r1["mse_curve"], r2["mse_curve"], rtol=RTOL)
+        np.testing.assert_allclose(r1["final_meta_loss"], r2["final_meta_loss"], rtol=RTOL)
 
 
 def test_results_table_files(swept, tmp_path):
@@ -62,12 +62,12 @@ def test_results_table_files(swept, tmp_path):
     assert {"sweep.csv", "sweep.json", "heatmap_k1.png", "heatmap_k3.png"} <= names
     header = (tmp_path / "sweep.csv").read_text().splitlines()[0]
     assert header.startswith("alpha,beta,k,seed,final_meta_loss,mse_1,mse_5,mse_10")
-    assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 17
+    assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 9
 
 
 def test_divergence_is_flagged_per_point():
     grid = sweep.Grid(alphas=(0.01, 10.0), betas=(1e-3,), ks=(3,), seeds=(0,))
-    rows = sweep.run_sweep(BASE, grid, eval_tasks=10, diag_tasks=2)["rows"]
+    rows = sweep.run_sweep(BASE, grid, evaluate=False)["rows"]
     assert [r["diverged"] for r in rows] == [False, True]
     assert rows[1]["train_diverged"]
 
