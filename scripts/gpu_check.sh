@@ -6,8 +6,9 @@ set -uo pipefail
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
 export PYTHONPATH=.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch shares the card in the benchmark
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, optax, chex; print('jax', jax.__version__, jax.devices(), 'optax', optax.__version__, 'chex', chex.__version__)" | tee -a "$out/gpu.txt"
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -25 | tee "$out/tests.txt"
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q tests 2>&1 | tail -25 | tee "$out/tests.txt"
 timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench.py --device gpu --only steps,breakdown --min-time 1 \
   --out "$out/gpu" 2>&1 | tail -40
