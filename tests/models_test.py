@@ -21,7 +21,10 @@ def test_mlp_shapes_and_forward_against_numpy():
     for layer in params[:-1]:
         h = np.maximum(h @ np.asarray(layer["w"]) + np.asarray(layer["b"]), 0)
     expected = h @ np.asarray(params[-1]["w"]) + np.asarray(params[-1]["b"])
-    np.testing.assert_allclose(m.apply(params, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
+    # Full float32 matmuls: on GPUs JAX's default precision may use TF32 (about 1e-3 relative).
+    with jax.default_matmul_precision("highest"):
+        got = m.apply(params, jnp.asarray(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mlp_init_is_deterministic_by_key():
