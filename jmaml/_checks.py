@@ -24,24 +24,22 @@ def concrete_or_none(value):
         return None
 
 
+def _check_int(value, name: str, minimum: int, kind: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a {kind}, got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_num_steps(value, name: str = "num_inner_steps") -> int:
     """Checks a static, non-negative integer count and returns it as ``int``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a non-negative Python int, got {value!r} "
-                        f"of type {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)
+    return _check_int(value, name, 0, "non-negative Python int")
 
 
 def check_positive_int(value, name: str) -> int:
     """Checks a static integer >= 1 and returns it as ``int``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r} "
-                        f"of type {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+    return _check_int(value, name, 1, "positive int")
 
 
 def check_rate(value, name: str = "inner_lr", *, allow_zero: bool = True) -> None:

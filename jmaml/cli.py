@@ -31,11 +31,18 @@ def _cmd_seed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 40,40, got {text!r}") from None
+def _number_list(convert, example: str):
+    """An argparse type for comma-separated numbers."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(convert(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers like {example}, got {text!r}") from None
+    return parse
+
+
+_ints = _number_list(int, "40,40")
+_floats = _number_list(float, "0.001,0.01")
 
 
 # flag name -> TrainConfig field
@@ -131,13 +138,6 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     for path in plot.plot_run(args.run_dir):
         print(path)
     return 0
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.001,0.01, got {text!r}") from None
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
