@@ -2,7 +2,8 @@
 
 Sinusoid second-order MAML (MLP 1-40-40-1 ReLU, K = 10 + 10 query, alpha = 0.01, Adam 1e-3):
 
-1. meta-steps/s for meta-batch {25, 1000} (and 100,000 on GPU) x k {1, 5}: jmaml (a `lax.scan`
+1. meta-steps/s for meta-batch {25, 1000} (and 100,000 on GPU) x k {1, 5}, each implementation and
+   cell measured in a fresh process: jmaml (a `lax.scan`
    of jitted steps, tasks sampled on the device, inner loop rolled or fully unrolled — both
    measured, the better reported) against (a) the JAX a user writes first (Python loop over inner
    steps, vmap, jit of the meta-step, optax; one dispatch per step) and (b) PyTorch torch.func
@@ -112,22 +113,48 @@ def bench_peer_torch(meta_batch: int, k: int, calls: int, min_time: float, devic
     return _timed(lambda: run(calls), calls, min_time)
 
 
+def measure_cell(impl: str, meta_batch: int, k: int, min_time: float, device: str) -> float | None:
+    """Steps/s of one implementation on one cell (run inside its own process, see ``_cell``)."""
+    chunk_len = 200 if meta_batch <= 100 else (20 if meta_batch <= 5000 else 4)
+    calls = max(1, chunk_len // 4)
+    if impl == "jmaml_rolled":
+        return bench_jmaml(meta_batch, k, 1, chunk_len, min_time)
+    if impl == "jmaml_unrolled":
+        return bench_jmaml(meta_batch, k, True, chunk_len, min_time)
+    if impl == "jax_naive":
+        return bench_peer_jax(meta_batch, k, calls, min_time)
+    if impl == "torch_func":
+        return bench_peer_torch(meta_batch, k, calls, min_time, device)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+IMPLS = ("jmaml_rolled", "jmaml_unrolled", "jax_naive", "torch_func")
+
+
+def _cell(impl: str, meta_batch: int, k: int, min_time: float, device: str) -> float | None:
+    """Measures one cell in a fresh process, so no framework's threads, allocator or caches
+    (torch's CUDA allocator, XLA's thread pools) affect another's numbers."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", device, "--cell",
+           f"{impl},{meta_batch},{k},{min_time}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} B={meta_batch} k={k} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["steps_per_s"]
+
+
 def steps_per_second(cells, min_time: float, device: str, log, out: list | None = None, save=None) -> list[dict]:
     out = [] if out is None else out
     for meta_batch, k in cells:
-        chunk_len = 200 if meta_batch <= 100 else (20 if meta_batch <= 5000 else 2)
-        calls = max(1, chunk_len // 4)
         row = {"meta_batch": meta_batch, "k": k}
-        row["jmaml_rolled"] = bench_jmaml(meta_batch, k, 1, chunk_len, min_time)
-        row["jmaml_unrolled"] = bench_jmaml(meta_batch, k, True, chunk_len, min_time)
+        for impl in IMPLS:
+            row[impl] = _cell(impl, meta_batch, k, min_time, device)
         row["jmaml"] = max(row["jmaml_rolled"], row["jmaml_unrolled"])
         row["jmaml_best_unroll"] = "full" if row["jmaml_unrolled"] > row["jmaml_rolled"] else "1 (rolled)"
-        row["jax_naive"] = bench_peer_jax(meta_batch, k, calls, min_time)
-        row["torch_func"] = bench_peer_torch(meta_batch, k, calls, min_time, device)
         peers = [v for v in (row["jax_naive"], row["torch_func"]) if v]
         row["ratio_vs_best_peer"] = row["jmaml"] / max(peers)
-        log(f"steps/s B={meta_batch} k={k}: " + ", ".join(
-            f"{n} {row[n]:.1f}" for n in ("jmaml_rolled", "jmaml_unrolled", "jax_naive", "torch_func") if row[n]))
+        log(f"steps/s B={meta_batch} k={k}: " + ", ".join(f"{n} {row[n]:.1f}" for n in IMPLS if row[n]))
         out.append(row)
         if save:
             save()  # partial results survive a time limit
@@ -358,9 +385,15 @@ def main(argv=None) -> int:
     parser.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 2)")
     parser.add_argument("--merge", action="store_true",
                         help="update the parts run now in an existing result file, keep the others")
+    parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args(argv)
     _device_setup(args.device)
     import jax
+
+    if args.cell:
+        impl, b, k, t = args.cell.split(",")
+        print(json.dumps({"steps_per_s": measure_cell(impl, int(b), int(k), float(t), args.device)}))
+        return 0
 
     if args.device == "gpu" and jax.devices()[0].platform != "gpu":
         raise SystemExit(f"--device gpu, but JAX sees {jax.devices()}")
