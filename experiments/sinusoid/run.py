@@ -108,7 +108,7 @@ Command: `python experiments/sinusoid/run.py`, i.e. `jmaml train --out experimen
 with every default: MLP 1-40-40-1 ReLU, K = 10 support + 10 query points, alpha = 0.01, one inner
 step, second-order MAML, Adam (beta = 1e-3), 25 tasks per meta-batch, MSE, 70,000 meta-steps, seed 0;
 the pretrained baseline is the same network trained by regression for 70,000 steps on the same task
-distribution, fine-tuned with SGD at a rate chosen on 200 separate validation tasks.
+distribution, fine-tuned with SGD at a rate chosen on 600 separate validation tasks.
 
 Evaluation: 600 held-out tasks (fixed seed), MSE on 100 query points after 0, 1, 5 and 10 SGD steps
 on the same K points, mean ± 95% CI (1.96 standard errors). The MAML model is the one trained with
