@@ -1,6 +1,6 @@
 """jmaml: a functional JAX toolkit for gradient-based meta-learning (MAML and its family)."""
 
-from jmaml import analytic, diagnostics, losses, models, tasks
+from jmaml import analytic, diagnostics, estimators, losses, models, tasks
 from jmaml.inner import adapt, inner_step
 from jmaml.losses import make_loss
 from jmaml.meta import (
@@ -24,6 +24,7 @@ __all__ = [
     "analytic",
     "batched_objective",
     "diagnostics",
+    "estimators",
     "init_state",
     "inner_step",
     "losses",

@@ -43,9 +43,19 @@ def check_positive_int(value, name: str) -> int:
 
 
 def check_rate(value, name: str = "inner_lr", *, allow_zero: bool = True) -> None:
-    """Checks a learning rate when it is concrete: finite and non-negative (or positive)."""
+    """Checks a learning rate when it is concrete: finite and non-negative (or positive).
+
+    A tree of rates (per-parameter rates, as in Meta-SGD) is checked leaf by leaf.
+    """
     if isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"{name} must be a real number or array, got {value!r}")
+    if isinstance(value, (list, tuple, dict)):
+        leaves = jax.tree.leaves(value)
+        if not leaves:
+            raise TypeError(f"{name} must be a real number, an array or a tree of them, got {value!r}")
+        for leaf in leaves:
+            check_rate(leaf, name, allow_zero=allow_zero)
+        return
     arr = concrete_or_none(value)
     if arr is None:  # traced: checked by the caller's divergence reporting instead
         return
