@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -278,7 +279,6 @@ class _StopFlag:
 
 
 def _in_main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
@@ -436,11 +436,12 @@ def prepare_run_dir(config: TrainConfig, run_dir: str, *, resume: bool = False,
         if not resume and not is_complete(run_dir, old):
             raise ValueError(f"output dir {run_dir} holds an unfinished run with these settings. "
                              "Continue it with --resume, or start over with --overwrite.")
-        mode = "resume" if resume else "complete"
-        if resume and old.steps != config.steps:
+        if not resume:
+            return "complete"  # an unfinished run without --resume was refused above
+        if old.steps != config.steps:
             with open(cfg_path, "w", encoding="utf-8") as f:
                 json.dump(_run_info(config), f, indent=2)
-        return mode if not (resume and is_complete(run_dir, config)) else "complete"
+        return "complete" if is_complete(run_dir, config) else "resume"
     if resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise ValueError(f"--resume: {run_dir} holds no jmaml run (no config.json)")
     os.makedirs(run_dir, exist_ok=True)
