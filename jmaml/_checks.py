@@ -32,6 +32,13 @@ def _check_int(value, name: str, minimum: int, kind: str) -> int:
     return int(value)
 
 
+def check_seed(value, name: str = "seed") -> int:
+    """Checks a random seed: a Python int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
 def check_num_steps(value, name: str = "num_inner_steps") -> int:
     """Checks a static, non-negative integer count and returns it as ``int``."""
     return _check_int(value, name, 0, "non-negative Python int")

@@ -36,13 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jmaml._checks import check_num_steps, check_rate
+from jmaml._checks import check_num_steps, check_rate, check_seed
 from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
 from jmaml.evaluate import MAX_EVAL_STEPS, adaptation_curve, heldout_tasks
 from jmaml.losses import make_loss
 from jmaml.meta import init_state, make_step
-from jmaml.tasks import sinusoid
-from jmaml.train import OPTIMISERS, TrainConfig, build_model, effective_unroll, task_stream_key
+from jmaml.train import OPTIMISERS, TrainConfig, build_model, effective_unroll, sample_meta_batch, task_stream_key
 
 DEFAULT_MEMORY_FRACTION = 0.25
 
@@ -68,8 +67,7 @@ class Grid:
         for k in self.ks:
             check_num_steps(k, "k")
         for s in self.seeds:
-            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-                raise ValueError(f"seeds must be ints >= 0, got {s!r}")
+            check_seed(s, "seeds")
         return self
 
     def points(self) -> list[tuple[float, float, int, int]]:
@@ -133,8 +131,7 @@ def _make_chunk_fn(config: TrainConfig, k_max: int):
     def one(carry, _):
         states, key, alphas, ks = carry
         key, key_tasks = jax.random.split(key)
-        tasks = sinusoid.sample_tasks(key_tasks, config.meta_batch_size, num_support=config.num_support,
-                                      num_query=config.num_query)
+        tasks = sample_meta_batch(config, key_tasks)
         states, metrics = jax.vmap(lambda s, a, k: step(s, tasks, inner_lr=a, num_inner_steps=k))(
             states, alphas, ks)
         return (states, key, alphas, ks), {"meta_loss": metrics["meta_loss"],

@@ -36,12 +36,12 @@ import numpy as np
 import optax
 
 from jmaml import checkpoint
-from jmaml._checks import check_num_steps, check_positive_int, check_rate
+from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
 from jmaml.losses import make_loss
 from jmaml.meta import TrainState, init_state, make_step
 from jmaml.models import ACTIVATIONS, mlp
 from jmaml.tasks import sinusoid
-from jmaml.types import LossFn, Model
+from jmaml.types import LossFn, Model, Task
 
 
 def _momentum(learning_rate: float) -> optax.GradientTransformation:
@@ -113,12 +113,9 @@ class TrainConfig:
         if isinstance(self.max_loss_ratio, bool) or not isinstance(self.max_loss_ratio, (int, float)) \
                 or not self.max_loss_ratio > 1:
             raise ValueError(f"max_loss_ratio must be a number > 1 (inf disables), got {self.max_loss_ratio!r}")
-        for name in ("seed", "task_seed"):
-            value = getattr(self, name)
-            if value is None and name == "task_seed":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_seed(self.seed, "seed")
+        if self.task_seed is not None:
+            check_seed(self.task_seed, "task_seed")
         if self.checkpoint_every % self.log_every:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                              f"log_every ({self.log_every}): checkpoints are written between chunks")
@@ -188,6 +185,12 @@ def task_stream_key(config: TrainConfig, phase: str = "maml") -> jax.Array:
     return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], PHASES.index(phase))
 
 
+def sample_meta_batch(config: TrainConfig, key: jax.Array) -> Task:
+    """One meta-batch of training tasks as the config describes it (sampled on the device)."""
+    return sinusoid.sample_tasks(key, config.meta_batch_size, num_support=config.num_support,
+                                 num_query=config.num_query)
+
+
 @functools.lru_cache(maxsize=16)
 def make_chunk(config: TrainConfig, phase: str = "maml") -> Callable[[TrainState, int], tuple]:
     """A jitted ``chunk(state, length) -> (state, metrics)`` running ``length`` steps in a scan.
@@ -205,9 +208,7 @@ def make_chunk(config: TrainConfig, phase: str = "maml") -> Callable[[TrainState
 
     def one(state: TrainState, _):
         key, key_tasks = jax.random.split(state.key)
-        tasks = sinusoid.sample_tasks(key_tasks, config.meta_batch_size,
-                                      num_support=config.num_support, num_query=config.num_query)
-        return step(state._replace(key=key), tasks)
+        return step(state._replace(key=key), sample_meta_batch(config, key_tasks))
 
     @jax.jit
     def _chunk(state: TrainState, length_marker: jax.Array):
@@ -343,15 +344,19 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
         return state
     chunk = make_chunk(config, phase)
     progress = Progress(phase, config.steps, step, stream)
+
+    def save(state: TrainState, step: int) -> None:
+        checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+
     L = config.log_every
     while step < config.steps:
         if stop_flag is not None and stop_flag.signum is not None:
-            checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+            save(state, step)
             name = signal.Signals(stop_flag.signum).name
             raise Interrupted(f"{name} received: stopped {phase} at step {step}/{config.steps}; "
                               f"checkpoint saved", stop_flag.signum)
         if stop_at_step is not None and step >= stop_at_step:
-            checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+            save(state, step)
             raise Interrupted(f"stopped {phase} at step {step} as asked; checkpoint saved")
         length = min(L - step % L, config.steps - step)  # chunks aligned to multiples of L
         t0 = time.perf_counter()
@@ -361,7 +366,7 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
         msg = _divergence(step, metrics, config.max_loss_ratio if phase == "maml" else math.inf)
         if msg is not None:
             if step > saved_step or not os.path.exists(ckpt):
-                checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+                save(state, step)
                 saved_step = step
             raise DivergenceError(f"{phase} training diverged: {msg}. The last good state "
                                   f"(step {saved_step}) is kept in {ckpt}. Try a smaller inner rate "
@@ -373,7 +378,7 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
         _append_jsonl(metrics_path, record)
         progress.update(step, record["meta_loss"], record["steps_per_s"], final=step >= config.steps)
         if step % config.checkpoint_every == 0 or step >= config.steps:
-            checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+            save(state, step)
             saved_step = step
     return state
 

@@ -25,7 +25,7 @@ import optax
 from jmaml import analytic
 from jmaml._checks import check_finite_float, check_num_steps, check_rate, check_task
 from jmaml._util import enable_x64
-from jmaml.diagnostics import hessian_max_eigenvalue
+from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
 from jmaml.inner import adapt, inner_step
 from jmaml.losses import make_loss
 from jmaml.meta import task_objective
@@ -175,7 +175,7 @@ def run_walkthrough(*, alpha: float = seed_data.ALPHA, beta: float = seed_data.B
             lam = float(hessian_max_eigenvalue(loss, theta, t.support, num_iters=3))
             c = 1.0 - alpha * lam
             stability.append({"task": j + 1, "hessian": lam, "contraction": c,
-                              "alpha_bound": (2.0 / lam) if lam > 0 else math.inf,
+                              "alpha_bound": float(step_size_bound(jnp.asarray(lam))),
                               "diverges": abs(c) > 1.0})
         out["stability"] = stability
         out["diverges"] = any(s["diverges"] for s in stability)
