@@ -11,6 +11,7 @@ import sys
 import time
 
 from jmaml import walkthrough
+from jmaml.algorithms import ALGORITHMS
 
 DEFAULT_RUN_DIR = os.path.join("runs", "sinusoid")
 
@@ -51,7 +52,9 @@ _TRAIN_FLAGS = {
     "inner_lr": "inner_lr", "inner_steps": "num_inner_steps", "meta_lr": "meta_lr",
     "optimiser": "optimiser", "meta_batch_size": "meta_batch_size", "loss": "loss", "steps": "steps",
     "seed": "seed", "first_order": "first_order", "checkpoint_every": "checkpoint_every",
-    "log_every": "log_every", "pretrain": "pretrain", "remat": "remat",
+    "log_every": "log_every", "pretrain": "pretrain", "remat": "remat", "algo": "algo",
+    "imaml_lambda": "imaml_lambda", "imaml_cg_iters": "imaml_cg_iters", "mamlpp_msl": "mamlpp_msl",
+    "mamlpp_msl_anneal_steps": "mamlpp_msl_anneal_steps", "mamlpp_first_order_steps": "mamlpp_first_order_steps",
 }
 
 
@@ -213,6 +216,21 @@ def _add_train_parser(sub) -> None:
                    help="rematerialise inner steps on the backward pass (memory for long inner loops)")
     g.add_argument("--no-pretrain", dest="pretrain", action="store_const", const=False, default=None,
                    help="skip the pretrained-regression baseline")
+    g = p.add_argument_group("algorithm (the MAML family; each one's own settings apply to it only)")
+    g.add_argument("--algo", default=None, choices=ALGORITHMS,
+                   help="maml (default), fomaml, reptile, metasgd (learned per-parameter rates), anil (only "
+                        "the last layer adapts), mamlpp (MAML++), imaml (implicit gradients)")
+    g.add_argument("--imaml-lambda", type=float, default=None, help="iMAML: proximal strength lambda (default 1)")
+    g.add_argument("--imaml-cg-iters", type=int, default=None,
+                   help="iMAML: conjugate-gradient iterations (default 5)")
+    g.add_argument("--mamlpp-no-msl", dest="mamlpp_msl", action="store_const", const=False, default=None,
+                   help="MAML++: no multi-step loss (the query loss after the last step only)")
+    g.add_argument("--mamlpp-msl-anneal-steps", type=int, default=None,
+                   help="MAML++: meta-steps over which the multi-step-loss weights anneal to the last step "
+                        "(default: a tenth of --steps)")
+    g.add_argument("--mamlpp-first-order-steps", type=int, default=None,
+                   help="MAML++: derivative-order annealing, first-order gradients before this meta-step "
+                        "(default 0: second order throughout)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run dir (default {DEFAULT_RUN_DIR})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmaml._checks import check_num_steps, check_positive_int
-from jmaml.inner import inner_step
+from jmaml.inner import _sgd_update
 from jmaml.losses import make_loss
 from jmaml.tasks import sinusoid
-from jmaml.train import PHASES, build_model, load_config, load_params
+from jmaml.train import PHASES, build_algorithm, build_model, load_config, load_params
 from jmaml.types import Batch, LossFn, Params
 
 EVAL_SEED = 20_170_306  # held-out test tasks
@@ -57,47 +57,87 @@ def heldout_tasks(*, seed: int = EVAL_SEED, num_tasks: int = NUM_EVAL_TASKS,
                    sinusoid.sample_points(key_q, params, num_query))
 
 
-def _curve_one(loss_fn: LossFn, params: Params, support: Batch, query: Batch, inner_lr, num_steps):
-    def body(p, _):
-        return inner_step(loss_fn, p, support, inner_lr=inner_lr), loss_fn(p, query)
+def _per_step(inner_lr: Any, num_steps: int) -> Any:
+    """A rate (scalar, or tree like the parameters) repeated for each of ``num_steps`` steps."""
+    return jax.tree.map(lambda r: jnp.broadcast_to(r, (num_steps, *jnp.shape(r))), inner_lr)
 
-    final, losses = jax.lax.scan(body, params, None, length=num_steps)
+
+def _test_step(loss_fn: LossFn, theta: Params, phi: Params, support: Batch, rates: Any, prox_lambda: float):
+    """One test-time step φ − r ⊙ (∇L_S(φ) + λ(φ − θ)); λ = 0 is plain SGD (see jmaml.algorithms)."""
+    grads = jax.grad(loss_fn)(phi, support)
+    if prox_lambda:
+        grads = jax.tree.map(lambda g, p, a: g + prox_lambda * (p - a), grads, phi, theta)
+    return _sgd_update(phi, grads, rates)
+
+
+def adapted_params(loss_fn: LossFn, params: Params, support: Batch, step_rates: Any, *,
+                   prox_lambda: float = 0.0) -> Params:
+    """The parameters after one test-time step per leading entry of ``step_rates`` (one task)."""
+    def body(phi, rates):
+        return _test_step(loss_fn, params, phi, support, rates, prox_lambda), None
+
+    return jax.lax.scan(body, params, step_rates)[0]
+
+
+def _curve_one(loss_fn: LossFn, params: Params, support: Batch, query: Batch, step_rates: Any,
+               prox_lambda: float):
+    def body(p, rates):
+        return _test_step(loss_fn, params, p, support, rates, prox_lambda), loss_fn(p, query)
+
+    final, losses = jax.lax.scan(body, params, step_rates)
     return jnp.concatenate([losses, loss_fn(final, query)[None]])
 
 
 def adaptation_curve(loss_fn: LossFn, params: Params, support: Batch, query: Batch, *,
-                     inner_lr: Any, num_steps: int = MAX_EVAL_STEPS) -> jax.Array:
-    """Query loss after 0..num_steps SGD steps on the support set, for each task.
+                     inner_lr: Any, num_steps: int = MAX_EVAL_STEPS, per_step: bool = False,
+                     prox_lambda: float = 0.0) -> jax.Array:
+    """Query loss after 0..num_steps test-time steps on the support set, for each task.
 
     Args:
       loss_fn: ``loss_fn(params, batch)``.
       params: the starting parameters (shared by all tasks).
       support, query: Batches with a leading task axis.
-      inner_lr: the fine-tuning step size (may be traced).
+      inner_lr: the step size (may be traced): a scalar or a tree like ``params``; with
+        ``per_step``, either with a leading axis of length ``num_steps`` (one rate per step, as
+        MAML++ learns them).
       num_steps: the last step count (static).
+      prox_lambda: iMAML's proximal strength λ (0: plain SGD).
 
     Returns:
       Array of shape ``(num_tasks, num_steps + 1)``.
     """
     num_steps = check_num_steps(num_steps, "num_steps")
-    return jax.vmap(lambda s, q: _curve_one(loss_fn, params, s, q, inner_lr, num_steps))(support, query)
+    rates = inner_lr if per_step else _per_step(inner_lr, num_steps)
+    bad = {jnp.shape(r)[:1] for r in jax.tree.leaves(rates)} - {(num_steps,)}
+    if bad:
+        raise ValueError(f"inner_lr with per_step=True needs a leading axis of num_steps={num_steps}; "
+                         f"got leading shapes {sorted(bad)}")
+    return jax.vmap(lambda s, q: _curve_one(loss_fn, params, s, q, rates, prox_lambda))(support, query)
 
 
 def _take_shots(batch: Batch, k: int) -> Batch:
     return Batch(batch.x[:, :k], batch.y[:, :k])
 
 
-def summarize(losses: np.ndarray) -> dict[str, list]:
-    """Per step: mean and 95% CI half-width (1.96 standard errors) over tasks, the median, and
-    how many tasks diverged (non-finite loss).
+DIVERGED_RATIO = 1000.0  # as TrainConfig.max_loss_ratio: an adapted loss this many times the un-adapted one
 
-    Diverged tasks are left out of mean, CI and median and counted in ``diverged``, so one
-    exploding task is reported rather than turning the whole column into NaN.
+
+def summarize(losses: np.ndarray, diverged_ratio: float = DIVERGED_RATIO) -> dict[str, list]:
+    """Per step: mean and 95% CI half-width (1.96 standard errors) over tasks, the median, and
+    how many tasks diverged.
+
+    ``losses`` has shape ``(num_tasks, num_steps + 1)``, column 0 before adaptation. A task has
+    diverged at a step when its loss there is non-finite or more than ``diverged_ratio`` times its
+    loss before adaptation (an exploding inner loop, like the seed's −1515.48, long before it
+    overflows). Diverged tasks are left out of mean, CI and median and counted in ``diverged``, so
+    one exploding task is reported rather than turning the whole column into NaN or 10²⁰.
     """
     losses = np.asarray(losses, dtype=np.float64)
     mean, ci, median, diverged = [], [], [], []
-    for column in losses.T:
-        ok = column[np.isfinite(column)]
+    with np.errstate(invalid="ignore"):
+        exploded = losses > diverged_ratio * np.abs(losses[:, :1])
+    for column, bad in zip(losses.T, exploded.T):
+        ok = column[np.isfinite(column) & ~bad]
         diverged.append(int(column.size - ok.size))
         mean.append(float(ok.mean()) if ok.size else float("nan"))
         median.append(float(np.median(ok)) if ok.size else float("nan"))
@@ -106,16 +146,22 @@ def summarize(losses: np.ndarray) -> dict[str, list]:
             "num_tasks": int(losses.shape[0])}
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "num_steps"))
-def _curves(loss_fn: LossFn, params: Params, support: Batch, query: Batch, inner_lrs: jax.Array,
-            num_steps: int) -> jax.Array:
-    """Adaptation curves for several rates at once: shape ``(num_rates, num_tasks, num_steps + 1)``.
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_steps", "prox_lambda"))
+def _curves(loss_fn: LossFn, params: Params, support: Batch, query: Batch, step_rates: Any,
+            num_steps: int, prox_lambda: float = 0.0) -> jax.Array:
+    """Adaptation curves for several rate schedules at once: ``step_rates`` has a leading axis of
+    schedules, then one of steps; returns shape ``(num_schedules, num_tasks, num_steps + 1)``.
 
     Jitted with the loss function static and the parameters as an argument, so the MAML model,
     the baseline and the validation search share one compiled program per shape.
     """
-    return jax.vmap(lambda lr: adaptation_curve(loss_fn, params, support, query, inner_lr=lr,
-                                                num_steps=num_steps))(inner_lrs)
+    return jax.vmap(lambda rates: adaptation_curve(loss_fn, params, support, query, inner_lr=rates,
+                                                   num_steps=num_steps, per_step=True,
+                                                   prox_lambda=prox_lambda))(step_rates)
+
+
+def _scalar_schedules(rates: Sequence[float], num_steps: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.asarray(rates, jnp.float32)[:, None], (len(rates), num_steps))
 
 
 def choose_finetune_lr(loss_fn: LossFn, params: Params, *, shots: int,
@@ -129,7 +175,7 @@ def choose_finetune_lr(loss_fn: LossFn, params: Params, *, shots: int,
     """
     val = heldout_tasks(seed=VALIDATION_SEED, num_tasks=num_tasks, max_shots=shots)
     curves = np.asarray(_curves(loss_fn, params, val.support, val.query,
-                                jnp.asarray(candidates, jnp.float32), num_steps))
+                                _scalar_schedules(candidates, num_steps), num_steps))
     scores = {}
     for lr, c in zip(candidates, curves):
         score = c[:, 1:].mean()
@@ -138,17 +184,30 @@ def choose_finetune_lr(loss_fn: LossFn, params: Params, *, shots: int,
     return float(best), scores
 
 
-def evaluate_params(loss_fn: LossFn, params: Params, *, inner_lrs: dict[int, float],
-                    shots: Sequence[int] = SHOTS, num_tasks: int = NUM_EVAL_TASKS,
-                    num_steps: int = MAX_EVAL_STEPS) -> dict[str, Any]:
-    """Adaptation curves (mean, 95% CI) on the held-out tasks for each K in ``shots``."""
+def evaluate_params(loss_fn: LossFn, params: Params, *, inner_lrs: dict[int, float] | None = None,
+                    step_rates: Any = None, prox_lambda: float = 0.0, shots: Sequence[int] = SHOTS,
+                    num_tasks: int = NUM_EVAL_TASKS, num_steps: int = MAX_EVAL_STEPS) -> dict[str, Any]:
+    """Adaptation curves (mean, 95% CI) on the held-out tasks for each K in ``shots``.
+
+    Either ``inner_lrs`` (one SGD rate per K) or ``step_rates`` (a per-step rate tree with leading
+    axis ``num_steps``, the same for every K: learned rates, see ``jmaml.algorithms``); the latter
+    is recorded as ``"inner_lr": "learned"`` unless it is one constant.
+    """
+    if (inner_lrs is None) == (step_rates is None):
+        raise ValueError("pass exactly one of inner_lrs (a rate per K) and step_rates (a per-step schedule)")
     tasks = heldout_tasks(num_tasks=num_tasks, max_shots=max(shots))
     out = {}
     for k in shots:
-        lr = jnp.asarray([inner_lrs[k]], jnp.float32)
-        losses = np.asarray(_curves(loss_fn, params, _take_shots(tasks.support, k), tasks.query, lr,
-                                    num_steps))[0]
-        out[str(k)] = {"inner_lr": inner_lrs[k], **summarize(losses)}
+        if inner_lrs is not None:
+            rates, label = _scalar_schedules([inner_lrs[k]], num_steps), inner_lrs[k]
+        else:
+            rates = jax.tree.map(lambda r: r[None], step_rates)
+            values = np.unique(np.concatenate([np.ravel(r) for r in jax.tree.leaves(step_rates)]))
+            # one constant: its shortest decimal form in the rates' precision (0.01, not 0.0099999998)
+            label = float(str(values[0])) if values.size == 1 else "learned"
+        losses = np.asarray(_curves(loss_fn, params, _take_shots(tasks.support, k), tasks.query, rates,
+                                    num_steps, prox_lambda))[0]
+        out[str(k)] = {"inner_lr": label, **summarize(losses)}
     return out
 
 
@@ -160,9 +219,12 @@ def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool =
     results: dict[str, Any] = {"protocol": {
         "held_out_tasks": num_tasks, "eval_seed": EVAL_SEED, "query_points": NUM_EVAL_QUERY,
         "shots": list(SHOTS), "steps": MAX_EVAL_STEPS, "metric": "query MSE, mean and 95% CI"}}
-    maml = load_params(run_dir, "maml")
-    results["maml"] = evaluate_params(eval_loss, maml, inner_lrs={k: config.inner_lr for k in SHOTS},
-                                      num_tasks=num_tasks)
+    algo = build_algorithm(config, eval_loss)
+    meta = load_params(run_dir, "maml")
+    results["algo"] = config.algo
+    results["maml"] = evaluate_params(eval_loss, algo.model_params(meta),
+                                      step_rates=algo.step_rates(meta, MAX_EVAL_STEPS),
+                                      prox_lambda=algo.prox_lambda, num_tasks=num_tasks)
     if config.pretrain and os.path.exists(os.path.join(run_dir, f"{PHASES[1]}.ckpt.npz")):
         pre = load_params(run_dir, "pretrained")
         lrs, scores = {}, {}
@@ -178,6 +240,10 @@ def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool =
     return results
 
 
+def _rate(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _cell(r: dict[str, Any], s: int) -> str:
     text = f"{r['mean'][s]:.3f} ± {r['ci95'][s]:.3f}"
     diverged = r.get("diverged", [0] * len(r["mean"]))[s]
@@ -187,7 +253,8 @@ def _cell(r: dict[str, Any], s: int) -> str:
 def format_table(results: dict[str, Any], steps: Sequence[int] = (0, 1, 5, 10)) -> str:
     """A Markdown table: query MSE ± 95% CI after the given numbers of steps, per model and K.
 
-    A cell names the number of tasks whose loss diverged (left out of its mean), if any.
+    A cell names the number of tasks whose loss diverged (left out of its mean), if any. The
+    meta-learned model is named by its algorithm.
     """
     head = "| model | K | inner lr | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |"
     lines = [head, "|" + " --- |" * (3 + len(steps))]
@@ -196,5 +263,6 @@ def format_table(results: dict[str, Any], steps: Sequence[int] = (0, 1, 5, 10)) 
             continue
         for k, r in results[model].items():
             cells = " | ".join(_cell(r, s) for s in steps)
-            lines.append(f"| {model} | {k} | {r['inner_lr']:g} | {cells} |")
+            name = results.get("algo", "maml") if model == "maml" else model
+            lines.append(f"| {name} | {k} | {_rate(r['inner_lr'])} | {cells} |")
     return "\n".join(lines)

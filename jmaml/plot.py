@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmaml.evaluate import heldout_tasks
-from jmaml.inner import adapt
+from jmaml.algorithms import ALGORITHM_LABELS
+from jmaml.evaluate import adapted_params, heldout_tasks
 from jmaml.losses import make_loss
 from jmaml.tasks import sinusoid
-from jmaml.train import build_model, load_config, load_params
+from jmaml.train import build_algorithm, build_model, load_config, load_params
 
 
 def _pyplot():
@@ -29,13 +29,20 @@ def _pyplot():
     return plt
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "apply_fn", "steps"))
-def _fits(loss_fn, apply_fn, params, support, grid, inner_lr, steps):
-    """Predictions on ``grid`` after each number of steps in ``steps``, per task: (tasks, len(steps), n, 1)."""
+@functools.partial(jax.jit, static_argnames=("loss_fn", "apply_fn", "steps", "prox_lambda"))
+def _fits(loss_fn, apply_fn, params, support, grid, step_rates, steps, prox_lambda=0.0):
+    """Predictions on ``grid`` after each number of steps in ``steps``, per task: (tasks, len(steps), n, 1).
+
+    ``step_rates`` has one leading entry per test step (at least ``max(steps)``), as
+    ``jmaml.algorithms`` gives them."""
     def one(s, g):
-        return jnp.stack([apply_fn(adapt(loss_fn, params, s, inner_lr=inner_lr, num_steps=k), g)
-                          for k in steps])
+        return jnp.stack([apply_fn(adapted_params(loss_fn, params, s, jax.tree.map(lambda r: r[:k], step_rates),
+                                                  prox_lambda=prox_lambda), g) for k in steps])
     return jax.vmap(one)(support, grid)
+
+
+def _label(rate) -> str:
+    return f"lr {rate:g}" if isinstance(rate, (int, float)) else f"{rate} rates"
 
 
 def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[str]:
@@ -49,10 +56,17 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
         results = json.load(f)
     model, _ = build_model(config)
     loss = make_loss(model.apply, "mse")
-    models = {"MAML": (load_params(run_dir, "maml"), results["maml"][str(shots)]["inner_lr"])}
+    fit_steps = (0, 1, 10)
+    algo = build_algorithm(config, loss)
+    meta = load_params(run_dir, "maml")
+    name = ALGORITHM_LABELS[config.algo]
+    # name -> (θ, per-step rates, λ, the rate as eval.json records it)
+    models = {name: (algo.model_params(meta), algo.step_rates(meta, max(fit_steps)), algo.prox_lambda,
+                     results["maml"][str(shots)]["inner_lr"])}
     if "pretrained" in results:
-        models["pretrained"] = (load_params(run_dir, "pretrained"),
-                                results["pretrained"][str(shots)]["inner_lr"])
+        lr = results["pretrained"][str(shots)]["inner_lr"]
+        models["pretrained"] = (load_params(run_dir, "pretrained"), jnp.full((max(fit_steps),), lr, jnp.float32),
+                                0.0, lr)
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -62,10 +76,9 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     truth = np.asarray(sinusoid.evaluate(tasks.params, grid))
     fig, axes = plt.subplots(len(models), num_examples, figsize=(4 * num_examples, 3.2 * len(models)),
                              squeeze=False, sharex=True)
-    fit_steps = (0, 1, 10)
     labels = {0: "pre-update", 1: "1 grad step", 10: "10 grad steps"}
-    for row, (name, (params, lr)) in enumerate(models.items()):
-        preds = np.asarray(_fits(loss, model.apply, params, tasks.support, grid, lr, fit_steps))
+    for row, (name, (params, rates, prox, lr)) in enumerate(models.items()):
+        preds = np.asarray(_fits(loss, model.apply, params, tasks.support, grid, rates, fit_steps, prox))
         for j in range(num_examples):
             ax = axes[row, j]
             ax.plot(grid[j, :, 0], truth[j, :, 0], color="tab:red", lw=2, label="ground truth")
@@ -73,7 +86,7 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
                 ax.plot(grid[j, :, 0], preds[j, i, :, 0], style, color="tab:green", label=labels[steps])
             ax.scatter(tasks.support.x[j, :, 0], tasks.support.y[j, :, 0], marker="^", color="k", zorder=3,
                        label=f"{shots} points")
-            ax.set_title(f"{name}, task {j + 1} (lr {lr:g})")
+            ax.set_title(f"{name}, task {j + 1} ({_label(lr)})")
             if j == 0:
                 ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(f"K = {shots} shots, held-out tasks (MAML paper, Figure 2)")
@@ -86,13 +99,14 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     ks = list(results["maml"])
     fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.4), squeeze=False)
     for ax, k in zip(axes[0], ks):
-        for name, key, color in (("MAML", "maml", "tab:blue"), ("pretrained", "pretrained", "tab:orange")):
+        for name, key, color in ((ALGORITHM_LABELS[config.algo], "maml", "tab:blue"),
+                                 ("pretrained", "pretrained", "tab:orange")):
             if key not in results:
                 continue
             r = results[key][k]
             mean, ci = np.array(r["mean"]), np.array(r["ci95"])
             steps = np.arange(len(mean))
-            ax.plot(steps, mean, "o-", color=color, ms=3, label=f"{name} (lr {r['inner_lr']:g})")
+            ax.plot(steps, mean, "o-", color=color, ms=3, label=f"{name} ({_label(r['inner_lr'])})")
             ax.fill_between(steps, mean - ci, mean + ci, color=color, alpha=0.25)
         ax.set_xlabel("number of gradient steps")
         ax.set_ylabel("mean squared error")

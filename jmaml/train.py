@@ -37,6 +37,8 @@ import optax
 
 from jmaml import checkpoint
 from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
+from jmaml.algorithms import Algorithm, check_algorithm, make_algorithm
+from jmaml.estimators import make_estimator_step
 from jmaml.losses import make_loss
 from jmaml.meta import TrainState, init_state, make_step
 from jmaml.models import ACTIVATIONS, mlp
@@ -77,7 +79,14 @@ class TrainConfig:
     steps: int = 70_000
     seed: int = 0  # initial parameters (and tasks, unless task_seed is set)
     task_seed: int | None = None  # the stream of training tasks; None: derived from seed
-    first_order: bool = False
+    first_order: bool = False  # FOMAML (with algo "maml"; algo "fomaml" is the same)
+    # The meta-learning algorithm (jmaml.algorithms.ALGORITHMS) and its own settings.
+    algo: str = "maml"
+    imaml_lambda: float = 1.0  # iMAML's proximal strength λ
+    imaml_cg_iters: int = 5  # iMAML's conjugate-gradient iterations
+    mamlpp_msl: bool = True  # MAML++'s multi-step loss
+    mamlpp_msl_anneal_steps: int | None = None  # meta-steps it anneals over; None: a tenth of `steps`
+    mamlpp_first_order_steps: int = 0  # MAML++'s derivative-order annealing: first order before this step
     remat: bool = False  # rematerialise inner steps on the backward pass (memory for long k)
     # Inner-loop unrolling: None = auto (straight-line code for k <= 8, measured faster on CPU and
     # GPU; a rolled lax.scan beyond, whose compile time does not grow with k); or as jmaml.adapt.
@@ -105,6 +114,7 @@ class TrainConfig:
                      "log_every"):
             check_positive_int(getattr(self, name), name)
         check_num_steps(self.num_inner_steps, "num_inner_steps")
+        self._validate_algorithm()
         if self.unroll is not None and not isinstance(self.unroll, bool) and (
                 not isinstance(self.unroll, int) or self.unroll < 1):
             raise ValueError(f"unroll must be None (auto), a bool or an int >= 1, got {self.unroll!r}")
@@ -120,6 +130,52 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                              f"log_every ({self.log_every}): checkpoints are written between chunks")
         return self
+
+    def _validate_algorithm(self) -> None:
+        check_algorithm(self.algo)
+        defaults = TrainConfig()
+        own = {"imaml": ("imaml_lambda", "imaml_cg_iters"),
+               "mamlpp": ("mamlpp_msl", "mamlpp_msl_anneal_steps", "mamlpp_first_order_steps")}
+        for algo, fields in own.items():
+            for name in fields:
+                if self.algo != algo and getattr(self, name) != getattr(defaults, name):
+                    raise ValueError(f"{name} = {getattr(self, name)!r} applies to algo {algo!r} only; "
+                                     f"this run's algo is {self.algo!r}")
+        if self.first_order and self.algo not in ("maml", "fomaml"):
+            raise ValueError(f"first_order applies to algo 'maml' only (that is algo 'fomaml'); got algo {self.algo!r}")
+        if self.algo in ("reptile", "mamlpp", "imaml") and self.num_inner_steps < 1:
+            raise ValueError(f"algo {self.algo!r} needs num_inner_steps >= 1, got {self.num_inner_steps}")
+        if self.remat and self.algo in ("mamlpp", "imaml"):
+            raise ValueError(f"remat is not available for algo {self.algo!r}")
+        if isinstance(self.imaml_lambda, bool) or not isinstance(self.imaml_lambda, (int, float)) \
+                or not math.isfinite(self.imaml_lambda) or self.imaml_lambda <= 0:
+            raise ValueError(f"imaml_lambda must be a finite number > 0, got {self.imaml_lambda!r}")
+        check_positive_int(self.imaml_cg_iters, "imaml_cg_iters")
+        if self.mamlpp_msl_anneal_steps is not None:
+            check_positive_int(self.mamlpp_msl_anneal_steps, "mamlpp_msl_anneal_steps")
+        if isinstance(self.mamlpp_first_order_steps, bool) or not isinstance(self.mamlpp_first_order_steps, int) \
+                or self.mamlpp_first_order_steps < 0:
+            raise ValueError(f"mamlpp_first_order_steps must be an int >= 0, got {self.mamlpp_first_order_steps!r}")
+
+    def algorithm_settings(self) -> dict[str, Any]:
+        """The settings the chosen algorithm actually uses, with defaults resolved (for the run dir)."""
+        out: dict[str, Any] = {"algo": self.algo, "inner_lr": self.inner_lr, "num_inner_steps": self.num_inner_steps}
+        if self.algo in ("maml", "fomaml"):
+            out["first_order"] = self.first_order or self.algo == "fomaml"
+        if self.algo == "imaml":
+            out.update(imaml_lambda=self.imaml_lambda, imaml_cg_iters=self.imaml_cg_iters)
+        if self.algo == "mamlpp":
+            out.update(mamlpp_msl=self.mamlpp_msl, mamlpp_msl_anneal_steps=self.msl_anneal_steps(),
+                       mamlpp_first_order_steps=self.mamlpp_first_order_steps)
+        if self.algo == "anil":
+            out["anil_adapts"] = "the last layer"
+        return out
+
+    def msl_anneal_steps(self) -> int:
+        """MAML++'s multi-step-loss annealing length: the field, or a tenth of ``steps``."""
+        if self.mamlpp_msl_anneal_steps is not None:
+            return self.mamlpp_msl_anneal_steps
+        return max(1, self.steps // 10)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -172,11 +228,28 @@ def build_optimiser(config: TrainConfig) -> optax.GradientTransformation:
     return OPTIMISERS[config.optimiser](config.meta_lr)
 
 
+def build_algorithm(config: TrainConfig, loss_fn: LossFn | None = None) -> Algorithm:
+    """The config's meta-learning algorithm (``jmaml.algorithms``), on ``loss_fn`` (default: the
+    config's training loss)."""
+    if loss_fn is None:
+        loss_fn = build_model(config)[1]
+    return make_algorithm(
+        config.algo, loss_fn, inner_lr=config.inner_lr, num_inner_steps=config.num_inner_steps,
+        first_order=config.first_order, imaml_lambda=config.imaml_lambda, imaml_cg_iters=config.imaml_cg_iters,
+        mamlpp_msl=config.mamlpp_msl, mamlpp_msl_anneal_steps=config.msl_anneal_steps(),
+        mamlpp_first_order_steps=config.mamlpp_first_order_steps, remat=config.remat,
+        unroll=effective_unroll(config.unroll, config.num_inner_steps))
+
+
 def initial_state(config: TrainConfig, phase: str = "maml") -> TrainState:
-    """The step-0 state of a phase: both phases start from the same initial parameters."""
+    """The step-0 state of a phase: both phases start from the same initial model parameters (the
+    meta-learning phase adds what its algorithm learns besides them, e.g. Meta-SGD's rates)."""
     model, _ = build_model(config)
     key_init = jax.random.split(jax.random.key(config.seed))[0]
-    return init_state(model.init(key_init), build_optimiser(config), task_stream_key(config, phase))
+    params = model.init(key_init)
+    if phase == "maml":
+        params = build_algorithm(config).init(params)
+    return init_state(params, build_optimiser(config), task_stream_key(config, phase))
 
 
 def task_stream_key(config: TrainConfig, phase: str = "maml") -> jax.Array:
@@ -196,15 +269,16 @@ def make_chunk(config: TrainConfig, phase: str = "maml") -> Callable[[TrainState
     """A jitted ``chunk(state, length) -> (state, metrics)`` running ``length`` steps in a scan.
 
     Each step splits the state's key, samples a meta-batch of sinusoid tasks on the device and
-    applies one meta-step. Phase ``"pretrained"`` is plain regression on the query points
-    (the MAML objective with k = 0), the paper's "pretrained" baseline. Cached per (config,
-    phase), so resuming or re-running a configuration in one process reuses its compilation.
+    applies one meta-step of the config's algorithm. Phase ``"pretrained"`` is plain regression on
+    the query points (the MAML objective with k = 0), the paper's "pretrained" baseline. Cached per
+    (config, phase), so resuming or re-running a configuration in one process reuses its compilation.
     """
     _, loss_fn = build_model(config)
-    k = config.num_inner_steps if phase == "maml" else 0
-    step = make_step(build_optimiser(config), loss_fn, inner_lr=config.inner_lr, num_inner_steps=k,
-                     first_order=config.first_order, remat=config.remat,
-                     unroll=effective_unroll(config.unroll, config.num_inner_steps))
+    if phase == "maml":
+        algo = build_algorithm(config, loss_fn)
+        step = make_estimator_step(build_optimiser(config), algo.estimator, **algo.hyper)
+    else:
+        step = make_step(build_optimiser(config), loss_fn, inner_lr=config.inner_lr, num_inner_steps=0)
 
     def one(state: TrainState, _):
         key, key_tasks = jax.random.split(state.key)
@@ -384,7 +458,7 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
 
 
 def _run_info(config: TrainConfig) -> dict[str, Any]:
-    return {"config": config.to_dict(), "task": "sinusoid",
+    return {"config": config.to_dict(), "task": "sinusoid", "algorithm": config.algorithm_settings(),
             "versions": {"jax": jax.__version__, "optax": optax.__version__,
                          "python": sys.version.split()[0]},
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}

@@ -48,6 +48,14 @@ def test_summarize_counts_diverged_tasks_instead_of_returning_nan():
     assert "(2/4 diverged)" in evaluate.format_table(r, steps=(1,))
 
 
+def test_summarize_counts_an_exploding_but_finite_task_as_diverged():
+    losses = np.array([[1.0, 0.5, 2.0e3], [2.0, 1.0, 1.5], [3.0, 2.0, 1.0]])  # task 0: 2000x its start
+    s = evaluate.summarize(losses)
+    assert s["diverged"] == [0, 0, 1]
+    assert s["mean"][2] == pytest.approx(1.25)
+    assert evaluate.summarize(losses, diverged_ratio=np.inf)["diverged"] == [0, 0, 0]
+
+
 def test_format_table_has_one_row_per_model_and_k():
     r = {"maml": {"5": {"inner_lr": 0.01, "mean": [1.0] * 11, "ci95": [0.1] * 11,
                         "diverged": [0] * 11, "num_tasks": 600}}}

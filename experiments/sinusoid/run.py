@@ -76,9 +76,9 @@ def stability_text(results: dict) -> str:
                     f"{100 * s['above_bound']:.0f}% of tasks" for k, s in stats.items())
     run = "; ".join(f"K = {k}: tasks {s['runaway']} with λ_max {s['runaway_lambda']}"
                     for k, s in stats.items() if s["runaway"])
-    return (f"Adapted for more steps at the training rate, a few held-out tasks run away (non-finite after "
-            f"10 steps, left out of that cell's mean and counted — {parts} of 600; others grow large but "
-            f"finite and inflate single cells). Measured with `jmaml.diagnostics` at the meta-learned θ, the "
+    return (f"Adapted for more steps at the training rate, a few held-out tasks run away (counted as diverged "
+            f"where their loss is non-finite or over 1000× their un-adapted loss, and left out of that cell's "
+            f"mean — after 10 steps {parts} of 600). Measured with `jmaml.diagnostics` at the meta-learned θ, the "
             f"support-loss curvature λ_max mostly exceeds the stability bound 2/α = 200 ({lam}): MAML learns "
             f"an initialisation at the edge of stability for its one training step — the seed's "
             f"|1 − αλ| > 1 lesson at scale. Most tasks still settle as ReLU units switch and the curvature "

@@ -1,0 +1,153 @@
+"""The MAML family behind `jmaml train --algo`: training, resume, the test-time rule each algorithm's
+model adapts by (against the estimators' own inner loops), and invalid combinations."""
+
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmaml import Task, algorithms, checkpoint, cli, estimators, evaluate, inner_step, make_loss, models, train
+from jmaml.train import TrainConfig
+
+TINY = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=20, log_every=10,
+                   checkpoint_every=20, pretrain=False, num_inner_steps=2)
+
+
+def _leaves(tree):
+    out = []
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        out.append(np.asarray(leaf))
+    return out
+
+
+@pytest.mark.parametrize("algo", algorithms.ALGORITHMS)
+def test_every_algorithm_trains_and_records_its_settings(tmp_path, algo):
+    config = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "algo": algo})
+    state = train.train(config, str(tmp_path), stream=io.StringIO())["maml"]
+    assert int(state.step) == 20
+    assert all(np.isfinite(leaf).all() for leaf in _leaves(state.params))
+    with open(tmp_path / "config.json") as f:
+        info = json.load(f)
+    assert info["config"]["algo"] == algo and info["algorithm"]["algo"] == algo
+    if algo == "imaml":
+        assert info["algorithm"]["imaml_lambda"] == 1.0 and info["algorithm"]["imaml_cg_iters"] == 5
+    if algo == "mamlpp":
+        assert info["algorithm"]["mamlpp_msl_anneal_steps"] == 2  # a tenth of 20 steps
+    # the training moved what the algorithm learns: the parameters, and the rates where they are learned
+    start = train.initial_state(config).params
+    moved = [not np.array_equal(a, b) for a, b in zip(_leaves(start), _leaves(state.params))]
+    assert all(moved) if algo in ("metasgd", "mamlpp") else any(moved)
+
+
+def test_metasgd_run_resumes_bitwise(tmp_path):
+    config = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "algo": "metasgd", "checkpoint_every": 10})
+    straight = train.train(config, str(tmp_path / "a"), stream=io.StringIO())["maml"]
+    with pytest.raises(train.Interrupted):
+        train.train(config, str(tmp_path / "b"), stop_at_step=10, stream=io.StringIO())
+    assert checkpoint.read_header(tmp_path / "b" / "maml.ckpt.npz")["step"] == 10
+    resumed = train.train(config, str(tmp_path / "b"), resume=True, stream=io.StringIO())["maml"]
+    for u, v in zip(_leaves(straight), _leaves(resumed)):
+        np.testing.assert_array_equal(u, v)
+
+
+def _setup():
+    model = models.mlp([1, 6, 1], "tanh")
+    loss = make_loss(model.apply, "mse")
+    params = model.init(jax.random.key(1))
+    tasks = evaluate.heldout_tasks(num_tasks=3, max_shots=5, num_query=7)
+    return loss, params, tasks
+
+
+def _curve(loss, algo, meta, tasks, num_steps):
+    return np.asarray(evaluate.adaptation_curve(
+        loss, algo.model_params(meta), tasks.support, tasks.query, inner_lr=algo.step_rates(meta, num_steps),
+        num_steps=num_steps, per_step=True, prox_lambda=algo.prox_lambda))
+
+
+def test_test_time_rule_of_metasgd_anil_and_mamlpp_is_their_training_inner_loop():
+    loss, params, tasks = _setup()
+    task0 = jax.tree.map(lambda a: a[0], tasks)
+    s0, q0 = task0.support, task0.query
+    # Meta-SGD: one step with its (perturbed, so per-parameter) learned rates
+    algo = algorithms.make_algorithm("metasgd", loss, inner_lr=0.05, num_inner_steps=1)
+    meta = algo.init(params)
+    meta = meta._replace(inner_lr=jax.tree.map(lambda r: r * (1 + jnp.arange(r.size).reshape(r.shape) / r.size),
+                                               meta.inner_lr))
+    want = loss(inner_step(loss, meta.params, s0, inner_lr=meta.inner_lr), q0)
+    assert _curve(loss, algo, meta, tasks, 3)[0, 1] == pytest.approx(float(want), rel=1e-5)
+    # ANIL: only the last layer moves at test time
+    algo = algorithms.make_algorithm("anil", loss, inner_lr=0.05, num_inner_steps=1)
+    head_only = [jax.tree.map(lambda _: 0.0, params[0]), jax.tree.map(lambda _: 0.05, params[1])]
+    want = loss(inner_step(loss, params, s0, inner_lr=head_only), q0)
+    assert _curve(loss, algo, params, tasks, 3)[0, 1] == pytest.approx(float(want), rel=1e-5)
+    # MAML++: after k steps with per-step rates, the estimator's own final query loss
+    algo = algorithms.make_algorithm("mamlpp", loss, inner_lr=0.05, num_inner_steps=3, mamlpp_msl=False)
+    meta = algo.init(params)
+    meta = meta._replace(inner_lr=jax.tree.map(lambda r: r * jnp.array([1.0, 2.0, 0.5]), meta.inner_lr))
+    metrics = algo.estimator(meta, Task(tasks.support, tasks.query), meta_step=0)[2]
+    np.testing.assert_allclose(_curve(loss, algo, meta, tasks, 3)[:, 3], metrics["final_query_loss"], rtol=1e-5)
+
+
+def test_test_time_rule_of_imaml_is_its_proximal_inner_solve():
+    loss, params, tasks = _setup()
+    algo = algorithms.make_algorithm("imaml", loss, inner_lr=0.05, num_inner_steps=4, imaml_lambda=2.0)
+    phi = params
+    s0 = jax.tree.map(lambda a: a[0], tasks.support)
+    q0 = jax.tree.map(lambda a: a[0], tasks.query)
+    for _ in range(4):
+        phi = estimators.proximal_step(loss, phi, params, s0, inner_lr=0.05, lam=2.0)
+    est_loss = algo.estimator(params, Task(tasks.support, tasks.query), inner_lr=0.05)[2]["task_losses"]
+    curve = _curve(loss, algo, params, tasks, 4)
+    assert curve[0, 4] == pytest.approx(float(loss(phi, q0)), rel=1e-5)
+    np.testing.assert_allclose(curve[:, 4], est_loss, rtol=1e-5)
+
+
+def test_evaluating_a_run_uses_its_algorithm(tmp_path):
+    config = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "algo": "metasgd"})
+    train.train(config, str(tmp_path), stream=io.StringIO())
+    results = evaluate.evaluate_run(str(tmp_path), num_tasks=20, write=True)
+    assert results["algo"] == "metasgd" and results["maml"]["10"]["inner_lr"] == "learned"
+    assert "| metasgd | 10 | learned |" in evaluate.format_table(results)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"algo": "protonet"}, "algo must be one of maml, fomaml, reptile"),
+    ({"algo": "reptile", "first_order": True}, "first_order applies to algo 'maml' only"),
+    ({"imaml_lambda": 2.0}, "imaml_lambda = 2.0 applies to algo 'imaml' only"),
+    ({"mamlpp_first_order_steps": 5}, "applies to algo 'mamlpp' only"),
+    ({"algo": "imaml", "imaml_lambda": 0.0}, "imaml_lambda must be a finite number > 0"),
+    ({"algo": "imaml", "imaml_lambda": -1.0}, "imaml_lambda must be a finite number > 0"),
+    ({"algo": "imaml", "imaml_cg_iters": 0}, "imaml_cg_iters must be"),
+    ({"algo": "mamlpp", "mamlpp_msl_anneal_steps": 0}, "mamlpp_msl_anneal_steps must be"),
+    ({"algo": "mamlpp", "num_inner_steps": 0}, "needs num_inner_steps >= 1"),
+    ({"algo": "imaml", "remat": True}, "remat is not available"),
+])
+def test_invalid_algorithm_settings_are_named(change, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, **change}).validate()
+
+
+def test_make_algorithm_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match="algo must be one of"):
+        algorithms.make_algorithm("maml2", lambda p, b: 0.0, inner_lr=0.1, num_inner_steps=1)
+
+
+def test_cli_algorithm_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--algo", "protonet", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "invalid choice: 'protonet'" in capsys.readouterr().err
+    code = cli.main(["train", "--algo", "maml", "--imaml-lambda", "3", "--out", str(tmp_path / "y")])
+    assert code == 2 and "applies to algo 'imaml' only" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "y")
+    code = cli.main(["train", "--algo", "imaml", "--imaml-lambda", "-1", "--out", str(tmp_path / "z")])
+    assert code == 2 and "imaml_lambda must be a finite number > 0" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["train", "--algo", "mamlpp", "--mamlpp-no-msl", "--mamlpp-first-order-steps",
+                                          "7", "--out", str(tmp_path / "w")])
+    config = cli._train_config(args)
+    assert (config.algo, config.mamlpp_msl, config.mamlpp_first_order_steps) == ("mamlpp", False, 7)
