@@ -77,13 +77,35 @@ def _train_config(args: argparse.Namespace):
     return config.validate()
 
 
+def _mesh(args: argparse.Namespace):
+    """The task-axis mesh: --devices N, or every device when there are several; None for one."""
+    import jax
+
+    from jmaml import distributed
+
+    if args.devices is None and jax.device_count() == 1:
+        return None
+    return distributed.task_mesh(args.devices)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from jmaml import distributed
+
+    if args.distributed:  # before any other JAX work
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               timeout_s=args.dist_timeout, heartbeat_timeout_s=args.dist_timeout)
+    elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+        raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
     from jmaml import evaluate, train
 
     config = _train_config(args)
+    mesh = _mesh(args)
     t0 = time.perf_counter()
     try:
-        train.train(config, args.out, resume=args.resume, overwrite=args.overwrite)
+        train.train(config, args.out, resume=args.resume, overwrite=args.overwrite, mesh=mesh)
+    except distributed.DistributedError as e:
+        print(f"jmaml train: distributed run failed: {e}", file=sys.stderr)
+        return 4
     except train.Interrupted as e:
         print(f"jmaml train: {e}. Resume with: jmaml train --out {args.out} --resume", file=sys.stderr)
         return 128 + (e.signum or signal.SIGINT)
@@ -91,7 +113,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"jmaml train: {e}", file=sys.stderr)
         return 3
     train_s = time.perf_counter() - t0
-    print(f"trained in {train_s:.1f} s; run dir: {args.out}", file=sys.stderr)
+    if not distributed.is_writer():
+        return 0  # process 0 reports, evaluates and plots
+    devices = f" on {mesh.devices.size} devices" if mesh is not None else ""
+    print(f"trained in {train_s:.1f} s{devices}; run dir: {args.out}", file=sys.stderr)
     if args.no_eval:
         return 0
     if _up_to_date(args.out, ["eval.json"], [f"{p}.ckpt.npz" for p in train.PHASES]):
@@ -157,7 +182,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                        checkpoint_every=min(args.log_every, args.steps))
     if os.path.exists(os.path.join(args.out, "sweep.json")) and not args.overwrite:
         raise ValueError(f"{args.out} already holds a sweep; use --overwrite or another --out")
-    result = sweep.run_sweep(base, grid, task_seed=args.task_seed,
+    result = sweep.run_sweep(base, grid, task_seed=args.task_seed, mesh=_mesh(args), shard=args.shard,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     paths = sweep.write_results(result, args.out)
     print(sweep.format_rows(result["rows"]))
@@ -187,6 +212,10 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--remat", action="store_true", help="rematerialise inner steps (less memory, more time)")
     p.add_argument("--log-every", type=int, default=1000, help="steps per compiled chunk (default 1000)")
     p.add_argument("--out", default=os.path.join("runs", "sweep"), help="output dir (default runs/sweep)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="spread the sweep over the first N devices (default: all, when there are several)")
+    p.add_argument("--shard", choices=("grid", "tasks"), default="grid",
+                   help="with several devices: split the grid points (default) or each meta-batch's tasks")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_sweep)
 
@@ -239,6 +268,18 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--log-every", type=int, default=None,
                    help="steps per compiled chunk and per metrics line (default 1000)")
     g.add_argument("--no-eval", action="store_true", help="skip evaluation and plots")
+    g = p.add_argument_group("scale-out (the task axis sharded over devices and processes; see README)")
+    g.add_argument("--devices", type=int, default=None,
+                   help="shard each meta-batch over the first N devices (default: all, when there are several)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process job via jax.distributed (one process per host or GPU)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address (default: JAX_COORDINATOR_ADDRESS or what JAX detects, e.g. SLURM)")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the job (default: detected)")
+    g.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1 (default: detected)")
+    g.add_argument("--dist-timeout", type=int, default=60,
+                   help="seconds to wait for the coordinator and the other processes, and for a silent "
+                        "process before the others stop (default 60)")
     g.add_argument("--no-plot", action="store_true", help="skip plots")
     p.set_defaults(func=_cmd_train)
 
@@ -282,6 +323,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, ImportError) as e:
         print(f"jmaml {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from jmaml.distributed import DistributedError
+
+        if isinstance(e, DistributedError):
+            print(f"jmaml {args.command}: distributed run failed: {e}", file=sys.stderr)
+            return 4
+        if getattr(args, "distributed", False):  # a collective failed mid-run: say what it likely means
+            print(f"jmaml {args.command}: distributed run failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+                  " -- another process probably died or became unreachable; its own log says why. Resume all "
+                  "processes with --resume.", file=sys.stderr)
+            return 4
+        raise
     except KeyboardInterrupt:
         print(f"jmaml {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from jmaml import distributed
 from jmaml._checks import check_num_steps, check_rate, check_seed
 from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
 from jmaml.evaluate import MAX_EVAL_STEPS, adaptation_curve, heldout_tasks
@@ -114,7 +116,10 @@ def plan_chunks(num_points: int, point_bytes: int, budget_bytes: int) -> int:
     return max(1, min(num_points, budget_bytes // point_bytes))
 
 
-def _make_chunk_fn(config: TrainConfig, k_max: int):
+SHARD_AXES = ("grid", "tasks")
+
+
+def _make_chunk_fn(config: TrainConfig, k_max: int, mesh: Mesh | None = None, shard: str = "grid"):
     model, loss_fn = build_model(config)
     optimiser = optax.inject_hyperparams(OPTIMISERS[config.optimiser])(learning_rate=config.meta_lr)
     step = make_step(optimiser, loss_fn, inner_lr=config.inner_lr, num_inner_steps=0,
@@ -128,12 +133,20 @@ def _make_chunk_fn(config: TrainConfig, k_max: int):
         hyper["learning_rate"] = jnp.asarray(beta, hyper["learning_rate"].dtype)
         return state._replace(opt_state=state.opt_state._replace(hyperparams=hyper))
 
+    def place(states):  # grid points split over the devices, or every device holding all of them
+        if mesh is None or mesh.devices.size == 1 or shard != "grid":
+            return states
+        return jax.lax.with_sharding_constraint(states, distributed.task_sharding(mesh))
+
     def one(carry, _):
         states, key, alphas, ks = carry
         key, key_tasks = jax.random.split(key)
         tasks = sample_meta_batch(config, key_tasks)
+        if shard == "tasks":
+            tasks = distributed.shard_tasks(tasks, mesh)
         states, metrics = jax.vmap(lambda s, a, k: step(s, tasks, inner_lr=a, num_inner_steps=k))(
-            states, alphas, ks)
+            place(states), alphas, ks)
+        states = place(states)
         return (states, key, alphas, ks), {"meta_loss": metrics["meta_loss"],
                                            "pre_adapt_loss": metrics["pre_adapt_loss"]}
 
@@ -167,7 +180,7 @@ def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: i
 
 def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, eval_tasks: int = 600,
               diag_tasks: int = 50, memory_budget_bytes: int | None = None, keep_params: bool = False,
-              evaluate: bool = True, log=None) -> dict[str, Any]:
+              evaluate: bool = True, log=None, mesh: Mesh | None = None, shard: str = "grid") -> dict[str, Any]:
     """Meta-trains every grid point (vmapped, one program per chunk) and evaluates each.
 
     Args:
@@ -182,6 +195,10 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
       keep_params: also return each point's trained parameters (``result["params"]``, a list).
       evaluate: evaluate and diagnose every point after training (else those fields are NaN).
       log: ``log(str)`` for progress lines (default: silent).
+      mesh: spread the work over this mesh's devices (``jmaml.distributed.task_mesh``; one process).
+      shard: with a mesh, ``"grid"`` splits the grid points over the devices (each device trains
+        whole runs; chunks are rounded to a multiple of the device count) or ``"tasks"`` splits
+        every meta-batch's tasks (each run spans all devices; the meta-batch must divide evenly).
 
     Returns:
       ``{"rows": [one dict per grid point], "meta": {...timings, chunking...}}``. A point is
@@ -192,14 +209,21 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     """
     base.validate()
     grid.validate()
+    if shard not in SHARD_AXES:
+        raise ValueError(f"shard must be one of {SHARD_AXES}, got {shard!r}")
+    n_dev = 1 if mesh is None else mesh.devices.size
+    if n_dev > 1 and shard == "tasks":
+        distributed.check_divisible(base.meta_batch_size, mesh)
     points = grid.points()
     task_seed = base.seed if task_seed is None else task_seed
     k_max = max(grid.ks)
-    init, chunk, model, _ = _make_chunk_fn(base, k_max)
+    init, chunk, model, _ = _make_chunk_fn(base, k_max, mesh, shard)
     num_params = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(
         jax.eval_shape(model.init, jax.random.key(0))))
     budget = memory_budget_bytes or int(DEFAULT_MEMORY_FRACTION * _device_memory_bytes())
-    per_chunk = plan_chunks(len(points), estimate_point_bytes(base, k_max, num_params), budget)
+    per_chunk = plan_chunks(len(points), estimate_point_bytes(base, k_max, num_params), budget * n_dev)
+    if n_dev > 1 and shard == "grid":  # whole grid points per device; padding fills the last chunk
+        per_chunk = max(n_dev, per_chunk - per_chunk % n_dev)
     stream = task_stream_key(dataclasses.replace(base, task_seed=task_seed))
     L = base.log_every
     rows: list[dict[str, Any]] = []
@@ -213,6 +237,9 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
         ks = jnp.asarray([p[2] for p in padded], jnp.int32)
         seeds = jnp.asarray([p[3] for p in padded], jnp.uint32)
         states, key = init(seeds, betas), stream
+        if n_dev > 1:
+            sharding = distributed.task_sharding(mesh) if shard == "grid" else distributed.replicated(mesh)
+            states = jax.device_put(states, sharding)
         first_bad = np.full(len(padded), -1)
         last_loss = np.full(len(padded), np.nan)
         last_ratio = np.full(len(padded), np.nan)

@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from jmaml import checkpoint
+from jmaml import checkpoint, distributed
 from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
 from jmaml.algorithms import Algorithm, check_algorithm, make_algorithm
 from jmaml.estimators import make_estimator_step
@@ -265,13 +266,18 @@ def sample_meta_batch(config: TrainConfig, key: jax.Array) -> Task:
 
 
 @functools.lru_cache(maxsize=16)
-def make_chunk(config: TrainConfig, phase: str = "maml") -> Callable[[TrainState, int], tuple]:
+def make_chunk(config: TrainConfig, phase: str = "maml",
+               mesh: Mesh | None = None) -> Callable[[TrainState, int], tuple]:
     """A jitted ``chunk(state, length) -> (state, metrics)`` running ``length`` steps in a scan.
 
     Each step splits the state's key, samples a meta-batch of sinusoid tasks on the device and
     applies one meta-step of the config's algorithm. Phase ``"pretrained"`` is plain regression on
     the query points (the MAML objective with k = 0), the paper's "pretrained" baseline. Cached per
-    (config, phase), so resuming or re-running a configuration in one process reuses its compilation.
+    (config, phase, mesh), so resuming or re-running a configuration in one process reuses its compilation.
+
+    With a ``mesh`` (``jmaml.distributed.task_mesh``) the meta-batch is sharded over its devices'
+    task axis and the state stays replicated; XLA derives the cross-device reduction of the
+    meta-gradient from those shardings. Per-task metrics are replicated for the host.
     """
     _, loss_fn = build_model(config)
     if phase == "maml":
@@ -282,7 +288,9 @@ def make_chunk(config: TrainConfig, phase: str = "maml") -> Callable[[TrainState
 
     def one(state: TrainState, _):
         key, key_tasks = jax.random.split(state.key)
-        return step(state._replace(key=key), sample_meta_batch(config, key_tasks))
+        tasks = distributed.shard_tasks(sample_meta_batch(config, key_tasks), mesh)
+        new_state, metrics = step(state._replace(key=key), tasks)
+        return distributed.replicate(new_state, mesh), distributed.replicate(metrics, mesh)
 
     @jax.jit
     def _chunk(state: TrainState, length_marker: jax.Array):
@@ -399,8 +407,11 @@ def _divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: floa
 
 def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
               stop_at_step: int | None = None, stream: TextIO | None = None,
-              stop_flag: _StopFlag | None = None) -> TrainState:
+              stop_flag: _StopFlag | None = None, mesh: Mesh | None = None) -> TrainState:
     """Trains one phase to ``config.steps`` with checkpoints; returns the final state.
+
+    In a multi-process job every process runs this; process 0 reads the checkpoint and broadcasts
+    it, and alone writes checkpoints, metrics and progress.
 
     Raises:
       DivergenceError: on a non-finite meta-loss or gradient (the last good state is kept).
@@ -408,19 +419,21 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
     """
     ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    writer = distributed.is_writer()
     state = initial_state(config, phase)
-    saved_step = 0
-    if resume and os.path.exists(ckpt):
-        state, header = checkpoint.restore(ckpt, state)
-        saved_step = header["step"]
-    step = int(state.step)
+    if writer and resume and os.path.exists(ckpt):
+        state, _ = checkpoint.restore(ckpt, state)
+    state = distributed.broadcast_from_writer(state)
+    saved_step = step = int(state.step)
     if step >= config.steps:
         return state
-    chunk = make_chunk(config, phase)
+    state = distributed.put_replicated(state, mesh)
+    chunk = make_chunk(config, phase, mesh)
     progress = Progress(phase, config.steps, step, stream)
 
     def save(state: TrainState, step: int) -> None:
-        checkpoint.save(ckpt, state, step=step, extra={"phase": phase})
+        if writer:
+            checkpoint.save(ckpt, distributed.to_host(state), step=step, extra={"phase": phase})
 
     L = config.log_every
     while step < config.steps:
@@ -435,11 +448,11 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
         length = min(L - step % L, config.steps - step)  # chunks aligned to multiples of L
         t0 = time.perf_counter()
         new_state, metrics = chunk(state, length)
-        metrics = jax.device_get(metrics)
+        metrics = distributed.to_host(metrics)
         dt = time.perf_counter() - t0
         msg = _divergence(step, metrics, config.max_loss_ratio if phase == "maml" else math.inf)
         if msg is not None:
-            if step > saved_step or not os.path.exists(ckpt):
+            if step > saved_step or (writer and not os.path.exists(ckpt)):
                 save(state, step)
                 saved_step = step
             raise DivergenceError(f"{phase} training diverged: {msg}. The last good state "
@@ -449,8 +462,9 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
         record = {"phase": phase, "step": step, "meta_loss": float(np.mean(metrics["meta_loss"])),
                   "meta_loss_last": float(metrics["meta_loss"][-1]),
                   "grad_norm": float(np.mean(metrics["grad_norm"])), "steps_per_s": length / dt}
-        _append_jsonl(metrics_path, record)
-        progress.update(step, record["meta_loss"], record["steps_per_s"], final=step >= config.steps)
+        if writer:
+            _append_jsonl(metrics_path, record)
+            progress.update(step, record["meta_loss"], record["steps_per_s"], final=step >= config.steps)
         if step % config.checkpoint_every == 0 or step >= config.steps:
             save(state, step)
             saved_step = step
@@ -532,8 +546,12 @@ def prepare_run_dir(config: TrainConfig, run_dir: str, *, resume: bool = False,
     return "new"
 
 
+_MODES = ("new", "resume", "complete")
+
+
 def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
-          stop_at_step: int | None = None, stream: TextIO | None = None) -> dict[str, TrainState]:
+          stop_at_step: int | None = None, stream: TextIO | None = None,
+          mesh: Mesh | None = None) -> dict[str, TrainState]:
     """Meta-trains (and trains the pretrained baseline) into ``run_dir``.
 
     Args:
@@ -544,6 +562,9 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
       stop_at_step: stop (with a checkpoint, raising ``Interrupted``) once a phase reaches this
         step: what an interruption does, on purpose (used by the tests).
       stream: where progress goes (default stderr).
+      mesh: shard each meta-batch's tasks over this mesh's devices (``jmaml.distributed.task_mesh``);
+        None: one device. In a multi-process job (``jmaml.distributed.initialize``) every process
+        calls ``train`` with the same arguments; process 0 alone manages and writes the run dir.
 
     Returns:
       ``{"maml": state, "pretrained": state}`` (the latter only with ``config.pretrain``).
@@ -552,10 +573,27 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
       ValueError: bad settings or a run dir holding a different run.
       checkpoint.CheckpointError: a corrupted checkpoint on resume (nothing is overwritten).
       DivergenceError, Interrupted: see ``run_phase``.
+      distributed.DistributedError: the processes of a distributed job disagree on the settings.
     """
     config.validate()
-    mode = prepare_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
-    if mode != "new":  # check every checkpoint before writing anything
+    if mesh is not None:
+        distributed.check_divisible(config.meta_batch_size, mesh)
+    distributed.check_same_everywhere("the training settings", json.dumps(
+        [config.to_dict(), os.path.abspath(run_dir), resume, overwrite, stop_at_step]))
+    writer = distributed.is_writer()
+    mode, refusal = "new", None
+    if writer:
+        try:
+            mode = prepare_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
+        except ValueError as e:
+            refusal = e
+    code = distributed.broadcast_int(-1 if refusal else _MODES.index(mode))
+    if code < 0:
+        if refusal is not None:
+            raise refusal
+        raise distributed.DistributedError(f"process 0 refused the run dir {run_dir} (its error says why)")
+    mode = _MODES[code]
+    if writer and mode != "new":  # check every checkpoint before writing anything
         keep = {}
         for phase in PHASES:
             ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
@@ -570,7 +608,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
     with _StopFlag() as flag:
         for phase in PHASES if config.pretrain else PHASES[:1]:
             states[phase] = run_phase(config, run_dir, phase, resume=mode != "new",
-                                      stop_at_step=stop_at_step, stream=stream, stop_flag=flag)
+                                      stop_at_step=stop_at_step, stream=stream, stop_flag=flag, mesh=mesh)
     return states
 
 

@@ -1,0 +1,187 @@
+"""Scale-out: the task axis sharded over 4 (forced host) devices, and 2 processes over gloo on
+127.0.0.1, against the single-device run; bad configurations; a process that dies.
+
+Every multi-device or multi-process case runs in subprocesses (XLA's device count is fixed when
+JAX starts), with free ports, a time limit, and all processes killed on the way out.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from jmaml import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ["--hidden", "8", "--meta-batch-size", "4", "--shots", "5", "--query-shots", "5", "--no-pretrain",
+         "--no-eval", "--log-every", "10"]
+# float32 sums over tasks in a different order (per device, then across devices): equal to ~1e-6
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _processes(commands, env):
+    procs = [subprocess.Popen(c, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for c in commands]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()  # reaps it and closes its pipes
+
+
+def _wait(procs, timeout):
+    deadline = time.monotonic() + timeout
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process {p.args} did not finish within {timeout} s")
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def _state(run_dir):
+    """Every leaf of the checkpointed state: parameters, Adam's moments, step and key."""
+    with np.load(os.path.join(run_dir, "maml.ckpt.npz")) as z:
+        return {k: z[k] for k in z.files if k.startswith("leaf_")}
+
+
+def _jmaml(*args):
+    return [sys.executable, "-m", "jmaml", "train", *TRAIN, *args]
+
+
+def test_sharded_over_four_devices_equals_one_device():
+    script = textwrap.dedent(f"""
+        import dataclasses, io, jax, numpy as np, tempfile
+        from jmaml import distributed, train
+        assert jax.device_count() == 4, jax.devices()
+        cfg = train.TrainConfig(hidden=(8,), meta_batch_size=8, num_support=5, num_query=5, steps=30,
+                                log_every=10, checkpoint_every=30, pretrain=False)
+        mesh = distributed.task_mesh()
+        one = train.train(cfg, tempfile.mkdtemp(), stream=io.StringIO())["maml"]
+        four = train.train(cfg, tempfile.mkdtemp(), stream=io.StringIO(), mesh=mesh)["maml"]
+        assert len(four.params[0]["w"].sharding.device_set) == 4  # the state lives on all four, replicated
+        for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol={RTOL}, atol={ATOL})
+        chunk = jax.jit(lambda s: train.make_chunk(cfg, "maml", mesh)(s, 2))
+        text = chunk.lower(distributed.put_replicated(train.initial_state(cfg), mesh)).compile().as_text()
+        assert "all-reduce" in text, "no cross-device reduction: the tasks were not sharded"
+        try:
+            train.train(dataclasses.replace(cfg, meta_batch_size=6), tempfile.mkdtemp(), mesh=mesh)
+        except ValueError as e:
+            assert "meta_batch_size = 6 is not divisible by the 4 devices" in str(e), e
+        else:
+            raise AssertionError("no error for 6 tasks over 4 devices")
+        # sweeps: the grid axis or the task axis over the four devices, against no mesh
+        from jmaml import sweep
+        base = dataclasses.replace(cfg, steps=20, checkpoint_every=20)
+        grid = sweep.Grid(alphas=(0.01, 0.02), betas=(1e-3, 3e-3), ks=(1,), seeds=(0,))
+        ref = sweep.run_sweep(base, grid, evaluate=False, keep_params=True)["params"]
+        for shard in ("grid", "tasks"):
+            got = sweep.run_sweep(base, grid, evaluate=False, keep_params=True, mesh=mesh, shard=shard)["params"]
+            for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+                np.testing.assert_allclose(a, b, rtol={RTOL}, atol={ATOL})
+        print("ok")
+    """)
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_two_processes_over_gloo_equal_one_process(tmp_path):
+    port = _free_port()
+    common = ["--steps", "20", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+              "--dist-timeout", "30"]
+    with _processes([_jmaml(*common, "--process-id", str(i), "--out", str(tmp_path / "two")) for i in (0, 1)]
+                    + [_jmaml("--steps", "20", "--out", str(tmp_path / "one"))], _env()) as procs:
+        results = _wait(procs, timeout=240)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert "on 2 devices" in results[0][2] and results[1][2].strip() == ""  # process 1 writes nothing
+    one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
+    assert one.keys() == two.keys() and one
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=RTOL, atol=ATOL)
+    assert checkpoint.read_header(tmp_path / "two" / "maml.ckpt.npz")["step"] == 20
+
+
+def test_a_process_that_dies_makes_the_other_fail_instead_of_hanging(tmp_path):
+    port = _free_port()
+    common = ["--steps", "10000000", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+              "2", "--dist-timeout", "10", "--out", str(tmp_path / "run")]
+    with _processes([_jmaml(*common, "--process-id", str(i)) for i in (0, 1)], _env()) as procs:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.stat().st_size > 0):
+            assert time.monotonic() < deadline, "training never started"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.5)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        code, _, err = _wait(procs[:1], timeout=90)[0]
+        waited = time.monotonic() - t0
+    assert code != 0
+    # our own message (the gloo collective fails as the peer goes); JAX's runtime then aborts the process
+    assert "distributed run failed" in err and "another process probably died" in err, err[:3000]
+    print(f"process 0 stopped {waited:.1f} s after process 1 was killed")
+
+
+def test_unreachable_coordinator_is_a_clear_error_within_the_timeout(tmp_path):
+    port = _free_port()  # nobody listens there
+    t0 = time.monotonic()
+    proc = subprocess.run(_jmaml("--steps", "10", "--distributed", "--coordinator", f"127.0.0.1:{port}",
+                                 "--num-processes", "2", "--process-id", "1", "--dist-timeout", "3",
+                                 "--out", str(tmp_path / "x")),
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"could not join the distributed job at 127.0.0.1:{port}" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 90
+
+
+def test_inconsistent_process_counts_fail_on_both_processes(tmp_path):
+    port = _free_port()
+    base = ["--steps", "10", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--dist-timeout", "10",
+            "--out", str(tmp_path / "x")]
+    with _processes([_jmaml(*base, "--num-processes", "2", "--process-id", "0"),
+                     _jmaml(*base, "--num-processes", "3", "--process-id", "1")], _env()) as procs:
+        results = _wait(procs, timeout=120)
+    assert all(code != 0 for code, _, _ in results), results
+    assert "started for 3 processes but the job has 2" in results[1][2] or \
+        "could not join" in results[1][2], results[1][2][-2000:]
+
+
+def test_bad_distributed_flags_are_clear_errors(tmp_path, capsys):
+    from jmaml import cli, distributed
+
+    assert cli.main(["train", "--process-id", "1", "--out", str(tmp_path / "a")]) == 2
+    assert "need --distributed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="out of range for 2 processes"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        distributed.initialize("localhost", 2, 0)
+    with pytest.raises(ValueError, match="num_devices must be an int in"):
+        distributed.task_mesh(99)
