@@ -4,5 +4,5 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" dev
 cd "$root"
 ruff check jmaml tests scripts experiments
-# Two workers, one test file each (module fixtures stay single); plain `pytest` works too.
-exec python -m pytest -q -n 2 --dist loadfile "$@"
+# Two workers, tests spread one by one (the multi-process tests dominate a file); plain `pytest` works too.
+exec python -m pytest -q -n 2 --dist load "$@"

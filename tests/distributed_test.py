@@ -164,7 +164,7 @@ def test_unreachable_coordinator_is_a_clear_error_within_the_timeout(tmp_path):
 
 def test_inconsistent_process_counts_fail_on_both_processes(tmp_path):
     port = _free_port()
-    base = ["--steps", "10", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--dist-timeout", "10",
+    base = ["--steps", "10", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--dist-timeout", "5",
             "--out", str(tmp_path / "x")]
     with _processes([_jmaml(*base, "--num-processes", "2", "--process-id", "0"),
                      _jmaml(*base, "--num-processes", "3", "--process-id", "1")], _env()) as procs:
