@@ -32,11 +32,23 @@ def _check_int(value, name: str, minimum: int, kind: str) -> int:
     return int(value)
 
 
-def check_seed(value, name: str = "seed") -> int:
-    """Checks a random seed: a Python int >= 0."""
+def check_nonnegative_int(value, name: str) -> int:
+    """Checks a Python int >= 0 (a seed, a meta-step count); ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return value
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """Checks a random seed: a Python int >= 0."""
+    return check_nonnegative_int(value, name)
+
+
+def check_positive_finite(value, name: str) -> float:
+    """Checks a Python number that must be finite and > 0 (e.g. iMAML's λ); returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_num_steps(value, name: str = "num_inner_steps") -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 from collections.abc import Iterator
 
 import jax
@@ -17,3 +19,18 @@ def enable_x64(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for benchmark and result files."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def machine_description() -> str:
+    """One line naming the CPU, core count, OS, Python, JAX and its platform (for RESULTS files)."""
+    return (f"{cpu_name()}, {os.cpu_count()} cores visible, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}, JAX {jax.__version__} on {jax.devices()[0].platform.upper()}")

@@ -35,6 +35,12 @@ def _to_numpy(leaf: Any) -> np.ndarray:
     return np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
 
 
+def host_leaves(tree: Any) -> list[np.ndarray]:
+    """The leaves of ``tree`` as NumPy arrays, typed PRNG keys as their raw key data (what a
+    checkpoint stores; also handy for comparing states bitwise)."""
+    return [_to_numpy(leaf) for leaf in jax.tree.leaves(tree)]
+
+
 def _digest(arrays: list[np.ndarray]) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -54,7 +60,7 @@ def save(path: str | os.PathLike, tree: Any, *, step: int, extra: dict | None = 
       extra: JSON-able metadata stored in the header.
     """
     path = os.fspath(path)
-    arrays = [_to_numpy(leaf) for leaf in jax.tree.leaves(tree)]
+    arrays = host_leaves(tree)
     header = {"format": FORMAT, "step": int(step), "num_leaves": len(arrays),
               "sha256": _digest(arrays), "extra": extra or {}}
     payload = {f"leaf_{i:05d}": a for i, a in enumerate(arrays)}

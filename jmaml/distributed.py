@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jmaml import checkpoint
+
 TASK_AXIS = "tasks"
 
 
@@ -177,8 +179,7 @@ def broadcast_from_writer(tree: Any) -> Any:
 
     leaves, treedef = jax.tree.flatten(tree)
     is_key = [jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) for leaf in leaves]
-    host = [np.asarray(jax.random.key_data(leaf) if k else leaf) for leaf, k in zip(leaves, is_key)]
-    got = multihost_utils.broadcast_one_to_all(host)
+    got = multihost_utils.broadcast_one_to_all(checkpoint.host_leaves(leaves))
     out = [jax.random.wrap_key_data(jnp.asarray(g), impl=jax.random.key_impl(leaf)) if k else jnp.asarray(g)
            for g, leaf, k in zip(got, leaves, is_key)]
     return treedef.unflatten(out)

@@ -37,7 +37,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_task_batch
+from jmaml._checks import (
+    check_nonnegative_int,
+    check_num_steps,
+    check_positive_finite,
+    check_positive_int,
+    check_rate,
+    check_task_batch,
+)
+from jmaml.diagnostics import hvp
 from jmaml.inner import _sgd_update, adapt, inner_step
 from jmaml.meta import TrainState, _check_reduction, batched_objective, maml_value_and_grad, tree_norm
 from jmaml.types import Batch, LossFn, Params, Task
@@ -253,8 +261,7 @@ def mamlpp(loss_fn: LossFn, *, num_inner_steps: int, multi_step_loss: bool = Tru
     if k < 1:
         raise ValueError(f"num_inner_steps must be >= 1 for MAML++ (its rates are per step), got {k}")
     _check_reduction(reduction)
-    if isinstance(first_order_steps, bool) or not isinstance(first_order_steps, int) or first_order_steps < 0:
-        raise ValueError(f"first_order_steps must be an int >= 0, got {first_order_steps!r}")
+    check_nonnegative_int(first_order_steps, "first_order_steps")
     if msl_schedule is not None and not callable(msl_schedule):
         fixed = jnp.asarray(msl_schedule)
         if fixed.shape != (k,):
@@ -341,18 +348,16 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, num_iters:
 
 
 def proximal_step(loss_fn: LossFn, phi: Params, anchor: Params, batch: Batch, *, inner_lr: Any,
-                  lam: Any) -> Params:
+                  lam: float) -> Params:
     r"""One gradient step on iMAML's inner objective
-    :math:`\mathcal{L}(\varphi) + \frac{\lambda}{2}\|\varphi - \theta\|^2` (θ is ``anchor``)."""
+    :math:`\mathcal{L}(\varphi) + \frac{\lambda}{2}\|\varphi - \theta\|^2` (θ is ``anchor``).
+
+    ``lam`` is a Python number; ``lam = 0`` is a plain SGD step (no proximal term is added at all).
+    ``inner_lr`` is a scalar or a tree like the parameters."""
     grads = jax.grad(loss_fn)(phi, batch)
-    grads = jax.tree.map(lambda g, p, a: g + lam * (p - a), grads, phi, anchor)
+    if lam:
+        grads = jax.tree.map(lambda g, p, a: g + lam * (p - a), grads, phi, anchor)
     return _sgd_update(phi, grads, inner_lr)
-
-
-def _check_lambda(lam: Any) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not jnp.isfinite(lam) or lam <= 0:
-        raise ValueError(f"lam (iMAML's proximal strength λ) must be a finite number > 0, got {lam!r}")
-    return float(lam)
 
 
 def imaml(loss_fn: LossFn, *, num_inner_steps: int, lam: float, cg_iters: int = 5, reduction: str = "mean",
@@ -374,7 +379,7 @@ def imaml(loss_fn: LossFn, *, num_inner_steps: int, lam: float, cg_iters: int = 
     Raises:
       ValueError: λ <= 0 or not finite, ``cg_iters`` < 1, k < 1.
     """
-    lam = _check_lambda(lam)
+    lam = check_positive_finite(lam, "lam (iMAML's proximal strength λ)")
     check_positive_int(cg_iters, "cg_iters")
     k = check_num_steps(num_inner_steps, "num_inner_steps")
     if k < 1:
@@ -390,10 +395,8 @@ def imaml(loss_fn: LossFn, *, num_inner_steps: int, lam: float, cg_iters: int = 
         phi, _ = jax.lax.scan(body, anchor, None, length=k, unroll=unroll)
         phi = jax.lax.stop_gradient(phi)
         query_loss, g_query = jax.value_and_grad(loss_fn)(phi, task.query)
-        support_grad = lambda p: jax.grad(loss_fn)(p, task.support)
-        g_support = support_grad(phi)
-        hvp = lambda v: jax.jvp(support_grad, (phi,), (v,))[1]
-        matvec = lambda v: jax.tree.map(lambda vi, hv: vi + hv / lam, v, hvp(v))
+        g_support = jax.grad(loss_fn)(phi, task.support)
+        matvec = lambda v: jax.tree.map(lambda vi, hv: vi + hv / lam, v, hvp(loss_fn, phi, task.support, v))
         v, residual = conjugate_gradient(matvec, g_query, cg_iters)
         prox_grad = jax.tree.map(lambda g, p, a: g + lam * (p - a), g_support, phi, anchor)
         return query_loss, v, residual, tree_norm(prox_grad), loss_fn(theta, task.query)

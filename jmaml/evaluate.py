@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmaml._checks import check_num_steps, check_positive_int
-from jmaml.inner import _sgd_update
+from jmaml.estimators import proximal_step
 from jmaml.losses import make_loss
 from jmaml.tasks import sinusoid
 from jmaml.train import PHASES, build_algorithm, build_model, load_config, load_params
@@ -62,19 +62,11 @@ def _per_step(inner_lr: Any, num_steps: int) -> Any:
     return jax.tree.map(lambda r: jnp.broadcast_to(r, (num_steps, *jnp.shape(r))), inner_lr)
 
 
-def _test_step(loss_fn: LossFn, theta: Params, phi: Params, support: Batch, rates: Any, prox_lambda: float):
-    """One test-time step φ − r ⊙ (∇L_S(φ) + λ(φ − θ)); λ = 0 is plain SGD (see jmaml.algorithms)."""
-    grads = jax.grad(loss_fn)(phi, support)
-    if prox_lambda:
-        grads = jax.tree.map(lambda g, p, a: g + prox_lambda * (p - a), grads, phi, theta)
-    return _sgd_update(phi, grads, rates)
-
-
 def adapted_params(loss_fn: LossFn, params: Params, support: Batch, step_rates: Any, *,
                    prox_lambda: float = 0.0) -> Params:
     """The parameters after one test-time step per leading entry of ``step_rates`` (one task)."""
     def body(phi, rates):
-        return _test_step(loss_fn, params, phi, support, rates, prox_lambda), None
+        return proximal_step(loss_fn, phi, params, support, inner_lr=rates, lam=prox_lambda), None
 
     return jax.lax.scan(body, params, step_rates)[0]
 
@@ -82,7 +74,7 @@ def adapted_params(loss_fn: LossFn, params: Params, support: Batch, step_rates: 
 def _curve_one(loss_fn: LossFn, params: Params, support: Batch, query: Batch, step_rates: Any,
                prox_lambda: float):
     def body(p, rates):
-        return _test_step(loss_fn, params, p, support, rates, prox_lambda), loss_fn(p, query)
+        return proximal_step(loss_fn, p, params, support, inner_lr=rates, lam=prox_lambda), loss_fn(p, query)
 
     final, losses = jax.lax.scan(body, params, step_rates)
     return jnp.concatenate([losses, loss_fn(final, query)[None]])

@@ -37,7 +37,14 @@ import optax
 from jax.sharding import Mesh
 
 from jmaml import checkpoint, distributed
-from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
+from jmaml._checks import (
+    check_nonnegative_int,
+    check_num_steps,
+    check_positive_finite,
+    check_positive_int,
+    check_rate,
+    check_seed,
+)
 from jmaml.algorithms import Algorithm, check_algorithm, make_algorithm
 from jmaml.estimators import make_estimator_step
 from jmaml.losses import make_loss
@@ -148,15 +155,11 @@ class TrainConfig:
             raise ValueError(f"algo {self.algo!r} needs num_inner_steps >= 1, got {self.num_inner_steps}")
         if self.remat and self.algo in ("mamlpp", "imaml"):
             raise ValueError(f"remat is not available for algo {self.algo!r}")
-        if isinstance(self.imaml_lambda, bool) or not isinstance(self.imaml_lambda, (int, float)) \
-                or not math.isfinite(self.imaml_lambda) or self.imaml_lambda <= 0:
-            raise ValueError(f"imaml_lambda must be a finite number > 0, got {self.imaml_lambda!r}")
+        check_positive_finite(self.imaml_lambda, "imaml_lambda")
         check_positive_int(self.imaml_cg_iters, "imaml_cg_iters")
         if self.mamlpp_msl_anneal_steps is not None:
             check_positive_int(self.mamlpp_msl_anneal_steps, "mamlpp_msl_anneal_steps")
-        if isinstance(self.mamlpp_first_order_steps, bool) or not isinstance(self.mamlpp_first_order_steps, int) \
-                or self.mamlpp_first_order_steps < 0:
-            raise ValueError(f"mamlpp_first_order_steps must be an int >= 0, got {self.mamlpp_first_order_steps!r}")
+        check_nonnegative_int(self.mamlpp_first_order_steps, "mamlpp_first_order_steps")
 
     def algorithm_settings(self) -> dict[str, Any]:
         """The settings the chosen algorithm actually uses, with defaults resolved (for the run dir)."""

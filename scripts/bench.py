@@ -48,11 +48,9 @@ def machine_info(device: str) -> dict:
     info = {"device": device, "jax": jax.__version__, "python": platform.python_version(),
             "jax_device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
             "cpu_count": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+    from jmaml._util import cpu_name
+
+    info["cpu"] = cpu_name()
     try:
         import torch
 

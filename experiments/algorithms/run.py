@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import sys
 import time
 
@@ -72,15 +71,9 @@ def table(records: list[dict]) -> str:
 
 
 def machine() -> str:
-    import jax
+    from jmaml._util import machine_description
 
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, JAX {jax.__version__} "
-            f"on {jax.devices()[0].platform.upper()}")
+    return machine_description()
 
 
 def main(argv: list[str] | None = None) -> int:

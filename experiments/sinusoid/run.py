@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -22,16 +21,9 @@ RUN_DIR = os.path.join(HERE, "results")
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    import jax
-    return (f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.machine()}, "
-            f"Python {platform.python_version()}, JAX {jax.__version__} on {jax.devices()[0].platform.upper()}")
+    from jmaml._util import machine_description
+
+    return machine_description()
 
 
 def median_table(results: dict) -> str:
