@@ -55,17 +55,25 @@ _TRAIN_FLAGS = {
     "log_every": "log_every", "pretrain": "pretrain", "remat": "remat", "algo": "algo",
     "imaml_lambda": "imaml_lambda", "imaml_cg_iters": "imaml_cg_iters", "mamlpp_msl": "mamlpp_msl",
     "mamlpp_msl_anneal_steps": "mamlpp_msl_anneal_steps", "mamlpp_first_order_steps": "mamlpp_first_order_steps",
+    "task": "task", "data_dir": "data_dir", "ways": "ways", "image_size": "image_size",
+    "eval_inner_steps": "eval_inner_steps", "num_train_classes": "num_train_classes",
 }
 
 
 def _train_config(args: argparse.Namespace):
-    from jmaml.train import TrainConfig, load_config
+    from jmaml.train import TrainConfig, image_preset, load_config
 
     given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
              if getattr(args, flag) is not None}
     base = TrainConfig()
     if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
         base = load_config(args.out)  # resume with the stored settings unless flags say otherwise
+    elif given.get("task", "sinusoid") != "sinusoid":
+        # the paper's settings for the image task, where no flag says otherwise; 1-shot unless --shots
+        shots = given.get("num_support", 1)
+        preset = image_preset(given["task"], given.get("ways", base.ways), shots)
+        base = dataclasses.replace(base, num_support=shots, **preset)
+        given = {k: v for k, v in given.items() if k != "num_support"}
     config = dataclasses.replace(base, **given)
     if "steps" in given and "checkpoint_every" not in given and not args.resume:
         # Short runs checkpoint at least at the end; keep the interval a multiple of log_every.
@@ -127,7 +135,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         results = evaluate.evaluate_run(args.out)
     print(evaluate.format_table(results))
-    if not args.no_plot and not _up_to_date(args.out, ["plots/fits.png", "plots/curves.png"], ["eval.json"]):
+    if not args.no_plot and not _up_to_date(args.out, ["plots/curves.png"], ["eval.json"]):
         _plot(args.out)
     return 0
 
@@ -226,6 +234,19 @@ def _add_train_parser(sub) -> None:
                        description="Sinusoid few-shot regression, Finn et al. 2017 Section 5.1. "
                                    "Defaults are the paper's settings.")
     g = p.add_argument_group("model and task")
+    g.add_argument("--task", default=None, choices=("sinusoid", "omniglot", "miniimagenet"),
+                   help="sinusoid regression (default), or few-shot classification from an image folder with "
+                        "the paper's settings as defaults (Omniglot 5-way: alpha 0.4, 1 step, 3 at test, 32 "
+                        "tasks; 20-way: 0.1, 5, 5, 16; miniImageNet: 0.01, 5, 10, 4 (1-shot) / 2; 15 query "
+                        "images per class)")
+    g.add_argument("--data-dir", default=None, metavar="PATH",
+                   help="the dataset's folder (Omniglot: images_background/..., miniImageNet: train/CLASS/...)")
+    g.add_argument("--ways", type=int, default=None, help="N classes per episode (image tasks; default 5)")
+    g.add_argument("--image-size", type=int, default=None, help="resize images to this (default 28 / 84)")
+    g.add_argument("--num-train-classes", type=int, default=None,
+                   help="Omniglot: characters for meta-training, the rest are test classes (default 1200)")
+    g.add_argument("--eval-inner-steps", type=int, default=None,
+                   help="inner steps at test time (default 10; image tasks: the preset's)")
     g.add_argument("--hidden", type=_ints, default=None, help="hidden widths (default 40,40)")
     g.add_argument("--activation", default=None, help="relu (default), tanh, sigmoid, gelu, silu, identity")
     g.add_argument("--shots", type=int, default=None, help="K support points per task (default 10)")

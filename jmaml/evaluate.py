@@ -193,19 +193,74 @@ def evaluate_params(loss_fn: LossFn, params: Params, *, inner_lrs: dict[int, flo
         if inner_lrs is not None:
             rates, label = _scalar_schedules([inner_lrs[k]], num_steps), inner_lrs[k]
         else:
-            rates = jax.tree.map(lambda r: r[None], step_rates)
-            values = np.unique(np.concatenate([np.ravel(r) for r in jax.tree.leaves(step_rates)]))
-            # one constant: its shortest decimal form in the rates' precision (0.01, not 0.0099999998)
-            label = float(str(values[0])) if values.size == 1 else "learned"
+            rates, label = jax.tree.map(lambda r: r[None], step_rates), _rate_label(step_rates)
         losses = np.asarray(_curves(loss_fn, params, _take_shots(tasks.support, k), tasks.query, rates,
                                     num_steps, prox_lambda))[0]
         out[str(k)] = {"inner_lr": label, **summarize(losses)}
     return out
 
 
-def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool = True) -> dict[str, Any]:
-    """Evaluates a finished run's MAML model and pretrained baseline; writes eval.json / eval.md."""
+def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "apply_fn", "prox_lambda"))
+def _episode_accuracies(loss_fn: LossFn, apply_fn, params: Params, tasks: Any, step_rates: Any,
+                        prox_lambda: float = 0.0) -> jax.Array:
+    """Query accuracy of each episode after 0..S test-time steps: shape (episodes, S + 1)."""
+    def one(task):
+        def body(p, rates):
+            acc = _accuracy(apply_fn(p, task.query.x), task.query.y)
+            return proximal_step(loss_fn, p, params, task.support, inner_lr=rates, lam=prox_lambda), acc
+
+        final, accs = jax.lax.scan(body, params, step_rates)
+        return jnp.concatenate([accs, _accuracy(apply_fn(final, task.query.x), task.query.y)[None]])
+
+    return jax.vmap(one)(tasks)
+
+
+def evaluate_image_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, batch: int = 50) -> dict[str, Any]:
+    """Few-shot classification: query accuracy (mean, 95% CI) over ``num_tasks`` test episodes after
+    0..``eval_inner_steps`` steps of the algorithm's test-time rule, on the test classes."""
+    from jmaml.tasks import images
+    from jmaml.train import task_data
+
     config = load_config(run_dir)
+    model, loss = build_model(config)
+    algo = build_algorithm(config, loss)
+    meta = load_params(run_dir, "maml")
+    params, rates = algo.model_params(meta), algo.step_rates(meta, config.eval_inner_steps)
+    data = task_data(config, "test")
+    keys = jax.random.split(jax.random.key(EVAL_SEED), num_tasks)
+    sample = jax.jit(jax.vmap(lambda k: images.sample_episode(k, data, ways=config.ways, shots=config.num_support,
+                                                              queries=config.num_query)))
+    accs = np.concatenate([np.asarray(_episode_accuracies(loss, model.apply, params, sample(keys[i:i + batch]),
+                                                          rates, algo.prox_lambda))
+                           for i in range(0, num_tasks, batch)])
+    label = _rate_label(rates)
+    return {"protocol": {"test_episodes": num_tasks, "eval_seed": EVAL_SEED, "task": config.task,
+                         "ways": config.ways, "shots": [config.num_support], "query_per_class": config.num_query,
+                         "steps": config.eval_inner_steps, "metric": "query accuracy, mean and 95% CI"},
+            "algo": config.algo,
+            "maml": {str(config.num_support): {"inner_lr": label, **summarize(accs, diverged_ratio=np.inf)}}}
+
+
+def _rate_label(step_rates: Any) -> float | str:
+    """A rate schedule as eval.json records it: its one value, or "learned"."""
+    values = np.unique(np.concatenate([np.ravel(r) for r in jax.tree.leaves(step_rates)]))
+    # one constant: its shortest decimal form in the rates' precision (0.01, not 0.0099999998)
+    return float(str(values[0])) if values.size == 1 else "learned"
+
+
+def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool = True) -> dict[str, Any]:
+    """Evaluates a finished run's meta-learned model (and the pretrained baseline, for sinusoid);
+    writes eval.json / eval.md."""
+    config = load_config(run_dir)
+    if config.task != "sinusoid":
+        results = evaluate_image_run(run_dir, num_tasks=num_tasks)
+        if write:
+            _write_results(run_dir, results)
+        return results
     model, _ = build_model(config)
     eval_loss = make_loss(model.apply, "mse")  # the paper reports MSE, whatever the training loss
     results: dict[str, Any] = {"protocol": {
@@ -225,11 +280,15 @@ def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool =
         results["pretrained"] = evaluate_params(eval_loss, pre, inner_lrs=lrs, num_tasks=num_tasks)
         results["pretrained_lr_search"] = scores
     if write:
-        with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(run_dir, "eval.md"), "w", encoding="utf-8") as f:
-            f.write(format_table(results) + "\n")
+        _write_results(run_dir, results)
     return results
+
+
+def _write_results(run_dir: str, results: dict[str, Any]) -> None:
+    with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(run_dir, "eval.md"), "w", encoding="utf-8") as f:
+        f.write(format_table(results) + "\n")
 
 
 def _rate(value: Any) -> str:
@@ -243,11 +302,16 @@ def _cell(r: dict[str, Any], s: int) -> str:
 
 
 def format_table(results: dict[str, Any], steps: Sequence[int] = (0, 1, 5, 10)) -> str:
-    """A Markdown table: query MSE ± 95% CI after the given numbers of steps, per model and K.
+    """A Markdown table: query MSE (accuracy, for image tasks) ± 95% CI after the given numbers of
+    steps (those evaluated, and always the last), per model and K.
 
     A cell names the number of tasks whose loss diverged (left out of its mean), if any. The
     meta-learned model is named by its algorithm.
     """
+    available = len(next(iter(results["maml"].values()))["mean"])
+    steps = [s for s in steps if s < available]
+    if available - 1 not in steps:  # always show the last step evaluated
+        steps.append(available - 1)
     head = "| model | K | inner lr | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |"
     lines = [head, "|" + " --- |" * (3 + len(steps))]
     for model in ("maml", "pretrained"):

@@ -7,6 +7,7 @@ r"""Models as ``Model(init, apply)`` pairs of pure functions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,5 +88,88 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> Model:
         for layer in params[:-1]:
             h = act(_dense(layer, h))
         return _dense(params[-1], h)
+
+    return Model(init, apply)
+
+
+BATCH_NORM_EPS = 1e-5
+
+
+def _conv_block(block: dict[str, jax.Array], h: jax.Array, strided: bool) -> jax.Array:
+    """3x3 conv (stride 2 if ``strided``) -> batch norm on this batch's statistics -> ReLU -> 2x2 max-pool
+    (unless strided). ``h`` is NHWC."""
+    h = jax.lax.conv_general_dilated(h, block["w"], window_strides=(2, 2) if strided else (1, 1), padding="SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # Transductive batch norm: the mean and variance of the batch at hand (a task's support set, or
+    # its query set), per channel; learnable scale and offset; no running averages between tasks.
+    mean = jnp.mean(h, axis=(0, 1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=(0, 1, 2), keepdims=True)
+    h = (h - mean) * jax.lax.rsqrt(var + BATCH_NORM_EPS)
+    h = h * block["scale"].reshape(1, 1, 1, -1) + block["offset"].reshape(1, 1, 1, -1)
+    h = jax.nn.relu(h)
+    if not strided:
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    return h
+
+
+def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided: bool = True,
+          image_size: int = 28) -> Model:
+    """The MAML paper's 4-block CNN for few-shot classification (Omniglot, miniImageNet).
+
+    Each block: 3x3 convolution with ``filters`` channels, batch norm, ReLU, then 2x2 max-pooling —
+    or, with ``strided`` (Omniglot, as the paper's code does), stride-2 convolutions and no pooling.
+    Then a dense layer to ``num_classes`` logits: on the spatial mean of the last block's features
+    when strided (the paper's Omniglot model), on the flattened features otherwise (miniImageNet:
+    ``filters=32``, ``strided=False``, ``image_size=84``).
+
+    Batch norm uses the statistics of the batch at hand — the support set when adapting, the query
+    set when scoring — with learnable scale and offset and no running averages carried between
+    tasks (transductive, as in the paper and most reproductions). A model evaluated on one example
+    at a time would normalise it by itself; evaluate on whole query sets.
+
+    Args:
+      num_classes: N, the ways.
+      in_channels: 1 (grey) or 3 (RGB).
+      filters: channels of every convolution (64 for Omniglot, 32 for miniImageNet).
+      strided: stride-2 convolutions instead of max-pooling.
+      image_size: input height = width, to size the dense layer.
+
+    Returns:
+      ``Model(init, apply)``; ``apply(params, x)`` takes images ``(n, image_size, image_size,
+      in_channels)`` and returns logits ``(n, num_classes)``.
+    """
+    num_classes = check_positive_int(num_classes, "num_classes")
+    in_channels = check_positive_int(in_channels, "in_channels")
+    filters = check_positive_int(filters, "filters")
+    image_size = check_positive_int(image_size, "image_size")
+    side = image_size
+    for _ in range(4):
+        side = -(-side // 2) if strided else side // 2
+    if side < 1:
+        raise ValueError(f"image_size {image_size} is too small for four 2x2 downsamplings")
+    features = filters if strided else filters * side * side
+
+    def init(key: PRNGKey) -> dict[str, Any]:
+        keys = jax.random.split(key, 5)
+        blocks = []
+        for i in range(4):
+            fan_in = 9 * (in_channels if i == 0 else filters)
+            # He-style scaled normal for the ReLU convolutions
+            w = jax.random.normal(keys[i], (3, 3, in_channels if i == 0 else filters, filters)) * jnp.sqrt(2.0 / fan_in)
+            blocks.append({"w": w, "scale": jnp.ones((filters,)), "offset": jnp.zeros((filters,))})
+        bound = 1.0 / jnp.sqrt(features)
+        head = {"w": jax.random.uniform(keys[4], (features, num_classes), minval=-bound, maxval=bound),
+                "b": jnp.zeros((num_classes,))}
+        return {"blocks": blocks, "head": head}
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        if x.ndim != 4 or x.shape[1:] != (image_size, image_size, in_channels):
+            raise ValueError(f"conv4 expects images of shape (n, {image_size}, {image_size}, {in_channels}), "
+                             f"got {x.shape}")
+        h = x
+        for block in params["blocks"]:
+            h = _conv_block(block, h, strided)
+        h = jnp.mean(h, axis=(1, 2)) if strided else h.reshape(h.shape[0], -1)
+        return _dense(params["head"], h)
 
     return Model(init, apply)

@@ -46,7 +46,8 @@ def _label(rate) -> str:
 
 
 def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[str]:
-    """Writes ``plots/fits.png`` and ``plots/curves.png`` into ``run_dir``; returns their paths."""
+    """Writes ``plots/fits.png`` and ``plots/curves.png`` into ``run_dir`` (for image tasks only
+    ``plots/curves.png``: accuracy against inner steps); returns their paths."""
     plt = _pyplot()
     config = load_config(run_dir)
     eval_path = os.path.join(run_dir, "eval.json")
@@ -54,6 +55,8 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
         raise ValueError(f"{run_dir} has no eval.json: run `jmaml eval {run_dir}` first")
     with open(eval_path, encoding="utf-8") as f:
         results = json.load(f)
+    if config.task != "sinusoid":
+        return [_accuracy_curves(plt, config, results, run_dir)]
     model, _ = build_model(config)
     loss = make_loss(model.apply, "mse")
     fit_steps = (0, 1, 10)
@@ -118,3 +121,25 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     fig.savefig(curves, dpi=110)
     plt.close(fig)
     return [fits, curves]
+
+
+def _accuracy_curves(plt, config, results: dict, run_dir: str) -> str:
+    """Query accuracy (mean, 95% CI) against test-time inner steps, for a few-shot classification run."""
+    out_dir = os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for k, r in results["maml"].items():
+        mean, ci = 100 * np.array(r["mean"]), 100 * np.array(r["ci95"])
+        steps = np.arange(len(mean))
+        ax.plot(steps, mean, "o-", ms=3, label=f"{ALGORITHM_LABELS[config.algo]}, {k}-shot ({_label(r['inner_lr'])})")
+        ax.fill_between(steps, mean - ci, mean + ci, alpha=0.25)
+    ax.axhline(100 / config.ways, color="gray", ls=":", label="chance")
+    ax.set_xlabel("inner gradient steps at test time")
+    ax.set_ylabel("query accuracy (%)")
+    ax.set_title(f"{config.task}, {config.ways}-way, {results['protocol']['test_episodes']} test episodes, 95% CI")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -209,6 +209,8 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     """
     base.validate()
     grid.validate()
+    if base.task != "sinusoid":
+        raise ValueError(f"sweeps run the sinusoid task; got task {base.task!r}")
     if shard not in SHARD_AXES:
         raise ValueError(f"shard must be one of {SHARD_AXES}, got {shard!r}")
     n_dev = 1 if mesh is None else mesh.devices.size

@@ -49,8 +49,8 @@ from jmaml.algorithms import Algorithm, check_algorithm, make_algorithm
 from jmaml.estimators import make_estimator_step
 from jmaml.losses import make_loss
 from jmaml.meta import TrainState, init_state, make_step
-from jmaml.models import ACTIVATIONS, mlp
-from jmaml.tasks import sinusoid
+from jmaml.models import ACTIVATIONS, conv4, mlp
+from jmaml.tasks import images, sinusoid
 from jmaml.types import LossFn, Model, Task
 
 
@@ -68,6 +68,7 @@ OPTIMISERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "rmsprop": optax.rmsprop,
 }
 PHASES = ("maml", "pretrained")
+TASKS = ("sinusoid", "omniglot", "miniimagenet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,13 @@ class TrainConfig:
     checkpoint_every: int = 5_000
     log_every: int = 1_000  # steps per jitted chunk, and per metrics line
     pretrain: bool = True  # also train the "pretrained" regression baseline
+    # The task: sinusoid regression, or few-shot classification from image folders (jmaml.tasks.images).
+    task: str = "sinusoid"
+    data_dir: str | None = None  # the dataset's folder (image tasks)
+    ways: int = 5  # N classes per episode (image tasks); num_support / num_query are then per class
+    image_size: int | None = None  # None: 28 (Omniglot), 84 (miniImageNet)
+    num_train_classes: int = 1200  # Omniglot characters used for meta-training (the rest are test classes)
+    eval_inner_steps: int = 10  # inner steps at test time (evaluation curves run 0..this)
     # Stop when, over a chunk, the adapted query loss averages more than this many times the
     # un-adapted one: the inner loop is exploding (the seed's -1515.48, at scale). inf disables.
     max_loss_ratio: float = 1000.0
@@ -123,6 +131,7 @@ class TrainConfig:
             check_positive_int(getattr(self, name), name)
         check_num_steps(self.num_inner_steps, "num_inner_steps")
         self._validate_algorithm()
+        self._validate_task()
         if self.unroll is not None and not isinstance(self.unroll, bool) and (
                 not isinstance(self.unroll, int) or self.unroll < 1):
             raise ValueError(f"unroll must be None (auto), a bool or an int >= 1, got {self.unroll!r}")
@@ -138,6 +147,32 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                              f"log_every ({self.log_every}): checkpoints are written between chunks")
         return self
+
+    def _validate_task(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        check_positive_int(self.eval_inner_steps, "eval_inner_steps")
+        if self.task == "sinusoid":
+            if self.data_dir is not None:
+                raise ValueError("data_dir applies to the image tasks (omniglot, miniimagenet), not sinusoid")
+            return
+        if not self.data_dir:
+            raise ValueError(f"task {self.task!r} needs data_dir: the folder holding the dataset")
+        check_positive_int(self.ways, "ways")
+        if self.ways < 2:
+            raise ValueError(f"ways must be >= 2 for classification, got {self.ways}")
+        if self.image_size is not None:
+            check_positive_int(self.image_size, "image_size")
+        check_positive_int(self.num_train_classes, "num_train_classes")
+        if self.loss != "mse":
+            raise ValueError(f"loss applies to sinusoid; image tasks use softmax cross-entropy (got {self.loss!r})")
+
+    def phases(self) -> tuple[str, ...]:
+        """The phases a run trains: the meta-learner, and the pretrained baseline for sinusoid."""
+        return PHASES if self.pretrain and self.task == "sinusoid" else PHASES[:1]
+
+    def resolved_image_size(self) -> int:
+        return self.image_size or (28 if self.task == "omniglot" else 84)
 
     def _validate_algorithm(self) -> None:
         check_algorithm(self.algo)
@@ -198,6 +233,22 @@ class TrainConfig:
         return cls(**d)
 
 
+def image_preset(task: str, ways: int = 5, shots: int = 1) -> dict[str, Any]:
+    """The MAML paper's settings (Section 5.2 and its code) for a few-shot classification task, as
+    TrainConfig fields: inner rate, inner steps at training and at test, meta-batch; 15 query images
+    per class, Adam 1e-3, 60,000 meta-steps; no pretrained baseline."""
+    if task not in TASKS[1:]:
+        raise ValueError(f"presets exist for {', '.join(TASKS[1:])}; got {task!r}")
+    common = {"num_query": 15, "pretrain": False, "steps": 60_000, "log_every": 100, "checkpoint_every": 1_000,
+              "meta_lr": 1e-3}
+    if task == "omniglot":
+        if ways >= 20:
+            return {**common, "inner_lr": 0.1, "num_inner_steps": 5, "eval_inner_steps": 5, "meta_batch_size": 16}
+        return {**common, "inner_lr": 0.4, "num_inner_steps": 1, "eval_inner_steps": 3, "meta_batch_size": 32}
+    return {**common, "inner_lr": 0.01, "num_inner_steps": 5, "eval_inner_steps": 10,
+            "meta_batch_size": 4 if shots == 1 else 2}
+
+
 class DivergenceError(RuntimeError):
     """Meta-training produced a non-finite loss or gradient."""
 
@@ -213,9 +264,42 @@ class Interrupted(Exception):  # noqa: N818 - it is a control-flow signal, not a
 # ---- building blocks ------------------------------------------------------------------------
 
 def build_model(config: TrainConfig) -> tuple[Model, LossFn]:
-    """The model and loss a config describes."""
-    model = mlp([1, *config.hidden, 1], config.activation)
-    return model, make_loss(model.apply, config.loss)
+    """The model and loss a config describes: the MLP for sinusoid; for image tasks the paper's
+    Conv-4 (Omniglot: 64 filters, strided; miniImageNet: 32 filters, max-pooling) with softmax
+    cross-entropy."""
+    if config.task == "sinusoid":
+        model = mlp([1, *config.hidden, 1], config.activation)
+        return model, make_loss(model.apply, config.loss)
+    omniglot = config.task == "omniglot"
+    model = conv4(config.ways, in_channels=1 if omniglot else 3, filters=64 if omniglot else 32, strided=omniglot,
+                  image_size=config.resolved_image_size())
+    return model, make_loss(model.apply, "xent")
+
+
+@functools.lru_cache(maxsize=4)
+def _image_splits(task: str, data_dir: str, image_size: int, num_train_classes: int,
+                  min_per_class: int) -> dict[str, Any]:
+    if task == "omniglot":
+        return images.load_omniglot(data_dir, image_size=image_size, num_train_classes=num_train_classes,
+                                    min_per_class=min_per_class)
+    return images.load_miniimagenet(data_dir, image_size=image_size, min_per_class=min_per_class)
+
+
+def task_data(config: TrainConfig, split: str = "train") -> jax.Array | None:
+    """The on-device image array a config's episodes are drawn from (None for sinusoid).
+
+    Decoded from ``config.data_dir`` (or its cache) once per process; checked to hold enough
+    classes for ``ways`` and images for ``num_support + num_query`` per class.
+    """
+    if config.task == "sinusoid":
+        return None
+    per_class = config.num_support + config.num_query
+    splits = _image_splits(config.task, config.data_dir, config.resolved_image_size(), config.num_train_classes,
+                           per_class)
+    data = splits[split]
+    images.check_episode(data, config.ways, config.num_support, config.num_query,
+                         what=f"{config.task} {split} split in {config.data_dir}")
+    return jnp.asarray(data.images)
 
 
 AUTO_UNROLL_MAX_K = 8
@@ -262,10 +346,14 @@ def task_stream_key(config: TrainConfig, phase: str = "maml") -> jax.Array:
     return jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], PHASES.index(phase))
 
 
-def sample_meta_batch(config: TrainConfig, key: jax.Array) -> Task:
-    """One meta-batch of training tasks as the config describes it (sampled on the device)."""
-    return sinusoid.sample_tasks(key, config.meta_batch_size, num_support=config.num_support,
-                                 num_query=config.num_query)
+def sample_meta_batch(config: TrainConfig, key: jax.Array, data: jax.Array | None = None) -> Task:
+    """One meta-batch of training tasks as the config describes it (sampled on the device); image
+    tasks draw N-way episodes from ``data`` (``task_data``)."""
+    if config.task == "sinusoid":
+        return sinusoid.sample_tasks(key, config.meta_batch_size, num_support=config.num_support,
+                                     num_query=config.num_query)
+    return images.sample_tasks(key, data, config.meta_batch_size, ways=config.ways, shots=config.num_support,
+                               queries=config.num_query)
 
 
 @functools.lru_cache(maxsize=16)
@@ -289,19 +377,24 @@ def make_chunk(config: TrainConfig, phase: str = "maml",
     else:
         step = make_step(build_optimiser(config), loss_fn, inner_lr=config.inner_lr, num_inner_steps=0)
 
-    def one(state: TrainState, _):
+    def one(carry, _):
+        state, data = carry
         key, key_tasks = jax.random.split(state.key)
-        tasks = distributed.shard_tasks(sample_meta_batch(config, key_tasks), mesh)
+        tasks = distributed.shard_tasks(sample_meta_batch(config, key_tasks, data), mesh)
         new_state, metrics = step(state._replace(key=key), tasks)
-        return distributed.replicate(new_state, mesh), distributed.replicate(metrics, mesh)
+        return (distributed.replicate(new_state, mesh), data), distributed.replicate(metrics, mesh)
 
     @jax.jit
-    def _chunk(state: TrainState, length_marker: jax.Array):
-        return jax.lax.scan(one, state, None, length=length_marker.shape[0])
+    def _chunk(state: TrainState, length_marker: jax.Array, data):
+        (state, _), metrics = jax.lax.scan(one, (state, data), None, length=length_marker.shape[0])
+        return state, metrics
 
-    # The length is carried by an argument's shape so jit specialises on it without retracing
-    # the Python function for every call.
-    return lambda state, length: _chunk(state, jnp.zeros((length,), jnp.int8))
+    # The length is carried by an argument's shape so jit specialises on it without retracing the
+    # Python function for every call; image data is an argument, not a constant baked into the program.
+    data = task_data(config) if phase == "maml" else None
+    if data is not None:
+        data = distributed.put_replicated(data, mesh)
+    return lambda state, length: _chunk(state, jnp.zeros((length,), jnp.int8), data)
 
 
 # ---- progress --------------------------------------------------------------------------------
@@ -475,7 +568,7 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
 
 
 def _run_info(config: TrainConfig) -> dict[str, Any]:
-    return {"config": config.to_dict(), "task": "sinusoid", "algorithm": config.algorithm_settings(),
+    return {"config": config.to_dict(), "task": config.task, "algorithm": config.algorithm_settings(),
             "versions": {"jax": jax.__version__, "optax": optax.__version__,
                          "python": sys.version.split()[0]},
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
@@ -492,7 +585,7 @@ def load_config(run_dir: str) -> TrainConfig:
 
 def is_complete(run_dir: str, config: TrainConfig) -> bool:
     """Whether every phase of the run in ``run_dir`` has reached ``config.steps``."""
-    for phase in PHASES if config.pretrain else PHASES[:1]:
+    for phase in config.phases():
         ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
         if not os.path.exists(ckpt) or checkpoint.read_header(ckpt)["step"] < config.steps:
             return False
@@ -609,7 +702,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
             _trim_metrics(os.path.join(run_dir, "metrics.jsonl"), keep)
     states = {}
     with _StopFlag() as flag:
-        for phase in PHASES if config.pretrain else PHASES[:1]:
+        for phase in config.phases():
             states[phase] = run_phase(config, run_dir, phase, resume=mode != "new",
                                       stop_at_step=stop_at_step, stream=stream, stop_flag=flag, mesh=mesh)
     return states

@@ -1,5 +1,5 @@
 """Task distributions and fixed task sets."""
 
-from jmaml.tasks import seed, sinusoid
+from jmaml.tasks import images, seed, sinusoid
 
-__all__ = ["seed", "sinusoid"]
+__all__ = ["images", "seed", "sinusoid"]

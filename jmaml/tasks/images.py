@@ -1,0 +1,296 @@
+"""Few-shot image classification from the folders users already have: Omniglot and miniImageNet.
+
+Layouts read (nothing is downloaded):
+
+* Omniglot, as distributed: ``ROOT/images_background/ALPHABET/CHARACTER/*.png`` and
+  ``ROOT/images_evaluation/ALPHABET/CHARACTER/*.png`` (either or both). Every character is a class.
+  As in the MAML paper, 1200 characters (a fixed shuffle of all of them, seed 1) are meta-training
+  classes and the rest are test classes, and each class's 90°, 180° and 270° rotations are extra
+  classes of the same split.
+* miniImageNet style: ``ROOT/SPLIT/CLASS/*.jpg`` (SPLIT in train/val/test), or ``ROOT/images/*.jpg``
+  with ``ROOT/SPLIT.csv`` files of ``filename,label`` rows (the Ravi & Larochelle split files).
+
+Images are decoded once (Pillow, the optional ``jmaml[images]`` extra), resized (28×28 grey for
+Omniglot, 84×84 RGB for miniImageNet) and cached per source split as a compressed ``.npz`` keyed by
+the file list, sizes and modification times, so a changed folder is re-read and an unchanged one is
+not. A split becomes one array ``(num_classes, images_per_class, H, W, C)`` of uint8 that lives on
+the device; ``sample_episode`` / ``sample_tasks`` draw N-way K-shot episodes from it as pure
+``jax.random`` functions inside the jitted training step.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmaml._checks import check_positive_int
+from jmaml.types import Batch, PRNGKey, Task
+
+OMNIGLOT_SPLITS = ("images_background", "images_evaluation")
+MINIIMAGENET_SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+CACHE_FORMAT = "jmaml-images-v1"
+
+
+class ImageSplit(NamedTuple):
+    """One split of a dataset: ``images`` (classes, per_class, H, W, C) uint8 and the class names."""
+
+    images: np.ndarray
+    classes: tuple[str, ...]
+
+
+# ---- reading folders --------------------------------------------------------------------------
+
+def _image_files(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(folder, f)))
+
+
+def _check_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} {path} does not exist or is not a folder")
+
+
+def omniglot_classes(root: str, split_dir: str) -> dict[str, list[str]]:
+    """``{"ALPHABET/CHARACTER": [image paths]}`` for one of Omniglot's folders."""
+    base = os.path.join(root, split_dir)
+    _check_dir(base, "Omniglot folder")
+    out = {}
+    for alphabet in sorted(os.listdir(base)):
+        a_dir = os.path.join(base, alphabet)
+        if not os.path.isdir(a_dir):
+            continue
+        for character in sorted(os.listdir(a_dir)):
+            c_dir = os.path.join(a_dir, character)
+            if os.path.isdir(c_dir):
+                out[f"{alphabet}/{character}"] = _image_files(c_dir)
+    empty = [name for name, files in out.items() if not files]
+    if not out:
+        raise ValueError(f"{base} holds no ALPHABET/CHARACTER folders of images (Omniglot's layout)")
+    if empty:
+        raise ValueError(f"Omniglot class {empty[0]} in {base} has no images")
+    return out
+
+
+def folder_classes(root: str, split: str) -> dict[str, list[str]]:
+    """``{class: [image paths]}`` for ``ROOT/SPLIT/CLASS/*`` or ``ROOT/SPLIT.csv`` + ``ROOT/images``."""
+    _check_dir(root, "data dir")
+    split_dir, split_csv = os.path.join(root, split), os.path.join(root, f"{split}.csv")
+    out: dict[str, list[str]] = {}
+    if os.path.isdir(split_dir):
+        for name in sorted(os.listdir(split_dir)):
+            c_dir = os.path.join(split_dir, name)
+            if os.path.isdir(c_dir):
+                out[name] = _image_files(c_dir)
+        where = split_dir
+    elif os.path.isfile(split_csv):
+        images_dir = os.path.join(root, "images")
+        _check_dir(images_dir, "image folder")
+        with open(split_csv, encoding="utf-8", newline="") as f:
+            for row in csv.reader(f):
+                if not row or row[0] == "filename":
+                    continue
+                if len(row) < 2:
+                    raise ValueError(f"{split_csv}: expected rows 'filename,label', got {row!r}")
+                out.setdefault(row[1], []).append(os.path.join(images_dir, row[0]))
+        where = split_csv
+    else:
+        raise ValueError(f"no split {split!r} in {root}: expected a folder {split_dir} of class folders or a "
+                         f"file {split_csv}")
+    if not out:
+        raise ValueError(f"{where} lists no classes")
+    empty = [name for name, files in out.items() if not files]
+    if empty:
+        raise ValueError(f"class {empty[0]} in {where} has no images")
+    return out
+
+
+# ---- decoding and the cache -------------------------------------------------------------------
+
+def _pillow():
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise ImportError("reading images needs Pillow: pip install 'jmaml[images]'") from None
+    return Image, UnidentifiedImageError
+
+
+def decode(path: str, size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image as uint8 ``(size, size, channels)`` and its original (width, height)."""
+    image_mod, unidentified = _pillow()
+    try:
+        with image_mod.open(path) as im:
+            im.load()
+            original = im.size
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), image_mod.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ValueError(f"image {path} does not exist") from None
+    except (OSError, unidentified, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return arr.reshape(size, size, channels), original
+
+
+def _fingerprint(classes: dict[str, list[str]], size: int, channels: int) -> str:
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{channels}".encode())
+    for name in sorted(classes):
+        h.update(name.encode())
+        for path in classes[name]:
+            st = os.stat(path) if os.path.exists(path) else None
+            h.update(f"|{os.path.basename(path)}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
+    return h.hexdigest()
+
+
+def load_split(classes: dict[str, list[str]], *, size: int, channels: int, cache_path: str | None = None,
+               min_per_class: int = 1) -> ImageSplit:
+    """Decodes (or reads from the cache) every class's images into one uint8 array.
+
+    Every class keeps the first ``n`` of its images (sorted by name), ``n`` the smallest class's
+    count. All images of a split must share one original size (Omniglot's are 105×105, the usual
+    miniImageNet files 84×84); another size is reported with its path.
+
+    Raises:
+      ValueError: an unreadable image, a wrongly sized one, or a class with fewer than
+        ``min_per_class`` images (named).
+    """
+    size = check_positive_int(size, "image_size")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    small = {name: len(files) for name, files in classes.items() if len(files) < min_per_class}
+    if small:
+        name = min(small, key=small.get)
+        raise ValueError(f"class {name} has {small[name]} images, fewer than the {min_per_class} an episode "
+                         f"needs (shots + query per class)")
+    key = _fingerprint(classes, size, channels)
+    if cache_path and os.path.exists(cache_path):
+        try:
+            with np.load(cache_path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    return ImageSplit(np.array(z["images"]), tuple(json.loads(str(z["classes"]))))
+        except (OSError, KeyError, ValueError):
+            pass  # an unreadable cache is rebuilt
+    names = sorted(classes)
+    per_class = min(len(classes[n]) for n in names)
+    out = np.empty((len(names), per_class, size, size, channels), np.uint8)
+    first_size, first_path = None, None
+    for i, name in enumerate(names):
+        for j, path in enumerate(classes[name][:per_class]):
+            out[i, j], original = decode(path, size, channels)
+            if first_size is None:
+                first_size, first_path = original, path
+            elif original != first_size:
+                raise ValueError(f"image {path} is {original[0]}x{original[1]} but {first_path} is "
+                                 f"{first_size[0]}x{first_size[1]}: the images of a split must share one size")
+    if cache_path:
+        os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+        tmp = f"{cache_path}.tmp-{os.getpid()}.npz"
+        np.savez_compressed(tmp, images=out, classes=np.asarray(json.dumps(names)), key=np.asarray(key))
+        os.replace(tmp, cache_path)
+    return ImageSplit(out, tuple(names))
+
+
+def with_rotations(split: ImageSplit) -> ImageSplit:
+    """Each class's 90°, 180° and 270° rotations as three more classes (Omniglot, as in the paper)."""
+    rotated = [np.rot90(split.images, r, axes=(2, 3)) for r in range(4)]
+    names = tuple(f"{n}@rot{90 * r}" for r in range(4) for n in split.classes)
+    return ImageSplit(np.ascontiguousarray(np.concatenate(rotated)), names)
+
+
+def _default_cache(data_dir: str) -> str:
+    return os.path.join(data_dir, ".jmaml_cache")
+
+
+def load_omniglot(data_dir: str, *, image_size: int = 28, num_train_classes: int = 1200, rotations: bool = True,
+                  cache_dir: str | None = None, min_per_class: int = 1) -> dict[str, ImageSplit]:
+    """Omniglot's meta-training and test classes: ``{"train": ImageSplit, "test": ImageSplit}``.
+
+    The characters of ``images_background`` and ``images_evaluation`` (whichever exist) are pooled,
+    shuffled with a fixed seed (1) and split ``num_train_classes`` / the rest, then rotated.
+    """
+    _check_dir(data_dir, "data dir")
+    present = [s for s in OMNIGLOT_SPLITS if os.path.isdir(os.path.join(data_dir, s))]
+    if not present:
+        raise ValueError(f"{data_dir} holds neither {OMNIGLOT_SPLITS[0]} nor {OMNIGLOT_SPLITS[1]} (Omniglot's "
+                         "layout: ROOT/images_background/ALPHABET/CHARACTER/*.png)")
+    cache_dir = cache_dir or _default_cache(data_dir)
+    parts = [load_split(omniglot_classes(data_dir, s), size=image_size, channels=1, min_per_class=min_per_class,
+                        cache_path=os.path.join(cache_dir, f"omniglot-{s}-{image_size}.npz")) for s in present]
+    per_class = min(p.images.shape[1] for p in parts)
+    images = np.concatenate([p.images[:, :per_class] for p in parts])
+    names = tuple(f"{s}/{n}" for s, p in zip(present, parts) for n in p.classes)
+    check_positive_int(num_train_classes, "num_train_classes")
+    if num_train_classes >= len(names):
+        raise ValueError(f"num_train_classes = {num_train_classes} leaves no test classes: {data_dir} holds "
+                         f"{len(names)} characters")
+    order = np.random.default_rng(1).permutation(len(names))
+    out = {}
+    for split, idx in (("train", order[:num_train_classes]), ("test", order[num_train_classes:])):
+        idx = np.sort(idx)
+        part = ImageSplit(images[idx], tuple(names[i] for i in idx))
+        out[split] = with_rotations(part) if rotations else part
+    return out
+
+
+def load_miniimagenet(data_dir: str, *, image_size: int = 84, cache_dir: str | None = None,
+                      splits: tuple[str, ...] = ("train", "test"), min_per_class: int = 1) -> dict[str, ImageSplit]:
+    """miniImageNet-style splits: ``{split: ImageSplit}`` for each of ``splits``."""
+    _check_dir(data_dir, "data dir")
+    cache_dir = cache_dir or _default_cache(data_dir)
+    out = {s: load_split(folder_classes(data_dir, s), size=image_size, channels=3, min_per_class=min_per_class,
+                         cache_path=os.path.join(cache_dir, f"miniimagenet-{s}-{image_size}.npz")) for s in splits}
+    for a in splits:
+        for b in splits:
+            shared = sorted(set(out[a].classes) & set(out[b].classes)) if a < b else []
+            if shared:
+                raise ValueError(f"splits {a} and {b} share classes ({', '.join(shared[:3])}): they must be disjoint")
+    return out
+
+
+# ---- episodes ---------------------------------------------------------------------------------
+
+def check_episode(split: ImageSplit | np.ndarray | jax.Array, ways: int, shots: int, queries: int,
+                  what: str = "split") -> None:
+    """Checks that ``ways``-way episodes of ``shots`` + ``queries`` images per class fit the split."""
+    images = split.images if isinstance(split, ImageSplit) else split
+    ways, shots, queries = (check_positive_int(ways, "ways"), check_positive_int(shots, "shots"),
+                            check_positive_int(queries, "queries"))
+    if images.ndim != 5:
+        raise ValueError(f"{what}: images must have shape (classes, per_class, H, W, C), got {images.shape}")
+    if images.shape[0] < ways:
+        raise ValueError(f"{what} has {images.shape[0]} classes, fewer than ways = {ways}")
+    if images.shape[1] < shots + queries:
+        raise ValueError(f"{what} has {images.shape[1]} images per class, fewer than shots + queries = "
+                         f"{shots} + {queries}")
+
+
+def sample_episode(key: PRNGKey, images: jax.Array, *, ways: int, shots: int, queries: int) -> Task:
+    """One N-way K-shot episode: ``ways`` random classes, ``shots`` + ``queries`` random images each.
+
+    The classes come in random order and are labelled 0..ways−1 in that order, so labels are
+    permuted per episode. Support and query are ``Batch(x, y)`` with x float32 in [0, 1] of shape
+    ``(ways * shots, H, W, C)`` (resp. ``ways * queries``) and integer labels, grouped by class.
+    Pure ``jax.random``: jit- and vmap-able, runs on the device.
+    """
+    key_classes, key_images = jax.random.split(key)
+    num_classes, per_class = images.shape[:2]
+    classes = jax.random.permutation(key_classes, num_classes)[:ways]
+    picks = jax.vmap(lambda k: jax.random.permutation(k, per_class)[:shots + queries])(
+        jax.random.split(key_images, ways))
+    x = images[classes[:, None], picks].astype(jnp.float32) / 255.0  # (ways, shots + queries, H, W, C)
+    y = jnp.broadcast_to(jnp.arange(ways, dtype=jnp.int32)[:, None], (ways, shots + queries))
+    flat = lambda a, lo, hi: a[:, lo:hi].reshape((ways * (hi - lo),) + a.shape[2:])
+    return Task(Batch(flat(x, 0, shots), flat(y, 0, shots)),
+                Batch(flat(x, shots, shots + queries), flat(y, shots, shots + queries)))
+
+
+def sample_tasks(key: PRNGKey, images: jax.Array, num_tasks: int, *, ways: int, shots: int, queries: int) -> Task:
+    """A meta-batch of ``num_tasks`` episodes (a leading task axis)."""
+    return jax.vmap(lambda k: sample_episode(k, images, ways=ways, shots=shots, queries=queries))(
+        jax.random.split(key, num_tasks))

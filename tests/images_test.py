@@ -1,0 +1,217 @@
+"""Few-shot image classification on a synthetic Omniglot the tests draw: layout discovery, decoding,
+the cache, episodes, Conv-4, bad input, and a short meta-training run that must beat chance."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jmaml import cli, evaluate, models, train
+from jmaml.tasks import images
+
+NUM_CHARS = (8, 8, 8)  # characters per alphabet: 2 alphabets in images_background, 1 in images_evaluation
+PER_CLASS = 20  # as in Omniglot
+
+
+def _glyph(rng: np.random.Generator) -> list[tuple]:
+    """A character: a few thick strokes (start, end) on a 105x105 canvas."""
+    return [tuple(rng.integers(15, 90, size=4)) for _ in range(3)]
+
+
+def _draw(strokes, rng: np.random.Generator) -> np.ndarray:
+    canvas = np.full((105, 105), 255, np.uint8)
+    dy, dx = rng.integers(-4, 5, size=2)
+    for x0, y0, x1, y1 in strokes:
+        for t in np.linspace(0, 1, 60):
+            x, y = int(x0 + t * (x1 - x0)) + dx, int(y0 + t * (y1 - y0)) + dy
+            canvas[max(0, y - 3):y + 4, max(0, x - 3):x + 4] = 0
+    flip = rng.random(canvas.shape) < 0.01  # a little noise
+    canvas[flip] = 255 - canvas[flip]
+    return canvas
+
+
+def write_omniglot(root, num_chars=NUM_CHARS, per_class=PER_CLASS, seed=0):
+    rng = np.random.default_rng(seed)
+    dirs = [("images_background", "Alpha"), ("images_background", "Beta"), ("images_evaluation", "Gamma")]
+    for (split, alphabet), n in zip(dirs, num_chars):
+        for c in range(n):
+            folder = os.path.join(root, split, alphabet, f"character{c + 1:02d}")
+            os.makedirs(folder)
+            strokes = _glyph(rng)
+            for i in range(per_class):
+                Image.fromarray(_draw(strokes, rng)).save(os.path.join(folder, f"{c:04d}_{i:02d}.png"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def omniglot_dir(tmp_path_factory):
+    return write_omniglot(str(tmp_path_factory.mktemp("omniglot")))
+
+
+def test_omniglot_layout_decoding_rotations_and_disjoint_splits(omniglot_dir):
+    splits = images.load_omniglot(omniglot_dir, num_train_classes=16)
+    train, test = splits["train"], splits["test"]
+    assert train.images.shape == (4 * 16, PER_CLASS, 28, 28, 1) and train.images.dtype == np.uint8
+    assert test.images.shape == (4 * 8, PER_CLASS, 28, 28, 1)
+    base = lambda names: {n.split("@")[0] for n in names}
+    assert len(base(train.classes)) == 16 and len(base(test.classes)) == 8
+    assert not base(train.classes) & base(test.classes)  # no character in both
+    # the rotations are classes of their own: class i + 16 is class i turned by 90 degrees
+    np.testing.assert_array_equal(train.images[16], np.rot90(train.images[0], 1, axes=(1, 2)))
+    # decoded ink is dark on light, as drawn
+    assert train.images.mean() > 128 and train.images.min() < 64
+
+
+def test_cache_is_reused_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
+    root = write_omniglot(str(tmp_path / "o"), num_chars=(3, 0, 2), per_class=6)
+    first = images.load_omniglot(root, num_train_classes=3)
+    cache = tmp_path / "o" / ".jmaml_cache"
+    assert sorted(os.listdir(cache)) == ["omniglot-images_background-28.npz", "omniglot-images_evaluation-28.npz"]
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded although the cache is valid")
+
+    monkeypatch.setattr(images, "decode", no_decoding)
+    again = images.load_omniglot(root, num_train_classes=3)
+    np.testing.assert_array_equal(first["train"].images, again["train"].images)
+    assert first["test"].classes == again["test"].classes
+    # a new image invalidates that split's cache
+    folder = tmp_path / "o" / "images_evaluation" / "Gamma" / "character01"
+    Image.fromarray(np.zeros((105, 105), np.uint8)).save(folder / "zz.png")
+    with pytest.raises(AssertionError, match="decoded although"):
+        images.load_omniglot(root, num_train_classes=3)
+
+
+def test_episodes_shapes_balanced_labels_determinism_and_classes(omniglot_dir):
+    data = jnp.asarray(images.load_omniglot(omniglot_dir, num_train_classes=16)["train"].images)
+    key = jax.random.key(3)
+    ep = jax.jit(lambda k: images.sample_episode(k, data, ways=5, shots=2, queries=3))(key)
+    assert ep.support.x.shape == (10, 28, 28, 1) and ep.query.x.shape == (15, 28, 28, 1)
+    assert ep.support.x.dtype == jnp.float32 and 0 <= float(ep.support.x.min()) and float(ep.support.x.max()) <= 1
+    np.testing.assert_array_equal(np.bincount(np.asarray(ep.support.y)), [2] * 5)
+    np.testing.assert_array_equal(np.bincount(np.asarray(ep.query.y)), [3] * 5)
+    again = images.sample_episode(key, data, ways=5, shots=2, queries=3)
+    np.testing.assert_array_equal(ep.support.x, again.support.x)
+    other = images.sample_episode(jax.random.key(4), data, ways=5, shots=2, queries=3)
+    assert not np.array_equal(ep.support.x, other.support.x)
+    # every label's images come from one class, different labels from different classes, no image twice
+    flat = np.asarray(data).reshape(-1, 28 * 28)
+    owner = {}
+    for x, y in zip(np.concatenate([ep.support.x, ep.query.x]), np.concatenate([ep.support.y, ep.query.y])):
+        idx = np.flatnonzero((flat == np.round(np.asarray(x).reshape(-1) * 255)).all(axis=1))
+        owner.setdefault(int(y), set()).update(set((idx // PER_CLASS).tolist()))
+    assert all(len(v) == 1 for v in owner.values()) and len(set.union(*owner.values())) == 5
+    # labels are permuted per episode: over episodes, label 0 is many different classes
+    tasks = images.sample_tasks(key, data, 20, ways=5, shots=1, queries=1)
+    assert tasks.support.x.shape == (20, 5, 28, 28, 1)
+    firsts = {int(np.flatnonzero((flat == np.round(np.asarray(x).reshape(-1) * 255)).all(axis=1))[0] // PER_CLASS)
+              for x in tasks.support.x[:, 0]}
+    assert len(firsts) > 5
+
+
+def test_conv4_shapes_and_transductive_batch_norm():
+    omni = models.conv4(5)
+    p = omni.init(jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (6, 28, 28, 1))
+    assert omni.apply(p, x).shape == (6, 5)
+    assert p["head"]["w"].shape == (64, 5)  # spatial mean of 64 channels (strided, the paper's Omniglot)
+    # batch norm uses the batch at hand: the same image scores differently beside other images
+    assert not np.allclose(omni.apply(p, x[:3])[0], omni.apply(p, x)[0], atol=1e-5)
+    mini = models.conv4(5, in_channels=3, filters=32, strided=False, image_size=84)
+    pm = mini.init(jax.random.key(0))
+    assert pm["head"]["w"].shape == (32 * 5 * 5, 5)
+    assert mini.apply(pm, jnp.ones((2, 84, 84, 3))).shape == (2, 5)
+    with pytest.raises(ValueError, match=r"conv4 expects images of shape \(n, 28, 28, 1\)"):
+        omni.apply(p, jnp.ones((2, 28, 28, 3)))
+
+
+def _write_folder_dataset(root, splits=("train", "test"), classes=3, per_class=6, size=(84, 84)):
+    rng = np.random.default_rng(0)
+    for s in splits:
+        for c in range(classes):
+            folder = os.path.join(root, s, f"n{s}{c:03d}")
+            os.makedirs(folder)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+                    os.path.join(folder, f"{i}.jpg"))
+
+
+def test_miniimagenet_folder_and_csv_layouts(tmp_path):
+    _write_folder_dataset(str(tmp_path / "m"))
+    splits = images.load_miniimagenet(str(tmp_path / "m"))
+    assert splits["train"].images.shape == (3, 6, 84, 84, 3)
+    assert not set(splits["train"].classes) & set(splits["test"].classes)
+    # the CSV layout: images/ plus split.csv files
+    root = tmp_path / "c"
+    (root / "images").mkdir(parents=True)
+    rows = {"train": [], "test": []}
+    for s in rows:
+        for c in range(3):
+            for i in range(6):
+                name = f"{s}{c}_{i}.jpg"
+                Image.fromarray(np.full((84, 84, 3), 10 * c + i, np.uint8)).save(root / "images" / name)
+                rows[s].append(f"{name},n{s}{c}")
+        (root / f"{s}.csv").write_text("filename,label\n" + "\n".join(rows[s]) + "\n")
+    csv_splits = images.load_miniimagenet(str(root))
+    assert csv_splits["test"].images.shape == (3, 6, 84, 84, 3)
+    # the same class in two splits is refused
+    (root / "test.csv").write_text("filename,label\n" + "\n".join(r.replace("ntest0", "ntrain0") for r in rows["test"]))
+    with pytest.raises(ValueError, match="splits test and train share classes|splits train and test share"):
+        images.load_miniimagenet(str(root))
+
+
+def test_bad_input_names_the_path_or_class(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        images.load_omniglot(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds neither images_background nor images_evaluation"):
+        images.load_omniglot(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "images_background").mkdir()
+    with pytest.raises(ValueError, match="holds no ALPHABET/CHARACTER folders"):
+        images.load_omniglot(str(tmp_path / "empty"))
+    root = write_omniglot(str(tmp_path / "o"), num_chars=(3, 0, 2), per_class=4)
+    bad = os.path.join(root, "images_background", "Alpha", "character02", "0001_00.png")
+    with open(bad, "wb") as f:
+        f.write(b"not a png at all")
+    with pytest.raises(ValueError, match=f"cannot read image {bad}"):
+        images.load_omniglot(root, num_train_classes=3)
+    Image.fromarray(np.zeros((50, 60), np.uint8)).save(bad, format="PNG")
+    with pytest.raises(ValueError, match=f"image {bad} is 60x50 but .* is 105x105"):
+        images.load_omniglot(root, num_train_classes=3)
+    os.remove(bad)
+    with pytest.raises(ValueError, match="class Alpha/character02 has 3 images, fewer than the 5"):
+        images.load_omniglot(root, num_train_classes=3, min_per_class=5)
+    data = images.load_omniglot(root, num_train_classes=3, rotations=False)["test"]
+    with pytest.raises(ValueError, match="has 2 classes, fewer than ways = 5"):
+        images.check_episode(data, 5, 1, 1)
+    with pytest.raises(ValueError, match=r"3 images per class, fewer than shots \+ queries = 2 \+ 2"):
+        images.check_episode(data, 2, 2, 2)
+
+
+def test_short_meta_training_beats_chance(omniglot_dir, tmp_path):
+    code = cli.main(["train", "--task", "omniglot", "--data-dir", omniglot_dir, "--num-train-classes", "16",
+                     "--ways", "5", "--shots", "1", "--query-shots", "5", "--image-size", "14",
+                     "--meta-batch-size", "4", "--steps", "40", "--log-every", "20", "--out", str(tmp_path / "run"),
+                     "--no-eval"])
+    assert code == 0
+    results = evaluate.evaluate_run(str(tmp_path / "run"), num_tasks=100)
+    acc = results["maml"]["1"]["mean"]
+    print(f"5-way 1-shot accuracy on held-out synthetic characters: before {acc[0]:.3f}, after "
+          f"{len(acc) - 1} steps {acc[-1]:.3f} ± {results['maml']['1']['ci95'][-1]:.3f} (chance 0.2)")
+    assert acc[-1] - results["maml"]["1"]["ci95"][-1] > 0.4  # chance is 0.2
+    config = train.load_config(str(tmp_path / "run"))
+    assert (config.inner_lr, config.num_inner_steps, config.eval_inner_steps) == (0.4, 1, 3)  # the paper's preset
+    assert "| maml | 1 | 0.4 |" in evaluate.format_table(results)
+
+
+def test_image_task_flags_are_checked(tmp_path, capsys):
+    assert cli.main(["train", "--task", "omniglot", "--out", str(tmp_path / "a")]) == 2
+    assert "needs data_dir" in capsys.readouterr().err
+    assert cli.main(["train", "--task", "omniglot", "--data-dir", str(tmp_path / "nope"), "--out",
+                     str(tmp_path / "b")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="data_dir applies to the image tasks"):
+        train.TrainConfig(data_dir="x").validate()
