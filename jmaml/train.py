@@ -377,17 +377,16 @@ def make_chunk(config: TrainConfig, phase: str = "maml",
     else:
         step = make_step(build_optimiser(config), loss_fn, inner_lr=config.inner_lr, num_inner_steps=0)
 
-    def one(carry, _):
-        state, data = carry
+    def one(state: TrainState, data):
         key, key_tasks = jax.random.split(state.key)
         tasks = distributed.shard_tasks(sample_meta_batch(config, key_tasks, data), mesh)
         new_state, metrics = step(state._replace(key=key), tasks)
-        return (distributed.replicate(new_state, mesh), data), distributed.replicate(metrics, mesh)
+        return distributed.replicate(new_state, mesh), distributed.replicate(metrics, mesh)
 
     @jax.jit
     def _chunk(state: TrainState, length_marker: jax.Array, data):
-        (state, _), metrics = jax.lax.scan(one, (state, data), None, length=length_marker.shape[0])
-        return state, metrics
+        # the images are closed over (a loop invariant), not carried from step to step
+        return jax.lax.scan(lambda s, _: one(s, data), state, None, length=length_marker.shape[0])
 
     # The length is carried by an argument's shape so jit specialises on it without retracing the
     # Python function for every call; image data is an argument, not a constant baked into the program.

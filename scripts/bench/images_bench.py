@@ -91,19 +91,16 @@ def jmaml_training_loop(s: dict, min_time: float) -> float:
     chunk = train.make_chunk(config)
     state = [train.initial_state(config)]
 
+    length = 16  # one chunk length, so one compilation: n chunks of 16 steps
+
     def run(n):
         t0 = time.perf_counter()
-        state[0], _ = chunk(state[0], n)
+        for _ in range(n):
+            state[0], _ = chunk(state[0], length)
         jax.block_until_ready(state[0].params)
         return time.perf_counter() - t0
 
-    run(4)  # a chunk length of its own compiles once per length: time one fixed length
-    n, elapsed = 32, 0.0
-    while elapsed < min_time:
-        elapsed = sum(run(n) for _ in range(2))
-        if elapsed < min_time:
-            n *= 2
-    return 2 * n / elapsed
+    return length * _time(run, min_time)
 
 
 def torch_fixed(s: dict, min_time: float, device: str) -> float:
