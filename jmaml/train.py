@@ -393,6 +393,20 @@ def make_chunk(config: TrainConfig, phase: str = "maml",
     data = task_data(config) if phase == "maml" else None
     if data is not None:
         data = distributed.put_replicated(data, mesh)
+        if jax.default_backend() == "cpu":
+            # XLA's CPU backend runs convolutions inside a compiled loop about 3x slower than the same
+            # step compiled alone (Conv-4, Omniglot shapes: 0.86 vs 2.46 meta-steps/s on 2 cores), so on
+            # CPU image chunks are a Python loop over the jitted step; the same steps on the same keys.
+            one_jit = jax.jit(one)
+
+            def looped(state: TrainState, length: int):
+                metrics = []
+                for _ in range(length):
+                    state, m = one_jit(state, data)
+                    metrics.append(m)
+                return state, jax.tree.map(lambda *a: jnp.stack(a), *metrics)
+
+            return looped
     return lambda state, length: _chunk(state, jnp.zeros((length,), jnp.int8), data)
 
 
