@@ -29,12 +29,12 @@ STEPS_SHOWN = (1, 5, 10)
 SHOTS_SHOWN = ("5", "10")
 
 
-def run_one(algo: str, k: int, steps: int) -> dict:
+def run_one(algo: str, k: int, steps: int, inner_lr: float = 0.01) -> dict:
     from jmaml import evaluate, train
 
     config = train.TrainConfig(algo=algo, num_inner_steps=k, steps=steps, log_every=1000,
-                               checkpoint_every=steps, pretrain=False)
-    run_dir = os.path.join(RESULTS, f"k{k}", algo)
+                               checkpoint_every=steps, pretrain=False, inner_lr=inner_lr)
+    run_dir = os.path.join(RESULTS, f"k{k}" + ("" if inner_lr == 0.01 else f"-lr{inner_lr:g}"), algo)
     t0 = time.perf_counter()
     record: dict = {"algo": algo, "k": k, "steps": steps, "settings": config.algorithm_settings()}
     try:
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=15_000, help="meta-steps per algorithm (default 15000)")
     parser.add_argument("--k", default="1,5", help="inner-step settings to run (default 1,5)")
     parser.add_argument("--algos", default=None, help="comma-separated subset (default: all seven)")
+    parser.add_argument("--inner-lr", type=float, default=0.01,
+                        help="alpha for every algorithm (default 0.01, the paper's); another value writes "
+                             "RESULTS-lr<alpha>.md and results-lr<alpha>.json beside the default ones")
     args = parser.parse_args(argv)
     from jmaml.algorithms import ALGORITHMS
 
@@ -90,21 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for k in ks:
         for algo in algos:
-            r = run_one(algo, k, args.steps)
+            r = run_one(algo, k, args.steps, args.inner_lr)
             records.append(r)
             status = r.get("diverged") or f"{r['ms_per_meta_step']:.2f} ms/step, " \
                 f"K=10 1-step MSE {r['eval']['10']['mean'][1]:.3f}"
             print(f"k={k} {algo}: {status}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
-    with open(os.path.join(HERE, "results.json"), "w", encoding="utf-8") as f:
+    suffix = "" if args.inner_lr == 0.01 else f"-lr{args.inner_lr:g}"
+    with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
         json.dump({"steps": args.steps, "machine": machine(), "wall_s": wall, "runs": records}, f, indent=2)
     sections = "\n\n".join(f"### k = {k} inner step{'s' if k > 1 else ''} at training\n\n"
                            + table([r for r in records if r["k"] == k]) for k in ks)
     text = f"""# The MAML family on sinusoid regression
 
-Command: `python experiments/algorithms/run.py --steps {args.steps} --k {args.k}`. Every algorithm
-meta-trains the MAML paper's sinusoid network (MLP 1-40-40-1 ReLU, K = 10 support + 10 query points,
-alpha = 0.01, Adam with beta = 1e-3, 25 tasks per meta-batch, MSE) for {args.steps:,} meta-steps on
+Command: `python experiments/algorithms/run.py --steps {args.steps} --k {args.k} --inner-lr {args.inner_lr:g}`.
+Every algorithm meta-trains the MAML paper's sinusoid network (MLP 1-40-40-1 ReLU, K = 10 support + 10 query
+points, alpha = {args.inner_lr:g}, Adam with beta = 1e-3, 25 tasks per meta-batch, MSE) for {args.steps:,} meta-steps on
 the same stream of training tasks (seed 0), with each algorithm's defaults: Meta-SGD's and MAML++'s
 learned rates start at alpha; ANIL adapts the last layer; MAML++ uses the multi-step loss annealed
 over the first tenth of training and second-order gradients throughout; iMAML uses lambda = 1 and 5
@@ -121,7 +125,7 @@ this machine, one algorithm at a time.
 
 Wall time {wall / 60:.1f} min on {machine()}.
 """
-    with open(os.path.join(HERE, "RESULTS.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(HERE, f"RESULTS{suffix}.md"), "w", encoding="utf-8") as f:
         f.write(text)
     print(text)
     return 0
