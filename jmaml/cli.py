@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -336,9 +337,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_WORKER_ENV = "JMAML_DISTRIBUTED_WORKER"
+
+
+def _supervise(argv: list[str]) -> int:
+    """Run a distributed ``jmaml train`` in a child process and report how it ended.
+
+    When another process of the job dies, JAX's coordination service stops the survivors with a
+    C++ abort (SIGABRT and a stack trace) that Python cannot catch, and it may do so before the
+    failed collective reaches our own error handling. This parent does nothing JAX-related: it
+    forwards SIGINT/SIGTERM to the child (which checkpoints and stops; a repeat of the same signal
+    within two seconds counts once), and turns a child killed by a signal into one clear message.
+    """
+    child = subprocess.Popen([sys.executable, "-m", "jmaml", *argv], env={**os.environ, _WORKER_ENV: "1"})
+
+    def forward(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if code >= 0:
+        return code
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGABRT:
+        print(f"jmaml train: distributed run failed: JAX's distributed runtime stopped this process ({name}) -- "
+              "another process probably died or became unreachable; its own log says why. Resume all processes "
+              "with --resume.", file=sys.stderr)
+        return 4
+    print(f"jmaml train: distributed run failed: this process was killed by {name} (by the scheduler or the "
+          "out-of-memory killer?). Resume all processes with --resume.", file=sys.stderr)
+    return 128 - code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.command == "train" and args.distributed and os.environ.get(_WORKER_ENV) != "1":
+        return _supervise(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, ImportError) as e:

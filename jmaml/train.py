@@ -451,6 +451,7 @@ class _StopFlag:
 
     def __init__(self):
         self.signum: int | None = None
+        self._at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -460,9 +461,12 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+        now = time.monotonic()
+        if self.signum is not None:
+            if signum == self.signum and now - self._at < 2.0:
+                return  # the same request twice (the process group and a supervising parent)
+            raise KeyboardInterrupt  # a second request: stop now
+        self.signum, self._at = signum, now
 
     def __exit__(self, *exc):
         for s, h in self._previous.items():
