@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jmaml import estimators
 from jmaml.types import LossFn, Params
@@ -27,6 +28,26 @@ from jmaml.types import LossFn, Params
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mamlpp", "imaml")
 ALGORITHM_LABELS = {"maml": "MAML", "fomaml": "FOMAML", "reptile": "Reptile", "metasgd": "Meta-SGD",
                     "anil": "ANIL", "mamlpp": "MAML++", "imaml": "iMAML"}
+LEARNED_RATES = ("metasgd", "mamlpp")  # meta-parameters (params, inner_lr): the inner rates are learned
+
+
+def rate_optimiser(params_optimiser: optax.GradientTransformation,
+                   rates_optimiser: optax.GradientTransformation) -> optax.GradientTransformation:
+    """One optimiser for learned-rate meta-parameters (``MetaSGDParams``, ``MAMLPPParams``): the
+    first transforms ``.params``, the second ``.inner_lr``.
+
+    Adam moves every coordinate by about its learning rate per step whatever the gradient's scale,
+    so at β = 1e-3 the rates (~1e-3 to 1e-2) change by a large fraction of themselves each step;
+    a smaller rate for them (e.g. ``optax.adam(1e-5)``) keeps their inner loops stable.
+    """
+    def labels(meta_params):
+        if not hasattr(meta_params, "inner_lr") or not hasattr(meta_params, "params"):
+            raise TypeError("rate_optimiser needs meta-parameters with .params and .inner_lr (MetaSGDParams, "
+                            f"MAMLPPParams); got {type(meta_params).__name__}")
+        return meta_params._replace(params=jax.tree.map(lambda _: "params", meta_params.params),
+                                    inner_lr=jax.tree.map(lambda _: "rates", meta_params.inner_lr))
+
+    return optax.multi_transform({"params": params_optimiser, "rates": rates_optimiser}, labels)
 
 
 class Algorithm(NamedTuple):

@@ -56,6 +56,7 @@ _TRAIN_FLAGS = {
     "log_every": "log_every", "pretrain": "pretrain", "remat": "remat", "algo": "algo",
     "imaml_lambda": "imaml_lambda", "imaml_cg_iters": "imaml_cg_iters", "mamlpp_msl": "mamlpp_msl",
     "mamlpp_msl_anneal_steps": "mamlpp_msl_anneal_steps", "mamlpp_first_order_steps": "mamlpp_first_order_steps",
+    "rate_meta_lr": "rate_meta_lr",
     "task": "task", "data_dir": "data_dir", "ways": "ways", "image_size": "image_size",
     "eval_inner_steps": "eval_inner_steps", "num_train_classes": "num_train_classes",
 }
@@ -271,6 +272,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--algo", default=None, choices=ALGORITHMS,
                    help="maml (default), fomaml, reptile, metasgd (learned per-parameter rates), anil (only "
                         "the last layer adapts), mamlpp (MAML++), imaml (implicit gradients)")
+    g.add_argument("--rate-meta-lr", type=float, default=None,
+                   help="Meta-SGD, MAML++: meta rate of the learned inner rates (default: --meta-lr); "
+                        "e.g. 1e-5 keeps Adam from moving them by ~meta-lr per step")
     g.add_argument("--imaml-lambda", type=float, default=None, help="iMAML: proximal strength lambda (default 1)")
     g.add_argument("--imaml-cg-iters", type=int, default=None,
                    help="iMAML: conjugate-gradient iterations (default 5)")

@@ -45,7 +45,7 @@ from jmaml._checks import (
     check_rate,
     check_seed,
 )
-from jmaml.algorithms import Algorithm, check_algorithm, make_algorithm
+from jmaml.algorithms import ALGORITHM_LABELS, LEARNED_RATES, Algorithm, check_algorithm, make_algorithm, rate_optimiser
 from jmaml.estimators import make_estimator_step
 from jmaml.losses import make_loss
 from jmaml.meta import TrainState, init_state, make_step
@@ -96,6 +96,8 @@ class TrainConfig:
     mamlpp_msl: bool = True  # MAML++'s multi-step loss
     mamlpp_msl_anneal_steps: int | None = None  # meta-steps it anneals over; None: a tenth of `steps`
     mamlpp_first_order_steps: int = 0  # MAML++'s derivative-order annealing: first order before this step
+    # The meta rate of the learned inner rates (Meta-SGD, MAML++), with the same optimiser; None: meta_lr.
+    rate_meta_lr: float | None = None
     remat: bool = False  # rematerialise inner steps on the backward pass (memory for long k)
     # Inner-loop unrolling: None = auto (straight-line code for k <= 8, measured faster on CPU and
     # GPU; a rolled lax.scan beyond, whose compile time does not grow with k); or as jmaml.adapt.
@@ -195,6 +197,11 @@ class TrainConfig:
         if self.mamlpp_msl_anneal_steps is not None:
             check_positive_int(self.mamlpp_msl_anneal_steps, "mamlpp_msl_anneal_steps")
         check_nonnegative_int(self.mamlpp_first_order_steps, "mamlpp_first_order_steps")
+        if self.rate_meta_lr is not None:
+            if self.algo not in LEARNED_RATES:
+                raise ValueError(f"rate_meta_lr = {self.rate_meta_lr!r} applies to the algorithms that learn their "
+                                 f"inner rates ({', '.join(LEARNED_RATES)}); this run's algo is {self.algo!r}")
+            check_rate(self.rate_meta_lr, "rate_meta_lr")
 
     def algorithm_settings(self) -> dict[str, Any]:
         """The settings the chosen algorithm actually uses, with defaults resolved (for the run dir)."""
@@ -208,6 +215,8 @@ class TrainConfig:
                        mamlpp_first_order_steps=self.mamlpp_first_order_steps)
         if self.algo == "anil":
             out["anil_adapts"] = "the last layer"
+        if self.algo in LEARNED_RATES:
+            out["rate_meta_lr"] = self.meta_lr if self.rate_meta_lr is None else self.rate_meta_lr
         return out
 
     def msl_anneal_steps(self) -> int:
@@ -312,8 +321,13 @@ def effective_unroll(unroll: int | bool | None, num_inner_steps: int) -> int | b
     return unroll
 
 
-def build_optimiser(config: TrainConfig) -> optax.GradientTransformation:
-    return OPTIMISERS[config.optimiser](config.meta_lr)
+def build_optimiser(config: TrainConfig, phase: str = "maml") -> optax.GradientTransformation:
+    """The meta-optimiser of a phase: ``config.optimiser`` at ``meta_lr``; with ``rate_meta_lr``,
+    the learned inner rates get their own instance at that rate."""
+    optimiser = OPTIMISERS[config.optimiser]
+    if phase == "maml" and config.rate_meta_lr is not None:
+        return rate_optimiser(optimiser(config.meta_lr), optimiser(config.rate_meta_lr))
+    return optimiser(config.meta_lr)
 
 
 def build_algorithm(config: TrainConfig, loss_fn: LossFn | None = None) -> Algorithm:
@@ -337,7 +351,7 @@ def initial_state(config: TrainConfig, phase: str = "maml") -> TrainState:
     params = model.init(key_init)
     if phase == "maml":
         params = build_algorithm(config).init(params)
-    return init_state(params, build_optimiser(config), task_stream_key(config, phase))
+    return init_state(params, build_optimiser(config, phase), task_stream_key(config, phase))
 
 
 def task_stream_key(config: TrainConfig, phase: str = "maml") -> jax.Array:
@@ -375,7 +389,7 @@ def make_chunk(config: TrainConfig, phase: str = "maml",
         algo = build_algorithm(config, loss_fn)
         step = make_estimator_step(build_optimiser(config), algo.estimator, **algo.hyper)
     else:
-        step = make_step(build_optimiser(config), loss_fn, inner_lr=config.inner_lr, num_inner_steps=0)
+        step = make_step(build_optimiser(config, phase), loss_fn, inner_lr=config.inner_lr, num_inner_steps=0)
 
     def one(state: TrainState, data):
         key, key_tasks = jax.random.split(state.key)
@@ -568,9 +582,13 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool,
             if step > saved_step or (writer and not os.path.exists(ckpt)):
                 save(state, step)
                 saved_step = step
-            raise DivergenceError(f"{phase} training diverged: {msg}. The last good state "
-                                  f"(step {saved_step}) is kept in {ckpt}. Try a smaller inner rate "
-                                  f"(now {config.inner_lr}) or meta rate (now {config.meta_lr}).")
+            what = ALGORITHM_LABELS[config.algo] if phase == "maml" else phase
+            hint = f"Try a smaller inner rate (now {config.inner_lr}) or meta rate (now {config.meta_lr})"
+            if phase == "maml" and config.algo in LEARNED_RATES:
+                hint += (f", or a smaller meta rate for the learned inner rates (rate_meta_lr, now "
+                         f"{config.meta_lr if config.rate_meta_lr is None else config.rate_meta_lr})")
+            raise DivergenceError(f"{what} training diverged: {msg}. The last good state "
+                                  f"(step {saved_step}) is kept in {ckpt}. {hint}.")
         state, step = new_state, step + length
         record = {"phase": phase, "step": step, "meta_loss": float(np.mean(metrics["meta_loss"])),
                   "meta_loss_last": float(metrics["meta_loss"][-1]),

@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jmaml import Task, algorithms, checkpoint, cli, estimators, evaluate, inner_step, make_loss, models, train
@@ -120,6 +121,9 @@ def test_evaluating_a_run_uses_its_algorithm(tmp_path):
     ({"algo": "mamlpp", "mamlpp_msl_anneal_steps": 0}, "mamlpp_msl_anneal_steps must be"),
     ({"algo": "mamlpp", "num_inner_steps": 0}, "needs num_inner_steps >= 1"),
     ({"algo": "imaml", "remat": True}, "remat is not available"),
+    ({"rate_meta_lr": 1e-5}, "rate_meta_lr = 1e-05 applies to the algorithms that learn their inner rates"),
+    ({"algo": "metasgd", "rate_meta_lr": -1e-5}, "rate_meta_lr"),
+    ({"algo": "mamlpp", "rate_meta_lr": float("nan")}, "rate_meta_lr"),
 ])
 def test_invalid_algorithm_settings_are_named(change, match):
     with pytest.raises(ValueError, match=match):
@@ -144,3 +148,39 @@ def test_cli_algorithm_flags(tmp_path, capsys):
                                           "7", "--out", str(tmp_path / "w")])
     config = cli._train_config(args)
     assert (config.algo, config.mamlpp_msl, config.mamlpp_first_order_steps) == ("mamlpp", False, 7)
+    args = cli.build_parser().parse_args(["train", "--algo", "metasgd", "--rate-meta-lr", "1e-5"])
+    assert cli._train_config(args).rate_meta_lr == 1e-5
+
+
+def test_rate_optimiser_is_two_independent_optimisers():
+    # oracle: optax.adam run separately on the parameters and on the rates
+    params = {"w": jnp.array([0.5, -1.0]), "b": jnp.array(0.2)}
+    meta = estimators.meta_sgd_init(params, 0.01)
+    opt = algorithms.rate_optimiser(optax.adam(1e-3), optax.adam(1e-5))
+    state = opt.init(meta)
+    p_opt, r_opt = optax.adam(1e-3), optax.adam(1e-5)
+    p_state, r_state = p_opt.init(meta.params), r_opt.init(meta.inner_lr)
+    for i in range(3):
+        grads = jax.tree.map(lambda x: jnp.cos(x + i) * (1 + i), meta)
+        updates, state = opt.update(grads, state, meta)
+        p_up, p_state = p_opt.update(grads.params, p_state)
+        r_up, r_state = r_opt.update(grads.inner_lr, r_state)
+        for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves((p_up, r_up))):
+            np.testing.assert_array_equal(a, b)
+        meta = optax.apply_updates(meta, updates)
+    with pytest.raises(TypeError, match="needs meta-parameters with .params and .inner_lr"):
+        opt.init(params)
+
+
+def test_metasgd_with_frozen_rates_trains_as_maml(tmp_path):
+    # rate_meta_lr = 0 keeps every rate at alpha, and Meta-SGD at rates alpha is MAML: the same parameters
+    base = {**TINY.to_dict(), "hidden": TINY.hidden}
+    maml = train.train(TrainConfig(**base), str(tmp_path / "m"), stream=io.StringIO())["maml"]
+    msgd = train.train(TrainConfig(**{**base, "algo": "metasgd", "rate_meta_lr": 0.0}), str(tmp_path / "s"),
+                       stream=io.StringIO())["maml"]
+    for r in jax.tree.leaves(msgd.params.inner_lr):
+        np.testing.assert_array_equal(r, np.full(r.shape, TINY.inner_lr, np.float32))
+    for a, b in zip(checkpoint.host_leaves(msgd.params.params), checkpoint.host_leaves(maml.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with open(tmp_path / "s" / "config.json") as f:
+        assert json.load(f)["algorithm"]["rate_meta_lr"] == 0.0

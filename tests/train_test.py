@@ -1,5 +1,6 @@
 """The training loop: exact resume, interruption by signal, divergence stop, run-dir safety."""
 
+import dataclasses
 import io
 import json
 import os
@@ -53,8 +54,13 @@ def test_exploding_inner_loop_stops_the_run(tmp_path):
     # alpha = 10 with one step stays finite (Adam rescales the meta-steps) but the adapted loss
     # is orders of magnitude above the un-adapted one: reported, with the steps and tasks.
     cfg = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "inner_lr": 10.0})
-    with pytest.raises(train.DivergenceError, match=r"exploding inner loop over steps 1-10: .* tasks \["):
+    with pytest.raises(train.DivergenceError, match=r"MAML training diverged: exploding inner loop over steps "
+                                                    r"1-10: .* tasks \["):
         train.train(cfg, str(tmp_path / "x"), stream=io.StringIO())
+    # an algorithm with learned rates names itself and its rates' meta rate
+    cfg = dataclasses.replace(cfg, algo="metasgd", rate_meta_lr=1e-5)
+    with pytest.raises(train.DivergenceError, match=r"Meta-SGD training diverged: .*rate_meta_lr, now 1e-05"):
+        train.train(cfg, str(tmp_path / "y"), stream=io.StringIO())
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -29,12 +29,19 @@ STEPS_SHOWN = (1, 5, 10)
 SHOTS_SHOWN = ("5", "10")
 
 
-def run_one(algo: str, k: int, steps: int, inner_lr: float = 0.01) -> dict:
-    from jmaml import evaluate, train
+def _suffix(inner_lr: float, rate_meta_lr: float | None) -> str:
+    return ("" if inner_lr == 0.01 else f"-lr{inner_lr:g}") + ("" if rate_meta_lr is None else f"-rlr{rate_meta_lr:g}")
 
+
+def run_one(algo: str, k: int, steps: int, inner_lr: float = 0.01, rate_meta_lr: float | None = None) -> dict:
+    from jmaml import evaluate, train
+    from jmaml.algorithms import LEARNED_RATES
+
+    rate_meta_lr = rate_meta_lr if algo in LEARNED_RATES else None
     config = train.TrainConfig(algo=algo, num_inner_steps=k, steps=steps, log_every=1000,
-                               checkpoint_every=steps, pretrain=False, inner_lr=inner_lr)
-    run_dir = os.path.join(RESULTS, f"k{k}" + ("" if inner_lr == 0.01 else f"-lr{inner_lr:g}"), algo)
+                               checkpoint_every=steps, pretrain=False, inner_lr=inner_lr,
+                               rate_meta_lr=rate_meta_lr)
+    run_dir = os.path.join(RESULTS, f"k{k}" + _suffix(inner_lr, rate_meta_lr), algo)
     t0 = time.perf_counter()
     record: dict = {"algo": algo, "k": k, "steps": steps, "settings": config.algorithm_settings()}
     try:
@@ -84,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner-lr", type=float, default=0.01,
                         help="alpha for every algorithm (default 0.01, the paper's); another value writes "
                              "RESULTS-lr<alpha>.md and results-lr<alpha>.json beside the default ones")
+    parser.add_argument("--rate-meta-lr", type=float, default=None,
+                        help="Meta-SGD's and MAML++'s meta rate for their learned inner rates (default: beta, "
+                             "as the others); given, the files get the suffix -rlr<value>")
     args = parser.parse_args(argv)
     from jmaml.algorithms import ALGORITHMS
 
@@ -93,24 +103,27 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for k in ks:
         for algo in algos:
-            r = run_one(algo, k, args.steps, args.inner_lr)
+            r = run_one(algo, k, args.steps, args.inner_lr, args.rate_meta_lr)
             records.append(r)
             status = r.get("diverged") or f"{r['ms_per_meta_step']:.2f} ms/step, " \
                 f"K=10 1-step MSE {r['eval']['10']['mean'][1]:.3f}"
             print(f"k={k} {algo}: {status}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
-    suffix = "" if args.inner_lr == 0.01 else f"-lr{args.inner_lr:g}"
+    suffix = _suffix(args.inner_lr, args.rate_meta_lr)
+    rlr = "" if args.rate_meta_lr is None else f" --rate-meta-lr {args.rate_meta_lr:g}"
+    rates = ("learned rates start at alpha" if args.rate_meta_lr is None else
+             f"learned rates start at alpha and move with Adam at {args.rate_meta_lr:g}")
     with open(os.path.join(HERE, f"results{suffix}.json"), "w", encoding="utf-8") as f:
         json.dump({"steps": args.steps, "machine": machine(), "wall_s": wall, "runs": records}, f, indent=2)
     sections = "\n\n".join(f"### k = {k} inner step{'s' if k > 1 else ''} at training\n\n"
                            + table([r for r in records if r["k"] == k]) for k in ks)
     text = f"""# The MAML family on sinusoid regression
 
-Command: `python experiments/algorithms/run.py --steps {args.steps} --k {args.k} --inner-lr {args.inner_lr:g}`.
+Command: `python experiments/algorithms/run.py --steps {args.steps} --k {args.k} --inner-lr {args.inner_lr:g}{rlr}`.
 Every algorithm meta-trains the MAML paper's sinusoid network (MLP 1-40-40-1 ReLU, K = 10 support + 10 query
 points, alpha = {args.inner_lr:g}, Adam with beta = 1e-3, 25 tasks per meta-batch, MSE) for {args.steps:,} meta-steps on
 the same stream of training tasks (seed 0), with each algorithm's defaults: Meta-SGD's and MAML++'s
-learned rates start at alpha; ANIL adapts the last layer; MAML++ uses the multi-step loss annealed
+{rates}; ANIL adapts the last layer; MAML++ uses the multi-step loss annealed
 over the first tenth of training and second-order gradients throughout; iMAML uses lambda = 1 and 5
 conjugate-gradient iterations; Reptile's direction feeds the same Adam.
 
