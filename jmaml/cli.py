@@ -352,6 +352,7 @@ def _supervise(argv: list[str]) -> int:
     failed collective reaches our own error handling. This parent does nothing JAX-related: it
     forwards SIGINT/SIGTERM to the child (which checkpoints and stops; a repeat of the same signal
     within two seconds counts once), and turns a child killed by a signal into one clear message.
+    It must not start a JAX backend: on a GPU that would hold the memory the worker needs.
     """
     child = subprocess.Popen([sys.executable, "-m", "jmaml", *argv], env={**os.environ, _WORKER_ENV: "1"})
 

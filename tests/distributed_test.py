@@ -28,7 +28,7 @@ RTOL, ATOL = 1e-4, 1e-6
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
+    env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **extra})
     return env
 
 
@@ -175,6 +175,24 @@ def test_the_supervisor_names_an_aborted_worker(monkeypatch, capsys):
     assert seen == {"args": [sys.executable, "-m", "jmaml", *argv], "worker": "1"}
     err = capsys.readouterr().err
     assert "distributed run failed" in err and "SIGABRT" in err and "another process probably died" in err
+
+
+def test_the_supervisor_starts_no_jax_backend():
+    # on a GPU a backend in the parent would hold the memory its worker needs: with an unknown
+    # platform any backend start fails, and the supervisor (its worker replaced by `exit 0`) still runs
+    code = textwrap.dedent("""
+        import subprocess, sys
+        from jmaml import cli
+        real = subprocess.Popen
+        cli.subprocess.Popen = lambda args, env: real([sys.executable, "-c", "pass"])
+        sys.exit(cli.main(["train", "--distributed", "--num-processes", "2", "--process-id", "0"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(JAX_PLATFORMS="no_such_platform"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, text=True,
+                           env=_env(JAX_PLATFORMS="no_such_platform"), cwd=ROOT, timeout=120)
+    assert probe.returncode != 0  # the probe: starting a backend there does fail
 
 
 def test_sigterm_to_a_distributed_process_group_checkpoints_once_and_exits(tmp_path):
