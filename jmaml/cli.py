@@ -342,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _WORKER_ENV = "JMAML_DISTRIBUTED_WORKER"
+_PEER_LOST = ("another process probably died or became unreachable; its own log says why. Resume all processes "
+              "with --resume.")
 
 
 def _supervise(argv: list[str]) -> int:
@@ -374,8 +376,7 @@ def _supervise(argv: list[str]) -> int:
         name = f"signal {-code}"
     if -code == signal.SIGABRT:
         print(f"jmaml train: distributed run failed: JAX's distributed runtime stopped this process ({name}) -- "
-              "another process probably died or became unreachable; its own log says why. Resume all processes "
-              "with --resume.", file=sys.stderr)
+              f"{_PEER_LOST}", file=sys.stderr)
         return 4
     print(f"jmaml train: distributed run failed: this process was killed by {name} (by the scheduler or the "
           "out-of-memory killer?). Resume all processes with --resume.", file=sys.stderr)
@@ -401,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             return 4
         if getattr(args, "distributed", False):  # a collective failed mid-run: say what it likely means
             print(f"jmaml {args.command}: distributed run failed: {type(e).__name__}: {str(e).splitlines()[0]}"
-                  " -- another process probably died or became unreachable; its own log says why. Resume all "
-                  "processes with --resume.", file=sys.stderr)
+                  f" -- {_PEER_LOST}", file=sys.stderr)
             return 4
         raise
     except KeyboardInterrupt:

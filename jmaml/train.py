@@ -179,12 +179,14 @@ class TrainConfig:
     def _validate_algorithm(self) -> None:
         check_algorithm(self.algo)
         defaults = TrainConfig()
-        own = {"imaml": ("imaml_lambda", "imaml_cg_iters"),
-               "mamlpp": ("mamlpp_msl", "mamlpp_msl_anneal_steps", "mamlpp_first_order_steps")}
-        for algo, fields in own.items():
+        own = {("imaml",): ("imaml_lambda", "imaml_cg_iters"),
+               ("mamlpp",): ("mamlpp_msl", "mamlpp_msl_anneal_steps", "mamlpp_first_order_steps"),
+               LEARNED_RATES: ("rate_meta_lr",)}
+        for algos, fields in own.items():
             for name in fields:
-                if self.algo != algo and getattr(self, name) != getattr(defaults, name):
-                    raise ValueError(f"{name} = {getattr(self, name)!r} applies to algo {algo!r} only; "
+                if self.algo not in algos and getattr(self, name) != getattr(defaults, name):
+                    which = f"algo {algos[0]!r}" if len(algos) == 1 else "algos " + ", ".join(map(repr, algos))
+                    raise ValueError(f"{name} = {getattr(self, name)!r} applies to {which} only; "
                                      f"this run's algo is {self.algo!r}")
         if self.first_order and self.algo not in ("maml", "fomaml"):
             raise ValueError(f"first_order applies to algo 'maml' only (that is algo 'fomaml'); got algo {self.algo!r}")
@@ -198,9 +200,6 @@ class TrainConfig:
             check_positive_int(self.mamlpp_msl_anneal_steps, "mamlpp_msl_anneal_steps")
         check_nonnegative_int(self.mamlpp_first_order_steps, "mamlpp_first_order_steps")
         if self.rate_meta_lr is not None:
-            if self.algo not in LEARNED_RATES:
-                raise ValueError(f"rate_meta_lr = {self.rate_meta_lr!r} applies to the algorithms that learn their "
-                                 f"inner rates ({', '.join(LEARNED_RATES)}); this run's algo is {self.algo!r}")
             check_rate(self.rate_meta_lr, "rate_meta_lr")
 
     def algorithm_settings(self) -> dict[str, Any]:

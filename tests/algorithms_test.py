@@ -121,7 +121,8 @@ def test_evaluating_a_run_uses_its_algorithm(tmp_path):
     ({"algo": "mamlpp", "mamlpp_msl_anneal_steps": 0}, "mamlpp_msl_anneal_steps must be"),
     ({"algo": "mamlpp", "num_inner_steps": 0}, "needs num_inner_steps >= 1"),
     ({"algo": "imaml", "remat": True}, "remat is not available"),
-    ({"rate_meta_lr": 1e-5}, "rate_meta_lr = 1e-05 applies to the algorithms that learn their inner rates"),
+    ({"rate_meta_lr": 1e-5},
+     "rate_meta_lr = 1e-05 applies to algos 'metasgd', 'mamlpp' only; this run's algo is 'maml'"),
     ({"algo": "metasgd", "rate_meta_lr": -1e-5}, "rate_meta_lr"),
     ({"algo": "mamlpp", "rate_meta_lr": float("nan")}, "rate_meta_lr"),
 ])
