@@ -68,7 +68,7 @@ def check_rate(value, name: str = "inner_lr", *, allow_zero: bool = True) -> Non
     """
     if isinstance(value, (str, bytes)) or value is None:
         raise TypeError(f"{name} must be a real number or array, got {value!r}")
-    if isinstance(value, (list, tuple, dict)):
+    if not _is_array_like(value):  # any pytree of rates: lists, dicts, NamedTuples, Equinox modules ...
         leaves = jax.tree.leaves(value)
         if not leaves:
             raise TypeError(f"{name} must be a real number, an array or a tree of them, got {value!r}")
@@ -89,6 +89,11 @@ def check_rate(value, name: str = "inner_lr", *, allow_zero: bool = True) -> Non
         raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
+def _is_array_like(value) -> bool:
+    return isinstance(value, (numbers.Number, np.ndarray, np.generic, jax.Array)) or (
+        hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
 def _shape(a) -> tuple:
     return tuple(np.shape(a))
 
@@ -99,7 +104,14 @@ def check_batch(batch, name: str = "batch", *, task_axis: bool = False) -> None:
     With ``task_axis=True`` the points axis is axis 1 (axis 0 being tasks).
     """
     if not isinstance(batch, Batch):
-        raise TypeError(f"{name} must be a jmaml.Batch(x, y), got {type(batch).__name__}")
+        # any other pytree of arrays is a task's data too: the loss function reads it
+        leaves = jax.tree.leaves(batch)
+        if not leaves or not all(_is_array_like(leaf) for leaf in leaves):
+            raise TypeError(f"{name} must be a jmaml.Batch(x, y) or a pytree of arrays, got {type(batch).__name__}")
+        if task_axis and any(len(_shape(leaf)) < 1 for leaf in leaves):
+            raise ValueError(f"{name} must have a leading task axis on every leaf; got leaf shapes "
+                             f"{[_shape(leaf) for leaf in leaves]}")
+        return
     xs, ys = _shape(batch.x), _shape(batch.y)
     axis = 1 if task_axis else 0
     what = "(num_tasks, num_points, ...)" if task_axis else "(num_points, ...)"
@@ -128,8 +140,8 @@ def check_task_batch(tasks, name: str = "tasks") -> int:
                         f"got {type(tasks).__name__}")
     check_batch(tasks.support, f"{name}.support", task_axis=True)
     check_batch(tasks.query, f"{name}.query", task_axis=True)
-    sizes = {f"{name}.{s}.{p}": _shape(getattr(getattr(tasks, s), p))[0]
-             for s in ("support", "query") for p in ("x", "y")}
+    sizes = {f"{name}{jax.tree_util.keystr(path)}": _shape(leaf)[0]
+             for path, leaf in jax.tree_util.tree_flatten_with_path(tasks)[0]}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"{name} must have a leading task axis of one size on every leaf "
                          f"(shape (num_tasks, num_points, ...)); got leading sizes {sizes}. "
@@ -148,3 +160,34 @@ def check_finite_float(value, name: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)
+
+
+def check_task_batch_tree(tasks, name: str = "tasks", *, num_tasks: int | None = None, task_shapes=None) -> int:
+    """Checks any pytree of task data with a leading task axis: every leaf shares it (of size
+    ``num_tasks``, when given), and, where ``task_shapes`` states one task's leaf shapes (a pytree
+    of tuples like the data), each leaf is that shape behind the task axis. Returns the number of
+    tasks. Works on shapes alone, so it runs at trace time.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tasks)[0]
+    if not flat:
+        raise TypeError(f"{name} must be a pytree of arrays with a leading task axis, got {tasks!r}")
+    shapes = {jax.tree_util.keystr(path): _shape(leaf) for path, leaf in flat}
+    if any(len(shape) == 0 for shape in shapes.values()):
+        raise ValueError(f"{name} must have a leading task axis on every leaf; got leaf shapes {shapes}")
+    leading = {path: shape[0] for path, shape in shapes.items()}
+    if len(set(leading.values())) != 1:
+        raise ValueError(f"{name} must have a leading task axis of one size on every leaf; got leading sizes "
+                         f"{leading}")
+    n = next(iter(leading.values()))
+    if num_tasks is not None and n != num_tasks:
+        raise ValueError(f"{name} must have a leading task axis of {num_tasks} (the tasks asked for); got leading "
+                         f"size {n} on every leaf (leaf shapes {shapes}). Is it a single task without a task axis?")
+    if task_shapes is not None:
+        is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+        want = jax.tree.leaves(task_shapes, is_leaf=is_shape)
+        got = [shape[1:] for shape in shapes.values()]
+        if len(want) != len(got) or any(tuple(w) != g for w, g in zip(want, got)):
+            raise ValueError(f"{name}: one task's leaves must have shapes {want} (the distribution's task_shapes) "
+                             f"behind the task axis; got {got} (leaf shapes {shapes}). A single task where a batch "
+                             "is expected, or a batch where a single task is expected?")
+    return n

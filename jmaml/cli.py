@@ -11,8 +11,7 @@ import subprocess
 import sys
 import time
 
-from jmaml import walkthrough
-from jmaml.algorithms import ALGORITHMS
+from jmaml import learners, tasks, walkthrough
 
 DEFAULT_RUN_DIR = os.path.join("runs", "sinusoid")
 
@@ -52,14 +51,21 @@ _TRAIN_FLAGS = {
     "hidden": "hidden", "activation": "activation", "shots": "num_support", "query_shots": "num_query",
     "inner_lr": "inner_lr", "inner_steps": "num_inner_steps", "meta_lr": "meta_lr",
     "optimiser": "optimiser", "meta_batch_size": "meta_batch_size", "loss": "loss", "steps": "steps",
-    "seed": "seed", "first_order": "first_order", "checkpoint_every": "checkpoint_every",
+    "seed": "seed", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "pretrain": "pretrain", "remat": "remat", "algo": "algo",
-    "imaml_lambda": "imaml_lambda", "imaml_cg_iters": "imaml_cg_iters", "mamlpp_msl": "mamlpp_msl",
-    "mamlpp_msl_anneal_steps": "mamlpp_msl_anneal_steps", "mamlpp_first_order_steps": "mamlpp_first_order_steps",
-    "rate_meta_lr": "rate_meta_lr",
     "task": "task", "data_dir": "data_dir", "ways": "ways", "image_size": "image_size",
     "eval_inner_steps": "eval_inner_steps", "num_train_classes": "num_train_classes",
 }
+
+
+def _algo_option_dest(name: str) -> str:
+    return f"algo_option_{name}"
+
+
+def _given_algo_options(args: argparse.Namespace) -> dict:
+    """The algorithm options given on the command line (flags made from each learner's OPTIONS)."""
+    return {name: getattr(args, _algo_option_dest(name)) for name in learners.all_options()
+            if getattr(args, _algo_option_dest(name), None) is not None}
 
 
 def _train_config(args: argparse.Namespace):
@@ -67,15 +73,20 @@ def _train_config(args: argparse.Namespace):
 
     given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
              if getattr(args, flag) is not None}
+    options = _given_algo_options(args)
     base = TrainConfig()
     if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
         base = load_config(args.out)  # resume with the stored settings unless flags say otherwise
-    elif given.get("task", "sinusoid") != "sinusoid":
-        # the paper's settings for the image task, where no flag says otherwise; 1-shot unless --shots
+        if options:
+            given["algo_options"] = {**base.options, **options}
+    elif tasks.family(given.get("task", base.task)).preset is not None:
+        # the paper's settings for the task, where no flag says otherwise; 1-shot unless --shots
         shots = given.get("num_support", 1)
         preset = image_preset(given["task"], given.get("ways", base.ways), shots)
         base = dataclasses.replace(base, num_support=shots, **preset)
         given = {k: v for k, v in given.items() if k != "num_support"}
+    if options and "algo_options" not in given:
+        given["algo_options"] = options
     config = dataclasses.replace(base, **given)
     if "steps" in given and "checkpoint_every" not in given and not args.resume:
         # Short runs checkpoint at least at the end; keep the interval a multiple of log_every.
@@ -129,7 +140,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"trained in {train_s:.1f} s{devices}; run dir: {args.out}", file=sys.stderr)
     if args.no_eval:
         return 0
-    if _up_to_date(args.out, ["eval.json"], [f"{p}.ckpt.npz" for p in train.PHASES]):
+    if _up_to_date(args.out, ["eval.json"], [f"{p}.ckpt.npz" for p in config.phases()]):
         print(f"{args.out} is already trained and evaluated; showing its results "
               "(jmaml eval / jmaml plot recompute them).", file=sys.stderr)
         with open(os.path.join(args.out, "eval.json"), encoding="utf-8") as f:
@@ -180,15 +191,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from jmaml import sweep
-    from jmaml.train import TrainConfig
+    from jmaml.config import TrainConfig
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     grid = sweep.Grid(args.alpha, args.beta, args.k, tuple(range(args.seeds)))
     base = TrainConfig(hidden=args.hidden, activation=args.activation, num_support=args.shots,
                        num_query=args.query_shots, optimiser=args.optimiser,
-                       meta_batch_size=args.meta_batch_size, steps=args.steps, first_order=args.first_order,
-                       remat=args.remat, log_every=min(args.log_every, args.steps),
+                       meta_batch_size=args.meta_batch_size, steps=args.steps,
+                       algo="fomaml" if args.first_order else "maml", remat=args.remat,
+                       log_every=min(args.log_every, args.steps),
                        checkpoint_every=min(args.log_every, args.steps))
     if os.path.exists(os.path.join(args.out, "sweep.json")) and not args.overwrite:
         raise ValueError(f"{args.out} already holds a sweep; use --overwrite or another --out")
@@ -236,7 +248,7 @@ def _add_train_parser(sub) -> None:
                        description="Sinusoid few-shot regression, Finn et al. 2017 Section 5.1. "
                                    "Defaults are the paper's settings.")
     g = p.add_argument_group("model and task")
-    g.add_argument("--task", default=None, choices=("sinusoid", "omniglot", "miniimagenet"),
+    g.add_argument("--task", default=None, choices=tuple(tasks.FAMILIES),
                    help="sinusoid regression (default), or few-shot classification from an image folder with "
                         "the paper's settings as defaults (Omniglot 5-way: alpha 0.4, 1 step, 3 at test, 32 "
                         "tasks; 20-way: 0.1, 5, 5, 16; miniImageNet: 0.01, 5, 10, 4 (1-shot) / 2; 15 query "
@@ -257,8 +269,6 @@ def _add_train_parser(sub) -> None:
     g = p.add_argument_group("MAML")
     g.add_argument("--inner-lr", type=float, default=None, help="inner rate alpha (default 0.01)")
     g.add_argument("--inner-steps", "--k", type=int, default=None, help="inner steps k (default 1)")
-    g.add_argument("--first-order", action="store_const", const=True, default=None,
-                   help="first-order MAML (FOMAML)")
     g.add_argument("--meta-lr", type=float, default=None, help="meta rate beta (default 1e-3)")
     g.add_argument("--optimiser", default=None, help="adam (default), adamw, sgd, momentum, rmsprop")
     g.add_argument("--meta-batch-size", type=int, default=None, help="tasks per meta-step (default 25)")
@@ -269,23 +279,11 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--no-pretrain", dest="pretrain", action="store_const", const=False, default=None,
                    help="skip the pretrained-regression baseline")
     g = p.add_argument_group("algorithm (the MAML family; each one's own settings apply to it only)")
-    g.add_argument("--algo", default=None, choices=ALGORITHMS,
+    g.add_argument("--algo", default=None, choices=learners.names(),
                    help="maml (default), fomaml, reptile, metasgd (learned per-parameter rates), anil (only "
-                        "the last layer adapts), mamlpp (MAML++), imaml (implicit gradients)")
-    g.add_argument("--rate-meta-lr", type=float, default=None,
-                   help="Meta-SGD, MAML++: meta rate of the learned inner rates (default: --meta-lr); "
-                        "e.g. 1e-5 keeps Adam from moving them by ~meta-lr per step")
-    g.add_argument("--imaml-lambda", type=float, default=None, help="iMAML: proximal strength lambda (default 1)")
-    g.add_argument("--imaml-cg-iters", type=int, default=None,
-                   help="iMAML: conjugate-gradient iterations (default 5)")
-    g.add_argument("--mamlpp-no-msl", dest="mamlpp_msl", action="store_const", const=False, default=None,
-                   help="MAML++: no multi-step loss (the query loss after the last step only)")
-    g.add_argument("--mamlpp-msl-anneal-steps", type=int, default=None,
-                   help="MAML++: meta-steps over which the multi-step-loss weights anneal to the last step "
-                        "(default: a tenth of --steps)")
-    g.add_argument("--mamlpp-first-order-steps", type=int, default=None,
-                   help="MAML++: derivative-order annealing, first-order gradients before this meta-step "
-                        "(default 0: second order throughout)")
+                        "the last layer adapts), mamlpp (MAML++), imaml (implicit gradients), cavia (context "
+                        "parameters adapted, the network shared)")
+    _add_algo_option_flags(g)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run dir (default {DEFAULT_RUN_DIR})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -317,6 +315,25 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser("plot", help="write a run's figures (fits.png, curves.png) into RUN_DIR/plots")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_plot)
+
+
+def _add_algo_option_flags(group) -> None:
+    """One flag per learner option, from the learners' own OPTIONS (``--imaml-lambda``, ...)."""
+    for name, option in learners.all_options().items():
+        who = ", ".join(learners.spec(n).label for n in learners.owners(name))
+        flag = "--" + name.replace("_", "-")
+        if option.type is bool:
+            negatives = ["--no-" + name.replace("_", "-")]
+            owner = learners.owners(name)[0]
+            if name.startswith(owner + "_"):  # --mamlpp-no-msl reads better than --no-mamlpp-msl
+                negatives.insert(0, f"--{owner}-no-" + name[len(owner) + 1:].replace("_", "-"))
+            group.add_argument(flag, dest=_algo_option_dest(name), action="store_const", const=True, default=None,
+                               help=f"{who}: {option.help}" + (" (default)" if option.default else ""))
+            group.add_argument(*negatives, dest=_algo_option_dest(name), action="store_const", const=False,
+                               default=None, help=f"{who}: the opposite of {flag}")
+        else:
+            group.add_argument(flag, dest=_algo_option_dest(name), type=option.type, default=None,
+                               help=f"{who}: {option.help}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,7 +47,14 @@ from jmaml._checks import (
 )
 from jmaml.diagnostics import hvp
 from jmaml.inner import _sgd_update, adapt, inner_step
-from jmaml.meta import TrainState, _check_reduction, batched_objective, maml_value_and_grad, tree_norm
+from jmaml.meta import (  # noqa: F401 - make_estimator_step is re-exported here for existing users
+    _check_reduction,
+    batched_objective,
+    make_estimator_step,
+    maml_value_and_grad,
+    pre_adapt_loss,
+    tree_norm,
+)
 from jmaml.types import Batch, LossFn, Params, Task
 
 Estimator = Callable[..., tuple[jax.Array, Params, dict[str, jax.Array]]]
@@ -62,22 +69,20 @@ class MetaSGDParams(NamedTuple):
 
 def maml(loss_fn: LossFn, *, num_inner_steps: int, first_order: bool = False, reduction: str = "mean",
          **adapt_kwargs) -> Estimator:
-    """MAML (second order) or FOMAML (``first_order=True``); ``estimate(params, tasks, *, inner_lr)``."""
-    def estimate(params: Params, tasks: Task, *, inner_lr: Any, meta_step: Any = None):
+    """MAML (second order) or FOMAML (``first_order=True``); ``estimate(params, tasks, *, inner_lr)``.
+
+    ``num_inner_steps`` may be overridden per call (traced, with ``max_inner_steps`` in ``adapt_kwargs``)."""
+    default_k = num_inner_steps
+
+    def estimate(params: Params, tasks: Task, *, inner_lr: Any, meta_step: Any = None, num_inner_steps: Any = None):
+        k = default_k if num_inner_steps is None else num_inner_steps
         loss, grads, per_task = maml_value_and_grad(loss_fn, params, tasks, inner_lr=inner_lr,
-                                                    num_inner_steps=num_inner_steps, reduction=reduction,
+                                                    num_inner_steps=k, reduction=reduction,
                                                     first_order=first_order, **adapt_kwargs)
         return loss, grads, {"task_losses": per_task,
                              "pre_adapt_loss": pre_adapt_loss(loss_fn, params, tasks, reduction)}
 
     return estimate
-
-
-def pre_adapt_loss(loss_fn: LossFn, params: Params, tasks: Task, reduction: str = "mean") -> jax.Array:
-    """The query loss at the un-adapted parameters, reduced over tasks: the reference against which
-    an exploding inner loop shows (adapted loss >> un-adapted loss)."""
-    pre = jax.vmap(loss_fn, in_axes=(None, 0))(params, tasks.query)
-    return jnp.sum(pre) if reduction == "sum" else jnp.mean(pre)
 
 
 def _all_data(task: Task) -> Batch:
@@ -316,7 +321,7 @@ def mamlpp(loss_fn: LossFn, *, num_inner_steps: int, multi_step_loss: bool = Tru
 # ---- iMAML -------------------------------------------------------------------------------------
 
 def _tree_vdot(a: Params, b: Params) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return optax.tree_utils.tree_vdot(a, b)
 
 
 def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, num_iters: int) -> tuple[Params, jax.Array]:
@@ -411,22 +416,3 @@ def imaml(loss_fn: LossFn, *, num_inner_steps: int, lam: float, cg_iters: int = 
                                          "cg_residual": residual, "inner_grad_norm": inner_norm}
 
     return estimate
-
-
-def make_estimator_step(optimiser: optax.GradientTransformation, estimator: Estimator, **default_hyper):
-    """A pure, jittable ``step(state, tasks, **hyper) -> (state, metrics)`` for any estimator.
-
-    ``default_hyper`` (e.g. ``inner_lr=0.01``) are passed to the estimator unless overridden per call;
-    ``meta_step`` is the state's step count (MAML++'s schedules read it).
-    """
-    if not isinstance(optimiser, optax.GradientTransformation):
-        raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")
-
-    def step(state: TrainState, tasks: Task, **hyper):
-        loss, grads, metrics = estimator(state.params, tasks, **{**default_hyper, **hyper}, meta_step=state.step)
-        updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return (TrainState(params, opt_state, state.step + 1, state.key),
-                {"meta_loss": loss, "grad_norm": tree_norm(grads), **metrics})
-
-    return step

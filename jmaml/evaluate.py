@@ -23,19 +23,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmaml import checkpoint, recipes, rundir, tasks
 from jmaml._checks import check_num_steps, check_positive_int
+from jmaml.config import BASELINE
+from jmaml.engine import check_distribution, check_learner
 from jmaml.estimators import proximal_step
 from jmaml.losses import make_loss
+from jmaml.protocols import MetaLearner, TaskDistribution
 from jmaml.tasks import sinusoid
-from jmaml.train import PHASES, build_algorithm, build_model, load_config, load_params
 from jmaml.types import Batch, LossFn, Params
 
-EVAL_SEED = 20_170_306  # held-out test tasks
+EVAL_SEED = sinusoid.EVAL_SEED  # held-out test tasks
 VALIDATION_SEED = 7_919  # separate tasks for choosing the baseline's fine-tuning rate
-SHOTS = (5, 10, 20)
+SHOTS = sinusoid.SHOTS
 NUM_EVAL_TASKS = 600
-NUM_EVAL_QUERY = 100
-MAX_EVAL_STEPS = 10
+NUM_EVAL_QUERY = sinusoid.NUM_EVAL_QUERY
+MAX_EVAL_STEPS = sinusoid.MAX_EVAL_STEPS
 FINETUNE_LRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
@@ -200,49 +203,78 @@ def evaluate_params(loss_fn: LossFn, params: Params, *, inner_lrs: dict[int, flo
     return out
 
 
-def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+def _take(tree: Any, k: int) -> Any:
+    """The first ``k`` points (axis 1, behind the task axis) of every leaf of a task batch's support."""
+    return jax.tree.map(lambda a: a[:, :k], tree)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "apply_fn", "prox_lambda"))
-def _episode_accuracies(loss_fn: LossFn, apply_fn, params: Params, tasks: Any, step_rates: Any,
-                        prox_lambda: float = 0.0) -> jax.Array:
-    """Query accuracy of each episode after 0..S test-time steps: shape (episodes, S + 1)."""
-    def one(task):
-        def body(p, rates):
-            acc = _accuracy(apply_fn(p, task.query.x), task.query.y)
-            return proximal_step(loss_fn, p, params, task.support, inner_lr=rates, lam=prox_lambda), acc
-
-        final, accs = jax.lax.scan(body, params, step_rates)
-        return jnp.concatenate([accs, _accuracy(apply_fn(final, task.query.x), task.query.y)[None]])
-
-    return jax.vmap(one)(tasks)
+def _load_learner_run(learner: MetaLearner, meta_params: Any, tasks_: TaskDistribution):
+    check_learner(learner)
+    check_distribution(tasks_)
+    if tasks_.heldout is None:
+        raise ValueError(f"task distribution {tasks_.name!r} has no held-out tasks (its heldout is None); "
+                         "evaluate needs them")
 
 
-def evaluate_image_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, batch: int = 50) -> dict[str, Any]:
-    """Few-shot classification: query accuracy (mean, 95% CI) over ``num_tasks`` test episodes after
-    0..``eval_inner_steps`` steps of the algorithm's test-time rule, on the test classes."""
-    from jmaml.tasks import images
-    from jmaml.train import task_data
+def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *, apply: Any = None,
+             metric: Any = None, num_tasks: int = NUM_EVAL_TASKS, num_steps: int = MAX_EVAL_STEPS,
+             shots: Sequence[int] | None = None, key: Any = EVAL_SEED, batch_size: int | None = None,
+             diverged_ratio: float = DIVERGED_RATIO, label: str = "all") -> dict[str, Any]:
+    """The paper's protocol for any learner and task distribution: held-out tasks adapted by the
+    learner's own test-time rule, scored after 0..``num_steps`` steps; mean, 95% CI, median and
+    diverged tasks per step.
 
-    config = load_config(run_dir)
-    model, loss = build_model(config)
-    algo = build_algorithm(config, loss)
-    meta = load_params(run_dir, "maml")
-    params, rates = algo.model_params(meta), algo.step_rates(meta, config.eval_inner_steps)
-    data = task_data(config, "test")
-    keys = jax.random.split(jax.random.key(EVAL_SEED), num_tasks)
-    sample = jax.jit(jax.vmap(lambda k: images.sample_episode(k, data, ways=config.ways, shots=config.num_support,
-                                                              queries=config.num_query)))
-    accs = np.concatenate([np.asarray(_episode_accuracies(loss, model.apply, params, sample(keys[i:i + batch]),
-                                                          rates, algo.prox_lambda))
-                           for i in range(0, num_tasks, batch)])
-    label = _rate_label(rates)
-    return {"protocol": {"test_episodes": num_tasks, "eval_seed": EVAL_SEED, "task": config.task,
-                         "ways": config.ways, "shots": [config.num_support], "query_per_class": config.num_query,
-                         "steps": config.eval_inner_steps, "metric": "query accuracy, mean and 95% CI"},
-            "algo": config.algo,
-            "maml": {str(config.num_support): {"inner_lr": label, **summarize(accs, diverged_ratio=np.inf)}}}
+    Args:
+      learner: the ``MetaLearner`` (its ``adapt`` is the test-time rule).
+      meta_params: its trained meta-parameters.
+      tasks: the ``TaskDistribution``; its ``heldout(key, n)`` gives the tasks.
+      apply: the model's ``apply``, for the distribution's metric (``tasks.make_metric(apply)``).
+      metric: ``metric(params, query) -> scalar`` instead (default: the distribution's metric for
+        ``apply``, or without ``apply`` the learner's training loss is not known here: pass one).
+      num_tasks: held-out tasks (the same on every call with the same ``key``).
+      num_steps: the last number of test-time steps.
+      shots: evaluate each K on the first K support points of the same tasks (results keyed by K);
+        None: the support sets as sampled (results keyed by ``label``).
+      key: the held-out tasks' key or int seed.
+      batch_size: tasks per compiled call (bounds memory); each chunk's tasks come from
+        ``heldout(fold_in(key, i), batch_size)``. None: all tasks in one call.
+      diverged_ratio: see ``summarize`` (``inf`` for accuracies).
+
+    Returns:
+      ``{str(K) or label: summarize(...)}``.
+    """
+    _load_learner_run(learner, meta_params, tasks)
+    num_steps = check_num_steps(num_steps, "num_steps")
+    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    if metric is None:
+        if apply is None or tasks.make_metric is None:
+            raise ValueError("evaluate needs the metric: pass metric=fn(params, query) -> scalar, or apply= the "
+                             "model's apply for a distribution with make_metric")
+        metric = tasks.make_metric(apply)
+    key = jax.random.key(key) if isinstance(key, int) else key
+
+    @jax.jit
+    def curves(meta_params, batch):
+        def one(task):
+            _, values = learner.adapt(meta_params, task.support, num_steps, observe=lambda p: metric(p, task.query))
+            return values
+        return jax.vmap(one)(batch)
+
+    def draw(k, n):
+        return tasks.heldout(k, n) if tasks.heldout_data is None else tasks.heldout(k, n, tasks.heldout_data)
+
+    if batch_size is None:
+        chunks = [draw(key, num_tasks)]
+    else:
+        batch_size = check_positive_int(batch_size, "batch_size")
+        chunks = [draw(jax.random.fold_in(key, i), min(batch_size, num_tasks - start))
+                  for i, start in enumerate(range(0, num_tasks, batch_size))]
+    out = {}
+    for k in (shots if shots is not None else [None]):
+        values = [np.asarray(curves(meta_params, c if k is None else c._replace(support=_take(c.support, k))))
+                  for c in chunks]
+        out[label if k is None else str(k)] = summarize(np.concatenate(values), diverged_ratio=diverged_ratio)
+    return out
 
 
 def _rate_label(step_rates: Any) -> float | str:
@@ -252,36 +284,55 @@ def _rate_label(step_rates: Any) -> float | str:
     return float(str(values[0])) if values.size == 1 else "learned"
 
 
+def _learner_rate_label(config, learner: MetaLearner) -> float | str:
+    """What eval.json records as a learner's inner rate: α for a fixed rate, else "learned"."""
+    return _rate_label(jnp.asarray(config.inner_lr, jnp.float32)) if "inner_lr" in learner.hyper else "learned"
+
+
 def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool = True) -> dict[str, Any]:
-    """Evaluates a finished run's meta-learned model (and the pretrained baseline, for sinusoid);
-    writes eval.json / eval.md."""
-    config = load_config(run_dir)
-    if config.task != "sinusoid":
-        results = evaluate_image_run(run_dir, num_tasks=num_tasks)
-        if write:
-            _write_results(run_dir, results)
-        return results
-    model, _ = build_model(config)
-    eval_loss = make_loss(model.apply, "mse")  # the paper reports MSE, whatever the training loss
-    results: dict[str, Any] = {"protocol": {
-        "held_out_tasks": num_tasks, "eval_seed": EVAL_SEED, "query_points": NUM_EVAL_QUERY,
-        "shots": list(SHOTS), "steps": MAX_EVAL_STEPS, "metric": "query MSE, mean and 95% CI"}}
-    algo = build_algorithm(config, eval_loss)
-    meta = load_params(run_dir, "maml")
-    results["algo"] = config.algo
-    results["maml"] = evaluate_params(eval_loss, algo.model_params(meta),
-                                      step_rates=algo.step_rates(meta, MAX_EVAL_STEPS),
-                                      prox_lambda=algo.prox_lambda, num_tasks=num_tasks)
-    if config.pretrain and os.path.exists(os.path.join(run_dir, f"{PHASES[1]}.ckpt.npz")):
-        pre = load_params(run_dir, "pretrained")
+    """Evaluates a finished run's meta-learned model by its task family's protocol (and the
+    pretrained baseline, where there is one); writes eval.json / eval.md.
+
+    Results are keyed by the algorithm's name (``results[results["algo"]]``)."""
+    config = rundir.load_config(run_dir)
+    family = tasks.family(config.task)
+    protocol = family.protocol(config)
+    model, train_loss = recipes.build_model(config)
+    learner = recipes.build_learner(config, train_loss)
+    dist = recipes.build_tasks(config)
+    meta = _load_meta_params(run_dir, config)
+    describe = {k: (num_tasks if v is None else v) for k, v in protocol.describe.items()}
+    results: dict[str, Any] = {"protocol": describe, "algo": config.algo}
+    summary = evaluate(learner, meta, dist, apply=model.apply, num_tasks=num_tasks, num_steps=protocol.num_steps,
+                       shots=protocol.shots, key=EVAL_SEED, batch_size=protocol.batch_size,
+                       diverged_ratio=protocol.diverged_ratio, label=protocol.label)
+    rate = _learner_rate_label(config, learner)
+    results[config.algo] = {k: {"inner_lr": rate, **v} for k, v in summary.items()}
+    baseline = rundir.checkpoint_path(run_dir, BASELINE)
+    if BASELINE in config.phases() and os.path.exists(baseline):
+        base_model, _ = recipes.build_model(config, BASELINE)
+        eval_loss = make_loss(base_model.apply, "mse")  # the paper reports MSE, whatever the training loss
+        state, _ = checkpoint.restore(baseline, recipes.initial_state(config, BASELINE))
         lrs, scores = {}, {}
         for k in SHOTS:
-            lrs[k], scores[str(k)] = choose_finetune_lr(eval_loss, pre, shots=k)
-        results["pretrained"] = evaluate_params(eval_loss, pre, inner_lrs=lrs, num_tasks=num_tasks)
+            lrs[k], scores[str(k)] = choose_finetune_lr(eval_loss, state.params, shots=k)
+        results[BASELINE] = evaluate_params(eval_loss, state.params, inner_lrs=lrs, num_tasks=num_tasks)
         results["pretrained_lr_search"] = scores
     if write:
         _write_results(run_dir, results)
     return results
+
+
+def _load_meta_params(run_dir: str, config) -> Any:
+    state, _ = checkpoint.restore(rundir.checkpoint_path(run_dir, config.algo), recipes.initial_state(config))
+    return state.params
+
+
+def learner_results(results: dict[str, Any]) -> dict[str, Any]:
+    """The meta-learner's entry of an eval.json: ``results[algo]``, or ``results["maml"]`` in files
+    written before results were named after the algorithm."""
+    algo = results.get("algo", "maml")
+    return results[algo] if algo in results else results["maml"]
 
 
 def _write_results(run_dir: str, results: dict[str, Any]) -> None:
@@ -308,17 +359,16 @@ def format_table(results: dict[str, Any], steps: Sequence[int] = (0, 1, 5, 10)) 
     A cell names the number of tasks whose loss diverged (left out of its mean), if any. The
     meta-learned model is named by its algorithm.
     """
-    available = len(next(iter(results["maml"].values()))["mean"])
+    available = len(next(iter(learner_results(results).values()))["mean"])
     steps = [s for s in steps if s < available]
     if available - 1 not in steps:  # always show the last step evaluated
         steps.append(available - 1)
     head = "| model | K | inner lr | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |"
     lines = [head, "|" + " --- |" * (3 + len(steps))]
-    for model in ("maml", "pretrained"):
-        if model not in results:
+    for name, rows in (("", learner_results(results)), (BASELINE, results.get(BASELINE))):
+        if rows is None:
             continue
-        for k, r in results[model].items():
+        for k, r in rows.items():
             cells = " | ".join(_cell(r, s) for s in steps)
-            name = results.get("algo", "maml") if model == "maml" else model
-            lines.append(f"| {name} | {k} | {_rate(r['inner_lr'])} | {cells} |")
+            lines.append(f"| {name or results.get('algo', 'maml')} | {k} | {_rate(r['inner_lr'])} | {cells} |")
     return "\n".join(lines)

@@ -33,8 +33,8 @@ class TrainState(NamedTuple):
 
 
 def tree_norm(tree: Params) -> jax.Array:
-    """Global L2 norm of a tree of arrays."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
+    """Global L2 norm of a tree of arrays (``optax.tree_utils.tree_norm``)."""
+    return optax.tree_utils.tree_norm(tree)
 
 
 def init_state(params: Params, optimiser: optax.GradientTransformation,
@@ -155,25 +155,43 @@ def make_step(optimiser: optax.GradientTransformation, loss_fn: LossFn, *, inner
       >>> round(float(state.params), 3)
       -1515.48
     """
+    _check_reduction(reduction)
+
+    def estimate(params: Params, tasks: Task, *, inner_lr: Any, num_inner_steps: Any, meta_step: Any = None):
+        loss, grads, per_task = maml_value_and_grad(
+            loss_fn, params, tasks, inner_lr=inner_lr, num_inner_steps=num_inner_steps, reduction=reduction,
+            max_inner_steps=max_inner_steps, first_order=first_order, unroll=unroll, remat=remat)
+        pre = pre_adapt_loss(loss_fn, params, tasks, reduction)
+        return loss, grads, {"task_losses": per_task, "pre_adapt_loss": pre}
+
+    return make_estimator_step(optimiser, estimate, inner_lr=inner_lr, num_inner_steps=num_inner_steps)
+
+
+def pre_adapt_loss(loss_fn: LossFn, params: Params, tasks: Task, reduction: str = "mean") -> jax.Array:
+    """The query loss at the un-adapted parameters, reduced over tasks: the reference against which
+    an exploding inner loop shows (adapted loss >> un-adapted loss)."""
+    pre = jax.vmap(loss_fn, in_axes=(None, 0))(params, tasks.query)
+    return jnp.sum(pre) if reduction == "sum" else jnp.mean(pre)
+
+
+def make_estimator_step(optimiser: optax.GradientTransformation, estimator: Callable[..., Any], **default_hyper):
+    """A pure, jittable ``step(state, tasks, **hyper) -> (state, metrics)`` for any estimator: the one
+    meta-step every learner shares.
+
+    ``estimator(params, tasks, **hyper, meta_step=...) -> (loss, grads, metrics)``; ``default_hyper``
+    (e.g. ``inner_lr=0.01``) are passed to it unless overridden per call, ``meta_step`` is the state's
+    step count (MAML++'s schedules read it). Metrics are the estimator's plus ``meta_loss`` and
+    ``grad_norm`` (the global L2 norm of the meta-gradient).
+    """
     if not isinstance(optimiser, optax.GradientTransformation):
         raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")
-    _check_reduction(reduction)
-    default_lr, default_k = inner_lr, num_inner_steps
 
-    def step(state: TrainState, tasks: Task, *, inner_lr: Any = None,
-             num_inner_steps: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
-        lr = default_lr if inner_lr is None else inner_lr
-        k = default_k if num_inner_steps is None else num_inner_steps
-        loss, grads, per_task = maml_value_and_grad(
-            loss_fn, state.params, tasks, inner_lr=lr, num_inner_steps=k, reduction=reduction,
-            max_inner_steps=max_inner_steps, first_order=first_order, unroll=unroll, remat=remat)
+    def step(state: TrainState, tasks: Task, **hyper):
+        hyper = {**default_hyper, **{k: v for k, v in hyper.items() if v is not None}}
+        loss, grads, metrics = estimator(state.params, tasks, **hyper, meta_step=state.step)
         updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # The query loss before adaptation: cheap (a forward pass) and the reference against
-        # which an exploding inner loop shows (adapted loss >> un-adapted loss).
-        pre = jax.vmap(loss_fn, in_axes=(None, 0))(state.params, tasks.query)
-        metrics = {"meta_loss": loss, "grad_norm": tree_norm(grads), "task_losses": per_task,
-                   "pre_adapt_loss": jnp.sum(pre) if reduction == "sum" else jnp.mean(pre)}
-        return TrainState(params, opt_state, state.step + 1, state.key), metrics
+        return (TrainState(params, opt_state, state.step + 1, state.key),
+                {"meta_loss": loss, "grad_norm": tree_norm(grads), **metrics})
 
     return step

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -11,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmaml.algorithms import ALGORITHM_LABELS
-from jmaml.evaluate import adapted_params, heldout_tasks
+from jmaml import checkpoint, learners, recipes, rundir, tasks
+from jmaml.config import BASELINE
+from jmaml.evaluate import learner_results
 from jmaml.losses import make_loss
-from jmaml.tasks import sinusoid
-from jmaml.train import build_algorithm, build_model, load_config, load_params
 
 
 def _pyplot():
@@ -29,16 +27,16 @@ def _pyplot():
     return plt
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "apply_fn", "steps", "prox_lambda"))
-def _fits(loss_fn, apply_fn, params, support, grid, step_rates, steps, prox_lambda=0.0):
-    """Predictions on ``grid`` after each number of steps in ``steps``, per task: (tasks, len(steps), n, 1).
+def _fits(learner, apply_fn, meta_params, support, grid, steps):
+    """Predictions on ``grid`` after each number of test-time steps in ``steps``, per task:
+    shape (tasks, len(steps), n, 1), by the learner's own test-time rule."""
+    @jax.jit
+    def run(meta_params, support, grid):
+        def one(s, g):
+            return jnp.stack([apply_fn(learner.adapt(meta_params, s, k), g) for k in steps])
+        return jax.vmap(one)(support, grid)
 
-    ``step_rates`` has one leading entry per test step (at least ``max(steps)``), as
-    ``jmaml.algorithms`` gives them."""
-    def one(s, g):
-        return jnp.stack([apply_fn(adapted_params(loss_fn, params, s, jax.tree.map(lambda r: r[:k], step_rates),
-                                                  prox_lambda=prox_lambda), g) for k in steps])
-    return jax.vmap(one)(support, grid)
+    return run(meta_params, support, grid)
 
 
 def _label(rate) -> str:
@@ -49,45 +47,46 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     """Writes ``plots/fits.png`` and ``plots/curves.png`` into ``run_dir`` (for image tasks only
     ``plots/curves.png``: accuracy against inner steps); returns their paths."""
     plt = _pyplot()
-    config = load_config(run_dir)
+    config = rundir.load_config(run_dir)
     eval_path = os.path.join(run_dir, "eval.json")
     if not os.path.exists(eval_path):
         raise ValueError(f"{run_dir} has no eval.json: run `jmaml eval {run_dir}` first")
     with open(eval_path, encoding="utf-8") as f:
         results = json.load(f)
-    if config.task != "sinusoid":
+    family = tasks.family(config.task)
+    if family.examples is None:  # no ground truth to draw: the metric's curves alone
         return [_accuracy_curves(plt, config, results, run_dir)]
-    model, _ = build_model(config)
-    loss = make_loss(model.apply, "mse")
     fit_steps = (0, 1, 10)
-    algo = build_algorithm(config, loss)
-    meta = load_params(run_dir, "maml")
-    name = ALGORITHM_LABELS[config.algo]
-    # name -> (θ, per-step rates, λ, the rate as eval.json records it)
-    models = {name: (algo.model_params(meta), algo.step_rates(meta, max(fit_steps)), algo.prox_lambda,
-                     results["maml"][str(shots)]["inner_lr"])}
-    if "pretrained" in results:
-        lr = results["pretrained"][str(shots)]["inner_lr"]
-        models["pretrained"] = (load_params(run_dir, "pretrained"), jnp.full((max(fit_steps),), lr, jnp.float32),
-                                0.0, lr)
+    model, _ = recipes.build_model(config)
+    learner = recipes.build_learner(config, make_loss(model.apply, "mse"))
+    state, _ = checkpoint.restore(rundir.checkpoint_path(run_dir, config.algo), recipes.initial_state(config))
+    name = learners.spec(config.algo).label
+    # name -> (learner, its apply, meta-parameters, the rate as eval.json records it)
+    models = {name: (learner, model.apply, state.params, learner_results(results)[str(shots)]["inner_lr"])}
+    if BASELINE in results:
+        lr = results[BASELINE][str(shots)]["inner_lr"]
+        base_model, _ = recipes.build_model(config, BASELINE)
+        base = learners.maml(make_loss(base_model.apply, "mse"), inner_lr=lr, num_inner_steps=0)
+        base_state, _ = checkpoint.restore(rundir.checkpoint_path(run_dir, BASELINE),
+                                           recipes.initial_state(config, BASELINE))
+        models[BASELINE] = (base, base_model.apply, base_state.params, lr)
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
 
     # Figure 2: a few held-out tasks, true curve, the K points, fits after 0, 1 and 10 steps.
-    tasks = heldout_tasks(num_tasks=num_examples, max_shots=shots)
-    grid = jnp.linspace(-5, 5, 200)[None, :, None].repeat(num_examples, axis=0)
-    truth = np.asarray(sinusoid.evaluate(tasks.params, grid))
+    support, grid, truth = family.examples(num_examples, shots)
+    truth = np.asarray(truth)
     fig, axes = plt.subplots(len(models), num_examples, figsize=(4 * num_examples, 3.2 * len(models)),
                              squeeze=False, sharex=True)
     labels = {0: "pre-update", 1: "1 grad step", 10: "10 grad steps"}
-    for row, (name, (params, rates, prox, lr)) in enumerate(models.items()):
-        preds = np.asarray(_fits(loss, model.apply, params, tasks.support, grid, rates, fit_steps, prox))
+    for row, (name, (learner_, apply_fn, params, lr)) in enumerate(models.items()):
+        preds = np.asarray(_fits(learner_, apply_fn, params, support, grid, fit_steps))
         for j in range(num_examples):
             ax = axes[row, j]
             ax.plot(grid[j, :, 0], truth[j, :, 0], color="tab:red", lw=2, label="ground truth")
             for i, (steps, style) in enumerate(zip(fit_steps, (":", "--", "-"))):
                 ax.plot(grid[j, :, 0], preds[j, i, :, 0], style, color="tab:green", label=labels[steps])
-            ax.scatter(tasks.support.x[j, :, 0], tasks.support.y[j, :, 0], marker="^", color="k", zorder=3,
+            ax.scatter(support.x[j, :, 0], support.y[j, :, 0], marker="^", color="k", zorder=3,
                        label=f"{shots} points")
             ax.set_title(f"{name}, task {j + 1} ({_label(lr)})")
             if j == 0:
@@ -99,14 +98,14 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     plt.close(fig)
 
     # Figure 3: query MSE vs gradient steps, mean and 95% CI, for each K.
-    ks = list(results["maml"])
+    ks = list(learner_results(results))
     fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.4), squeeze=False)
     for ax, k in zip(axes[0], ks):
-        for name, key, color in ((ALGORITHM_LABELS[config.algo], "maml", "tab:blue"),
-                                 ("pretrained", "pretrained", "tab:orange")):
-            if key not in results:
+        for name, rows, color in ((learners.spec(config.algo).label, learner_results(results), "tab:blue"),
+                                  (BASELINE, results.get(BASELINE), "tab:orange")):
+            if rows is None:
                 continue
-            r = results[key][k]
+            r = rows[k]
             mean, ci = np.array(r["mean"]), np.array(r["ci95"])
             steps = np.arange(len(mean))
             ax.plot(steps, mean, "o-", color=color, ms=3, label=f"{name} ({_label(r['inner_lr'])})")
@@ -128,10 +127,11 @@ def _accuracy_curves(plt, config, results: dict, run_dir: str) -> str:
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    for k, r in results["maml"].items():
+    for k, r in learner_results(results).items():
         mean, ci = 100 * np.array(r["mean"]), 100 * np.array(r["ci95"])
         steps = np.arange(len(mean))
-        ax.plot(steps, mean, "o-", ms=3, label=f"{ALGORITHM_LABELS[config.algo]}, {k}-shot ({_label(r['inner_lr'])})")
+        label = f"{learners.spec(config.algo).label}, {k}-shot ({_label(r['inner_lr'])})"
+        ax.plot(steps, mean, "o-", ms=3, label=label)
         ax.fill_between(steps, mean - ci, mean + ci, alpha=0.25)
     ax.axhline(100 / config.ways, color="gray", ls=":", label="chance")
     ax.set_xlabel("inner gradient steps at test time")

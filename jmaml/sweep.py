@@ -37,15 +37,17 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jmaml import distributed
+from jmaml import distributed, recipes
 from jmaml._checks import check_num_steps, check_rate, check_seed
+from jmaml.config import OPTIMISERS, TrainConfig
 from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
-from jmaml.evaluate import MAX_EVAL_STEPS, adaptation_curve, heldout_tasks
-from jmaml.losses import make_loss
+from jmaml.engine import sample_tasks
+from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, adaptation_curve
 from jmaml.meta import init_state, make_step
-from jmaml.train import OPTIMISERS, TrainConfig, build_model, effective_unroll, sample_meta_batch, task_stream_key
+from jmaml.recipes import build_model, effective_unroll, task_stream_key
 
 DEFAULT_MEMORY_FRACTION = 0.25
+SWEEP_ALGOS = ("maml", "fomaml")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +123,12 @@ SHARD_AXES = ("grid", "tasks")
 
 def _make_chunk_fn(config: TrainConfig, k_max: int, mesh: Mesh | None = None, shard: str = "grid"):
     model, loss_fn = build_model(config)
+    dist = recipes.build_tasks(config)
     optimiser = optax.inject_hyperparams(OPTIMISERS[config.optimiser])(learning_rate=config.meta_lr)
     step = make_step(optimiser, loss_fn, inner_lr=config.inner_lr, num_inner_steps=0,
-                     max_inner_steps=k_max, first_order=config.first_order, remat=config.remat,
+                     max_inner_steps=k_max,
+                     first_order=config.algo == "fomaml" or config.options.get("first_order", False),
+                     remat=config.remat,
                      unroll=effective_unroll(config.unroll, k_max))
 
     def init(seed, beta):
@@ -141,7 +146,7 @@ def _make_chunk_fn(config: TrainConfig, k_max: int, mesh: Mesh | None = None, sh
     def one(carry, _):
         states, key, alphas, ks = carry
         key, key_tasks = jax.random.split(key)
-        tasks = sample_meta_batch(config, key_tasks)
+        tasks = sample_tasks(dist, key_tasks, config.meta_batch_size, dist.data)
         if shard == "tasks":
             tasks = distributed.shard_tasks(tasks, mesh)
         states, metrics = jax.vmap(lambda s, a, k: step(s, tasks, inner_lr=a, num_inner_steps=k))(
@@ -160,8 +165,12 @@ def _make_chunk_fn(config: TrainConfig, k_max: int, mesh: Mesh | None = None, sh
 
 
 def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: int, num_diag_tasks: int):
-    eval_loss = make_loss(model.apply, "mse")
-    tasks = heldout_tasks(num_tasks=num_tasks, max_shots=config.num_support)
+    dist = recipes.build_tasks(config)
+    eval_loss = dist.make_metric(model.apply)
+    key = jax.random.key(EVAL_SEED)
+    tasks = dist.heldout(key, num_tasks) if dist.heldout_data is None else dist.heldout(key, num_tasks,
+                                                                                        dist.heldout_data)
+    tasks = tasks._replace(support=jax.tree.map(lambda a: a[:, :config.num_support], tasks.support))
 
     @jax.jit
     def curves(params, alphas):
@@ -209,8 +218,11 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     """
     base.validate()
     grid.validate()
-    if base.task != "sinusoid":
-        raise ValueError(f"sweeps run the sinusoid task; got task {base.task!r}")
+    if base.algo not in SWEEP_ALGOS:
+        raise ValueError(f"sweeps vmap whole runs over a traced k, which algos {', '.join(SWEEP_ALGOS)} take; "
+                         f"got algo {base.algo!r}")
+    if recipes.build_tasks(base).heldout is None:
+        raise ValueError(f"sweeps evaluate every point on held-out tasks; task {base.task!r} has none")
     if shard not in SHARD_AXES:
         raise ValueError(f"shard must be one of {SHARD_AXES}, got {shard!r}")
     n_dev = 1 if mesh is None else mesh.devices.size

@@ -58,7 +58,7 @@ def test_exploding_inner_loop_stops_the_run(tmp_path):
                                                     r"1-10: .* tasks \["):
         train.train(cfg, str(tmp_path / "x"), stream=io.StringIO())
     # an algorithm with learned rates names itself and its rates' meta rate
-    cfg = dataclasses.replace(cfg, algo="metasgd", rate_meta_lr=1e-5)
+    cfg = dataclasses.replace(cfg, algo="metasgd", algo_options={"rate_meta_lr": 1e-5})
     with pytest.raises(train.DivergenceError, match=r"Meta-SGD training diverged: .*rate_meta_lr, now 1e-05"):
         train.train(cfg, str(tmp_path / "y"), stream=io.StringIO())
 

@@ -21,6 +21,7 @@ the device; ``sample_episode`` / ``sample_tasks`` draw N-way K-shot episodes fro
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmaml._checks import check_positive_int
+from jmaml.protocols import TaskDistribution
 from jmaml.types import Batch, PRNGKey, Task
 
 OMNIGLOT_SPLITS = ("images_background", "images_evaluation")
@@ -294,3 +296,121 @@ def sample_tasks(key: PRNGKey, images: jax.Array, num_tasks: int, *, ways: int, 
     """A meta-batch of ``num_tasks`` episodes (a leading task axis)."""
     return jax.vmap(lambda k: sample_episode(k, images, ways=ways, shots=shots, queries=queries))(
         jax.random.split(key, num_tasks))
+
+
+def accuracy_metric(apply):
+    """Query accuracy of a classifier's ``apply``: the fraction of argmax logits equal to the label."""
+    return lambda params, batch: jnp.mean(jnp.argmax(apply(params, batch.x), axis=-1) == batch.y)
+
+
+def distribution(train_images: jax.Array | np.ndarray, *, ways: int, shots: int, queries: int,
+                 test_images: jax.Array | np.ndarray | None = None, name: str = "images") -> TaskDistribution:
+    """N-way K-shot episodes as a ``TaskDistribution``: training episodes from ``train_images``,
+    held-out ones from ``test_images`` (classes, per_class, H, W, C, uint8), scored by accuracy.
+
+    The image arrays travel as the distribution's ``data`` (arguments of the compiled programs,
+    not constants baked into them)."""
+    check_episode(train_images, ways, shots, queries, what=f"{name} training images")
+    if test_images is not None:
+        check_episode(test_images, ways, shots, queries, what=f"{name} test images")
+    h, w, c = np.shape(train_images)[2:]
+    one = lambda n: Batch((n, h, w, c), (n,))
+    return TaskDistribution(
+        sample=lambda key, n, images: sample_tasks(key, images, n, ways=ways, shots=shots, queries=queries),
+        heldout=lambda key, n, images: sample_tasks(key, images, n, ways=ways, shots=shots, queries=queries),
+        make_metric=accuracy_metric, name=name, metric_name="accuracy",
+        task_shapes=Task(one(ways * shots), one(ways * queries)),
+        data=jnp.asarray(train_images), heldout_data=None if test_images is None else jnp.asarray(test_images))
+
+
+# ---- the Omniglot and miniImageNet families, for TrainConfig and the CLI ------------------------
+
+EVAL_SEED = 20_170_306
+NUM_EVAL_EPISODES = 600
+
+
+@functools.lru_cache(maxsize=4)
+def _splits(task: str, data_dir: str, image_size: int, num_train_classes: int, min_per_class: int) -> dict:
+    if task == "omniglot":
+        return load_omniglot(data_dir, image_size=image_size, num_train_classes=num_train_classes,
+                             min_per_class=min_per_class)
+    return load_miniimagenet(data_dir, image_size=image_size, min_per_class=min_per_class)
+
+
+def _image_size(config) -> int:
+    return config.image_size or (28 if config.task == "omniglot" else 84)
+
+
+def config_split(config, split: str = "train") -> jax.Array:
+    """The on-device image array of a config's split, decoded from ``config.data_dir`` (or its cache)
+    once per process; checked to hold enough classes for ``ways`` and images per class."""
+    per_class = config.num_support + config.num_query
+    data = _splits(config.task, config.data_dir, _image_size(config), config.num_train_classes, per_class)[split]
+    check_episode(data, config.ways, config.num_support, config.num_query,
+                  what=f"{config.task} {split} split in {config.data_dir}")
+    return jnp.asarray(data.images)
+
+
+def _family_distribution(config) -> TaskDistribution:
+    return distribution(config_split(config, "train"), ways=config.ways, shots=config.num_support,
+                        queries=config.num_query, test_images=config_split(config, "test"), name=config.task)
+
+
+def _family_model(config, extra_inputs: int = 0):
+    from jmaml.models import conv4
+
+    if extra_inputs:
+        raise ValueError(f"this algorithm adds {extra_inputs} input features to the model; the image tasks' Conv-4 "
+                         "takes images only")
+    omniglot = config.task == "omniglot"
+    return conv4(config.ways, in_channels=1 if omniglot else 3, filters=64 if omniglot else 32, strided=omniglot,
+                 image_size=_image_size(config))
+
+
+def _family_validate(config) -> None:
+    if not config.data_dir:
+        raise ValueError(f"task {config.task!r} needs data_dir: the folder holding the dataset")
+    check_positive_int(config.ways, "ways")
+    if config.ways < 2:
+        raise ValueError(f"ways must be >= 2 for classification, got {config.ways}")
+    if config.image_size is not None:
+        check_positive_int(config.image_size, "image_size")
+    check_positive_int(config.num_train_classes, "num_train_classes")
+    if config.loss != "mse":
+        raise ValueError(f"loss applies to sinusoid; image tasks use softmax cross-entropy (got {config.loss!r})")
+
+
+def _family_protocol(config):
+    from jmaml.tasks.family import EvalProtocol
+
+    return EvalProtocol(shots=None, num_steps=config.eval_inner_steps, batch_size=50, label=str(config.num_support),
+                        diverged_ratio=float("inf"), describe={
+                            "test_episodes": None, "eval_seed": EVAL_SEED, "task": config.task, "ways": config.ways,
+                            "shots": [config.num_support], "query_per_class": config.num_query,
+                            "steps": config.eval_inner_steps, "metric": "query accuracy, mean and 95% CI"})
+
+
+def preset(task: str, ways: int = 5, shots: int = 1) -> dict:
+    """The MAML paper's settings (Section 5.2 and its code) for a few-shot classification task, as
+    TrainConfig fields: inner rate, inner steps at training and at test, meta-batch; 15 query images
+    per class, Adam 1e-3, 60,000 meta-steps; no pretrained baseline."""
+    if task not in ("omniglot", "miniimagenet"):
+        raise ValueError(f"presets exist for omniglot, miniimagenet; got {task!r}")
+    common = {"num_query": 15, "pretrain": False, "steps": 60_000, "log_every": 100, "checkpoint_every": 1_000,
+              "meta_lr": 1e-3}
+    if task == "omniglot":
+        if ways >= 20:
+            return {**common, "inner_lr": 0.1, "num_inner_steps": 5, "eval_inner_steps": 5, "meta_batch_size": 16}
+        return {**common, "inner_lr": 0.4, "num_inner_steps": 1, "eval_inner_steps": 3, "meta_batch_size": 32}
+    return {**common, "inner_lr": 0.01, "num_inner_steps": 5, "eval_inner_steps": 10,
+            "meta_batch_size": 4 if shots == 1 else 2}
+
+
+def family(task: str):
+    """Omniglot or miniImageNet episodes for ``TrainConfig``: the paper's Conv-4 with softmax
+    cross-entropy, accuracy over 600 test episodes, the paper's presets."""
+    from jmaml.tasks.family import TaskFamily
+
+    return TaskFamily(distribution=_family_distribution, model=_family_model, loss=lambda config: "xent",
+                      validate=_family_validate, protocol=_family_protocol,
+                      preset=lambda ways=5, shots=1: preset(task, ways, shots), host_loop_on_cpu=True)

@@ -8,12 +8,14 @@ Inputs and targets have shape ``(num_tasks, num_points, 1)``.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jmaml._checks import check_positive_int
+from jmaml.protocols import TaskDistribution
 from jmaml.types import Batch, PRNGKey, Task
 
 AMPLITUDE_RANGE = (0.1, 5.0)
@@ -71,3 +73,86 @@ def sample_tasks(key: PRNGKey, num_tasks: int, *, num_support: int = 10,
     params = sample_params(key_params, num_tasks)
     return Task(sample_points(key_support, params, num_support),
                 sample_points(key_query, params, num_query))
+
+
+def heldout(key: PRNGKey, num_tasks: int, *, num_support: int = 20, num_query: int = 100) -> Task:
+    """Held-out tasks for evaluation: ``num_support`` support and ``num_query`` query points each.
+
+    The support sets are nested across shots: the first K of them are what K-shot evaluation uses.
+    """
+    key_p, key_s, key_q = jax.random.split(key, 3)
+    params = sample_params(key_p, num_tasks)
+    return Task(sample_points(key_s, params, num_support), sample_points(key_q, params, num_query))
+
+
+def mse_metric(apply):
+    """The paper's evaluation metric for a model's ``apply``: the query MSE."""
+    from jmaml.losses import make_loss
+
+    return make_loss(apply, "mse")
+
+
+def distribution(*, num_support: int = 10, num_query: int = 10, eval_support: int = 20,
+                 eval_query: int = 100) -> TaskDistribution:
+    """Sinusoid regression as a ``TaskDistribution`` (the paper's: K = 10 support, 10 query points
+    for training; held-out tasks with 20 nested support and 100 query points, scored by MSE)."""
+    num_support = check_positive_int(num_support, "num_support")
+    num_query = check_positive_int(num_query, "num_query")
+    eval_support = check_positive_int(eval_support, "eval_support")
+    eval_query = check_positive_int(eval_query, "eval_query")
+    return TaskDistribution(
+        sample=functools.partial(sample_tasks, num_support=num_support, num_query=num_query),
+        heldout=functools.partial(heldout, num_support=eval_support, num_query=eval_query),
+        make_metric=mse_metric, name="sinusoid", metric_name="mse",
+        task_shapes=Task(Batch((num_support, 1), (num_support, 1)), Batch((num_query, 1), (num_query, 1))))
+
+
+# ---- the family, for TrainConfig and the CLI ---------------------------------------------------
+
+EVAL_SEED = 20_170_306  # held-out test tasks
+NUM_EVAL_QUERY = 100
+SHOTS = (5, 10, 20)
+MAX_EVAL_STEPS = 10
+
+
+def _family_distribution(config) -> TaskDistribution:
+    return distribution(num_support=config.num_support, num_query=config.num_query, eval_support=max(SHOTS),
+                        eval_query=NUM_EVAL_QUERY)
+
+
+def _family_model(config, extra_inputs: int = 0):
+    from jmaml.models import mlp
+
+    return mlp([1 + extra_inputs, *config.hidden, 1], config.activation)
+
+
+def _family_validate(config) -> None:
+    if config.data_dir is not None:
+        raise ValueError("data_dir applies to the image tasks (omniglot, miniimagenet), not sinusoid")
+    if config.loss not in ("mse", "sse"):
+        raise ValueError(f"loss must be 'mse' or 'sse' for regression, got {config.loss!r}")
+
+
+def _family_protocol(config):
+    from jmaml.tasks.family import EvalProtocol
+
+    return EvalProtocol(shots=SHOTS, num_steps=MAX_EVAL_STEPS, describe={
+        "held_out_tasks": None, "eval_seed": EVAL_SEED, "query_points": NUM_EVAL_QUERY, "shots": list(SHOTS),
+        "steps": MAX_EVAL_STEPS, "metric": "query MSE, mean and 95% CI"})
+
+
+def _family_examples(num_tasks: int, shots: int):
+    key_p, key_s, _ = jax.random.split(jax.random.key(EVAL_SEED), 3)
+    params = sample_params(key_p, num_tasks)
+    support = sample_points(key_s, params, shots)
+    grid = jnp.linspace(INPUT_RANGE[0], INPUT_RANGE[1], 200)[None, :, None].repeat(num_tasks, axis=0)
+    return support, grid, evaluate(params, grid)
+
+
+def family():
+    """Sinusoid regression for ``TrainConfig``: the paper's MLP, MSE/SSE, the pretrained baseline."""
+    from jmaml.tasks.family import TaskFamily
+
+    return TaskFamily(distribution=_family_distribution, model=_family_model, loss=lambda config: config.loss,
+                      validate=_family_validate, protocol=_family_protocol, baseline=True,
+                      examples=_family_examples)

@@ -1,0 +1,188 @@
+"""``TrainConfig``: the settings of a ``jmaml train`` run, resolved through registries.
+
+Thin by design: the task family (``jmaml.tasks.FAMILIES``), the algorithm (``jmaml.learners.REGISTRY``)
+and the meta-optimiser (``OPTIMISERS``) are names looked up there, and each algorithm's own options
+(``algo_options``) are declared, checked and defaulted by the algorithm's module. The defaults are the
+MAML paper's sinusoid settings (Section 5.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optax
+
+from jmaml import learners, tasks
+from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
+from jmaml.models import ACTIVATIONS
+
+
+def _momentum(learning_rate: float) -> optax.GradientTransformation:
+    return optax.sgd(learning_rate, momentum=0.9)
+
+
+# Each takes the meta rate as its `learning_rate` argument, so optax.inject_hyperparams can make
+# it a traced hyperparameter (jmaml.sweep vmaps runs over it).
+OPTIMISERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "sgd": optax.sgd,
+    "momentum": _momentum,
+    "rmsprop": optax.rmsprop,
+}
+BASELINE = "pretrained"  # the name of the "pretrained" regression baseline's phase
+# Before algorithms owned their options, they were TrainConfig fields of these names; run dirs
+# written then still load (from_dict moves them into algo_options).
+_LEGACY_ALGO_FIELDS = {"first_order": False, "imaml_lambda": 1.0, "imaml_cg_iters": 5, "mamlpp_msl": True,
+                       "mamlpp_msl_anneal_steps": None, "mamlpp_first_order_steps": 0, "rate_meta_lr": None}
+
+
+def _freeze(options: Any) -> tuple[tuple[str, Any], ...]:
+    if isinstance(options, Mapping):
+        options = options.items()
+    try:
+        return tuple(sorted((str(k), v) for k, v in options))
+    except (TypeError, ValueError):
+        raise TypeError(f"algo_options must be a dict of option names to values, got {options!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Meta-training settings; the defaults are the MAML paper's sinusoid settings (Section 5.1)."""
+
+    hidden: tuple[int, ...] = (40, 40)  # MLP 1-40-40-1
+    activation: str = "relu"
+    num_support: int = 10  # K
+    num_query: int = 10
+    inner_lr: float = 0.01  # α
+    num_inner_steps: int = 1  # k
+    meta_lr: float = 1e-3  # β
+    optimiser: str = "adam"
+    meta_batch_size: int = 25
+    loss: str = "mse"
+    steps: int = 70_000
+    seed: int = 0  # initial parameters (and tasks, unless task_seed is set)
+    task_seed: int | None = None  # the stream of training tasks; None: derived from seed
+    # The meta-learning algorithm (a jmaml.learners.REGISTRY name) and its own options by name
+    # (e.g. {"imaml_lambda": 2.0}); see `jmaml train --help` or each learner module's OPTIONS.
+    algo: str = "maml"
+    algo_options: Any = ()
+    remat: bool = False  # rematerialise inner steps on the backward pass (memory for long k)
+    # Inner-loop unrolling: None = auto (straight-line code for k <= 8, measured faster on CPU and
+    # GPU; a rolled lax.scan beyond, whose compile time does not grow with k); or as jmaml.adapt.
+    unroll: int | bool | None = None
+    checkpoint_every: int = 5_000
+    log_every: int = 1_000  # steps per jitted chunk, and per metrics line
+    pretrain: bool = True  # also train the "pretrained" regression baseline (where the task family has one)
+    # The task family (a jmaml.tasks.FAMILIES name): sinusoid regression, or few-shot classification
+    # from image folders (jmaml.tasks.images).
+    task: str = "sinusoid"
+    data_dir: str | None = None  # the dataset's folder (image tasks)
+    ways: int = 5  # N classes per episode (image tasks); num_support / num_query are then per class
+    image_size: int | None = None  # None: 28 (Omniglot), 84 (miniImageNet)
+    num_train_classes: int = 1200  # Omniglot characters used for meta-training (the rest are test classes)
+    eval_inner_steps: int = 10  # inner steps at test time (evaluation curves run 0..this)
+    # Stop when, over a chunk, the adapted query loss averages more than this many times the
+    # un-adapted one: the inner loop is exploding (the seed's -1515.48, at scale). inf disables.
+    max_loss_ratio: float = 1000.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "algo_options", _freeze(self.algo_options))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """``algo_options`` as a dict."""
+        return dict(self.algo_options)
+
+    def validate(self) -> TrainConfig:
+        """Checks every field; returns self. Raises ValueError/TypeError naming the field."""
+        if not isinstance(self.hidden, tuple) or not self.hidden:
+            raise ValueError(f"hidden must be a non-empty tuple of widths, got {self.hidden!r}")
+        for i, h in enumerate(self.hidden):
+            check_positive_int(h, f"hidden[{i}]")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.optimiser not in OPTIMISERS:
+            raise ValueError(f"optimiser must be one of {sorted(OPTIMISERS)}, got {self.optimiser!r}")
+        for name in ("num_support", "num_query", "meta_batch_size", "steps", "checkpoint_every",
+                     "log_every"):
+            check_positive_int(getattr(self, name), name)
+        check_num_steps(self.num_inner_steps, "num_inner_steps")
+        family = tasks.family(self.task)
+        check_positive_int(self.eval_inner_steps, "eval_inner_steps")
+        family.validate(self)
+        self._validate_algorithm()
+        if self.unroll is not None and not isinstance(self.unroll, bool) and (
+                not isinstance(self.unroll, int) or self.unroll < 1):
+            raise ValueError(f"unroll must be None (auto), a bool or an int >= 1, got {self.unroll!r}")
+        check_rate(self.inner_lr, "inner_lr")
+        check_rate(self.meta_lr, "meta_lr", allow_zero=False)
+        if isinstance(self.max_loss_ratio, bool) or not isinstance(self.max_loss_ratio, (int, float)) \
+                or not self.max_loss_ratio > 1:
+            raise ValueError(f"max_loss_ratio must be a number > 1 (inf disables), got {self.max_loss_ratio!r}")
+        check_seed(self.seed, "seed")
+        if self.task_seed is not None:
+            check_seed(self.task_seed, "task_seed")
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
+                             f"log_every ({self.log_every}): checkpoints are written between chunks")
+        return self
+
+    def _validate_algorithm(self) -> None:
+        spec = learners.spec(self.algo)
+        learners.check_options(self.algo, self.options)
+        if self.num_inner_steps < spec.min_inner_steps:
+            raise ValueError(f"algo {self.algo!r} needs num_inner_steps >= {spec.min_inner_steps}, "
+                             f"got {self.num_inner_steps}")
+        # the factory's own checks (e.g. remat where it is not available), on a stand-in loss
+        learners.make(self.algo, lambda params, batch: 0.0, inner_lr=self.inner_lr,
+                      num_inner_steps=self.num_inner_steps, options=self.options, run_steps=self.steps,
+                      remat=self.remat)
+        extra = learners.extra_inputs(self.algo, self.options)
+        if extra:  # the family's model must take the learner's extra inputs
+            tasks.family(self.task).model(self, extra)
+
+    def phases(self) -> tuple[str, ...]:
+        """The phases a run trains: the meta-learner (named after its algorithm), and the pretrained
+        baseline where the task family has one and ``pretrain`` asks for it."""
+        if self.pretrain and tasks.family(self.task).baseline:
+            return (self.algo, BASELINE)
+        return (self.algo,)
+
+    def algorithm_settings(self) -> dict[str, Any]:
+        """The settings the chosen algorithm actually uses, with defaults resolved (for the run dir)."""
+        out: dict[str, Any] = {"algo": self.algo, "inner_lr": self.inner_lr, "num_inner_steps": self.num_inner_steps}
+        opts = learners.resolve_options(self.algo, self.options, self.steps)
+        if "rate_meta_lr" in opts and opts["rate_meta_lr"] is None:
+            opts["rate_meta_lr"] = self.meta_lr
+        if self.algo == "fomaml":
+            opts["first_order"] = True
+        return {**out, **opts}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["algo_options"] = dict(self.algo_options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A config from ``to_dict``'s form; also reads run dirs written before algorithms owned
+        their options (their fields move into ``algo_options``)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        legacy = {k: d.pop(k) for k in list(d) if k in _LEGACY_ALGO_FIELDS}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
+        options = dict(d.get("algo_options") or {})
+        algo = d.get("algo", "maml")
+        for k, v in legacy.items():
+            if v != _LEGACY_ALGO_FIELDS[k] and not (k == "first_order" and algo == "fomaml"):
+                options.setdefault(k, v)
+        d["algo_options"] = options
+        if "hidden" in d:
+            d["hidden"] = tuple(d["hidden"])
+        return cls(**d)

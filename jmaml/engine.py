@@ -1,0 +1,428 @@
+"""The engine: meta-trains any ``MetaLearner`` on any ``TaskDistribution`` with any optax optimiser.
+
+``fit`` runs steps in *chunks* of ``log_every``: one jitted ``lax.scan`` samples the tasks on the
+device and applies ``log_every`` meta-steps; metrics come back to the host once per chunk. Chunks
+are aligned to multiples of ``log_every`` from step 0, so a run that is interrupted and resumed
+executes exactly the same programs on exactly the same states and keys as one that is not: the
+final parameters are bitwise equal on one machine.
+
+With a ``run_dir`` it keeps ``NAME.ckpt.npz`` (the whole state: meta-parameters, optimiser state,
+step, key) and appends to ``metrics.jsonl`` every scalar the learner reports, one line per chunk.
+SIGINT/SIGTERM stop it between chunks with a checkpoint; a non-finite or exploding meta-loss stops
+it with the last good state kept. The engine never asks which task, model or algorithm it runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jmaml import checkpoint, distributed
+from jmaml._checks import check_positive_int, check_task_batch_tree
+from jmaml.meta import TrainState, init_state, make_estimator_step
+from jmaml.protocols import REQUIRED_METRICS, MetaLearner, TaskDistribution
+from jmaml.types import Params, PRNGKey
+
+
+class DivergenceError(RuntimeError):
+    """Meta-training produced a non-finite loss or gradient, or an exploding inner loop."""
+
+
+class Interrupted(Exception):  # noqa: N818 - it is a control-flow signal, not an error
+    """Training stopped on request (signal or ``stop_at_step``) after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ---- checks ----------------------------------------------------------------------------------
+
+def check_learner(learner: Any) -> MetaLearner:
+    """A ``MetaLearner`` or a clear TypeError."""
+    if not isinstance(learner, MetaLearner):
+        raise TypeError("learner must be a jmaml.MetaLearner(init, estimate, adapt, ...), got "
+                        f"{type(learner).__name__}")
+    for field in ("init", "estimate", "adapt"):
+        if not callable(getattr(learner, field)):
+            raise TypeError(f"learner.{field} must be a function, got {getattr(learner, field)!r}")
+    return learner
+
+
+def check_distribution(tasks: Any) -> TaskDistribution:
+    """A ``TaskDistribution`` or a clear TypeError."""
+    if not isinstance(tasks, TaskDistribution):
+        raise TypeError(f"tasks must be a jmaml.TaskDistribution(sample, ...), got {type(tasks).__name__}")
+    if not callable(tasks.sample):
+        raise TypeError(f"tasks.sample must be a function sample(key, num_tasks), got {tasks.sample!r}")
+    return tasks
+
+
+def sample_tasks(tasks: TaskDistribution, key: PRNGKey, num_tasks: int, data: Any = None) -> Any:
+    """``tasks.sample`` (with its data, when it has one), checked to have a leading task axis of
+    ``num_tasks`` on every leaf and, where the distribution states them, its per-task shapes."""
+    batch = tasks.sample(key, num_tasks) if data is None else tasks.sample(key, num_tasks, data)
+    check_task_batch_tree(batch, f"{tasks.name} sampler's tasks", num_tasks=num_tasks, task_shapes=tasks.task_shapes)
+    return batch
+
+
+def check_metrics(metrics: Any, learner: MetaLearner, num_tasks: int) -> None:
+    """At trace time: the learner's metrics hold ``REQUIRED_METRICS`` with the right shapes."""
+    if not isinstance(metrics, dict):
+        raise TypeError(f"learner {learner.name!r}: estimate must return (loss, grads, metrics) with metrics a "
+                        f"dict, got {type(metrics).__name__}")
+    missing = [k for k in REQUIRED_METRICS if k not in metrics]
+    if missing:
+        raise ValueError(f"learner {learner.name!r}: its metrics lack {missing}; every learner reports "
+                         f"{list(REQUIRED_METRICS)} (task_losses: each task's query loss, shape (num_tasks,); "
+                         "pre_adapt_loss: the query loss before adaptation, a scalar), which the divergence "
+                         "check reads")
+    if jnp.shape(metrics["task_losses"]) != (num_tasks,):
+        raise ValueError(f"learner {learner.name!r}: metrics['task_losses'] must have shape ({num_tasks},), one "
+                         f"loss per task, got {jnp.shape(metrics['task_losses'])}")
+    if jnp.shape(metrics["pre_adapt_loss"]) != ():
+        raise ValueError(f"learner {learner.name!r}: metrics['pre_adapt_loss'] must be a scalar, got shape "
+                         f"{jnp.shape(metrics['pre_adapt_loss'])}")
+
+
+# ---- the step and the chunk ----------------------------------------------------------------
+
+def make_learner_step(learner: MetaLearner, optimiser: optax.GradientTransformation, **hyper: Any):
+    """A pure ``step(state, tasks, **hyper) -> (state, metrics)`` for a learner (see
+    ``jmaml.make_estimator_step``); metrics are the learner's plus ``meta_loss`` and ``grad_norm``."""
+    check_learner(learner)
+
+    def estimate(meta_params, tasks, meta_step=None, **kw):
+        loss, grads, metrics = learner.estimate(meta_params, tasks, meta_step, **kw)
+        check_metrics(metrics, learner, jax.tree.leaves(tasks)[0].shape[0])
+        return loss, grads, metrics
+
+    return make_estimator_step(optimiser, estimate, **hyper)
+
+
+def initial_state(learner: MetaLearner, params: Params, optimiser: optax.GradientTransformation,
+                  key: PRNGKey) -> TrainState:
+    """The step-0 state: the learner's meta-parameters for ``params``, the optimiser's state and the
+    key the training tasks are drawn from."""
+    return init_state(learner.init(params), optimiser, key)
+
+
+_CHUNKS: collections.OrderedDict = collections.OrderedDict()
+
+
+def make_chunk(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation, *,
+               meta_batch_size: int, mesh: Mesh | None = None, host_loop: bool = False) -> Callable:
+    """A ``chunk(state, length) -> (state, metrics)`` running ``length`` meta-steps.
+
+    Each step splits the state's key, samples a meta-batch on the device and applies one meta-step.
+    With a ``mesh`` (``jmaml.distributed.task_mesh``) the meta-batch is sharded over its devices'
+    task axis and the state stays replicated; XLA derives the cross-device reduction of the
+    meta-gradient from those shardings. ``host_loop`` runs the steps as a Python loop over one jitted
+    step instead of a compiled scan (XLA's CPU backend runs convolutions inside a compiled loop about
+    3x slower than alone). Cached on its arguments, so resuming in one process reuses the compilation.
+    """
+    cache_key = (learner.estimate, tasks.sample, id(tasks.data), optimiser, meta_batch_size, mesh, host_loop)
+    if cache_key in _CHUNKS:
+        _CHUNKS.move_to_end(cache_key)
+        return _CHUNKS[cache_key]
+    step = make_learner_step(learner, optimiser)
+
+    def one(state: TrainState, data):
+        key, key_tasks = jax.random.split(state.key)
+        batch = distributed.shard_tasks(sample_tasks(tasks, key_tasks, meta_batch_size, data), mesh)
+        new_state, metrics = step(state._replace(key=key), batch)
+        return distributed.replicate(new_state, mesh), distributed.replicate(metrics, mesh)
+
+    data = tasks.data
+    if data is not None:
+        data = distributed.put_replicated(data, mesh)
+    if host_loop:
+        one_jit = jax.jit(one)
+
+        def chunk(state: TrainState, length: int):
+            metrics = []
+            for _ in range(length):
+                state, m = one_jit(state, data)
+                metrics.append(m)
+            return state, jax.tree.map(lambda *a: jnp.stack(a), *metrics)
+    else:
+        @jax.jit
+        def _chunk(state: TrainState, length_marker: jax.Array, data):
+            # data is closed over by the step (a loop invariant), not carried from step to step
+            return jax.lax.scan(lambda s, _: one(s, data), state, None, length=length_marker.shape[0])
+
+        # The length is carried by an argument's shape so jit specialises on it without retracing the
+        # Python function for every call; data is an argument, not a constant baked into the program.
+        def chunk(state: TrainState, length: int):
+            return _chunk(state, jnp.zeros((length,), jnp.int8), data)
+
+    _CHUNKS[cache_key] = chunk
+    while len(_CHUNKS) > 16:
+        _CHUNKS.popitem(last=False)
+    return chunk
+
+
+# ---- progress, signals, metrics files --------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on a terminal; plain, throttled log lines otherwise."""
+
+    def __init__(self, label: str, total: int, start: int, stream: TextIO | None = None,
+                 every_s: float = 5.0):
+        self.label, self.total, self.start = label, total, start
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last_line = -math.inf
+        self.every_s = every_s
+
+    def update(self, step: int, loss: float, steps_per_s: float, final: bool = False) -> None:
+        done = step - self.start
+        left = self.total - step
+        elapsed = time.perf_counter() - self.t0
+        rate = done / elapsed if elapsed > 0 else steps_per_s
+        eta = str(datetime.timedelta(seconds=round(left / rate))) if rate > 0 else "?"
+        frac = step / self.total
+        text = (f"{self.label} {step}/{self.total} ({100 * frac:.0f}%) | {rate:,.0f} steps/s | "
+                f"meta-loss {loss:.4f} | ETA {eta}")
+        if self.tty:
+            width = 24
+            bar = "#" * int(width * frac) + "." * (width - int(width * frac))
+            self.stream.write(f"\r[{bar}] {text}\x1b[K" + ("\n" if final else ""))
+            self.stream.flush()
+        elif final or time.perf_counter() - self.last_line >= self.every_s:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.last_line = time.perf_counter()
+
+
+class StopFlag:
+    """Catches SIGINT/SIGTERM while installed; the loop checks it between chunks."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.signum is not None:
+            if signum == self.signum and now - self._at < 2.0:
+                return  # the same request twice (the process group and a supervising parent)
+            raise KeyboardInterrupt  # a second request: stop now
+        self.signum, self._at = signum, now
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+        return False
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: float) -> str | None:
+    """Describes the divergence in a chunk's metrics (naming the step and tasks), or None."""
+    loss, gnorm, pre = metrics["meta_loss"], metrics["grad_norm"], metrics["pre_adapt_loss"]
+    bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
+    if bad.any():
+        i = int(np.argmax(bad))
+        tasks = np.flatnonzero(~np.isfinite(metrics["task_losses"][i])).tolist()
+        which = f"tasks {tasks} of the meta-batch" if tasks else "the meta-gradient"
+        return (f"non-finite meta-loss or gradient at step {step0 + i + 1} (meta-loss {loss[i]}, "
+                f"gradient norm {gnorm[i]}; non-finite in {which})")
+    ratio = float(np.mean(loss) / max(float(np.mean(pre)), 1e-30))
+    if ratio > max_loss_ratio:
+        worst = int(np.argmax(loss / np.maximum(pre, 1e-30)))
+        tasks = metrics["task_losses"][worst]
+        top = np.argsort(tasks)[::-1][:3].tolist()
+        return (f"exploding inner loop over steps {step0 + 1}-{step0 + len(loss)}: the adapted query "
+                f"loss averages {np.mean(loss):.4g}, {ratio:.3g} times the un-adapted loss "
+                f"{np.mean(pre):.4g} (max_loss_ratio {max_loss_ratio:g}); worst at step "
+                f"{step0 + worst + 1}, tasks {top} of the meta-batch")
+    return None
+
+
+def chunk_record(name: str, step: int, metrics: dict[str, np.ndarray], seconds: float, length: int) -> dict:
+    """One metrics.jsonl line: the chunk's mean of every metric the learner reports (over steps, and
+    tasks for per-task ones), the last step's meta-loss, and the speed."""
+    record: dict[str, Any] = {"phase": name, "step": step, "meta_loss": float(np.mean(metrics["meta_loss"])),
+                              "meta_loss_last": float(metrics["meta_loss"][-1]),
+                              "grad_norm": float(np.mean(metrics["grad_norm"]))}
+    for key, value in metrics.items():
+        if key not in record and np.issubdtype(np.asarray(value).dtype, np.number):
+            record[key] = float(np.mean(value))
+    record["steps_per_s"] = length / seconds
+    return record
+
+
+# ---- fit -------------------------------------------------------------------------------------
+
+def _as_key(key: Any) -> PRNGKey:
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    raise TypeError(f"key must be a jax.random.key(...) or an int seed, got {key!r}")
+
+
+def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation, params: Params, *,
+        steps: int, meta_batch_size: int, key: Any = 0, run_dir: str | None = None, resume: bool = False,
+        name: str | None = None, log_every: int = 1000, checkpoint_every: int | None = None,
+        max_loss_ratio: float = 1000.0, mesh: Mesh | None = None,
+        callback: Callable[[dict, TrainState], Any] | None = None, stream: TextIO | None = None,
+        progress: bool = True, stop_at_step: int | None = None, host_loop: bool = False,
+        divergence_hint: str | None = None, stop_flag: StopFlag | None = None) -> TrainState:
+    """Meta-trains ``learner`` on ``tasks``; returns the final ``TrainState``.
+
+    Args:
+      learner: any ``jmaml.MetaLearner`` (``jmaml.learners`` has the MAML family).
+      tasks: any ``jmaml.TaskDistribution``: ``tasks.sample(key, meta_batch_size)`` runs on the device
+        inside the compiled loop.
+      optimiser: any optax ``GradientTransformation`` (the meta-optimiser).
+      params: the model's initial parameters (``learner.init`` makes the meta-parameters).
+      steps: meta-steps to train to (counting those of a resumed run).
+      meta_batch_size: tasks per meta-step.
+      key: the key (or int seed) the training tasks are drawn from; each step splits it.
+      run_dir: a folder for ``NAME.ckpt.npz`` and ``metrics.jsonl`` (created if missing); None keeps
+        nothing on disk (and ignores ``resume`` and ``checkpoint_every``).
+      resume: continue from ``run_dir``'s checkpoint. The checkpoint must exist.
+      name: the run's name in files and messages (default ``learner.name``).
+      log_every: meta-steps per compiled chunk, metrics line and progress update.
+      checkpoint_every: meta-steps between checkpoints (a multiple of ``log_every``; default: the
+        end only).
+      max_loss_ratio: stop when the adapted query loss averages more than this many times the
+        un-adapted one over a chunk (an exploding inner loop); ``math.inf`` disables.
+      mesh: shard each meta-batch's tasks over this mesh (``jmaml.distributed.task_mesh``). In a
+        multi-process job every process calls ``fit`` alike; process 0 alone writes files.
+      callback: ``callback(record, state)`` after every chunk, with the metrics line as a dict.
+      stream: where progress goes (default stderr); ``progress=False`` silences it.
+      stop_at_step: stop with a checkpoint (raising ``Interrupted``) at this step.
+      host_loop: a Python loop over a jitted step instead of a compiled scan (see ``make_chunk``).
+      divergence_hint: what to suggest when training diverges (default: smaller rates).
+
+    Raises:
+      DivergenceError: a non-finite or exploding meta-loss (the last good state is kept).
+      Interrupted: SIGINT/SIGTERM or ``stop_at_step``, after writing a checkpoint.
+      ValueError/TypeError: bad arguments, a sampler without a task axis, a learner's missing metric,
+        params that do not fit, a missing checkpoint on ``resume``.
+
+    Examples:
+      >>> import jax, optax
+      >>> from jmaml import fit, learners, make_loss, models, tasks
+      >>> model = models.mlp([1, 8, 1])
+      >>> learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
+      >>> state = fit(learner, tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)),
+      ...             steps=20, meta_batch_size=4, log_every=10, progress=False)
+      >>> int(state.step)
+      20
+    """
+    check_learner(learner)
+    check_distribution(tasks)
+    if not isinstance(optimiser, optax.GradientTransformation):
+        raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")
+    steps = check_positive_int(steps, "steps")
+    meta_batch_size = check_positive_int(meta_batch_size, "meta_batch_size")
+    log_every = check_positive_int(log_every, "log_every")
+    if checkpoint_every is not None:
+        checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+        if checkpoint_every % log_every:
+            raise ValueError(f"checkpoint_every ({checkpoint_every}) must be a multiple of log_every ({log_every}): "
+                             "checkpoints are written between chunks")
+    if mesh is not None:
+        distributed.check_divisible(meta_batch_size, mesh)
+    name = name or learner.name
+    writer = distributed.is_writer()
+    try:
+        state = initial_state(learner, params, optimiser, _as_key(key))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"learner {learner.name!r} could not initialise from these params: {e}") from e
+    ckpt = os.path.join(run_dir, f"{name}.ckpt.npz") if run_dir is not None else None
+    if ckpt is not None and writer:
+        os.makedirs(run_dir, exist_ok=True)
+        if resume:
+            if not os.path.exists(ckpt):
+                raise ValueError(f"resume: there is no checkpoint {ckpt} to resume from")
+            state, _ = checkpoint.restore(ckpt, state)
+    state = distributed.broadcast_from_writer(state)
+    saved_step = step = int(state.step)
+    if step >= steps:
+        return state
+    state = distributed.put_replicated(state, mesh)
+    chunk = make_chunk(learner, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh, host_loop=host_loop)
+    bar = Progress(name, steps, step, stream) if progress else None
+    metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir is not None else None
+
+    def save(state: TrainState, step: int) -> None:
+        if ckpt is not None and writer:
+            checkpoint.save(ckpt, distributed.to_host(state), step=step, extra={"phase": name})
+
+    owned_flag = stop_flag is None
+    flag = stop_flag or StopFlag()
+    if owned_flag:
+        flag.__enter__()
+    try:
+        while step < steps:
+            if flag.signum is not None:
+                save(state, step)
+                signame = signal.Signals(flag.signum).name
+                raise Interrupted(f"{signame} received: stopped {name} at step {step}/{steps}; checkpoint saved",
+                                  flag.signum)
+            if stop_at_step is not None and step >= stop_at_step:
+                save(state, step)
+                raise Interrupted(f"stopped {name} at step {step} as asked; checkpoint saved")
+            length = min(log_every - step % log_every, steps - step)  # chunks aligned to multiples of log_every
+            t0 = time.perf_counter()
+            new_state, metrics = chunk(state, length)
+            metrics = distributed.to_host(metrics)
+            dt = time.perf_counter() - t0
+            msg = divergence(step, metrics, max_loss_ratio)
+            if msg is not None:
+                if step > saved_step or (ckpt is not None and writer and not os.path.exists(ckpt)):
+                    save(state, step)
+                    saved_step = step
+                kept = f" is kept in {ckpt}" if ckpt is not None else " is the one before this chunk"
+                hint = divergence_hint or "Try a smaller inner rate or meta rate"
+                label = learner.label if name == learner.name else name
+                raise DivergenceError(f"{label} training diverged: {msg}. The last good state (step {saved_step})"
+                                      f"{kept}. {hint}.")
+            state, step = new_state, step + length
+            record = chunk_record(name, step, metrics, dt, length)
+            if writer:
+                if metrics_path is not None:
+                    append_jsonl(metrics_path, record)
+                if bar is not None:
+                    bar.update(step, record["meta_loss"], record["steps_per_s"], final=step >= steps)
+            if callback is not None:
+                callback(record, state)
+            if (checkpoint_every is not None and step % checkpoint_every == 0) or step >= steps:
+                save(state, step)
+                saved_step = step
+    finally:
+        if owned_flag:
+            flag.__exit__(None, None, None)
+    return state

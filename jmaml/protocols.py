@@ -1,0 +1,93 @@
+"""The two open protocols of jmaml besides ``Model``: task distributions and meta-learners.
+
+Both are NamedTuples of pure functions in the style of optax's ``GradientTransformation``: a
+factory takes the options and closes over them; the engine (``jmaml.fit``, ``jmaml.evaluate``,
+``jmaml.sweep``) calls only these fields. The benchmarks jmaml ships (sinusoids, the seed's tasks,
+Omniglot, miniImageNet; MAML and its family) are instances built by factories, and a user's own
+task family or algorithm is exactly as much at home.
+
+Task data is *any pytree*: the engine only needs every leaf of a task batch to share one leading
+task axis. ``jmaml.Task(support, query)`` of ``jmaml.Batch(x, y)`` is the common case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from jmaml.types import Params
+
+# The metrics every learner's ``estimate`` reports besides the loss and gradient (the engine adds
+# ``meta_loss`` and ``grad_norm`` itself). The divergence check reads them; everything else a learner
+# reports reaches metrics.jsonl untouched.
+REQUIRED_METRICS = ("task_losses", "pre_adapt_loss")
+
+
+class TaskDistribution(NamedTuple):
+    """A distribution over few-shot tasks.
+
+    Attributes:
+      sample: ``sample(key, num_tasks) -> tasks``: a batch of training tasks whose leaves have a
+        leading task axis of ``num_tasks`` (drawn on the device, inside the compiled loop). When
+        ``data`` is set it is called ``sample(key, num_tasks, data)``, so a large array (e.g. an
+        image set) is an argument of the compiled program rather than a constant baked into it.
+      heldout: ``heldout(key, num_tasks) -> tasks`` for evaluation (same layout; may be larger
+        support/query sets than training uses), or None if the family has no held-out protocol.
+      make_metric: ``make_metric(apply) -> metric(params, batch) -> scalar``: the evaluation
+        metric of one task's query set for a model's ``apply`` (MSE, accuracy, ...); None: the
+        learner's own loss.
+      task_shapes: the shapes of one task's leaves (no task axis), as a pytree of tuples like the
+        task; used to tell a single task from a batch. None: derived by ``jax.eval_shape``.
+      data: see ``sample``.
+      name: a short name for messages and result files.
+      metric_name: what ``make_metric`` measures (``"mse"``, ``"accuracy"``, ...).
+      heldout_data: ``data`` for ``heldout`` (e.g. the test split's images), when it takes one.
+    """
+
+    sample: Callable[..., Any]
+    heldout: Callable[..., Any] | None = None
+    make_metric: Callable[[Callable[..., jax.Array]], Callable[[Params, Any], jax.Array]] | None = None
+    task_shapes: Any = None
+    data: Any = None
+    name: str = "tasks"
+    metric_name: str = "loss"
+    heldout_data: Any = None
+
+
+class MetaLearner(NamedTuple):
+    """A meta-learning algorithm as pure functions.
+
+    Attributes:
+      init: ``init(params) -> meta_params``: the meta-parameters for a model's initial parameters
+        (the parameters themselves for MAML; plus learned rates for Meta-SGD; plus a context for
+        CAVIA ...).
+      estimate: ``estimate(meta_params, tasks, meta_step, **hyper) -> (loss, grads, metrics)``:
+        the meta-loss and meta-gradient over a task batch (leading task axis), and a dict of
+        metrics holding at least ``REQUIRED_METRICS``. ``hyper`` are traced hyperparameters the
+        learner accepts per call (``inner_lr`` for most), so sweeps can vmap whole runs over them.
+      adapt: ``adapt(meta_params, support, num_steps, *, observe=None, **hyper)``: the learner's
+        own test-time rule for one task. Returns the adapted model parameters; with
+        ``observe(params) -> value`` it returns ``(params, values)``, the value before each step
+        and after the last (shape ``(num_steps + 1, ...)``): adaptation curves in one pass.
+      name: the registry name (checkpoints and results are named after it).
+      label: the name people use ("Meta-SGD").
+      exact_gradient: whether ``grads`` is the exact gradient of ``loss`` with respect to
+        ``meta_params`` (MAML, Meta-SGD ...; not Reptile, FOMAML or iMAML's approximations):
+        ``jmaml.check_meta_gradient`` tests this claim.
+      hyper: the default values of the per-call hyperparameters ``estimate`` and ``adapt`` take.
+      model_params: ``model_params(meta_params) -> params``: the model's parameters at the
+        meta-learned initialisation (for plots and baselines).
+    """
+
+    init: Callable[[Params], Any]
+    estimate: Callable[..., tuple[jax.Array, Any, dict[str, jax.Array]]]
+    adapt: Callable[..., Any]
+    name: str = "learner"
+    label: str = "learner"
+    exact_gradient: bool = True
+    hyper: dict[str, Any] = {}
+    model_params: Callable[[Any], Params] = lambda meta_params: meta_params
+
+
