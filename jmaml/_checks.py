@@ -177,7 +177,7 @@ def check_task_batch_tree(tasks, name: str = "tasks", *, num_tasks: int | None =
     leading = {path: shape[0] for path, shape in shapes.items()}
     if len(set(leading.values())) != 1:
         raise ValueError(f"{name} must have a leading task axis of one size on every leaf; got leading sizes "
-                         f"{leading}")
+                         f"{leading}. Is it a single task without a task axis?")
     n = next(iter(leading.values()))
     if num_tasks is not None and n != num_tasks:
         raise ValueError(f"{name} must have a leading task axis of {num_tasks} (the tasks asked for); got leading "

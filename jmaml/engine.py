@@ -280,6 +280,30 @@ def chunk_record(name: str, step: int, metrics: dict[str, np.ndarray], seconds: 
     return record
 
 
+def _preflight(learner: MetaLearner, tasks: TaskDistribution, optimiser, state: TrainState,
+               meta_batch_size: int) -> None:
+    """Traces one meta-step on shapes alone (nothing runs) so that a sampler, a learner or params that
+    do not fit fail here with a message naming the part, not deep inside the compiled loop."""
+    step = make_learner_step(learner, optimiser)
+
+    def one(state):
+        batch = sample_tasks(tasks, jax.random.key(0), meta_batch_size, tasks.data)
+        return step(state, batch)
+
+    try:
+        new_state, _ = jax.eval_shape(one, state)
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(("learner ", tasks.name)):  # our own checks already name the part
+            raise
+        raise type(e)(f"learner {learner.name!r} could not run one meta-step on a batch from task distribution "
+                      f"{tasks.name!r} with these params (do the params fit the model, and the model the "
+                      f"tasks' data?): {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    old, new = jax.tree.structure(state.params), jax.tree.structure(new_state.params)
+    if old != new:
+        raise ValueError(f"learner {learner.name!r}: its gradient does not have the structure of its "
+                         f"meta-parameters ({new} vs {old})")
+
+
 # ---- fit -------------------------------------------------------------------------------------
 
 def _as_key(key: Any) -> PRNGKey:
@@ -374,6 +398,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         return state
     state = distributed.put_replicated(state, mesh)
     chunk = make_chunk(learner, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh, host_loop=host_loop)
+    _preflight(learner, tasks, optimiser, state, meta_batch_size)
     bar = Progress(name, steps, step, stream) if progress else None
     metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir is not None else None
 

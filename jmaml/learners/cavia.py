@@ -51,7 +51,7 @@ def with_context(model: Model, num_context: int) -> Model:
     num_context = check_positive_int(num_context, "num_context")
 
     def init(key):
-        return CAVIAParams(model.init(key), jnp.zeros((num_context,), jnp.float32))
+        return CAVIAParams(model.init(key), jnp.zeros((num_context,)))
 
     def apply(p: CAVIAParams, x: jax.Array) -> jax.Array:
         context = jnp.broadcast_to(p.context.astype(x.dtype), (*x.shape[:-1], num_context))
@@ -80,7 +80,8 @@ def cavia(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, num_context: 
 
     def init(params):
         network = params.params if isinstance(params, CAVIAParams) else params
-        return CAVIAParams(network, jnp.zeros((num_context,), jnp.float32))
+        dtype = jnp.result_type(*jax.tree.leaves(network)) if jax.tree.leaves(network) else jnp.float32
+        return CAVIAParams(network, jnp.zeros((num_context,), dtype))  # in the network's precision
 
     def check(meta_params):
         if not isinstance(meta_params, CAVIAParams):

@@ -1,0 +1,266 @@
+"""The open engine: a user's own task distribution (dict data, not jmaml.Batch) and model through
+fit / resume / evaluate / 4 devices; CAVIA against an independently written oracle; the metrics
+contract; clear errors for the parts a user brings."""
+
+import dataclasses
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jmaml
+from jmaml import Task, TaskDistribution, checkpoint, fit, learners, make_loss, models
+from jmaml.config import TrainConfig
+from jmaml.evaluate import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K, Q = 6, 8
+
+
+# ---- a task family and a model jmaml does not ship ----------------------------------------------
+
+def _points(key, a, b, c, n):
+    x = jax.random.uniform(key, (a.shape[0], n, 2), minval=-2.0, maxval=2.0)
+    y = a[:, None] * jnp.sin(b[:, None] * x[..., 0]) + c[:, None] * x[..., 1]
+    return {"inputs": x, "targets": y}
+
+
+def plane_sample(key, num_tasks, num_support=K, num_query=Q):
+    """y = a sin(b x1) + c x2: each task's data is a dict of arrays (any pytree will do)."""
+    ka, kb, kc, ks, kq = jax.random.split(key, 5)
+    a = jax.random.uniform(ka, (num_tasks,), minval=0.5, maxval=2.0)
+    b = jax.random.uniform(kb, (num_tasks,), minval=0.5, maxval=1.5)
+    c = jax.random.uniform(kc, (num_tasks,), minval=-1.0, maxval=1.0)
+    return Task(_points(ks, a, b, c, num_support), _points(kq, a, b, c, num_query))
+
+
+def plane_distribution():
+    one = lambda n: {"inputs": (n, 2), "targets": (n,)}
+    mse = lambda apply: lambda p, d: jnp.mean((apply(p, d["inputs"]) - d["targets"]) ** 2)
+    return TaskDistribution(sample=plane_sample, heldout=lambda key, n: plane_sample(key, n, K, 30), make_metric=mse,
+                            task_shapes=Task(one(K), one(Q)), name="plane", metric_name="mse")
+
+
+def two_layer_init(key, width=12):
+    k1, k2 = jax.random.split(key)
+    return {"hidden": {"kernel": jax.random.normal(k1, (2, width)) * 0.5, "bias": jnp.zeros((width,))},
+            "out": {"kernel": jax.random.normal(k2, (width,)) * 0.3, "bias": jnp.zeros(())}}
+
+
+def two_layer_apply(p, x):
+    hidden = jnp.tanh(x @ p["hidden"]["kernel"] + p["hidden"]["bias"][None, :])  # explicit broadcast: rank promotion
+    return hidden @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+def plane_loss(p, d):
+    return jnp.mean((two_layer_apply(p, d["inputs"]) - d["targets"]) ** 2)
+
+
+def _fit(learner, run_dir=None, **kw):
+    return fit(learner, plane_distribution(), optax.adam(3e-3), two_layer_init(jax.random.key(1)),
+               **{"steps": 30, "meta_batch_size": 4, "key": 7, "log_every": 10, "run_dir": run_dir,
+                  "checkpoint_every": 10, "progress": False, **kw})
+
+
+def test_a_users_tasks_and_model_train_resume_bitwise_and_evaluate(tmp_path):
+    learner = learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=2)
+    seen = []
+    straight = _fit(learner, str(tmp_path / "a"), callback=lambda record, state: seen.append(record["step"]))
+    assert seen == [10, 20, 30] and int(straight.step) == 30
+    with pytest.raises(jmaml.Interrupted):
+        _fit(learner, str(tmp_path / "b"), stop_at_step=10)
+    assert checkpoint.read_header(tmp_path / "b" / "maml.ckpt.npz")["step"] == 10
+    resumed = _fit(learner, str(tmp_path / "b"), resume=True)
+    for u, v in zip(checkpoint.host_leaves(straight), checkpoint.host_leaves(resumed)):
+        np.testing.assert_array_equal(u, v)
+    # metrics.jsonl holds every metric the learner reports, per chunk, once after the resume too
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert [r["step"] for r in lines] == [10, 20, 30]
+    assert {"meta_loss", "grad_norm", "task_losses", "pre_adapt_loss", "steps_per_s"} <= set(lines[-1])
+    # evaluation by the learner's own rule, against a loop written here
+    report = evaluate(learner, straight.params, plane_distribution(), apply=two_layer_apply, num_tasks=12,
+                      num_steps=3, key=3)
+    held = plane_sample(jax.random.key(3), 12, K, 30)
+    want = []
+    for j in range(12):
+        task = jax.tree.map(lambda a, j=j: a[j], held)
+        phi = straight.params
+        for _ in range(3):
+            phi = jax.tree.map(lambda p, g: p - 0.05 * g, phi, jax.grad(plane_loss)(phi, task.support))
+        want.append(float(plane_loss(phi, task.query)))
+    np.testing.assert_allclose(report["all"]["mean"][3], np.mean(want), rtol=1e-5)
+    assert report["all"]["mean"][3] < report["all"]["mean"][0]  # adapting helps
+    assert report["all"]["num_tasks"] == 12 and len(report["all"]["ci95"]) == 4
+
+
+def test_a_users_tasks_on_four_devices_equal_one_device():
+    script = textwrap.dedent(f"""
+        import sys, jax, numpy as np
+        sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+        from engine_test import _fit
+        from jmaml import distributed, learners
+        from engine_test import plane_loss
+        assert jax.device_count() == 4
+        learner = learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=2)
+        one = _fit(learner)
+        four = _fit(learner, mesh=distributed.task_mesh())
+        for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---- CAVIA against an oracle written another way ----------------------------------------------
+
+def _cavia_oracle_loss(theta, support, query, alpha, k):
+    """CAVIA on f(x; w, v, b) = w x + v c + b with SSE, written out by hand in NumPy float64: the
+    context c starts at 0 and takes k steps c <- c - alpha * dL_S/dc, dL_S/dc = 2 v sum(r)."""
+    w, v, b = theta
+    xs, ys = support
+    c = 0.0
+    for _ in range(k):
+        c = c - alpha * 2.0 * v * np.sum(w * xs + v * c + b - ys)
+    xq, yq = query
+    return np.sum((w * xq + v * c + b - yq) ** 2)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_cavia_meta_gradient_equals_finite_differences_of_an_independent_oracle(x64, k):
+    alpha, theta = 0.05, (0.7, -0.4, 0.3)
+    rng = np.random.default_rng(k)
+    xs, xq = rng.normal(size=(3, 4)), rng.normal(size=(3, 5))
+    ys, yq = np.sin(xs) + 0.5, np.sin(xq) + 0.5
+    base = models.Model(lambda key: None, lambda p, x: x @ p["w"] + p["b"][None, :])  # x: (n, 1 + 1 context)
+    model = learners.with_context(base, 1)
+    learner = learners.cavia(make_loss(model.apply, "sse"), inner_lr=alpha, num_inner_steps=k, num_context=1,
+                             reduction="sum")
+    params = {"w": jnp.array([[theta[0]], [theta[1]]]), "b": jnp.array([theta[2]])}
+    batch = lambda x, y: jmaml.Batch(jnp.asarray(x)[..., None], jnp.asarray(y)[..., None])
+    tasks = Task(batch(xs, ys), batch(xq, yq))
+    loss, grads, metrics = learner.estimate(learner.init(params), tasks)
+    oracle = lambda th: sum(_cavia_oracle_loss(th, (xs[j], ys[j]), (xq[j], yq[j]), alpha, k) for j in range(3))
+    assert float(loss) == pytest.approx(oracle(theta), rel=1e-12)
+    eps, fd = 1e-6, []
+    for i in range(3):
+        up, down = list(theta), list(theta)
+        up[i] += eps
+        down[i] -= eps
+        fd.append((oracle(up) - oracle(down)) / (2 * eps))
+    got = [float(grads.params["w"][0, 0]), float(grads.params["w"][1, 0]), float(grads.params["b"][0])]
+    np.testing.assert_allclose(got, fd, rtol=1e-6)
+    np.testing.assert_array_equal(grads.context, 0.0)  # the context is adapted, never meta-learned
+    assert metrics["task_losses"].shape == (3,)
+    # and the library's own check agrees
+    report = jmaml.check_meta_gradient(learner, learner.init(params), tasks)
+    assert report["ok"] and report["exact_gradient"]
+
+
+def test_check_meta_gradient_catches_a_wrong_gradient_and_names_estimators():
+    loss = make_loss(models.linear().apply, "sse")
+    right = learners.maml(loss, inner_lr=0.1, num_inner_steps=2, reduction="sum")
+    estimate = lambda p, tasks, meta_step=None: (lambda v, g, m: (v, 1.01 * g, m))(*right.estimate(p, tasks))
+    wrong = right._replace(estimate=estimate)
+    tasks = jmaml.tasks.seed.meta_tasks()
+    report = jmaml.check_meta_gradient(wrong, jnp.array(0.3), tasks)
+    assert report["ok"] is False and report["max_rel_error"] == pytest.approx(0.01, rel=0.05)
+    assert jmaml.check_meta_gradient(right, jnp.array(0.3), tasks)["ok"] is True
+    reptile = jmaml.check_meta_gradient(learners.reptile(loss, inner_lr=0.01, num_inner_steps=2), jnp.array(0.3),
+                                        tasks)
+    assert reptile["ok"] is None and "does not claim the exact gradient" in reptile["note"]
+
+
+def test_cavia_trains_through_train_config(tmp_path):
+    config = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=20, log_every=10,
+                         checkpoint_every=20, pretrain=False, algo="cavia", algo_options={"cavia_num_context": 2})
+    state = jmaml.train.train(config, str(tmp_path), stream=io.StringIO())["cavia"]
+    assert state.params.params[0]["w"].shape == (1 + 2, 8)  # the sinusoid MLP takes the context as inputs
+    np.testing.assert_array_equal(state.params.context, 0.0)
+    results = jmaml.evaluate.evaluate_run(str(tmp_path), num_tasks=20, write=False)
+    curve = results["cavia"]["10"]["mean"]
+    assert len(curve) == 11 and all(math.isfinite(v) for v in curve)
+
+
+# ---- the contract, and clear errors for what a user brings -------------------------------------
+
+def test_every_learners_metrics_reach_metrics_jsonl(tmp_path):
+    for algo, extras in (("imaml", ("cg_residual", "inner_grad_norm")), ("mamlpp", ("final_query_loss",))):
+        config = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=10, log_every=10,
+                             checkpoint_every=10, pretrain=False, algo=algo, num_inner_steps=2)
+        jmaml.train.train(config, str(tmp_path / algo), stream=io.StringIO())
+        with open(tmp_path / algo / "metrics.jsonl") as f:
+            record = json.loads(f.readline())
+        assert record["phase"] == algo
+        assert all(math.isfinite(record[name]) for name in ("meta_loss", "pre_adapt_loss", *extras))
+
+
+def _bad_sampler_dist(sample):
+    return plane_distribution()._replace(sample=sample)
+
+
+@pytest.mark.parametrize("sample, match", [
+    (lambda key, n: jax.tree.map(lambda a: a[0], plane_sample(key, n)), "single task without a task axis"),
+    (lambda key, n: plane_sample(key, n)._replace(query={"inputs": jnp.zeros((n + 1, Q, 2)),
+                                                         "targets": jnp.zeros((n + 1, Q))}),
+     "leading task axis of one size on every leaf"),
+    (lambda key, n: plane_sample(key, n, K + 1), "the distribution's task_shapes"),
+])
+def test_a_bad_sampler_is_named(sample, match):
+    learner = learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=1)
+    with pytest.raises(ValueError, match=match):
+        fit(learner, _bad_sampler_dist(sample), optax.adam(1e-3), two_layer_init(jax.random.key(0)), steps=10,
+            meta_batch_size=4, progress=False)
+
+
+def test_a_learner_missing_a_metric_params_that_do_not_fit_and_wrong_types_are_named():
+    good = learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=1)
+    def lacking_estimate(p, t, s=None):
+        value, grads, metrics = good.estimate(p, t, s)
+        return value, grads, {"task_losses": metrics["task_losses"]}
+
+    lacking = good._replace(estimate=lacking_estimate, name="mine")
+    with pytest.raises(ValueError, match=r"learner 'mine': its metrics lack \['pre_adapt_loss'\]"):
+        _fit(lacking)
+    wrong_params = two_layer_init(jax.random.key(0))
+    wrong_params["hidden"]["kernel"] = jnp.zeros((3, 12))  # the data has 2 inputs
+    with pytest.raises(TypeError, match="do the params fit the model"):
+        fit(good, plane_distribution(), optax.adam(1e-3), wrong_params, steps=10, meta_batch_size=4, progress=False)
+    with pytest.raises(TypeError, match="learner must be a jmaml.MetaLearner"):
+        fit(plane_loss, plane_distribution(), optax.adam(1e-3), wrong_params, steps=10, meta_batch_size=4)
+    with pytest.raises(TypeError, match="tasks must be a jmaml.TaskDistribution"):
+        fit(good, plane_sample, optax.adam(1e-3), wrong_params, steps=10, meta_batch_size=4)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        _fit(good, "/nonexistent/jmaml-run", resume=True)
+
+
+def test_rate_trees_and_checks_accept_any_params_pytree():
+    # a NamedTuple / dataclass-like pytree, not a list or dict: Meta-SGD's rates and the checks walk it
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Params:
+        w: jax.Array
+        b: jax.Array
+
+    loss = lambda p, batch: jnp.mean((batch.x[:, 0] * p.w + p.b - batch.y[:, 0]) ** 2)
+    learner = learners.meta_sgd(loss, inner_lr=0.01, num_inner_steps=1)
+    meta = learner.init(Params(jnp.array(0.5), jnp.array(0.1)))
+    tasks = jmaml.tasks.sinusoid.sample_tasks(jax.random.key(0), 3, num_support=4, num_query=4)
+    loss_value, grads, _ = learner.estimate(meta, tasks)
+    assert isinstance(grads.inner_lr, Params) and math.isfinite(float(loss_value))
+    with pytest.raises(ValueError, match="inner_lr must be >= 0"):
+        learners.meta_sgd(loss, inner_lr=0.01, num_inner_steps=1).estimate(
+            meta._replace(inner_lr=Params(jnp.array(-1.0), jnp.array(0.1))), tasks)
