@@ -82,12 +82,14 @@ def jmaml_training_loop(s: dict, min_time: float) -> float:
     import jax
 
     from jmaml import train
+    from jmaml.tasks import images as image_tasks
 
     config = train.TrainConfig(task=s["task"], data_dir="synthetic", ways=s["ways"], num_support=s["shots"],
                                num_query=s["queries"], meta_batch_size=s["batch"], num_inner_steps=s["k"],
                                inner_lr=s["alpha"], image_size=s["size"], pretrain=False)
     images = np.random.default_rng(0).integers(0, 256, (64, 20, s["size"], s["size"], s["channels"]), np.uint8)
-    train.task_data = lambda config, split="train": jax.numpy.asarray(images)  # synthetic classes instead of a folder
+    # synthetic classes instead of a folder: the family reads its splits through config_split
+    image_tasks.config_split = lambda config, split="train": jax.numpy.asarray(images)
     chunk = train.make_chunk(config)
     state = [train.initial_state(config)]
 
