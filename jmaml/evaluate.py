@@ -65,15 +65,6 @@ def _per_step(inner_lr: Any, num_steps: int) -> Any:
     return jax.tree.map(lambda r: jnp.broadcast_to(r, (num_steps, *jnp.shape(r))), inner_lr)
 
 
-def adapted_params(loss_fn: LossFn, params: Params, support: Batch, step_rates: Any, *,
-                   prox_lambda: float = 0.0) -> Params:
-    """The parameters after one test-time step per leading entry of ``step_rates`` (one task)."""
-    def body(phi, rates):
-        return proximal_step(loss_fn, phi, params, support, inner_lr=rates, lam=prox_lambda), None
-
-    return jax.lax.scan(body, params, step_rates)[0]
-
-
 def _curve_one(loss_fn: LossFn, params: Params, support: Batch, query: Batch, step_rates: Any,
                prox_lambda: float):
     def body(p, rates):
@@ -208,7 +199,7 @@ def _take(tree: Any, k: int) -> Any:
     return jax.tree.map(lambda a: a[:, :k], tree)
 
 
-def _load_learner_run(learner: MetaLearner, meta_params: Any, tasks_: TaskDistribution):
+def _check_evaluable(learner: MetaLearner, tasks_: TaskDistribution) -> None:
     check_learner(learner)
     check_distribution(tasks_)
     if tasks_.heldout is None:
@@ -243,7 +234,7 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
     Returns:
       ``{str(K) or label: summarize(...)}``.
     """
-    _load_learner_run(learner, meta_params, tasks)
+    _check_evaluable(learner, tasks)
     num_steps = check_num_steps(num_steps, "num_steps")
     num_tasks = check_positive_int(num_tasks, "num_tasks")
     if metric is None:
