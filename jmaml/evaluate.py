@@ -176,7 +176,7 @@ def evaluate_params(loss_fn: LossFn, params: Params, *, inner_lrs: dict[int, flo
     """Adaptation curves (mean, 95% CI) on the held-out tasks for each K in ``shots``.
 
     Either ``inner_lrs`` (one SGD rate per K) or ``step_rates`` (a per-step rate tree with leading
-    axis ``num_steps``, the same for every K: learned rates, see ``jmaml.algorithms``); the latter
+    axis ``num_steps``, the same for every K: learned rates, see ``jmaml.learners``); the latter
     is recorded as ``"inner_lr": "learned"`` unless it is one constant.
     """
     if (inner_lrs is None) == (step_rates is None):

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jmaml import algorithms, train  # noqa: E402
+from jmaml import learners, train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}), JAX {jax.__version__}"
     rows = []
-    for algo in algorithms.ALGORITHMS:
+    for algo in learners.names():
         config = train.TrainConfig(algo=algo, num_inner_steps=args.k, steps=args.steps, log_every=500,
                                    checkpoint_every=args.steps, pretrain=False, max_loss_ratio=float("inf"))
         with tempfile.TemporaryDirectory() as d:
