@@ -144,12 +144,26 @@ def meta_sgd(loss_fn: LossFn, *, num_inner_steps: int, reduction: str = "mean", 
 
 
 def last_layer_mask(params: Params) -> Params:
-    """ANIL's default mask: True on the leaves of the last element of a list of layers."""
-    if not isinstance(params, (list, tuple)) or not params:
-        raise ValueError("last_layer_mask needs params as a non-empty list of layers (as jmaml.models.mlp "
-                         f"makes); got {type(params).__name__}. Pass an explicit mask instead.")
-    last = len(params) - 1
-    return [jax.tree.map(lambda _, on=(i == last): on, layer) for i, layer in enumerate(params)]
+    """ANIL's default mask: True on the leaves of the last layer, for any params pytree.
+
+    The "last layer" is found by descending from the root while a node has a single child holding
+    arrays (an Equinox ``MLP``'s ``layers`` field, a ``{"params": ...}`` wrapper) and taking the last
+    child, in the tree's flatten order, of the first node with several: the last element of a list of
+    layers (``jmaml.models.mlp``), the last field or the last key in sorted order (Flax's ``Dense_2``
+    of three; beware ``Dense_10`` sorting before ``Dense_2``: pass an explicit mask then).
+    """
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if not paths:
+        raise ValueError(f"last_layer_mask: the parameters hold no arrays ({type(params).__name__})")
+    prefix: tuple = ()
+    while True:
+        keys = list(dict.fromkeys(p[len(prefix)] for p in paths if p[:len(prefix)] == prefix and len(p) > len(prefix)))
+        if not keys:
+            break
+        prefix += (keys[-1],)
+        if len(keys) > 1:
+            break
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[:len(prefix)] == prefix, params)
 
 
 MaskSpec = Params | Callable[[Params], Params] | None
@@ -159,13 +173,20 @@ def anil_rates(params: Params, inner_lr: Any, mask: MaskSpec = None) -> Params:
     """ANIL's per-leaf inner rates: ``inner_lr`` on the leaves ``mask`` selects, 0 on the others.
 
     Args:
-      mask: a tree of bools shaped like the parameters, or a function ``params -> such a tree``
-        (default ``last_layer_mask``).
+      mask: a tree of bools shaped like the parameters (any pytree, an Equinox module of bools
+        too), or a function ``params -> such a tree`` (default ``last_layer_mask``).
 
     Raises:
       ValueError: if the mask selects no parameter or does not match the parameters' structure.
     """
-    m = mask(params) if callable(mask) else mask if mask is not None else last_layer_mask(params)
+    if mask is None:
+        m = last_layer_mask(params)
+    elif jax.tree.structure(mask) == jax.tree.structure(params):  # a tree of bools (an Equinox module too)
+        m = mask
+    elif callable(mask):
+        m = mask(params)
+    else:
+        m = mask
     if jax.tree.structure(m) != jax.tree.structure(params):
         raise ValueError(f"mask must have the structure of the parameters: got {jax.tree.structure(m)}, "
                          f"expected {jax.tree.structure(params)}")
