@@ -108,18 +108,22 @@ def make_learner_step(learner: MetaLearner, optimiser: optax.GradientTransformat
     check_learner(learner)
 
     def estimate(meta_params, tasks, meta_step=None, **kw):
-        loss, grads, metrics = learner.estimate(meta_params, tasks, meta_step, **kw)
-        check_metrics(metrics, learner, jax.tree.leaves(tasks)[0].shape[0])
-        return loss, grads, metrics
+        out = learner.estimate(meta_params, tasks, meta_step, **kw)
+        if not isinstance(out, tuple) or len(out) != (4 if "model_state" in kw else 3):
+            what = "(loss, grads, metrics, new_model_state) for a model with state" if "model_state" in kw else \
+                "(loss, grads, metrics)"
+            raise TypeError(f"learner {learner.name!r}: estimate must return {what}")
+        check_metrics(out[2], learner, jax.tree.leaves(tasks)[0].shape[0])
+        return out
 
     return make_estimator_step(optimiser, estimate, **hyper)
 
 
 def initial_state(learner: MetaLearner, params: Params, optimiser: optax.GradientTransformation,
-                  key: PRNGKey) -> TrainState:
-    """The step-0 state: the learner's meta-parameters for ``params``, the optimiser's state and the
-    key the training tasks are drawn from."""
-    return init_state(learner.init(params), optimiser, key)
+                  key: PRNGKey, model_state: Any = None) -> TrainState:
+    """The step-0 state: the learner's meta-parameters for ``params``, the optimiser's state, the
+    key the training tasks are drawn from, and a model's state (None for a stateless model)."""
+    return init_state(learner.init(params), optimiser, key, model_state)
 
 
 _CHUNKS: collections.OrderedDict = collections.OrderedDict()
@@ -320,7 +324,8 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         max_loss_ratio: float = 1000.0, mesh: Mesh | None = None,
         callback: Callable[[dict, TrainState], Any] | None = None, stream: TextIO | None = None,
         progress: bool = True, stop_at_step: int | None = None, host_loop: bool = False,
-        divergence_hint: str | None = None, stop_flag: StopFlag | None = None) -> TrainState:
+        divergence_hint: str | None = None, stop_flag: StopFlag | None = None,
+        model_state: Any = None) -> TrainState:
     """Meta-trains ``learner`` on ``tasks``; returns the final ``TrainState``.
 
     Args:
@@ -348,6 +353,9 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
       stop_at_step: stop with a checkpoint (raising ``Interrupted``) at this step.
       host_loop: a Python loop over a jitted step instead of a compiled scan (see ``make_chunk``).
       divergence_hint: what to suggest when training diverges (default: smaller rates).
+      model_state: the initial state of a model with state (``model.init_state()``), carried in
+        ``TrainState.model_state``, updated by the learner at every step and checkpointed; the
+        learner's loss must be stateful (``make_loss(..., stateful=True)``).
 
     Raises:
       DivergenceError: a non-finite or exploding meta-loss (the last good state is kept).
@@ -382,7 +390,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     name = name or learner.name
     writer = distributed.is_writer()
     try:
-        state = initial_state(learner, params, optimiser, _as_key(key))
+        state = initial_state(learner, params, optimiser, _as_key(key), model_state)
     except (TypeError, ValueError) as e:
         raise type(e)(f"learner {learner.name!r} could not initialise from these params: {e}") from e
     ckpt = os.path.join(run_dir, f"{name}.ckpt.npz") if run_dir is not None else None

@@ -71,16 +71,21 @@ def maml(loss_fn: LossFn, *, num_inner_steps: int, first_order: bool = False, re
          **adapt_kwargs) -> Estimator:
     """MAML (second order) or FOMAML (``first_order=True``); ``estimate(params, tasks, *, inner_lr)``.
 
-    ``num_inner_steps`` may be overridden per call (traced, with ``max_inner_steps`` in ``adapt_kwargs``)."""
+    ``num_inner_steps`` may be overridden per call (traced, with ``max_inner_steps`` in ``adapt_kwargs``).
+    With ``model_state=`` (a model with state; ``loss_fn(params, batch, state) -> (loss, state)``) it also
+    returns the updated state, as a fourth value."""
     default_k = num_inner_steps
 
-    def estimate(params: Params, tasks: Task, *, inner_lr: Any, meta_step: Any = None, num_inner_steps: Any = None):
+    def estimate(params: Params, tasks: Task, *, inner_lr: Any, meta_step: Any = None, num_inner_steps: Any = None,
+                 model_state: Any = None):
         k = default_k if num_inner_steps is None else num_inner_steps
-        loss, grads, per_task = maml_value_and_grad(loss_fn, params, tasks, inner_lr=inner_lr,
-                                                    num_inner_steps=k, reduction=reduction,
-                                                    first_order=first_order, **adapt_kwargs)
-        return loss, grads, {"task_losses": per_task,
-                             "pre_adapt_loss": pre_adapt_loss(loss_fn, params, tasks, reduction)}
+        extra = {} if model_state is None else {"model_state": model_state}
+        loss, grads, per_task, *new_state = maml_value_and_grad(
+            loss_fn, params, tasks, inner_lr=inner_lr, num_inner_steps=k, reduction=reduction,
+            first_order=first_order, **adapt_kwargs, **extra)
+        metrics = {"task_losses": per_task,
+                   "pre_adapt_loss": pre_adapt_loss(loss_fn, params, tasks, reduction, model_state)}
+        return (loss, grads, metrics, *new_state)
 
     return estimate
 

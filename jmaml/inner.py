@@ -72,7 +72,7 @@ def _check_unroll(unroll) -> None:
 
 def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_steps: Any,
           max_steps: int | None = None, first_order: bool = False, return_losses: bool = False,
-          unroll: int | bool = 1, remat: bool = False, has_aux: bool = False):
+          unroll: int | bool = 1, remat: bool = False, has_aux: bool = False, model_state: Any = None):
     r"""Adapts ``params`` to ``batch`` with ``num_steps`` SGD steps (the seed's Eq. 21).
 
     Args:
@@ -100,9 +100,13 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
         copies instead of k copies plus every step's activations, for one extra forward pass
         of the inner loop per level (``_nested_remat_scan``).
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux is discarded.
+      model_state: the state of a model with state (``Model.init_state``): ``loss_fn`` is then
+        ``loss_fn(params, batch, state) -> (loss, new_state)``, each step's forward pass updates the
+        state (batch norm's running statistics), and no gradient flows through it.
 
     Returns:
-      The adapted parameters φ⁽ᵏ⁾, or ``(φ⁽ᵏ⁾, losses)`` with ``return_losses``.
+      The adapted parameters φ⁽ᵏ⁾, or ``(φ⁽ᵏ⁾, losses)`` with ``return_losses``; with
+      ``model_state``, ``(φ⁽ᵏ⁾, state)`` (``(φ⁽ᵏ⁾, state, losses)`` with ``return_losses``).
 
     Raises:
       TypeError/ValueError: for a malformed batch, k < 0 or not an int, k > max_steps,
@@ -136,35 +140,48 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
         if k is not None and not 0 <= int(k) <= length:
             raise ValueError(f"num_steps must be in [0, max_steps={length}], got {int(k)}")
 
+    stateful = model_state is not None
     if length == 0:
-        return (params, jnp.zeros((0,))) if return_losses else params
+        out = (params, model_state) if stateful else (params,)
+        return (*out, jnp.zeros((0,))) if return_losses else (out if stateful else params)
 
     bound = num_steps if masked else length
 
-    def body(p, t):
-        loss, grads = _value_and_grad(loss_fn, p, batch, has_aux)
+    def body(carry, t):
+        p, s = carry if stateful else (carry, None)
+        if stateful:
+            (loss, new_s), grads = jax.value_and_grad(lambda q: loss_fn(q, batch, s), has_aux=True)(p)
+            new_s = jax.lax.stop_gradient(new_s)
+        else:
+            loss, grads = _value_and_grad(loss_fn, p, batch, has_aux)
         if first_order:
             grads = jax.lax.stop_gradient(grads)
         new = _sgd_update(p, grads, inner_lr)
         if masked or remat:  # remat pads the scan to whole blocks; padded steps are no-ops
             active = t < bound
             new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, p)
-        return new, loss
+            if stateful:
+                new_s = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_s, s)
+        return ((new, new_s) if stateful else new), loss
 
+    start = (params, model_state) if stateful else params
     if unroll is True and not remat:
         # Straight-line code, no scan: the backward pass then needs no stacked (k, ...) residual
         # buffers (a copy of every saved activation per step), which is measurably faster for
         # short inner loops on CPU and GPU; compilation time grows with k instead.
-        adapted, step_losses = params, []
+        carry, step_losses = start, []
         for t in range(length):
-            adapted, loss = body(adapted, t)
+            carry, loss = body(carry, t)
             step_losses.append(loss)
         losses = jnp.stack(step_losses)
     elif not remat:
-        adapted, losses = jax.lax.scan(body, params, jnp.arange(length), unroll=unroll)
+        carry, losses = jax.lax.scan(body, start, jnp.arange(length), unroll=unroll)
     else:
-        adapted, losses = _nested_remat_scan(body, params, length, unroll)
-    return (adapted, losses) if return_losses else adapted
+        carry, losses = _nested_remat_scan(body, start, length, unroll)
+    out = carry if stateful else (carry,)
+    if return_losses:
+        return (*out, losses)
+    return out if stateful else carry
 
 
 def _remat_block_sizes(length: int) -> list[int]:

@@ -51,7 +51,7 @@ LOSS_KINDS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 }
 
 
-def make_loss(apply_fn: Callable[[Params, jax.Array], jax.Array], kind: str = "mse") -> LossFn:
+def make_loss(apply_fn: Callable[..., jax.Array], kind: str = "mse", *, stateful: bool = False) -> LossFn:
     """Builds ``loss_fn(params, batch) -> scalar`` from a model's apply function.
 
     Args:
@@ -59,8 +59,11 @@ def make_loss(apply_fn: Callable[[Params, jax.Array], jax.Array], kind: str = "m
       kind: ``"sse"`` (sum of squared errors, the seed's loss), ``"mse"`` (mean squared
         error, the paper's) or ``"xent"`` (softmax cross-entropy on integer labels).
 
+      stateful: ``apply_fn(params, x, state) -> (predictions, new_state)`` (a model with state,
+        ``Model.init_state``); the loss is then ``loss_fn(params, batch, state) -> (loss, new_state)``.
+
     Returns:
-      A pure function ``loss_fn(params, batch)``.
+      A pure function ``loss_fn(params, batch)`` (with ``stateful``: ``loss_fn(params, batch, state)``).
 
     Raises:
       ValueError: for an unknown ``kind``.
@@ -77,6 +80,13 @@ def make_loss(apply_fn: Callable[[Params, jax.Array], jax.Array], kind: str = "m
     if kind not in LOSS_KINDS:
         raise ValueError(f"kind must be one of {sorted(LOSS_KINDS)}, got {kind!r}")
     point_loss = LOSS_KINDS[kind]
+
+    if stateful:
+        def stateful_loss(params: Params, batch: Batch, state):
+            predictions, new_state = apply_fn(params, batch.x, state)
+            return point_loss(predictions, batch.y), new_state
+
+        return stateful_loss
 
     def loss_fn(params: Params, batch: Batch) -> jax.Array:
         return point_loss(apply_fn(params, batch.x), batch.y)

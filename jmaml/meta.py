@@ -30,6 +30,9 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     step: jax.Array  # shape=(), int32
     key: PRNGKey
+    # A model's state (batch norm's running statistics), never differentiated; None (no leaves, so
+    # checkpoints of stateless runs are unchanged) for a stateless model.
+    model_state: Any = None
 
 
 def tree_norm(tree: Params) -> jax.Array:
@@ -38,32 +41,38 @@ def tree_norm(tree: Params) -> jax.Array:
 
 
 def init_state(params: Params, optimiser: optax.GradientTransformation,
-               key: PRNGKey) -> TrainState:
-    """Builds the initial ``TrainState`` for ``params`` and an optax meta-optimiser."""
-    return TrainState(params, optimiser.init(params), jnp.zeros((), jnp.int32), key)
+               key: PRNGKey, model_state: Any = None) -> TrainState:
+    """Builds the initial ``TrainState`` for ``params`` and an optax meta-optimiser (and a model's
+    state, for a model with state)."""
+    return TrainState(params, optimiser.init(params), jnp.zeros((), jnp.int32), key, model_state)
 
 
 def task_objective(loss_fn: LossFn, params: Params, task: Task, *, inner_lr: Any,
                    num_inner_steps: Any, max_inner_steps: int | None = None,
                    first_order: bool = False, unroll: int | bool = 1,
-                   remat: bool = False) -> jax.Array:
+                   remat: bool = False, model_state: Any = None) -> jax.Array:
     r"""MAML's objective for one task: query loss at the parameters adapted on the support set.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: meta-parameters θ.
       task: one ``Task`` (no task axis).
-      inner_lr, num_inner_steps, max_inner_steps, first_order, unroll, remat: as in
+      inner_lr, num_inner_steps, max_inner_steps, first_order, unroll, remat, model_state: as in
         ``jmaml.adapt`` (``num_steps``, ``max_steps``).
 
     Returns:
-      :math:`\mathcal{L}_Q(W^{(k)}(\theta))`, a scalar.
+      :math:`\mathcal{L}_Q(W^{(k)}(\theta))`, a scalar; with ``model_state``, ``(loss, new_state)``
+      (the state after the support steps and the query pass).
     """
     check_task(task, "task")
-    adapted = adapt(loss_fn, params, task.support, inner_lr=inner_lr, num_steps=num_inner_steps,
-                    max_steps=max_inner_steps, first_order=first_order, unroll=unroll,
-                    remat=remat)
-    return loss_fn(adapted, task.query)
+    out = adapt(loss_fn, params, task.support, inner_lr=inner_lr, num_steps=num_inner_steps,
+                max_steps=max_inner_steps, first_order=first_order, unroll=unroll,
+                remat=remat, model_state=model_state)
+    if model_state is None:
+        return loss_fn(out, task.query)
+    adapted, state = out
+    loss, state = loss_fn(adapted, task.query, state)
+    return loss, jax.lax.stop_gradient(state)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -85,18 +94,23 @@ def batched_objective(loss_fn: LossFn, params: Params, tasks: Task, *, inner_lr:
       reduction: ``"sum"`` over tasks (the seed's Eq. 9) or ``"mean"`` (the paper's).
       return_per_task: also return the per-task query losses, shape ``(num_tasks,)``
         (usable as ``aux`` with ``jax.value_and_grad(..., has_aux=True)``).
-      **adapt_kwargs: ``max_inner_steps``, ``first_order``, ``unroll``, ``remat``.
+      **adapt_kwargs: ``max_inner_steps``, ``first_order``, ``unroll``, ``remat``, ``model_state``.
 
     Returns:
-      The scalar objective, or ``(objective, per_task_losses)``.
+      The scalar objective, or ``(objective, per_task_losses)``; with ``model_state`` the new state
+      (the mean over tasks of each task's updated state) is appended.
     """
     check_task_batch(tasks, "tasks")
     _check_reduction(reduction)
-    per_task = jax.vmap(lambda task: task_objective(
+    out = jax.vmap(lambda task: task_objective(
         loss_fn, params, task, inner_lr=inner_lr, num_inner_steps=num_inner_steps,
         **adapt_kwargs))(tasks)
+    per_task, states = out if adapt_kwargs.get("model_state") is not None else (out, None)
     total = jnp.sum(per_task) if reduction == "sum" else jnp.mean(per_task)
-    return (total, per_task) if return_per_task else total
+    result = (total, per_task) if return_per_task else (total,)
+    if states is not None:  # each task updated the state from the same start: their mean carries on
+        result = (*result, jax.tree.map(lambda a: jnp.mean(a, axis=0).astype(a.dtype), states))
+    return result if len(result) > 1 else total
 
 
 def maml_value_and_grad(loss_fn: LossFn, params: Params, tasks: Task, *, inner_lr: Any,
@@ -107,14 +121,16 @@ def maml_value_and_grad(loss_fn: LossFn, params: Params, tasks: Task, *, inner_l
     in which case the gradient is FOMAML's: the query gradient at the adapted parameters.
 
     Returns:
-      ``(meta_loss, meta_grads, per_task_losses)``.
+      ``(meta_loss, meta_grads, per_task_losses)``; with ``model_state=`` in ``adapt_kwargs``,
+      ``(meta_loss, meta_grads, per_task_losses, new_model_state)``.
     """
-    (loss, per_task), grads = jax.value_and_grad(
-        lambda p: batched_objective(loss_fn, p, tasks, inner_lr=inner_lr,
-                                    num_inner_steps=num_inner_steps, reduction=reduction,
-                                    return_per_task=True, **adapt_kwargs),
-        has_aux=True)(params)
-    return loss, grads, per_task
+    def objective(p):
+        total, *aux = batched_objective(loss_fn, p, tasks, inner_lr=inner_lr, num_inner_steps=num_inner_steps,
+                                        reduction=reduction, return_per_task=True, **adapt_kwargs)
+        return total, tuple(aux)
+
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return (loss, grads, *aux)
 
 
 def make_step(optimiser: optax.GradientTransformation, loss_fn: LossFn, *, inner_lr: Any,
@@ -167,10 +183,14 @@ def make_step(optimiser: optax.GradientTransformation, loss_fn: LossFn, *, inner
     return make_estimator_step(optimiser, estimate, inner_lr=inner_lr, num_inner_steps=num_inner_steps)
 
 
-def pre_adapt_loss(loss_fn: LossFn, params: Params, tasks: Task, reduction: str = "mean") -> jax.Array:
+def pre_adapt_loss(loss_fn: LossFn, params: Params, tasks: Task, reduction: str = "mean",
+                   model_state: Any = None) -> jax.Array:
     """The query loss at the un-adapted parameters, reduced over tasks: the reference against which
     an exploding inner loop shows (adapted loss >> un-adapted loss)."""
-    pre = jax.vmap(loss_fn, in_axes=(None, 0))(params, tasks.query)
+    if model_state is not None:
+        pre = jax.vmap(lambda query: loss_fn(params, query, model_state)[0])(tasks.query)
+    else:
+        pre = jax.vmap(loss_fn, in_axes=(None, 0))(params, tasks.query)
     return jnp.sum(pre) if reduction == "sum" else jnp.mean(pre)
 
 
@@ -178,7 +198,8 @@ def make_estimator_step(optimiser: optax.GradientTransformation, estimator: Call
     """A pure, jittable ``step(state, tasks, **hyper) -> (state, metrics)`` for any estimator: the one
     meta-step every learner shares.
 
-    ``estimator(params, tasks, **hyper, meta_step=...) -> (loss, grads, metrics)``; ``default_hyper``
+    ``estimator(params, tasks, **hyper, meta_step=...) -> (loss, grads, metrics)`` (for a state with a
+    ``model_state``: called with ``model_state=`` and returning it updated as a fourth value); ``default_hyper``
     (e.g. ``inner_lr=0.01``) are passed to it unless overridden per call, ``meta_step`` is the state's
     step count (MAML++'s schedules read it). Metrics are the estimator's plus ``meta_loss`` and
     ``grad_norm`` (the global L2 norm of the meta-gradient).
@@ -188,10 +209,15 @@ def make_estimator_step(optimiser: optax.GradientTransformation, estimator: Call
 
     def step(state: TrainState, tasks: Task, **hyper):
         hyper = {**default_hyper, **{k: v for k, v in hyper.items() if v is not None}}
-        loss, grads, metrics = estimator(state.params, tasks, **hyper, meta_step=state.step)
+        model_state = state.model_state
+        if model_state is None:
+            loss, grads, metrics = estimator(state.params, tasks, **hyper, meta_step=state.step)
+        else:  # a model with state: the estimator takes it and returns its update
+            loss, grads, metrics, model_state = estimator(state.params, tasks, **hyper, meta_step=state.step,
+                                                          model_state=model_state)
         updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return (TrainState(params, opt_state, state.step + 1, state.key),
+        return (TrainState(params, opt_state, state.step + 1, state.key, model_state),
                 {"meta_loss": loss, "grad_norm": tree_norm(grads), **metrics})
 
     return step

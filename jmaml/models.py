@@ -95,6 +95,46 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> Model:
 BATCH_NORM_EPS = 1e-5
 
 
+def mlp_batchnorm(sizes: Sequence[int], activation: str = "relu", *, momentum: float = 0.9) -> Model:
+    """``mlp`` with batch norm after every hidden layer, keeping running statistics as model state.
+
+    The forward pass normalises with the statistics of the batch at hand (as in training, and as
+    the paper's transductive Conv-4 does) and returns the running mean and variance updated by
+    ``momentum``: ``apply(params, x, state) -> (predictions, new_state)``. The running statistics
+    are the model's state (``Model.init_state``), never parameters: no meta-gradient reaches them.
+
+    Returns:
+      ``Model(init, apply, init_state)``; params are the ``mlp``'s layers plus a ``scale`` and
+      ``offset`` per hidden layer; the state is a list of ``{"mean", "var"}`` per hidden layer.
+    """
+    base = mlp(sizes, activation)
+    act = ACTIVATIONS[activation]
+    widths = list(sizes)[1:-1]
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+
+    def init(key: PRNGKey) -> dict[str, Any]:
+        norm = [{"scale": jnp.ones((w,)), "offset": jnp.zeros((w,))} for w in widths]
+        return {"layers": base.init(key), "norm": norm}
+
+    def init_state() -> list[dict[str, jax.Array]]:
+        return [{"mean": jnp.zeros((w,)), "var": jnp.ones((w,))} for w in widths]
+
+    def apply(params: Params, x: jax.Array, state: Any):
+        h, new_state = x, []
+        for layer, norm, stats in zip(params["layers"][:-1], params["norm"], state):
+            h = _dense(layer, h)
+            mean = jnp.mean(h, axis=0)
+            var = jnp.mean(jnp.square(h - mean[None, :]), axis=0)
+            h = (h - mean[None, :]) * jax.lax.rsqrt(var + BATCH_NORM_EPS)[None, :]
+            h = act(h * norm["scale"][None, :] + norm["offset"][None, :])
+            new_state.append({"mean": momentum * stats["mean"] + (1 - momentum) * jax.lax.stop_gradient(mean),
+                              "var": momentum * stats["var"] + (1 - momentum) * jax.lax.stop_gradient(var)})
+        return _dense(params["layers"][-1], h), new_state
+
+    return Model(init, apply, init_state)
+
+
 def _conv_block(block: dict[str, jax.Array], h: jax.Array, strided: bool) -> jax.Array:
     """3x3 conv (stride 2 if ``strided``) -> batch norm on this batch's statistics -> ReLU -> 2x2 max-pool
     (unless strided). ``h`` is NHWC."""

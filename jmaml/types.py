@@ -40,15 +40,20 @@ class Task(NamedTuple):
 
 
 class Model(NamedTuple):
-    """A model as a pair of pure functions.
+    """A model as a pair of pure functions, with optional model state.
 
     Attributes:
       init: ``init(key) -> params``.
-      apply: ``apply(params, x) -> predictions`` for a batch of inputs.
+      apply: ``apply(params, x) -> predictions`` for a batch of inputs; for a model with state,
+        ``apply(params, x, state) -> (predictions, new_state)``.
+      init_state: None for a stateless model; else ``init_state() -> state``: what the model keeps
+        besides its parameters and never differentiates (batch norm's running statistics). The
+        inner loop threads it, the engine carries it in ``TrainState.model_state`` and checkpoints it.
     """
 
     init: Callable[[PRNGKey], Params]
-    apply: Callable[[Params, jax.Array], jax.Array]
+    apply: Callable[..., Any]
+    init_state: Callable[[], Any] | None = None
 
 
 LossFn = Callable[[Params, Batch], jax.Array]

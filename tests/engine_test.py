@@ -264,3 +264,64 @@ def test_rate_trees_and_checks_accept_any_params_pytree():
     with pytest.raises(ValueError, match="inner_lr must be >= 0"):
         learners.meta_sgd(loss, inner_lr=0.01, num_inner_steps=1).estimate(
             meta._replace(inner_lr=Params(jnp.array(-1.0), jnp.array(0.1))), tasks)
+
+
+# ---- a model with state: batch norm's running statistics ---------------------------------------
+
+def _bn_fit(run_dir, **kw):
+    model = models.mlp_batchnorm([1, 16, 16, 1], "relu")
+    learner = learners.maml(make_loss(model.apply, "mse", stateful=True), inner_lr=0.01, num_inner_steps=1)
+    tasks = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5)
+    return fit(learner, tasks, optax.adam(1e-3), model.init(jax.random.key(0)), model_state=model.init_state(),
+               steps=30, meta_batch_size=4, key=3, run_dir=run_dir, log_every=10, checkpoint_every=10,
+               progress=False, **kw), model, learner
+
+
+def test_a_batch_norm_model_with_running_statistics_trains_and_resumes(tmp_path):
+    straight, model, learner = _bn_fit(str(tmp_path / "a"))
+    start = model.init_state()
+    # the running statistics moved (they are carried and updated), and are not parameters
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(straight.model_state))]
+    assert all(moved) and jax.tree.structure(straight.params) == jax.tree.structure(model.init(jax.random.key(0)))
+    with pytest.raises(jmaml.Interrupted):
+        _bn_fit(str(tmp_path / "b"), stop_at_step=20)
+    resumed, _, _ = _bn_fit(str(tmp_path / "b"), resume=True)
+    for u, v in zip(checkpoint.host_leaves(straight), checkpoint.host_leaves(resumed)):
+        np.testing.assert_array_equal(u, v)  # parameters, optimiser state and running statistics
+
+
+def test_model_state_gets_no_gradient_and_matches_a_hand_threaded_state(x64):
+    # oracle: one task, k = 1, the state threaded by hand through support step and query pass
+    model = models.mlp_batchnorm([1, 4, 1], "tanh", momentum=0.5)
+    loss = make_loss(model.apply, "mse", stateful=True)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.key(1)))
+    state0 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.init_state())
+    tasks = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                         jmaml.tasks.sinusoid.sample_tasks(jax.random.key(2), 2, num_support=5, num_query=5))
+    learner = learners.maml(loss, inner_lr=0.1, num_inner_steps=1)
+    value, grads, metrics, new_state = learner.estimate(params, tasks, None, model_state=state0)
+
+    def by_hand(p, j):
+        task = jax.tree.map(lambda a: a[j], tasks)
+        g = jax.grad(lambda q: loss(q, task.support, state0)[0])(p)
+        _, s1 = loss(p, task.support, state0)
+        phi = jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
+        return loss(phi, task.query, s1)
+
+    want_value = np.mean([float(by_hand(params, j)[0]) for j in range(2)])
+    want_grads = jax.grad(lambda p: (by_hand(p, 0)[0] + by_hand(p, 1)[0]) / 2)(params)
+    want_state = jax.tree.map(lambda a, b: (a + b) / 2, by_hand(params, 0)[1], by_hand(params, 1)[1])
+    assert float(value) == pytest.approx(want_value, rel=1e-12)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(want_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert metrics["task_losses"].shape == (2,)
+
+
+def test_a_learner_without_model_state_support_is_named():
+    model = models.mlp_batchnorm([1, 8, 1])
+    learner = learners.reptile(make_loss(model.apply, "mse", stateful=True), inner_lr=0.01, num_inner_steps=1)
+    with pytest.raises(TypeError, match="learner 'reptile'"):
+        fit(learner, jmaml.tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)),
+            model_state=model.init_state(), steps=10, meta_batch_size=4, progress=False)

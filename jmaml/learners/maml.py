@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from jmaml import estimators
-from jmaml.learners._common import Option, fixed_rates, rate_rule
+from jmaml.learners._common import Option, fixed_rates, gradient_adapt, rate_rule
 from jmaml.protocols import MetaLearner
 from jmaml.types import LossFn
 
@@ -31,8 +31,12 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
       first_order: FOMAML.
       reduction, unroll, remat: as in ``jmaml.make_step``.
 
+    A model with state (``Model.init_state``) works with a stateful loss (``make_loss(...,
+    stateful=True)``): ``estimate`` and ``adapt`` then take ``model_state=`` and ``estimate`` returns
+    the updated state as a fourth value (``jmaml.fit(..., model_state=...)`` threads it).
+
     Returns:
-      A ``MetaLearner``; ``estimate(params, tasks, meta_step, *, inner_lr, num_inner_steps)``.
+      A ``MetaLearner``; ``estimate(params, tasks, meta_step, *, inner_lr, num_inner_steps, model_state)``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -46,14 +50,24 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
     est = estimators.maml(loss_fn, num_inner_steps=num_inner_steps, first_order=first_order, reduction=reduction,
                           unroll=unroll, remat=remat, max_inner_steps=max_inner_steps)
 
-    def estimate(params, tasks, meta_step=None, *, inner_lr=inner_lr, num_inner_steps=None):
+    def estimate(params, tasks, meta_step=None, *, inner_lr=inner_lr, num_inner_steps=None, model_state=None):
         if max_inner_steps is None and num_inner_steps is not None:
             raise ValueError("num_inner_steps can be given per call only to a learner built with max_inner_steps")
-        return est(params, tasks, inner_lr=inner_lr, meta_step=meta_step, num_inner_steps=num_inner_steps)
+        return est(params, tasks, inner_lr=inner_lr, meta_step=meta_step, num_inner_steps=num_inner_steps,
+                   model_state=model_state)
 
     rates = lambda _, n, inner_lr=inner_lr: fixed_rates(inner_lr, n)
+    stateless_adapt = rate_rule(loss_fn, rates)
+
+    def adapt(params, support, num_steps, *, observe=None, inner_lr=inner_lr, model_state=None):
+        if model_state is None:
+            return stateless_adapt(params, support, num_steps, observe=observe, inner_lr=inner_lr)
+        # a model with state: test-time steps use the trained state as it is (no update)
+        frozen = lambda p, batch: loss_fn(p, batch, model_state)[0]
+        return gradient_adapt(frozen, params, support, fixed_rates(inner_lr, num_steps), observe=observe)
+
     name = "fomaml" if first_order else "maml"
-    return MetaLearner(init=lambda params: params, estimate=estimate, adapt=rate_rule(loss_fn, rates), name=name,
+    return MetaLearner(init=lambda params: params, estimate=estimate, adapt=adapt, name=name,
                        label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,
                        hyper={"inner_lr": inner_lr})
 
