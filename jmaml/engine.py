@@ -310,7 +310,7 @@ def _preflight(learner: MetaLearner, tasks: TaskDistribution, optimiser, state: 
 
 # ---- fit -------------------------------------------------------------------------------------
 
-def _as_key(key: Any) -> PRNGKey:
+def as_key(key: Any) -> PRNGKey:
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         return jax.random.key(int(key))
     if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -390,7 +390,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     name = name or learner.name
     writer = distributed.is_writer()
     try:
-        state = initial_state(learner, params, optimiser, _as_key(key), model_state)
+        state = initial_state(learner, params, optimiser, as_key(key), model_state)
     except (TypeError, ValueError) as e:
         raise type(e)(f"learner {learner.name!r} could not initialise from these params: {e}") from e
     ckpt = os.path.join(run_dir, f"{name}.ckpt.npz") if run_dir is not None else None

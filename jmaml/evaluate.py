@@ -210,7 +210,8 @@ def _check_evaluable(learner: MetaLearner, tasks_: TaskDistribution) -> None:
 def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *, apply: Any = None,
              metric: Any = None, num_tasks: int = NUM_EVAL_TASKS, num_steps: int = MAX_EVAL_STEPS,
              shots: Sequence[int] | None = None, key: Any = EVAL_SEED, batch_size: int | None = None,
-             diverged_ratio: float = DIVERGED_RATIO, label: str = "all") -> dict[str, Any]:
+             diverged_ratio: float = DIVERGED_RATIO, label: str = "all", hyper: dict[str, Any] | None = None,
+             model_state: Any = None) -> dict[str, Any]:
     """The paper's protocol for any learner and task distribution: held-out tasks adapted by the
     learner's own test-time rule, scored after 0..``num_steps`` steps; mean, 95% CI, median and
     diverged tasks per step.
@@ -230,6 +231,8 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
       batch_size: tasks per compiled call (bounds memory); each chunk's tasks come from
         ``heldout(fold_in(key, i), batch_size)``. None: all tasks in one call.
       diverged_ratio: see ``summarize`` (``inf`` for accuracies).
+      hyper: per-call hyperparameters for the learner's ``adapt`` (e.g. a swept ``inner_lr``).
+      model_state: a model's state (for a learner of a model with state), passed to ``adapt``.
 
     Returns:
       ``{str(K) or label: summarize(...)}``.
@@ -247,7 +250,9 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
     @jax.jit
     def curves(meta_params, batch):
         def one(task):
-            _, values = learner.adapt(meta_params, task.support, num_steps, observe=lambda p: metric(p, task.query))
+            extra = {**(hyper or {}), **({} if model_state is None else {"model_state": model_state})}
+            _, values = learner.adapt(meta_params, task.support, num_steps, observe=lambda p: metric(p, task.query),
+                                      **extra)
             return values
         return jax.vmap(one)(batch)
 

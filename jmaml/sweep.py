@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -41,9 +41,11 @@ from jmaml import distributed, recipes
 from jmaml._checks import check_num_steps, check_rate, check_seed
 from jmaml.config import OPTIMISERS, TrainConfig
 from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
-from jmaml.engine import sample_tasks
+from jmaml.engine import as_key, check_distribution, check_learner, initial_state, make_learner_step, sample_tasks
 from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, adaptation_curve
+from jmaml.evaluate import evaluate as evaluate_learner
 from jmaml.meta import init_state, make_step
+from jmaml.protocols import MetaLearner, TaskDistribution
 from jmaml.recipes import build_model, effective_unroll, task_stream_key
 
 DEFAULT_MEMORY_FRACTION = 0.25
@@ -310,6 +312,92 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     if keep_params:
         result["params"] = kept
     return result
+
+
+def sweep_learner(make_learner: Callable[[int], MetaLearner], tasks: TaskDistribution,
+                  make_optimiser: Callable[[float], optax.GradientTransformation],
+                  init_params: Callable[[jax.Array], Any], grid: Grid, *, steps: int, meta_batch_size: int,
+                  task_key: Any = 0, log_every: int = 1000, evaluate: bool = True, apply: Any = None,
+                  metric: Any = None, eval_tasks: int = 600, eval_steps: int = MAX_EVAL_STEPS,
+                  eval_key: Any = EVAL_SEED, log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Whole runs of any learner on any task distribution, vmapped over α × β × seed (one compiled
+    program per k), every point on the same training tasks; then each point evaluated by its
+    learner's own test-time rule at its own α.
+
+    Args:
+      make_learner: ``make_learner(k) -> MetaLearner`` taking the per-call hyperparameter ``inner_lr``
+        (α is traced per grid point).
+      tasks: the ``TaskDistribution`` (held-out tasks for the evaluation).
+      make_optimiser: ``make_optimiser(learning_rate) -> GradientTransformation`` (β is injected per
+        point with ``optax.inject_hyperparams``), e.g. ``optax.adam``.
+      init_params: ``init_params(key) -> params``; each seed's key is ``jax.random.key(seed)``.
+      grid: the α, β, k and seed axes.
+      steps, meta_batch_size, task_key, log_every: as in ``jmaml.fit``.
+      evaluate, apply, metric, eval_tasks, eval_steps, eval_key: the evaluation (``jmaml.evaluate.evaluate``).
+      log: ``log(str)`` for progress lines.
+
+    Returns:
+      ``{"rows": [one dict per grid point: alpha, beta, k, seed, final_meta_loss, diverged_at_step,
+      mse_curve (the metric after 0..eval_steps steps) ...], "params": [each point's trained
+      meta-parameters]}``.
+    """
+    grid.validate()
+    check_distribution(tasks)
+    rows: list[dict[str, Any]] = []
+    kept: list[Any] = []
+    for k in sorted(set(grid.ks)):
+        points = [p for p in grid.points() if p[2] == k]
+        learner = check_learner(make_learner(k))
+        if "inner_lr" not in learner.hyper:
+            raise ValueError(f"sweeping alpha needs a learner taking the per-call hyperparameter inner_lr; "
+                             f"learner {learner.name!r} takes {sorted(learner.hyper)}")
+        optimiser = optax.inject_hyperparams(make_optimiser)(learning_rate=points[0][1])
+        step = make_learner_step(learner, optimiser)
+
+        def init(seed, beta, learner=learner, optimiser=optimiser):
+            state = initial_state(learner, init_params(jax.random.key(seed)), optimiser, jax.random.key(0))
+            hyper = dict(state.opt_state.hyperparams)
+            hyper["learning_rate"] = jnp.asarray(beta, hyper["learning_rate"].dtype)
+            return state._replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+        @jax.jit
+        def chunk(states, key, alphas, length_marker, step=step):
+            def one(carry, _):
+                states, key = carry
+                key, key_tasks = jax.random.split(key)
+                batch = sample_tasks(tasks, key_tasks, meta_batch_size, tasks.data)
+                states, metrics = jax.vmap(lambda s, a: step(s, batch, inner_lr=a))(states, alphas)
+                return (states, key), metrics["meta_loss"]
+
+            (states, key), losses = jax.lax.scan(one, (states, key), None, length=length_marker.shape[0])
+            return states, key, losses
+
+        alphas = jnp.asarray([p[0] for p in points], jnp.float32)
+        states = jax.jit(jax.vmap(init))(jnp.asarray([p[3] for p in points], jnp.uint32),
+                                         jnp.asarray([p[1] for p in points], jnp.float32))
+        key, done, first_bad, last = as_key(task_key), 0, np.full(len(points), -1), np.full(len(points), np.nan)
+        while done < steps:
+            length = min(log_every - done % log_every, steps - done)
+            states, key, losses = chunk(states, key, alphas, jnp.zeros((length,), jnp.int8))
+            losses = np.asarray(losses)
+            bad = ~np.isfinite(losses)
+            for g in np.flatnonzero(bad.any(axis=0) & (first_bad < 0)):
+                first_bad[g] = done + int(np.argmax(bad[:, g])) + 1
+            last = losses.mean(axis=0)
+            done += length
+            if log:
+                log(f"sweep k = {k}: {len(points)} runs, step {done}/{steps}")
+        for g, (alpha, beta, _, seed) in enumerate(points):
+            params = jax.tree.map(lambda a, g=g: a[g], states.params)
+            kept.append(params)
+            row = {"alpha": alpha, "beta": beta, "k": k, "seed": seed, "final_meta_loss": float(last[g]),
+                   "diverged_at_step": int(first_bad[g]) if first_bad[g] >= 0 else None}
+            if evaluate:
+                r = evaluate_learner(learner, params, tasks, apply=apply, metric=metric, num_tasks=eval_tasks,
+                                     num_steps=eval_steps, key=eval_key, hyper={"inner_lr": alpha})["all"]
+                row.update(mse_curve=r["mean"], ci95=r["ci95"], eval_diverged_tasks=r["diverged"][-1])
+            rows.append(row)
+    return {"rows": rows, "params": kept}
 
 
 CSV_FIELDS = ("alpha", "beta", "k", "seed", "final_meta_loss", "mse_1", "mse_5", "mse_10",

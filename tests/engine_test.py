@@ -325,3 +325,28 @@ def test_a_learner_without_model_state_support_is_named():
     with pytest.raises(TypeError, match="learner 'reptile'"):
         fit(learner, jmaml.tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)),
             model_state=model.init_state(), steps=10, meta_batch_size=4, progress=False)
+
+
+# ---- sweeps of a user's learner and tasks ----------------------------------------------------------
+
+def test_a_users_tasks_and_model_through_a_sweep_equal_single_runs():
+    from jmaml import sweep
+
+    grid = sweep.Grid(alphas=(0.02, 0.05), betas=(1e-3, 3e-3), ks=(1, 2), seeds=(0, 1))
+    result = sweep.sweep_learner(lambda k: learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=k),
+                                 plane_distribution(), optax.adam, lambda key: two_layer_init(key), grid, steps=20,
+                                 meta_batch_size=4, task_key=7, log_every=10, apply=two_layer_apply, eval_tasks=20,
+                                 eval_steps=3)
+    assert len(result["rows"]) == 16
+    for i in (0, 5, 15):  # spot checks against the single run with the same settings
+        row, params = result["rows"][i], result["params"][i]
+        alpha, beta, k, seed = row["alpha"], row["beta"], row["k"], row["seed"]
+        single = fit(learners.maml(plane_loss, inner_lr=alpha, num_inner_steps=k), plane_distribution(),
+                     optax.adam(beta), two_layer_init(jax.random.key(seed)), steps=20, meta_batch_size=4, key=7,
+                     log_every=10, progress=False)
+        for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # injected beta: float32 round-off
+        assert len(row["mse_curve"]) == 4 and all(math.isfinite(v) for v in row["mse_curve"])
+    with pytest.raises(ValueError, match="needs a learner taking the per-call hyperparameter inner_lr"):
+        sweep.sweep_learner(lambda k: learners.meta_sgd(plane_loss, inner_lr=0.05, num_inner_steps=k),
+                            plane_distribution(), optax.adam, two_layer_init, grid, steps=10, meta_batch_size=4)
