@@ -98,6 +98,14 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Checks every field; returns self. Raises ValueError/TypeError naming the field."""
+        for name in ("pretrain", "remat"):  # strict: "false" in a config.json is not false
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("task", "algo", "optimiser", "activation", "loss"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise TypeError(f"data_dir must be a path string, got {self.data_dir!r}")
         if not isinstance(self.hidden, tuple) or not self.hidden:
             raise ValueError(f"hidden must be a non-empty tuple of widths, got {self.hidden!r}")
         for i, h in enumerate(self.hidden):

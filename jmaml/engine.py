@@ -325,7 +325,8 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         callback: Callable[[dict, TrainState], Any] | None = None, stream: TextIO | None = None,
         progress: bool = True, stop_at_step: int | None = None, host_loop: bool = False,
         divergence_hint: str | None = None, stop_flag: StopFlag | None = None,
-        model_state: Any = None) -> TrainState:
+        model_state: Any = None, checkpoint_meta: dict | None = None,
+        check_checkpoint: Callable[[str, dict], Any] | None = None) -> TrainState:
     """Meta-trains ``learner`` on ``tasks``; returns the final ``TrainState``.
 
     Args:
@@ -356,6 +357,10 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
       model_state: the initial state of a model with state (``model.init_state()``), carried in
         ``TrainState.model_state``, updated by the learner at every step and checkpointed; the
         learner's loss must be stateful (``make_loss(..., stateful=True)``).
+      checkpoint_meta: JSON-able facts recorded in every checkpoint's header (e.g. the run's
+        fingerprint), beside the run's ``name``.
+      check_checkpoint: ``check_checkpoint(path, header)`` on resume, to refuse a checkpoint that is
+        not this run's (raising); by default a checkpoint whose header names another run is refused.
 
     Raises:
       DivergenceError: a non-finite or exploding meta-loss (the last good state is kept).
@@ -399,7 +404,12 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         if resume:
             if not os.path.exists(ckpt):
                 raise ValueError(f"resume: there is no checkpoint {ckpt} to resume from")
-            state, _ = checkpoint.restore(ckpt, state)
+            state, header = checkpoint.restore(ckpt, state)
+            extra = header.get("extra", {})
+            if check_checkpoint is not None:
+                check_checkpoint(ckpt, header)
+            elif extra.get("phase", name) != name:
+                raise checkpoint.CheckpointError(f"checkpoint {ckpt} holds run {extra['phase']!r}, not {name!r}")
     state = distributed.broadcast_from_writer(state)
     saved_step = step = int(state.step)
     if step >= steps:
@@ -412,7 +422,8 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
 
     def save(state: TrainState, step: int) -> None:
         if ckpt is not None and writer:
-            checkpoint.save(ckpt, distributed.to_host(state), step=step, extra={"phase": name})
+            checkpoint.save(ckpt, distributed.to_host(state), step=step,
+                            extra={"phase": name, **(checkpoint_meta or {})})
 
     owned_flag = stop_flag is None
     flag = stop_flag or StopFlag()

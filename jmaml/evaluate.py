@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmaml import checkpoint, recipes, rundir, tasks
+from jmaml import recipes, rundir, tasks
 from jmaml._checks import check_num_steps, check_positive_int
 from jmaml.config import BASELINE
 from jmaml.engine import check_distribution, check_learner
@@ -308,7 +308,7 @@ def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool =
     if BASELINE in config.phases() and os.path.exists(baseline):
         base_model, _ = recipes.build_model(config, BASELINE)
         eval_loss = make_loss(base_model.apply, "mse")  # the paper reports MSE, whatever the training loss
-        state, _ = checkpoint.restore(baseline, recipes.initial_state(config, BASELINE))
+        state, _ = rundir.restore_phase(run_dir, config, BASELINE, recipes.initial_state(config, BASELINE))
         lrs, scores = {}, {}
         for k in SHOTS:
             lrs[k], scores[str(k)] = choose_finetune_lr(eval_loss, state.params, shots=k)
@@ -320,7 +320,7 @@ def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool =
 
 
 def _load_meta_params(run_dir: str, config) -> Any:
-    state, _ = checkpoint.restore(rundir.checkpoint_path(run_dir, config.algo), recipes.initial_state(config))
+    state, _ = rundir.restore_phase(run_dir, config, config.algo, recipes.initial_state(config))
     return state.params
 
 
@@ -332,10 +332,8 @@ def learner_results(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_results(run_dir: str, results: dict[str, Any]) -> None:
-    with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(run_dir, "eval.md"), "w", encoding="utf-8") as f:
-        f.write(format_table(results) + "\n")
+    rundir.atomic_write_text(os.path.join(run_dir, "eval.json"), json.dumps(results, indent=2))
+    rundir.atomic_write_text(os.path.join(run_dir, "eval.md"), format_table(results) + "\n")
 
 
 def _rate(value: Any) -> str:

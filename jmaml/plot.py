@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmaml import checkpoint, learners, recipes, rundir, tasks
+from jmaml import learners, recipes, rundir, tasks
 from jmaml.config import BASELINE
 from jmaml.evaluate import learner_results
 from jmaml.losses import make_loss
@@ -59,7 +59,7 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     fit_steps = (0, 1, 10)
     model, _ = recipes.build_model(config)
     learner = recipes.build_learner(config, make_loss(model.apply, "mse"))
-    state, _ = checkpoint.restore(rundir.checkpoint_path(run_dir, config.algo), recipes.initial_state(config))
+    state, _ = rundir.restore_phase(run_dir, config, config.algo, recipes.initial_state(config))
     name = learners.spec(config.algo).label
     # name -> (learner, its apply, meta-parameters, the rate as eval.json records it)
     models = {name: (learner, model.apply, state.params, learner_results(results)[str(shots)]["inner_lr"])}
@@ -67,8 +67,7 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
         lr = results[BASELINE][str(shots)]["inner_lr"]
         base_model, _ = recipes.build_model(config, BASELINE)
         base = learners.maml(make_loss(base_model.apply, "mse"), inner_lr=lr, num_inner_steps=0)
-        base_state, _ = checkpoint.restore(rundir.checkpoint_path(run_dir, BASELINE),
-                                           recipes.initial_state(config, BASELINE))
+        base_state, _ = rundir.restore_phase(run_dir, config, BASELINE, recipes.initial_state(config, BASELINE))
         models[BASELINE] = (base, base_model.apply, base_state.params, lr)
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)

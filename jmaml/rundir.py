@@ -13,10 +13,15 @@ algorithm; they still load (and resume into the new name).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -26,6 +31,71 @@ from jmaml import checkpoint
 from jmaml.config import TrainConfig
 
 LEGACY_META_CKPT = "maml.ckpt.npz"
+LOCK_FILE = ".jmaml.lock"
+# What --overwrite replaces; a folder whose config.json is not a jmaml run's is never touched.
+RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "eval.md")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``: a reader (or a crash)
+    sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run_fingerprint(config: TrainConfig) -> str:
+    """A hash of the settings that make a run what it is (all but its length, which may grow on
+    resume): recorded in its checkpoints, so a checkpoint of another run is refused."""
+    d = config.to_dict()
+    d.pop("steps")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_info(run_dir: str) -> dict | None:
+    """config.json's content when it is a jmaml run's (a dict with "config" and "versions"), else None."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(info, dict) and isinstance(info.get("config"), dict) and "versions" in info:
+        return info
+    return None
+
+
+@contextlib.contextmanager
+def lock(run_dir: str) -> Iterator[None]:
+    """Holds an exclusive lock on a run dir (``fcntl.flock`` on its ``.jmaml.lock``, which records the
+    holder's pid) while a run writes it; a second writer fails at once, naming the holder."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ValueError(f"run dir {run_dir} is in use by another jmaml process (pid {holder}); wait for it "
+                             "to finish or stop it, or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock
 
 
 def checkpoint_path(run_dir: str, phase: str) -> str:
@@ -44,12 +114,23 @@ def run_info(config: TrainConfig) -> dict[str, Any]:
 
 
 def load_config(run_dir: str) -> TrainConfig:
-    """The TrainConfig saved in a run dir."""
+    """The TrainConfig saved in a run dir.
+
+    Raises:
+      ValueError: no config.json, or one that is not a jmaml run's or holds invalid settings (naming
+        the file).
+    """
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"{run_dir} is not a jmaml run dir: no config.json")
-    with open(path, encoding="utf-8") as f:
-        return TrainConfig.from_dict(json.load(f)["config"])
+    info = _read_info(run_dir)
+    if info is None:
+        raise ValueError(f"{path} is not a jmaml run's config.json (unreadable, or without its \"config\" and "
+                         "\"versions\" entries)")
+    try:
+        return TrainConfig.from_dict(info["config"]).validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def is_complete(run_dir: str, config: TrainConfig) -> bool:
@@ -65,13 +146,28 @@ def trim_metrics(path: str, keep_steps: dict[str, int]) -> None:
     """Drops metrics lines past each phase's checkpointed step (they will be recomputed)."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    kept = [r for r in lines if r["step"] <= keep_steps.get(r["phase"], 0)]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    kept = [r for r in read_metrics(path) if r["step"] <= keep_steps.get(r["phase"], 0)]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (a crash or a full disk mid-write) is dropped
+    with a note on stderr; a bad line elsewhere is an error naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not {"phase", "step"} <= set(record):
+                raise ValueError("not a metrics record")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print(f"jmaml: dropping the torn last line of {path} (it will be recomputed)", file=sys.stderr)
+                break
+            raise ValueError(f"{path}, line {i + 1}: not a jmaml metrics record ({e})") from None
+        records.append(record)
+    return records
 
 
 def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False) -> str:
@@ -87,9 +183,17 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"output dir {run_dir} exists and is not a folder")
     existing = os.path.exists(cfg_path)
+    if existing and _read_info(run_dir) is None:
+        doomed = sorted(n for n in os.listdir(run_dir) if n in RUN_FILES or n.endswith(".ckpt.npz"))
+        raise ValueError(f"output dir {run_dir} holds a config.json that is not a jmaml run's; jmaml will not "
+                         f"{'overwrite' if overwrite else 'use'} it (--overwrite would replace {', '.join(doomed)}). "
+                         "Choose another --out.")
+    if resume and not existing:
+        raise ValueError(f"--resume: {run_dir} holds no jmaml run to resume (no config.json); "
+                         "leave out --resume to start a new run there")
     if existing and overwrite:
         for name in os.listdir(run_dir):
-            if name in ("config.json", "metrics.jsonl", "eval.json", "eval.md") or name.endswith(".ckpt.npz"):
+            if name in RUN_FILES or name.endswith(".ckpt.npz") or ".tmp-" in name:
                 os.remove(os.path.join(run_dir, name))
         existing = False
     if existing:
@@ -111,10 +215,8 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
         if old.steps != config.steps:
             write_info(config, run_dir)
         return "complete" if is_complete(run_dir, config) else "resume"
-    if resume and os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise ValueError(f"--resume: {run_dir} holds no jmaml run (no config.json)")
     os.makedirs(run_dir, exist_ok=True)
-    if os.listdir(run_dir) and not overwrite:
+    if [n for n in os.listdir(run_dir) if n != LOCK_FILE] and not overwrite:
         raise ValueError(f"output dir {run_dir} is not empty and holds no jmaml run; "
                          "choose an empty or new folder")
     write_info(config, run_dir)
@@ -122,5 +224,34 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
 
 
 def write_info(config: TrainConfig, run_dir: str) -> None:
-    with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(run_info(config), f, indent=2)
+    atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(run_info(config), indent=2))
+
+
+def clean_stale_temporaries(run_dir: str) -> None:
+    """Removes ``*.tmp-PID`` files left by a process killed mid-write (the lock says none is writing)."""
+    for name in os.listdir(run_dir):
+        if ".tmp-" in name:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(run_dir, name))
+
+
+def restore_phase(run_dir: str, config: TrainConfig, phase: str, template: Any) -> tuple[Any, dict]:
+    """A phase's checkpoint, checked to belong to this run and phase (its header's ``phase`` and run
+    fingerprint, where it records them: checkpoints of older versions do not)."""
+    path = checkpoint_path(run_dir, phase)
+    state, header = checkpoint.restore(path, template)
+    check_binding(path, header, config, phase)
+    return state, header
+
+
+def check_binding(path: str, header: dict, config: TrainConfig, phase: str) -> None:
+    """Raises CheckpointError if a checkpoint's header names another phase or another run."""
+    extra = header.get("extra", {})
+    want_phase = {phase, "maml"} if os.path.basename(path) == LEGACY_META_CKPT else {phase}
+    if "phase" in extra and extra["phase"] not in want_phase:
+        raise checkpoint.CheckpointError(f"checkpoint {path} holds phase {extra['phase']!r}, not {phase!r}: it "
+                                         "was copied or renamed from another file; nothing was overwritten")
+    if "run" in extra and extra["run"] != run_fingerprint(config):
+        raise checkpoint.CheckpointError(f"checkpoint {path} belongs to another run (fingerprint {extra['run']}, "
+                                         f"this run's {run_fingerprint(config)}: other settings or seed); "
+                                         "nothing was overwritten")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -47,6 +48,7 @@ from jmaml.evaluate import evaluate as evaluate_learner
 from jmaml.meta import init_state, make_step
 from jmaml.protocols import MetaLearner, TaskDistribution
 from jmaml.recipes import build_model, effective_unroll, task_stream_key
+from jmaml.rundir import atomic_write_text
 
 DEFAULT_MEMORY_FRACTION = 0.25
 SWEEP_ALGOS = ("maml", "fomaml")
@@ -409,12 +411,12 @@ def write_results(result: dict[str, Any], out_dir: str) -> list[str]:
     """Writes sweep.csv and sweep.json (and heatmaps if matplotlib is installed); returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path, json_path = os.path.join(out_dir, "sweep.csv"), os.path.join(out_dir, "sweep.json")
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(result["rows"])
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(result["rows"])
+    atomic_write_text(csv_path, text.getvalue())
+    atomic_write_text(json_path, json.dumps(result, indent=2))
     paths = [csv_path, json_path]
     try:
         paths += plot_heatmaps(result, os.path.join(out_dir, "plots"))

@@ -8,15 +8,17 @@ wires the configuration's registries to the engine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any, TextIO
 
 import jax
 from jax.sharding import Mesh
 
-from jmaml import checkpoint, distributed, engine, learners, recipes, rundir, tasks
+from jmaml import distributed, engine, learners, recipes, rundir, tasks
 from jmaml.config import BASELINE, OPTIMISERS, TrainConfig  # noqa: F401 - re-exported
 from jmaml.engine import DivergenceError, Interrupted, Progress  # noqa: F401 - re-exported
 from jmaml.meta import TrainState
@@ -81,7 +83,9 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, st
                       checkpoint_every=config.checkpoint_every,
                       max_loss_ratio=config.max_loss_ratio if phase != BASELINE else float("inf"), mesh=mesh,
                       stream=stream, stop_at_step=stop_at_step, host_loop=host_loop,
-                      divergence_hint=_divergence_hint(config, phase), stop_flag=stop_flag)
+                      divergence_hint=_divergence_hint(config, phase), stop_flag=stop_flag,
+                      checkpoint_meta={"run": rundir.run_fingerprint(config), "algo": config.algo},
+                      check_checkpoint=lambda path, header: rundir.check_binding(path, header, config, phase))
 
 
 def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
@@ -126,6 +130,23 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
     distributed.check_same_everywhere("the training settings", json.dumps(
         [config.to_dict(), os.path.abspath(run_dir), resume, overwrite, stop_at_step]))
     writer = distributed.is_writer()
+    if writer and os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"output dir {run_dir} exists and is not a folder")
+    created = not os.path.exists(run_dir)
+    with rundir.lock(run_dir) if writer else contextlib.nullcontext():
+        try:
+            return _train_locked(config, run_dir, resume=resume, overwrite=overwrite, stop_at_step=stop_at_step,
+                                 stream=stream, mesh=mesh)
+        except ValueError:
+            # a refused or misconfigured run leaves nothing behind in a folder it created
+            if writer and created and not os.path.exists(os.path.join(run_dir, "config.json")):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+
+def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite: bool, stop_at_step: int | None,
+                  stream: TextIO | None, mesh: Mesh | None) -> dict[str, TrainState]:
+    writer = distributed.is_writer()
     mode, refusal = "new", None
     if writer:
         try:
@@ -138,15 +159,20 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
             raise refusal
         raise distributed.DistributedError(f"process 0 refused the run dir {run_dir} (its error says why)")
     mode = _MODES[code]
+    if writer:
+        rundir.clean_stale_temporaries(run_dir)
     if writer and mode != "new":  # check every checkpoint before writing anything
         _adopt_legacy_checkpoint(config, run_dir)
         keep = {}
         for phase in (config.algo, BASELINE):
             ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
             if os.path.exists(ckpt):
-                checkpoint.restore(ckpt, initial_state(config, phase))
-                keep[phase] = checkpoint.read_header(ckpt)["step"]
+                _, header = rundir.restore_phase(run_dir, config, phase, initial_state(config, phase))
+                keep[phase] = header["step"]
         if mode == "resume":
+            if config.algo not in keep:
+                raise ValueError(f"--resume: {run_dir} holds no checkpoint of its {config.algo} phase (the run "
+                                 "stopped before its first one); start it over with --overwrite")
             if keep.get(config.algo, 0) < config.steps:
                 keep.pop(BASELINE, None)
             rundir.trim_metrics(os.path.join(run_dir, "metrics.jsonl"), keep)
@@ -164,5 +190,5 @@ def load_params(run_dir: str, phase: str = "maml") -> Any:
     other name for the meta-learner)."""
     config = load_config(run_dir)
     phase = _phase_name(config, phase)
-    state, _ = checkpoint.restore(rundir.checkpoint_path(run_dir, phase), initial_state(config, phase))
+    state, _ = rundir.restore_phase(run_dir, config, phase, initial_state(config, phase))
     return state.params

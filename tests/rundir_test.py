@@ -1,0 +1,125 @@
+"""Nothing lost, nothing silently wrong: run-dir ownership and lock, checkpoints bound to their run
+and phase, --resume never starting fresh, atomic and tolerant files, strict config types."""
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jmaml import checkpoint, evaluate, rundir, train
+from jmaml.config import TrainConfig
+
+TINY = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=20, log_every=10,
+                   checkpoint_every=10, pretrain=True)
+
+
+def _train(run_dir, config=TINY, **kw):
+    return train.train(config, str(run_dir), stream=io.StringIO(), **kw)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_jmaml_run(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    files = {"config.json": '{"learning_rate": 3}', "eval.json": "{}", "model.ckpt.npz": "weights"}
+    for name, text in files.items():
+        (theirs / name).write_text(text)
+    for overwrite in (True, False):
+        with pytest.raises(ValueError, match="not a jmaml run's; jmaml will not") as e:
+            _train(theirs, overwrite=overwrite)
+        if overwrite:
+            assert "config.json, eval.json, model.ckpt.npz" in str(e.value)
+    assert {n: (theirs / n).read_text() for n in files} == files  # untouched
+
+
+def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    with rundir.lock(str(run)):
+        with pytest.raises(ValueError, match=rf"in use by another jmaml process \(pid {os.getpid()}\)"):
+            _train(run, overwrite=True)
+    _train(run)  # released: the run goes ahead
+    assert checkpoint.read_header(run / "maml.ckpt.npz")["step"] == 20
+
+
+def test_resume_never_starts_a_fresh_run(tmp_path):
+    with pytest.raises(ValueError, match="holds no jmaml run to resume"):
+        _train(tmp_path / "typo", resume=True)
+    assert not (tmp_path / "typo").exists()  # nothing left behind
+    run = tmp_path / "run"
+    with pytest.raises(train.Interrupted):
+        _train(run, stop_at_step=10)
+    os.remove(run / "maml.ckpt.npz")
+    with pytest.raises(ValueError, match="holds no checkpoint of its maml phase"):
+        _train(run, resume=True)
+
+
+def test_a_checkpoint_of_another_run_or_phase_is_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train(a)
+    other = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "seed": 1})
+    with pytest.raises(train.Interrupted):
+        _train(b, other, stop_at_step=10)
+    shutil.copy(a / "maml.ckpt.npz", b / "maml.ckpt.npz")  # same shapes, other seed
+    with pytest.raises(checkpoint.CheckpointError, match="belongs to another run"):
+        _train(b, other, resume=True)
+    # the meta-learner's checkpoint copied over the baseline's is not evaluated as the baseline
+    shutil.copy(a / "maml.ckpt.npz", a / "pretrained.ckpt.npz")
+    with pytest.raises(checkpoint.CheckpointError, match="holds phase 'maml', not 'pretrained'"):
+        evaluate.evaluate_run(str(a), num_tasks=10, write=False)
+
+
+def test_torn_metrics_line_is_dropped_on_resume_and_a_bad_middle_line_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(train.Interrupted):
+        _train(run, stop_at_step=10)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"phase": "maml", "step": 20, "meta_lo')  # a crash or a full disk mid-line
+    _train(run, resume=True)
+    assert "dropping the torn last line" in capsys.readouterr().err
+    records = rundir.read_metrics(str(run / "metrics.jsonl"))
+    assert [(r["phase"], r["step"]) for r in records] == [("maml", 10), ("maml", 20), ("pretrained", 10),
+                                                          ("pretrained", 20)]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a jmaml metrics record"):
+        rundir.read_metrics(str(run / "metrics.jsonl"))
+
+
+def test_stale_temporaries_are_cleaned_and_results_written_atomically(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(train.Interrupted):
+        _train(run, stop_at_step=10)
+    (run / "maml.ckpt.npz.tmp-99999").write_bytes(b"half a checkpoint")
+    _train(run, resume=True)
+    evaluate.evaluate_run(str(run), num_tasks=10)
+    assert not [n for n in os.listdir(run) if ".tmp-" in n]
+    assert json.loads((run / "eval.json").read_text())["algo"] == "maml"
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("pretrain", "false", "pretrain must be true or false, got 'false'"),
+    ("remat", 1, "remat must be true or false"),
+    ("hidden", [8, "8"], r"hidden\[1\] must be a positive int"),
+    ("algo", 3, "algo must be a string"),
+])
+def test_config_json_types_are_strict_and_errors_name_the_file(tmp_path, key, value, match):
+    run = tmp_path / "run"
+    _train(run)
+    info = json.loads((run / "config.json").read_text())
+    info["config"][key] = value
+    (run / "config.json").write_text(json.dumps(info))
+    with pytest.raises((TypeError, ValueError), match=match) as e:
+        rundir.load_config(str(run))
+    assert str(run / "config.json") in str(e.value)
+
+
+def test_resume_of_an_unchanged_run_is_still_bitwise(tmp_path):
+    straight = _train(tmp_path / "a")
+    with pytest.raises(train.Interrupted):
+        _train(tmp_path / "b", stop_at_step=10)
+    resumed = _train(tmp_path / "b", resume=True)
+    for u, v in zip(checkpoint.host_leaves(straight["maml"]), checkpoint.host_leaves(resumed["maml"])):
+        np.testing.assert_array_equal(u, v)
+    assert checkpoint.read_header(tmp_path / "b" / "maml.ckpt.npz")["extra"]["run"] == rundir.run_fingerprint(TINY)
