@@ -69,6 +69,7 @@ def _given_algo_options(args: argparse.Namespace) -> dict:
 
 
 def _train_config(args: argparse.Namespace):
+    from jmaml._checks import check_positive_int
     from jmaml.train import TrainConfig, image_preset, load_config
 
     given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
@@ -88,6 +89,8 @@ def _train_config(args: argparse.Namespace):
     if options and "algo_options" not in given:
         given["algo_options"] = options
     config = dataclasses.replace(base, **given)
+    for name in ("steps", "log_every", "checkpoint_every"):  # before they are divided by
+        check_positive_int(getattr(config, name), "--" + name.replace("_", "-"))
     if "steps" in given and "checkpoint_every" not in given and not args.resume:
         # Short runs checkpoint at least at the end; keep the interval a multiple of log_every.
         every = min(config.checkpoint_every, config.steps)
@@ -267,7 +270,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--query-shots", type=int, default=None, help="query points per task (default 10)")
     g.add_argument("--loss", default=None, help="mse (default) or sse")
     g = p.add_argument_group("MAML")
-    g.add_argument("--inner-lr", type=float, default=None, help="inner rate alpha (default 0.01)")
+    g.add_argument("--inner-lr", type=float, default=None,
+                   help="inner rate alpha (default 0.001, as the MAML reference code runs sinusoids; the paper's "
+                        "text says 0.01: see experiments/sinusoid/FIDELITY.md)")
     g.add_argument("--inner-steps", "--k", type=int, default=None, help="inner steps k (default 1)")
     g.add_argument("--meta-lr", type=float, default=None, help="meta rate beta (default 1e-3)")
     g.add_argument("--optimiser", default=None, help="adam (default), adamw, sgd, momentum, rmsprop")

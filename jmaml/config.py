@@ -56,7 +56,9 @@ class TrainConfig:
     activation: str = "relu"
     num_support: int = 10  # K
     num_query: int = 10
-    inner_lr: float = 0.01  # α
+    # α: the MAML reference code's sinusoid rate (its default update_lr); the paper's text says 0.01, at
+    # which the learned θ sits past the inner loop's stability edge (experiments/sinusoid/FIDELITY.md)
+    inner_lr: float = 1e-3
     num_inner_steps: int = 1  # k
     meta_lr: float = 1e-3  # β
     optimiser: str = "adam"

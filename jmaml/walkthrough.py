@@ -151,21 +151,22 @@ def run_walkthrough(*, alpha: float = seed_data.ALPHA, beta: float = seed_data.B
         out["theta1"] = float(optax.apply_updates(theta, updates))
 
         rows = []
-        for k in range(1, k_max + 1):
-            row = {"k": k, "dW_dtheta": [], "closed_form": [], "meta_grad": [],
-                   "meta_grad_closed_form": []}
-            for t in tasks:
-                xs, ys = np.asarray(t.support.x), np.asarray(t.support.y)
-                xq, yq = np.asarray(t.query.x), np.asarray(t.query.y)
-                d = jax.grad(lambda th, s=t.support: adapt(loss, th, s, inner_lr=alpha,
-                                                          num_steps=k))(theta)
-                row["dW_dtheta"].append(float(d))
-                row["closed_form"].append(analytic.dW_dtheta(xs, alpha, k))
-                row["meta_grad"].append(float(meta_grad(t, k)))
-                row["meta_grad_closed_form"].append(
-                    analytic.task_meta_grad(theta0, xs, ys, xq, yq, alpha, k))
-            row["max_abs_diff"] = max(abs(a - b) for a, b in zip(row["dW_dtheta"], row["closed_form"]))
-            rows.append(row)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as non_finite below
+            for k in range(1, k_max + 1):
+                row = {"k": k, "dW_dtheta": [], "closed_form": [], "meta_grad": [],
+                       "meta_grad_closed_form": []}
+                for t in tasks:
+                    xs, ys = np.asarray(t.support.x), np.asarray(t.support.y)
+                    xq, yq = np.asarray(t.query.x), np.asarray(t.query.y)
+                    d = jax.grad(lambda th, s=t.support: adapt(loss, th, s, inner_lr=alpha,
+                                                              num_steps=k))(theta)
+                    row["dW_dtheta"].append(float(d))
+                    row["closed_form"].append(analytic.dW_dtheta(xs, alpha, k))
+                    row["meta_grad"].append(float(meta_grad(t, k)))
+                    row["meta_grad_closed_form"].append(
+                        analytic.task_meta_grad(theta0, xs, ys, xq, yq, alpha, k))
+                row["max_abs_diff"] = max(abs(a - b) for a, b in zip(row["dW_dtheta"], row["closed_form"]))
+                rows.append(row)
         out["k_table"] = rows
 
         # Stability: one inner step multiplies dφ/dθ by c = 1 - α·λ, with λ the support loss's
@@ -179,6 +180,16 @@ def run_walkthrough(*, alpha: float = seed_data.ALPHA, beta: float = seed_data.B
                               "diverges": abs(c) > 1.0})
         out["stability"] = stability
         out["diverges"] = any(s["diverges"] for s in stability)
+        # float64 overflows for huge inputs (x = 1e200 squares to inf): name what is not finite
+        # rather than draw conclusions from NaN (|NaN| > 1 is False, which would read as "contracts")
+        scalars = {"conventional_w1": out.get("conventional_w1", 0.0), "theta1": out["theta1"],
+                   **{f"phi_{j + 1}": v for j, v in enumerate(out["phi"])},
+                   **{f"dL_Q{j + 1}/dtheta": v for j, v in enumerate(out["query_grads"])},
+                   **{f"lambda (task {s['task']})": s["hessian"] for s in stability}}
+        out["non_finite"] = [name for name, v in scalars.items() if not math.isfinite(v)]
+        for s in stability:
+            if not (math.isfinite(s["hessian"]) and math.isfinite(s["contraction"])):
+                s["diverges"] = None  # unknown: the curvature itself overflowed
     return out
 
 
@@ -210,11 +221,18 @@ def format_walkthrough(r: dict[str, Any]) -> str:
     lines += ["", "Stability of the inner loop (lambda_max of the support-loss Hessian, by power iteration "
               "on Hessian-vector products):"]
     for s in r["stability"]:
+        if s["diverges"] is None:
+            lines.append(f"  task {s['task']}: lambda = {_num(s['hessian'])} (NON-FINITE: no stability bound)")
+            continue
         verdict = "DIVERGES" if s["diverges"] else "contracts"
         lines.append(f"  task {s['task']}: lambda = {_num(s['hessian'])}, "
                      f"1 - alpha*lambda = {_num(s['contraction'])} ({verdict}; "
                      f"stable for alpha < 2/lambda = {s['alpha_bound']:.6g})")
-    if r["diverges"]:
+    if r.get("non_finite"):
+        lines.append(f"\nNot finite in float64: {', '.join(r['non_finite'])}. The inputs are too large for float64 "
+                     "(x^2 or the curvature overflows); no conclusion about convergence can be drawn. Rescale "
+                     "the data.")
+    elif r["diverges"]:
         bad = [s for s in r["stability"] if s["diverges"]]
         names = ", ".join(f"task {s['task']}" for s in bad)
         lines.append(

@@ -104,7 +104,7 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
             "--meta-batch-size", "4"]
     code, out, err = _run(capsys, *argv)
     assert code == 0, err
-    assert "| maml | 10 | 0.01 |" in out and "| pretrained | 10 |" in out
+    assert "| maml | 10 | 0.001 |" in out and "| pretrained | 10 |" in out
     for name in ("config.json", "metrics.jsonl", "maml.ckpt.npz", "pretrained.ckpt.npz", "eval.json",
                  "eval.md", "plots/fits.png", "plots/curves.png"):
         assert (tmp_path / "run" / name).exists(), name

@@ -123,3 +123,22 @@ def test_resume_of_an_unchanged_run_is_still_bitwise(tmp_path):
     for u, v in zip(checkpoint.host_leaves(straight["maml"]), checkpoint.host_leaves(resumed["maml"])):
         np.testing.assert_array_equal(u, v)
     assert checkpoint.read_header(tmp_path / "b" / "maml.ckpt.npz")["extra"]["run"] == rundir.run_fingerprint(TINY)
+
+
+def test_seed_walkthrough_names_non_finite_results_instead_of_concluding():
+    from jmaml import Batch, Task, walkthrough
+
+    task = Task(Batch(np.array([1e200, 2.0]), np.array([1.0, 2.0])), Batch(np.array([1.0]), np.array([1.0])))
+    result = walkthrough.run_walkthrough(tasks=[task], k_max=2)
+    assert "theta1" in result["non_finite"] and result["stability"][0]["diverges"] is None
+    text = walkthrough.format_walkthrough(result)
+    assert "Not finite in float64" in text and "contracts" not in text
+
+
+def test_zero_intervals_are_named_errors(tmp_path, capsys):
+    from jmaml import cli
+
+    for flag in ("--log-every", "--checkpoint-every", "--steps"):
+        code = cli.main(["train", flag, "0", "--out", str(tmp_path / "r"), "--no-eval"])
+        assert code == 2 and f"{flag} must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -89,7 +89,7 @@ def test_output_dir_holding_a_different_run_is_refused_and_left_alone(tmp_path):
     train.train(TINY, str(run), stream=io.StringIO())
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     other = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "inner_lr": 0.02})
-    with pytest.raises(ValueError, match=r"already holds a different run \(inner_lr: 0.01 there, 0.02 asked\)"):
+    with pytest.raises(ValueError, match=r"already holds a different run \(inner_lr: 0.001 there, 0.02 asked\)"):
         train.train(other, str(run), stream=io.StringIO())
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     with pytest.raises(ValueError, match="contradict"):
