@@ -207,6 +207,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                        checkpoint_every=min(args.log_every, args.steps))
     if os.path.exists(os.path.join(args.out, "sweep.json")) and not args.overwrite:
         raise ValueError(f"{args.out} already holds a sweep; use --overwrite or another --out")
+    _check_writable(args.out, "--out")  # before the sweep runs, not after
     result = sweep.run_sweep(base, grid, task_seed=args.task_seed, mesh=_mesh(args), shard=args.shard,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     paths = sweep.write_results(result, args.out)
@@ -215,6 +216,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\n{meta['num_points']} runs of {args.steps} steps in {meta['seconds']:.1f} s "
           f"({meta['num_chunks']} chunk(s) of {meta['points_per_chunk']} points); wrote " + ", ".join(paths))
     return 0
+
+
+def _check_writable(folder: str, flag: str) -> None:
+    """Creates ``folder`` and writes a probe file in it, or raises ValueError naming the flag and the OS error."""
+    probe = os.path.join(folder, f".jmaml-probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {folder} is not a writable folder: {e.strerror or e}") from None
 
 
 def _add_sweep_parser(sub) -> None:

@@ -466,6 +466,10 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
             if (checkpoint_every is not None and step % checkpoint_every == 0) or step >= steps:
                 save(state, step)
                 saved_step = step
+        if flag.signum is not None:  # a signal during the last chunk: finished and saved, but still a stop
+            signame = signal.Signals(flag.signum).name
+            raise Interrupted(f"{signame} received: {name} finished its {steps} steps; checkpoint saved",
+                              flag.signum)
     finally:
         if owned_flag:
             flag.__exit__(None, None, None)

@@ -43,7 +43,7 @@ from jmaml._checks import check_num_steps, check_rate, check_seed
 from jmaml.config import OPTIMISERS, TrainConfig
 from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
 from jmaml.engine import as_key, check_distribution, check_learner, initial_state, make_learner_step, sample_tasks
-from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, adaptation_curve
+from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, NUM_EVAL_QUERY, adaptation_curve
 from jmaml.evaluate import evaluate as evaluate_learner
 from jmaml.meta import init_state, make_step
 from jmaml.protocols import MetaLearner, TaskDistribution
@@ -168,7 +168,8 @@ def _make_chunk_fn(config: TrainConfig, k_max: int, mesh: Mesh | None = None, sh
     return jax.jit(jax.vmap(init)), chunk, model, loss_fn
 
 
-def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: int, num_diag_tasks: int):
+def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: int, num_diag_tasks: int,
+                     budget_bytes: int):
     dist = recipes.build_tasks(config)
     eval_loss = dist.make_metric(model.apply)
     key = jax.random.key(EVAL_SEED)
@@ -188,7 +189,19 @@ def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: i
     def curvature(params):
         return jax.vmap(lambda p: jax.vmap(lambda b: hessian_max_eigenvalue(train_loss, p, b))(diag_support))(params)
 
-    return np.asarray(curves(params, alphas)), np.asarray(curvature(params))
+    # evaluation needs far more memory per point than a training step (every held-out task's curve):
+    # points go through it in sub-chunks that fit the budget, padded so that they compile once
+    n = len(alphas)
+    width = 1 + sum(config.hidden) + 1
+    point_bytes = num_tasks * (config.num_support + NUM_EVAL_QUERY) * width * 4 * 6 * (MAX_EVAL_STEPS + 2)
+    per_call = max(1, min(n, budget_bytes // max(point_bytes, 1)))
+    out_curves, out_lam = [], []
+    for start in range(0, n, per_call):
+        idx = np.minimum(np.arange(start, start + per_call), n - 1)
+        part_params = jax.tree.map(lambda a: a[idx], params)
+        out_curves.append(np.asarray(curves(part_params, alphas[idx])))
+        out_lam.append(np.asarray(curvature(part_params)))
+    return np.concatenate(out_curves)[:n], np.concatenate(out_lam)[:n]
 
 
 def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, eval_tasks: int = 600,
@@ -277,7 +290,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
                 log(f"sweep points {start + 1}-{start + len(part)} of {len(points)}: step {step}/{base.steps}")
         if evaluate:
             curves, lam = _evaluate_points(base, model, states.params, alphas, num_tasks=eval_tasks,
-                                           num_diag_tasks=diag_tasks)
+                                           num_diag_tasks=diag_tasks, budget_bytes=budget)
         else:
             curves = np.full((len(padded), 1, MAX_EVAL_STEPS + 1), np.nan)
             lam = np.full((len(padded), 1), np.nan)

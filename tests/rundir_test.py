@@ -142,3 +142,42 @@ def test_zero_intervals_are_named_errors(tmp_path, capsys):
         code = cli.main(["train", flag, "0", "--out", str(tmp_path / "r"), "--no-eval"])
         assert code == 2 and f"{flag} must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_signal_during_the_last_chunk_still_stops_with_its_status(tmp_path):
+    import signal
+
+    import jax
+    import optax
+
+    from jmaml import fit, learners, make_loss, models, tasks
+
+    model = models.mlp([1, 8, 1])
+    learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
+    kill_at_end = lambda record, state: record["step"] == 20 and os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(train.Interrupted, match="SIGTERM received: maml finished its 20 steps") as e:
+        fit(learner, tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)), steps=20,
+            meta_batch_size=4, log_every=10, run_dir=str(tmp_path), callback=kill_at_end, progress=False)
+    assert e.value.signum == signal.SIGTERM
+    assert checkpoint.read_header(tmp_path / "maml.ckpt.npz")["step"] == 20
+
+
+def test_an_unusable_sweep_out_fails_before_the_sweep_runs(tmp_path, capsys):
+    from jmaml import cli
+
+    (tmp_path / "file").write_text("not a folder")
+    code = cli.main(["sweep", "--out", str(tmp_path / "file" / "sweep"), "--steps", "100000"])
+    assert code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_sweep_evaluation_in_memory_sized_chunks_equals_one_call():
+    from jmaml import sweep
+
+    base = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=10, log_every=10,
+                       checkpoint_every=10)
+    grid = sweep.Grid(alphas=(0.01, 0.02, 0.03), betas=(1e-3,), ks=(1,), seeds=(0,))
+    one = sweep.run_sweep(base, grid, eval_tasks=20, diag_tasks=4)
+    # a budget that fits training but only one point's evaluation at a time
+    small = sweep.run_sweep(base, grid, eval_tasks=20, diag_tasks=4, memory_budget_bytes=3 * 10**6)
+    for a, b in zip(one["rows"], small["rows"]):
+        np.testing.assert_allclose(a["mse_curve"], b["mse_curve"], rtol=1e-5)
