@@ -19,8 +19,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jmaml._checks import check_batch, check_num_steps, check_rate, concrete_or_none
+from jmaml.inner_optimisers import set_hyperparams
 from jmaml.types import Batch, LossFn, Params
 
 
@@ -72,7 +74,8 @@ def _check_unroll(unroll) -> None:
 
 def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_steps: Any,
           max_steps: int | None = None, first_order: bool = False, return_losses: bool = False,
-          unroll: int | bool = 1, remat: bool = False, has_aux: bool = False, model_state: Any = None):
+          unroll: int | bool = 1, remat: bool = False, has_aux: bool = False, model_state: Any = None,
+          inner_optimiser: optax.GradientTransformation | None = None, inner_hyper: dict[str, Any] | None = None):
     r"""Adapts ``params`` to ``batch`` with ``num_steps`` SGD steps (the seed's Eq. 21).
 
     Args:
@@ -103,6 +106,12 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
       model_state: the state of a model with state (``Model.init_state``): ``loss_fn`` is then
         ``loss_fn(params, batch, state) -> (loss, new_state)``, each step's forward pass updates the
         state (batch norm's running statistics), and no gradient flows through it.
+      inner_optimiser: any optax ``GradientTransformation`` as the inner update rule instead of SGD at
+        ``inner_lr`` (which must then be None): its state is initialised here, per task, and carried by
+        the scan, and second-order gradients flow through the updates and the state
+        (``jmaml.inner_optimisers`` has momentum, Nesterov, Adam and RMSprop with safe second order).
+      inner_hyper: hyperparameters to set in the inner optimiser's fresh state (traced, swept or
+        meta-learned; see ``jmaml.inner_optimisers.set_hyperparams``).
 
     Returns:
       The adapted parameters φ⁽ᵏ⁾, or ``(φ⁽ᵏ⁾, losses)`` with ``return_losses``; with
@@ -125,7 +134,16 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
       Deep Networks, ICML. The seed document, Eqs. 7 and 21.
     """
     check_batch(batch, "batch")
-    check_rate(inner_lr, "inner_lr")
+    if inner_optimiser is None:
+        check_rate(inner_lr, "inner_lr")
+        if inner_hyper:
+            raise ValueError("inner_hyper sets an inner optimiser's hyperparameters; no inner_optimiser was given")
+    else:
+        if not isinstance(inner_optimiser, optax.GradientTransformation):
+            raise TypeError(f"inner_optimiser must be an optax.GradientTransformation, got {inner_optimiser!r}")
+        if inner_lr is not None:
+            raise ValueError("give inner_lr or inner_optimiser, not both: the inner optimiser holds its own rate "
+                             f"(got inner_lr={inner_lr!r})")
     _check_unroll(unroll)
     if max_steps is None:
         length = check_num_steps(num_steps, "num_steps")
@@ -146,25 +164,30 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
         return (*out, jnp.zeros((0,))) if return_losses else (out if stateful else params)
 
     bound = num_steps if masked else length
+    opt = inner_optimiser
 
     def body(carry, t):
-        p, s = carry if stateful else (carry, None)
+        p, s, o = carry  # parameters, model state, inner-optimiser state (None when unused)
         if stateful:
             (loss, new_s), grads = jax.value_and_grad(lambda q: loss_fn(q, batch, s), has_aux=True)(p)
             new_s = jax.lax.stop_gradient(new_s)
         else:
-            loss, grads = _value_and_grad(loss_fn, p, batch, has_aux)
+            (loss, grads), new_s = _value_and_grad(loss_fn, p, batch, has_aux), None
         if first_order:
             grads = jax.lax.stop_gradient(grads)
-        new = _sgd_update(p, grads, inner_lr)
+        if opt is None:
+            new, new_o = _sgd_update(p, grads, inner_lr), None
+        else:
+            updates, new_o = opt.update(grads, o, p)
+            new = jax.tree.map(lambda a, u: (a + u).astype(a.dtype), p, updates)
         if masked or remat:  # remat pads the scan to whole blocks; padded steps are no-ops
             active = t < bound
-            new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, p)
-            if stateful:
-                new_s = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_s, s)
-        return ((new, new_s) if stateful else new), loss
+            keep = lambda new_tree, old_tree: jax.tree.map(lambda a, b: jnp.where(active, a, b), new_tree, old_tree)
+            new, new_s, new_o = keep(new, p), keep(new_s, s), keep(new_o, o)
+        return (new, new_s, new_o), loss
 
-    start = (params, model_state) if stateful else params
+    opt_state = None if opt is None else set_hyperparams(opt.init(params), inner_hyper or {})
+    start = (params, model_state, opt_state)
     if unroll is True and not remat:
         # Straight-line code, no scan: the backward pass then needs no stacked (k, ...) residual
         # buffers (a copy of every saved activation per step), which is measurably faster for
@@ -178,10 +201,11 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
         carry, losses = jax.lax.scan(body, start, jnp.arange(length), unroll=unroll)
     else:
         carry, losses = _nested_remat_scan(body, start, length, unroll)
-    out = carry if stateful else (carry,)
+    adapted, state, _ = carry
+    out = (adapted, state) if stateful else (adapted,)
     if return_losses:
         return (*out, losses)
-    return out if stateful else carry
+    return out if stateful else adapted
 
 
 def _remat_block_sizes(length: int) -> list[int]:

@@ -50,15 +50,16 @@ def init_state(params: Params, optimiser: optax.GradientTransformation,
 def task_objective(loss_fn: LossFn, params: Params, task: Task, *, inner_lr: Any,
                    num_inner_steps: Any, max_inner_steps: int | None = None,
                    first_order: bool = False, unroll: int | bool = 1,
-                   remat: bool = False, model_state: Any = None) -> jax.Array:
+                   remat: bool = False, model_state: Any = None, inner_optimiser: Any = None,
+                   inner_hyper: Any = None) -> jax.Array:
     r"""MAML's objective for one task: query loss at the parameters adapted on the support set.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: meta-parameters θ.
       task: one ``Task`` (no task axis).
-      inner_lr, num_inner_steps, max_inner_steps, first_order, unroll, remat, model_state: as in
-        ``jmaml.adapt`` (``num_steps``, ``max_steps``).
+      inner_lr, num_inner_steps, max_inner_steps, first_order, unroll, remat, model_state,
+        inner_optimiser, inner_hyper: as in ``jmaml.adapt`` (``num_steps``, ``max_steps``).
 
     Returns:
       :math:`\mathcal{L}_Q(W^{(k)}(\theta))`, a scalar; with ``model_state``, ``(loss, new_state)``
@@ -67,7 +68,7 @@ def task_objective(loss_fn: LossFn, params: Params, task: Task, *, inner_lr: Any
     check_task(task, "task")
     out = adapt(loss_fn, params, task.support, inner_lr=inner_lr, num_steps=num_inner_steps,
                 max_steps=max_inner_steps, first_order=first_order, unroll=unroll,
-                remat=remat, model_state=model_state)
+                remat=remat, model_state=model_state, inner_optimiser=inner_optimiser, inner_hyper=inner_hyper)
     if model_state is None:
         return loss_fn(out, task.query)
     adapted, state = out

@@ -26,7 +26,7 @@ from jmaml.learners._common import Option, fixed_rates, gradient_adapt, rate_rul
 from jmaml.learners.anil import anil
 from jmaml.learners.cavia import CAVIAParams, cavia, with_context
 from jmaml.learners.imaml import imaml
-from jmaml.learners.maml import fomaml, maml
+from jmaml.learners.maml import InnerHyperParams, fomaml, maml
 from jmaml.learners.mamlpp import mamlpp
 from jmaml.learners.metasgd import meta_sgd
 from jmaml.learners.reptile import reptile
@@ -85,7 +85,7 @@ class LearnerSpec(NamedTuple):
 
 REGISTRY: dict[str, LearnerSpec] = {
     "maml": LearnerSpec(maml, "MAML", _maml.OPTIONS),
-    "fomaml": LearnerSpec(fomaml, "FOMAML"),
+    "fomaml": LearnerSpec(fomaml, "FOMAML", _maml.INNER_OPTIONS),
     "reptile": LearnerSpec(reptile, "Reptile", _reptile.OPTIONS, min_inner_steps=1),
     "metasgd": LearnerSpec(meta_sgd, "Meta-SGD", _metasgd.OPTIONS, meta_optimiser=_learned_rate_optimiser),
     "anil": LearnerSpec(anil, "ANIL", _anil.OPTIONS),
@@ -217,7 +217,8 @@ def extra_inputs(name: str, options: Mapping[str, Any] | None = None) -> int:
 
 
 __all__ = [
-    "REGISTRY", "CAVIAParams", "LearnerSpec", "MetaLearner", "Option", "anil", "cavia", "check_options", "extra_inputs",
+    "REGISTRY", "CAVIAParams", "InnerHyperParams",
+    "LearnerSpec", "MetaLearner", "Option", "anil", "cavia", "check_options", "extra_inputs",
     "fixed_rates", "fomaml", "gradient_adapt", "imaml", "make", "maml", "mamlpp", "meta_optimiser", "meta_sgd",
     "names", "owners", "rate_optimiser", "rate_rule", "reptile", "resolve_options", "spec", "with_context",
     "wrap_model",

@@ -7,20 +7,70 @@ query gradient at the adapted parameters (first order, FOMAML). At test time: k 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from jmaml import estimators
+import jax
+import jax.numpy as jnp
+
+from jmaml import estimators, inner_optimisers
 from jmaml.learners._common import Option, fixed_rates, gradient_adapt, rate_rule
+from jmaml.meta import batched_objective, pre_adapt_loss
 from jmaml.protocols import MetaLearner
-from jmaml.types import LossFn
+from jmaml.types import LossFn, Params
 
+
+def _check_optimiser_name(value, name):
+    if value not in inner_optimisers.REGISTRY:
+        raise ValueError(f"{name} must be one of {', '.join(inner_optimisers.REGISTRY)}; got {value!r}")
+    return value
+
+
+def _settings(text: str | None, name: str = "inner_settings") -> dict[str, float]:
+    """``"momentum=0.9,b2=0.99"`` -> {"momentum": 0.9, "b2": 0.99}."""
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"{name} must be comma-separated name=number pairs like momentum=0.9; got {text!r}")
+    return out
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
+
+
+# Shared with FOMAML (the registry gives both these options).
+INNER_OPTIONS = (
+    Option("inner_optimiser", None, "the inner loop's update rule: sgd, momentum, nesterov, adam, rmsprop "
+           "(jmaml.inner_optimisers; default: plain SGD at the inner rate)", type=str, check=_check_optimiser_name),
+    Option("inner_settings", None, "the inner optimiser's settings, e.g. momentum=0.9 or b1=0.9,b2=0.99",
+           type=str, check=lambda v, n: _settings(v, n)),
+    Option("learn_inner_hyper", None, "inner-optimiser hyperparameters to meta-learn, e.g. learning_rate,momentum "
+           "(one value each; --per-parameter-hyper: one per parameter)", type=str),
+    Option("per_parameter_hyper", False, "meta-learn one value of each learned hyperparameter per parameter "
+           "(Meta-SGD's rates are learning_rate learned this way)", type=bool),
+)
 OPTIONS = (Option("first_order", False, "first-order MAML (FOMAML): no gradient through the inner gradients",
-                  type=bool),)
+                  type=bool), *INNER_OPTIONS)
+
+
+class InnerHyperParams(NamedTuple):
+    """Meta-parameters of a MAML whose inner optimiser's hyperparameters are meta-learned."""
+
+    params: Params
+    hyper: dict[str, Any]  # name -> a scalar, or a tree like params (per parameter)
 
 
 def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: bool = False,
          reduction: str = "mean", unroll: int | bool = 1, remat: bool = False,
-         max_inner_steps: int | None = None) -> MetaLearner:
+         max_inner_steps: int | None = None, inner_optimiser: Any = None, inner_settings: Any = None,
+         learn_inner_hyper: Any = (), per_parameter_hyper: bool = False) -> MetaLearner:
     """MAML (second order) or, with ``first_order``, FOMAML.
 
     Args:
@@ -30,6 +80,14 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
         may be traced (``jmaml.adapt``'s masked scan): sweeps vmap runs over k.
       first_order: FOMAML.
       reduction, unroll, remat: as in ``jmaml.make_step``.
+      inner_optimiser: the inner update rule: None (SGD at ``inner_lr``), a ``jmaml.inner_optimisers``
+        name (built at ``inner_lr`` with ``inner_settings``, a dict or ``"name=value,..."``), or any
+        optax ``GradientTransformation`` (its state is per task, differentiated through; test-time
+        adaptation uses it too). The per-call ``inner_lr`` then sets its ``learning_rate``.
+      learn_inner_hyper: names (or ``"a,b"``) of the inner optimiser's hyperparameters to meta-learn:
+        the meta-parameters become ``InnerHyperParams(params, hyper)``, and the outer optimiser trains
+        the hyperparameters with θ. ``per_parameter_hyper``: one value per parameter (Meta-SGD is
+        ``learning_rate`` learned this way; per-step values: build the optimiser with ``per_step=True``).
 
     A model with state (``Model.init_state``) works with a stateful loss (``make_loss(...,
     stateful=True)``): ``estimate`` and ``adapt`` then take ``model_state=`` and ``estimate`` returns
@@ -47,6 +105,17 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
       >>> round(float(grad), 2)  # the seed's dL_Q1/dθ + dL_Q2/dθ = 4.48 + 3028.48
       3032.96
     """
+    learn = _names(learn_inner_hyper) if isinstance(learn_inner_hyper, (str, type(None))) else tuple(learn_inner_hyper)
+    if inner_optimiser is not None or learn:
+        opt = inner_optimiser
+        if opt is None or isinstance(opt, str):
+            settings = _settings(inner_settings) if isinstance(inner_settings, (str, type(None))) else inner_settings
+            opt = inner_optimisers.make(opt or "sgd", inner_lr, **settings)
+        elif inner_settings:
+            raise ValueError("inner_settings apply to an inner optimiser given by name; this one is already built")
+        return _with_inner_optimiser(loss_fn, opt, learn, per_parameter_hyper, num_inner_steps=num_inner_steps,
+                                     first_order=first_order, reduction=reduction, unroll=unroll, remat=remat,
+                                     max_inner_steps=max_inner_steps)
     est = estimators.maml(loss_fn, num_inner_steps=num_inner_steps, first_order=first_order, reduction=reduction,
                           unroll=unroll, remat=remat, max_inner_steps=max_inner_steps)
 
@@ -70,6 +139,78 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
     return MetaLearner(init=lambda params: params, estimate=estimate, adapt=adapt, name=name,
                        label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,
                        hyper={"inner_lr": inner_lr})
+
+
+def _with_inner_optimiser(loss_fn: LossFn, opt: Any, learn: tuple[str, ...], per_parameter: bool, *,
+                          num_inner_steps: int, first_order: bool, reduction: str, unroll: Any, remat: bool,
+                          max_inner_steps: int | None) -> MetaLearner:
+    """MAML whose inner loop is ``opt`` (any optax transformation), optionally meta-learning its
+    hyperparameters ``learn``."""
+    default_k = num_inner_steps
+    core = {"first_order": first_order, "unroll": unroll, "remat": remat, "max_inner_steps": max_inner_steps,
+            "inner_optimiser": opt}
+
+    def init(params):
+        if not learn:
+            return params
+        state = opt.init(params)
+        available = getattr(state, "hyperparams", None)
+        missing = sorted(set(learn) - set(available or {}))
+        if not isinstance(available, dict) or missing:
+            raise TypeError(f"learn_inner_hyper names {missing or list(learn)}, which this inner optimiser does not "
+                            f"hold as injectable hyperparameters ({sorted(available or {})}); build it with "
+                            "jmaml.inner_optimisers")
+        spread = (lambda v: jax.tree.map(lambda p: jnp.full(p.shape, v, p.dtype), params)) if per_parameter \
+            else (lambda v: v)
+        return InnerHyperParams(params, {name: spread(available[name]) for name in learn})
+
+    def split(meta_params, inner_lr):
+        params, hyper = (meta_params.params, dict(meta_params.hyper)) if learn else (meta_params, {})
+        if inner_lr is not None and "learning_rate" not in hyper:
+            hyper["learning_rate"] = inner_lr
+        return params, hyper
+
+    def estimate(meta_params, tasks, meta_step=None, *, inner_lr=None, num_inner_steps=None, model_state=None):
+        if max_inner_steps is None and num_inner_steps is not None:
+            raise ValueError("num_inner_steps can be given per call only to a learner built with max_inner_steps")
+        k = default_k if num_inner_steps is None else num_inner_steps
+        extra = {} if model_state is None else {"model_state": model_state}
+
+        def objective(mp):
+            params, hyper = split(mp, inner_lr)
+            total, *aux = batched_objective(loss_fn, params, tasks, inner_lr=None, num_inner_steps=k,
+                                            reduction=reduction, return_per_task=True, inner_hyper=hyper,
+                                            **core, **extra)
+            return total, tuple(aux)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(meta_params)
+        params = meta_params.params if learn else meta_params
+        metrics = {"task_losses": aux[0], "pre_adapt_loss": pre_adapt_loss(loss_fn, params, tasks, reduction,
+                                                                           model_state)}
+        if learn:  # what the learned hyperparameters are now (their mean, for per-parameter ones)
+            for name, value in meta_params.hyper.items():
+                metrics[f"inner_{name}"] = jnp.mean(jnp.stack([jnp.mean(v) for v in jax.tree.leaves(value)]))
+        return (loss, grads, metrics, *aux[1:])
+
+    def adapt(meta_params, support, num_steps, *, observe=None, inner_lr=None, model_state=None):
+        params, hyper = split(meta_params, inner_lr)
+        fixed = loss_fn if model_state is None else (lambda p, batch: loss_fn(p, batch, model_state)[0])
+
+        def body(carry, _):
+            p, o = carry
+            updates, o = opt.update(jax.grad(fixed)(p, support), o, p)
+            return (jax.tree.map(lambda a, u: (a + u).astype(a.dtype), p, updates), o), (
+                observe(p) if observe is not None else None)
+
+        start = (params, inner_optimisers.set_hyperparams(opt.init(params), hyper))
+        (final, _), seen = jax.lax.scan(body, start, None, length=num_steps)
+        if observe is None:
+            return final
+        return final, jax.tree.map(lambda s, v: jnp.concatenate([s, v[None]]), seen, observe(final))
+
+    return MetaLearner(init=init, estimate=estimate, adapt=adapt, name="fomaml" if first_order else "maml",
+                       label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,
+                       hyper={"inner_lr": None}, model_params=(lambda mp: mp.params) if learn else (lambda mp: mp))
 
 
 def fomaml(loss_fn: LossFn, **kwargs) -> MetaLearner:
