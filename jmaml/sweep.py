@@ -334,7 +334,8 @@ def sweep_learner(make_learner: Callable[[int], MetaLearner], tasks: TaskDistrib
                   init_params: Callable[[jax.Array], Any], grid: Grid, *, steps: int, meta_batch_size: int,
                   task_key: Any = 0, log_every: int = 1000, evaluate: bool = True, apply: Any = None,
                   metric: Any = None, eval_tasks: int = 600, eval_steps: int = MAX_EVAL_STEPS,
-                  eval_key: Any = EVAL_SEED, log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+                  eval_key: Any = EVAL_SEED, log: Callable[[str], Any] | None = None,
+                  inner_hyper: dict[str, Sequence[float]] | None = None) -> dict[str, Any]:
     """Whole runs of any learner on any task distribution, vmapped over α × β × seed (one compiled
     program per k), every point on the same training tasks; then each point evaluated by its
     learner's own test-time rule at its own α.
@@ -350,6 +351,9 @@ def sweep_learner(make_learner: Callable[[int], MetaLearner], tasks: TaskDistrib
       steps, meta_batch_size, task_key, log_every: as in ``jmaml.fit``.
       evaluate, apply, metric, eval_tasks, eval_steps, eval_key: the evaluation (``jmaml.evaluate.evaluate``).
       log: ``log(str)`` for progress lines.
+      inner_hyper: more grid axes, over the inner optimiser's hyperparameters (e.g. ``{"momentum":
+        (0.5, 0.9)}``), for learners with an inner optimiser (``learners.maml(..., inner_optimiser=...)``,
+        which take the per-call ``inner_hyper``); each point's values are traced like its α.
 
     Returns:
       ``{"rows": [one dict per grid point: alpha, beta, k, seed, final_meta_loss, diverged_at_step,
@@ -358,14 +362,22 @@ def sweep_learner(make_learner: Callable[[int], MetaLearner], tasks: TaskDistrib
     """
     grid.validate()
     check_distribution(tasks)
+    names = sorted(inner_hyper or {})
+    for name in names:
+        for value in inner_hyper[name]:
+            check_rate(value, f"inner_hyper[{name!r}]")
+    extra = list(itertools.product(*[tuple(inner_hyper[n]) for n in names])) if names else [()]
     rows: list[dict[str, Any]] = []
     kept: list[Any] = []
     for k in sorted(set(grid.ks)):
-        points = [p for p in grid.points() if p[2] == k]
+        points = [(*p, *e) for p in grid.points() if p[2] == k for e in extra]
         learner = check_learner(make_learner(k))
         if "inner_lr" not in learner.hyper:
             raise ValueError(f"sweeping alpha needs a learner taking the per-call hyperparameter inner_lr; "
                              f"learner {learner.name!r} takes {sorted(learner.hyper)}")
+        if names and "inner_hyper" not in learner.hyper:
+            raise ValueError(f"sweeping inner_hyper {names} needs a learner with an inner optimiser "
+                             f"(learners.maml(..., inner_optimiser=...)); learner {learner.name!r} has none")
         optimiser = optax.inject_hyperparams(make_optimiser)(learning_rate=points[0][1])
         step = make_learner_step(learner, optimiser)
 
@@ -376,24 +388,27 @@ def sweep_learner(make_learner: Callable[[int], MetaLearner], tasks: TaskDistrib
             return state._replace(opt_state=state.opt_state._replace(hyperparams=hyper))
 
         @jax.jit
-        def chunk(states, key, alphas, length_marker, step=step):
+        def chunk(states, key, alphas, hypers, length_marker, step=step):
             def one(carry, _):
                 states, key = carry
                 key, key_tasks = jax.random.split(key)
                 batch = sample_tasks(tasks, key_tasks, meta_batch_size, tasks.data)
-                states, metrics = jax.vmap(lambda s, a: step(s, batch, inner_lr=a))(states, alphas)
+                per_point = (lambda s, a, h: step(s, batch, inner_lr=a, inner_hyper=h)) if names else \
+                    (lambda s, a, h: step(s, batch, inner_lr=a))
+                states, metrics = jax.vmap(per_point)(states, alphas, hypers)
                 return (states, key), metrics["meta_loss"]
 
             (states, key), losses = jax.lax.scan(one, (states, key), None, length=length_marker.shape[0])
             return states, key, losses
 
         alphas = jnp.asarray([p[0] for p in points], jnp.float32)
+        hypers = {n: jnp.asarray([p[4 + i] for p in points], jnp.float32) for i, n in enumerate(names)}
         states = jax.jit(jax.vmap(init))(jnp.asarray([p[3] for p in points], jnp.uint32),
                                          jnp.asarray([p[1] for p in points], jnp.float32))
         key, done, first_bad, last = as_key(task_key), 0, np.full(len(points), -1), np.full(len(points), np.nan)
         while done < steps:
             length = min(log_every - done % log_every, steps - done)
-            states, key, losses = chunk(states, key, alphas, jnp.zeros((length,), jnp.int8))
+            states, key, losses = chunk(states, key, alphas, hypers, jnp.zeros((length,), jnp.int8))
             losses = np.asarray(losses)
             bad = ~np.isfinite(losses)
             for g in np.flatnonzero(bad.any(axis=0) & (first_bad < 0)):
@@ -402,14 +417,16 @@ def sweep_learner(make_learner: Callable[[int], MetaLearner], tasks: TaskDistrib
             done += length
             if log:
                 log(f"sweep k = {k}: {len(points)} runs, step {done}/{steps}")
-        for g, (alpha, beta, _, seed) in enumerate(points):
+        for g, (alpha, beta, _, seed, *values) in enumerate(points):
             params = jax.tree.map(lambda a, g=g: a[g], states.params)
             kept.append(params)
-            row = {"alpha": alpha, "beta": beta, "k": k, "seed": seed, "final_meta_loss": float(last[g]),
+            point_hyper = dict(zip(names, values))
+            row = {"alpha": alpha, "beta": beta, "k": k, "seed": seed, **point_hyper, "final_meta_loss": float(last[g]),
                    "diverged_at_step": int(first_bad[g]) if first_bad[g] >= 0 else None}
             if evaluate:
+                call = {"inner_lr": alpha, **({"inner_hyper": point_hyper} if names else {})}
                 r = evaluate_learner(learner, params, tasks, apply=apply, metric=metric, num_tasks=eval_tasks,
-                                     num_steps=eval_steps, key=eval_key, hyper={"inner_lr": alpha})["all"]
+                                     num_steps=eval_steps, key=eval_key, hyper=call)["all"]
                 row.update(mse_curve=r["mean"], ci95=r["ci95"], eval_diverged_tasks=r["diverged"][-1])
             rows.append(row)
     return {"rows": rows, "params": kept}

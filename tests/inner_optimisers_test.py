@@ -249,3 +249,23 @@ def test_inner_optimiser_through_train_config_and_cli(tmp_path):
 def test_seed_batch_helper_is_unchanged():
     # the seed's tasks stay jmaml.Batch data; the inner optimisers never change them
     assert isinstance(seed.meta_tasks(), Task) and isinstance(seed.meta_tasks().support, Batch)
+
+
+def test_a_sweep_varies_the_inner_optimisers_settings_and_equals_single_runs():
+    from jmaml import fit, sweep
+
+    loss, params, _ = _problem()
+    init = lambda key: jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    make = lambda k: learners.maml(loss, inner_lr=0.01, num_inner_steps=k, inner_optimiser="momentum")
+    grid = sweep.Grid(alphas=(0.01,), betas=(1e-3,), ks=(2,), seeds=(0,))
+    result = sweep.sweep_learner(make, sinusoid.distribution(num_support=5, num_query=5), optax.adam, init, grid,
+                                 steps=10, meta_batch_size=4, log_every=10, evaluate=False,
+                                 inner_hyper={"momentum": (0.0, 0.9)})
+    assert [r["momentum"] for r in result["rows"]] == [0.0, 0.9]
+    for row, swept in zip(result["rows"], result["params"]):
+        single = fit(learners.maml(loss, inner_lr=0.01, num_inner_steps=2, inner_optimiser="momentum",
+                                   inner_settings=f"momentum={row['momentum']}"),
+                     sinusoid.distribution(num_support=5, num_query=5), optax.adam(1e-3), init(None), steps=10,
+                     meta_batch_size=4, log_every=10, progress=False)
+        for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(swept)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

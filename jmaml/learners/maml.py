@@ -164,20 +164,22 @@ def _with_inner_optimiser(loss_fn: LossFn, opt: Any, learn: tuple[str, ...], per
             else (lambda v: v)
         return InnerHyperParams(params, {name: spread(available[name]) for name in learn})
 
-    def split(meta_params, inner_lr):
-        params, hyper = (meta_params.params, dict(meta_params.hyper)) if learn else (meta_params, {})
-        if inner_lr is not None and "learning_rate" not in hyper:
-            hyper["learning_rate"] = inner_lr
-        return params, hyper
+    def split(meta_params, inner_lr, inner_hyper):
+        """The model's parameters, and the hyperparameters to set: per-call ones (a sweep's), then
+        the learned ones."""
+        params, learned = (meta_params.params, dict(meta_params.hyper)) if learn else (meta_params, {})
+        hyper = {**({} if inner_lr is None else {"learning_rate": inner_lr}), **(inner_hyper or {})}
+        return params, {**hyper, **learned}
 
-    def estimate(meta_params, tasks, meta_step=None, *, inner_lr=None, num_inner_steps=None, model_state=None):
+    def estimate(meta_params, tasks, meta_step=None, *, inner_lr=None, num_inner_steps=None, model_state=None,
+                 inner_hyper=None):
         if max_inner_steps is None and num_inner_steps is not None:
             raise ValueError("num_inner_steps can be given per call only to a learner built with max_inner_steps")
         k = default_k if num_inner_steps is None else num_inner_steps
         extra = {} if model_state is None else {"model_state": model_state}
 
         def objective(mp):
-            params, hyper = split(mp, inner_lr)
+            params, hyper = split(mp, inner_lr, inner_hyper)
             total, *aux = batched_objective(loss_fn, params, tasks, inner_lr=None, num_inner_steps=k,
                                             reduction=reduction, return_per_task=True, inner_hyper=hyper,
                                             **core, **extra)
@@ -192,8 +194,8 @@ def _with_inner_optimiser(loss_fn: LossFn, opt: Any, learn: tuple[str, ...], per
                 metrics[f"inner_{name}"] = jnp.mean(jnp.stack([jnp.mean(v) for v in jax.tree.leaves(value)]))
         return (loss, grads, metrics, *aux[1:])
 
-    def adapt(meta_params, support, num_steps, *, observe=None, inner_lr=None, model_state=None):
-        params, hyper = split(meta_params, inner_lr)
+    def adapt(meta_params, support, num_steps, *, observe=None, inner_lr=None, model_state=None, inner_hyper=None):
+        params, hyper = split(meta_params, inner_lr, inner_hyper)
         fixed = loss_fn if model_state is None else (lambda p, batch: loss_fn(p, batch, model_state)[0])
 
         def body(carry, _):
@@ -210,7 +212,8 @@ def _with_inner_optimiser(loss_fn: LossFn, opt: Any, learn: tuple[str, ...], per
 
     return MetaLearner(init=init, estimate=estimate, adapt=adapt, name="fomaml" if first_order else "maml",
                        label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,
-                       hyper={"inner_lr": None}, model_params=(lambda mp: mp.params) if learn else (lambda mp: mp))
+                       hyper={"inner_lr": None, "inner_hyper": None},
+                       model_params=(lambda mp: mp.params) if learn else (lambda mp: mp))
 
 
 def fomaml(loss_fn: LossFn, **kwargs) -> MetaLearner:
