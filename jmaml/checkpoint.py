@@ -65,10 +65,17 @@ def save(path: str | os.PathLike, tree: Any, *, step: int, extra: dict | None = 
               "sha256": _digest(arrays), "extra": extra or {}}
     payload = {f"leaf_{i:05d}": a for i, a in enumerate(arrays)}
     payload["header"] = np.asarray(json.dumps(header))
+    atomic_write(path, lambda f: np.savez(f, **payload))
+
+
+def atomic_write(path: str | os.PathLike, write: Any, *, text: bool = False) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, flushes it to disk and moves it into
+    place with ``os.replace``: a reader, or a crash, sees the old file or the new one, never half of one."""
+    path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **payload)
+        with open(tmp, "w" if text else "wb", **({"encoding": "utf-8"} if text else {})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

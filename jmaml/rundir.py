@@ -38,17 +38,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "eval.md")
 
 def atomic_write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and ``os.replace``: a reader (or a crash)
-    sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    sees the old file or the new one, never half of one (``checkpoint.atomic_write``)."""
+    checkpoint.atomic_write(path, lambda f: f.write(text), text=True)
 
 
 def run_fingerprint(config: TrainConfig) -> str:
