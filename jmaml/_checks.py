@@ -24,11 +24,16 @@ def concrete_or_none(value):
         return None
 
 
+MAX_INT = 2**31 - 1  # counts and sizes become int32 on the device
+
+
 def _check_int(value, name: str, minimum: int, kind: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a {kind}, got {value!r} of type {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > MAX_INT:
+        raise ValueError(f"{name} must be <= {MAX_INT} (it becomes a 32-bit integer on the device), got {value}")
     return int(value)
 
 
@@ -36,6 +41,8 @@ def check_nonnegative_int(value, name: str) -> int:
     """Checks a Python int >= 0 (a seed, a meta-step count); ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if value > MAX_INT:
+        raise ValueError(f"{name} must be <= {MAX_INT} (it becomes a 32-bit integer on the device), got {value}")
     return value
 
 

@@ -429,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, ImportError) as e:
         print(f"jmaml {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full disk, a missing folder: one line naming the path
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"jmaml {args.command}: error:{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         from jmaml.distributed import DistributedError
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from typing import Any
 
 import jax
@@ -39,6 +40,8 @@ def _points(obj: Any, where: str) -> np.ndarray:
         raise TypeError(f"{where} must be a list of numbers, got {type(obj).__name__}: {obj!r}")
     if not obj:
         raise ValueError(f"{where} must hold at least one number, got an empty list")
+    if len(obj) > MAX_POINTS:
+        raise ValueError(f"{where} holds {len(obj)} points; the walk-through takes at most {MAX_POINTS} per set")
     for i, v in enumerate(obj):
         if isinstance(v, list):
             raise ValueError(f"{where}[{i}] is a list: {where} must be a flat list of numbers "
@@ -56,6 +59,9 @@ def _batch(obj: Any, where: str) -> Batch:
     for key in ("x", "y"):
         if key not in obj:
             raise ValueError(f"{where} is missing the key {key!r} (expected {{'x': [...], 'y': [...]}})")
+    extra = sorted(set(obj) - {"x", "y"})
+    if extra:
+        raise ValueError(f"{where} has unknown keys {extra}; expected only 'x' and 'y'")
     x, y = _points(obj["x"], f"{where}.x"), _points(obj["y"], f"{where}.y")
     if x.shape != y.shape:
         raise ValueError(f"{where}.x and {where}.y must have the same length, got {len(x)} and {len(y)}")
@@ -77,9 +83,15 @@ def parse_tasks(obj: Any, source: str = "tasks JSON") -> tuple[list[Task], Batch
     if "tasks" not in obj:
         raise ValueError(f"{source}: missing the key 'tasks' (a list of "
                          "{'support': {'x', 'y'}, 'query': {'x', 'y'}} objects)")
+    unknown = sorted(set(obj) - {"tasks", "conventional"})
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; a tasks document has 'tasks' and optionally "
+                         "'conventional'")
     raw = obj["tasks"]
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"{source}: 'tasks' must be a non-empty list, got {raw!r}")
+    if len(raw) > MAX_TASKS:
+        raise ValueError(f"{source}: {len(raw)} tasks; the walk-through takes at most {MAX_TASKS}")
     tasks = []
     for j, t in enumerate(raw):
         where = f"{source}: tasks[{j}]"
@@ -88,6 +100,9 @@ def parse_tasks(obj: Any, source: str = "tasks JSON") -> tuple[list[Task], Batch
         for key in ("support", "query"):
             if key not in t:
                 raise ValueError(f"{where} is missing the key {key!r}")
+        extra = sorted(set(t) - {"support", "query"})
+        if extra:
+            raise ValueError(f"{where} has unknown keys {extra}; a task has 'support' and 'query'")
         tasks.append(Task(_batch(t["support"], f"{where}.support"),
                           _batch(t["query"], f"{where}.query")))
     conventional = None
@@ -96,15 +111,38 @@ def parse_tasks(obj: Any, source: str = "tasks JSON") -> tuple[list[Task], Batch
     return tasks, conventional
 
 
+MAX_TASKS_JSON_BYTES = 16 * 2**20  # a tasks file is a few numbers per task; more is a mistake (or /dev/zero)
+MAX_TASKS = 1000
+MAX_POINTS = 10_000
+
+
 def load_tasks_json(path: str) -> tuple[list[Task], Batch | None]:
-    """Reads and validates a tasks JSON file (see ``parse_tasks``)."""
+    """Reads and validates a tasks JSON file (see ``parse_tasks``): at most 16 MiB of UTF-8 JSON.
+
+    Raises:
+      ValueError: naming the file: missing, a folder, unreadable, too large, not UTF-8, not JSON,
+        nested too deeply, or not a tasks document.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"--tasks: {path} is a folder, not a JSON file")
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TASKS_JSON_BYTES + 1)
     except FileNotFoundError:
         raise ValueError(f"--tasks: file not found: {path}") from None
+    except OSError as e:
+        raise ValueError(f"--tasks: cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_TASKS_JSON_BYTES:
+        raise ValueError(f"--tasks: {path} is larger than {MAX_TASKS_JSON_BYTES // 2**20} MiB; a tasks file holds a "
+                         "few numbers per task")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"--tasks: {path} is not UTF-8 text (a binary file?)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"--tasks: {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"--tasks: {path} is nested too deeply to be a tasks document") from None
     return parse_tasks(obj, source=str(path))
 
 

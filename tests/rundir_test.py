@@ -181,3 +181,43 @@ def test_sweep_evaluation_in_memory_sized_chunks_equals_one_call():
     small = sweep.run_sweep(base, grid, eval_tasks=20, diag_tasks=4, memory_budget_bytes=3 * 10**6)
     for a, b in zip(one["rows"], small["rows"]):
         np.testing.assert_allclose(a["mse_curve"], b["mse_curve"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply|not valid JSON"),
+    (b'{"tasks": [{"support": {"x": [1], "y": [1]}, "query": {"x": [1], "y": [1]}}], "extra": 1}',
+     r"unknown keys \['extra'\]"),
+    (b'{"tasks": [{"support": {"x": [1], "y": [1], "z": [0]}, "query": {"x": [1], "y": [1]}}]}',
+     r"unknown keys \['z'\]"),
+])
+def test_tasks_json_is_read_within_limits_with_named_errors(tmp_path, content, match):
+    from jmaml import walkthrough
+
+    path = tmp_path / "tasks.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        walkthrough.load_tasks_json(str(path))
+
+
+def test_tasks_json_that_is_a_folder_or_endless_is_named(tmp_path):
+    from jmaml import walkthrough
+
+    with pytest.raises(ValueError, match="is a folder"):
+        walkthrough.load_tasks_json(str(tmp_path))
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(ValueError, match="larger than 16 MiB"):
+            walkthrough.load_tasks_json("/dev/zero")
+
+
+def test_huge_integers_and_os_errors_are_one_line(tmp_path, capsys):
+    from jmaml import cli
+
+    with pytest.raises(ValueError, match="must be <= 2147483647"):
+        TrainConfig(steps=10**23).validate()
+    with pytest.raises(ValueError, match="seed must be <= 2147483647"):
+        TrainConfig(seed=10**23).validate()
+    (tmp_path / "file").write_text("a file where a folder is needed")
+    code = cli.main(["train", "--out", str(tmp_path / "file" / "run"), "--steps", "10", "--no-eval"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(tmp_path / "file") in err[0], err
