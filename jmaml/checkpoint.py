@@ -110,8 +110,9 @@ def _load(path) -> tuple[dict, list[np.ndarray]]:
     return header, arrays
 
 
-def restore(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
-    """Reads a checkpoint into the structure of ``template``.
+def restore(path: str | os.PathLike, template: Any, check: Any = None) -> tuple[Any, dict]:
+    """Reads a checkpoint into the structure of ``template``; ``check(header)``, if given, runs on
+    the header first (to refuse a checkpoint of another run with that reason, before its shapes).
 
     Returns:
       ``(tree, header)``.
@@ -121,6 +122,8 @@ def restore(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
         match the template's number, shapes or dtypes.
     """
     header, arrays = _load(path)
+    if check is not None:
+        check(header)
     leaves, treedef = jax.tree.flatten(template)
     if len(leaves) != len(arrays):
         raise CheckpointError(f"checkpoint {path} holds {len(arrays)} arrays but the model and "

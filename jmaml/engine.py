@@ -404,12 +404,14 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         if resume:
             if not os.path.exists(ckpt):
                 raise ValueError(f"resume: there is no checkpoint {ckpt} to resume from")
-            state, header = checkpoint.restore(ckpt, state)
-            extra = header.get("extra", {})
-            if check_checkpoint is not None:
-                check_checkpoint(ckpt, header)
-            elif extra.get("phase", name) != name:
-                raise checkpoint.CheckpointError(f"checkpoint {ckpt} holds run {extra['phase']!r}, not {name!r}")
+            def check(header):
+                extra = header.get("extra", {})
+                if check_checkpoint is not None:
+                    check_checkpoint(ckpt, header)
+                elif extra.get("phase", name) != name:
+                    raise checkpoint.CheckpointError(f"checkpoint {ckpt} holds run {extra['phase']!r}, not {name!r}")
+
+            state, _ = checkpoint.restore(ckpt, state, check=check)
     state = distributed.broadcast_from_writer(state)
     saved_step = step = int(state.step)
     if step >= steps:

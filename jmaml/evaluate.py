@@ -311,8 +311,9 @@ def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool =
         state, _ = rundir.restore_phase(run_dir, config, BASELINE, recipes.initial_state(config, BASELINE))
         lrs, scores = {}, {}
         for k in SHOTS:
-            lrs[k], scores[str(k)] = choose_finetune_lr(eval_loss, state.params, shots=k)
-        results[BASELINE] = evaluate_params(eval_loss, state.params, inner_lrs=lrs, num_tasks=num_tasks)
+            lrs[k], scores[str(k)] = choose_finetune_lr(eval_loss, state.params, shots=k, num_steps=protocol.num_steps)
+        results[BASELINE] = evaluate_params(eval_loss, state.params, inner_lrs=lrs, num_tasks=num_tasks,
+                                            num_steps=protocol.num_steps)
         results["pretrained_lr_search"] = scores
     if write:
         _write_results(run_dir, results)

@@ -194,7 +194,7 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
         if diff:
             changes = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
             raise ValueError(f"output dir {run_dir} already holds a different run ({changes}). "
-                             "Use --overwrite to replace it, or choose another --out.")
+                             "Use --overwrite to replace it (its checkpoints are deleted), or choose another --out.")
         if old.steps != config.steps and not resume:
             raise ValueError(f"output dir {run_dir} holds a run of {old.steps} steps; to train it to "
                              f"{config.steps} steps pass --resume, or use --overwrite / another --out.")
@@ -204,6 +204,12 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
         if not resume:
             return "complete"  # an unfinished run without --resume was refused above
         if old.steps != config.steps:
+            beyond = {name: checkpoint.read_header(os.path.join(run_dir, name))["step"]
+                      for name in sorted(os.listdir(run_dir)) if name.endswith(".ckpt.npz")}
+            beyond = {name: step for name, step in beyond.items() if step > config.steps}
+            if beyond:
+                raise ValueError(f"--resume --steps {config.steps}: {run_dir} holds checkpoints at steps {beyond}; a "
+                                 "run cannot be shortened (evaluate it as it is, or use another --out)")
             write_info(config, run_dir)
         return "complete" if is_complete(run_dir, config) else "resume"
     os.makedirs(run_dir, exist_ok=True)
@@ -230,9 +236,7 @@ def restore_phase(run_dir: str, config: TrainConfig, phase: str, template: Any) 
     """A phase's checkpoint, checked to belong to this run and phase (its header's ``phase`` and run
     fingerprint, where it records them: checkpoints of older versions do not)."""
     path = checkpoint_path(run_dir, phase)
-    state, header = checkpoint.restore(path, template)
-    check_binding(path, header, config, phase)
-    return state, header
+    return checkpoint.restore(path, template, check=lambda header: check_binding(path, header, config, phase))
 
 
 def check_binding(path: str, header: dict, config: TrainConfig, phase: str) -> None:
@@ -242,6 +246,10 @@ def check_binding(path: str, header: dict, config: TrainConfig, phase: str) -> N
     if "phase" in extra and extra["phase"] not in want_phase:
         raise checkpoint.CheckpointError(f"checkpoint {path} holds phase {extra['phase']!r}, not {phase!r}: it "
                                          "was copied or renamed from another file; nothing was overwritten")
+    if "x64" in extra and extra["x64"] != bool(jax.config.jax_enable_x64):
+        raise checkpoint.CheckpointError(f"checkpoint {path} was written with jax_enable_x64={extra['x64']}, and "
+                                         f"this process runs with {bool(jax.config.jax_enable_x64)}: resume it with "
+                                         "the same precision")
     if "run" in extra and extra["run"] != run_fingerprint(config):
         raise checkpoint.CheckpointError(f"checkpoint {path} belongs to another run (fingerprint {extra['run']}, "
                                          f"this run's {run_fingerprint(config)}: other settings or seed); "

@@ -84,7 +84,8 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, st
                       max_loss_ratio=config.max_loss_ratio if phase != BASELINE else float("inf"), mesh=mesh,
                       stream=stream, stop_at_step=stop_at_step, host_loop=host_loop,
                       divergence_hint=_divergence_hint(config, phase), stop_flag=stop_flag,
-                      checkpoint_meta={"run": rundir.run_fingerprint(config), "algo": config.algo},
+                      checkpoint_meta={"run": rundir.run_fingerprint(config), "algo": config.algo,
+                                       "x64": bool(jax.config.jax_enable_x64)},
                       check_checkpoint=lambda path, header: rundir.check_binding(path, header, config, phase))
 
 

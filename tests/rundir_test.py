@@ -221,3 +221,29 @@ def test_huge_integers_and_os_errors_are_one_line(tmp_path, capsys):
     code = cli.main(["train", "--out", str(tmp_path / "file" / "run"), "--steps", "10", "--no-eval"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and str(tmp_path / "file") in err[0], err
+
+
+def test_resume_cannot_shorten_a_run_or_mix_precisions(tmp_path):
+    import jax
+
+    from jmaml._util import enable_x64
+
+    run = tmp_path / "run"
+    _train(run)
+    shorter = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "steps": 10})
+    before = (run / "config.json").read_text()
+    with pytest.raises(ValueError, match="a run cannot be shortened"):
+        _train(run, shorter, resume=True)
+    assert (run / "config.json").read_text() == before  # nothing rewritten
+    longer = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "steps": 30})
+    assert checkpoint.read_header(run / "maml.ckpt.npz")["extra"]["x64"] is bool(jax.config.jax_enable_x64)
+    with enable_x64(not jax.config.jax_enable_x64), pytest.raises(checkpoint.CheckpointError,
+                                                                  match="written with jax_enable_x64"):
+        _train(run, longer, resume=True)
+
+
+def test_eval_inner_steps_applies_to_sinusoid(tmp_path):
+    config = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "eval_inner_steps": 4})
+    _train(tmp_path / "run", config)
+    results = evaluate.evaluate_run(str(tmp_path / "run"), num_tasks=10, write=False)
+    assert len(results["maml"]["10"]["mean"]) == 5 and len(results["pretrained"]["10"]["mean"]) == 5

@@ -136,9 +136,9 @@ def _family_validate(config) -> None:
 def _family_protocol(config):
     from jmaml.tasks.family import EvalProtocol
 
-    return EvalProtocol(shots=SHOTS, num_steps=MAX_EVAL_STEPS, describe={
+    return EvalProtocol(shots=SHOTS, num_steps=config.eval_inner_steps, describe={
         "held_out_tasks": None, "eval_seed": EVAL_SEED, "query_points": NUM_EVAL_QUERY, "shots": list(SHOTS),
-        "steps": MAX_EVAL_STEPS, "metric": "query MSE, mean and 95% CI"})
+        "steps": config.eval_inner_steps, "metric": "query MSE, mean and 95% CI"})
 
 
 def _family_examples(num_tasks: int, shots: int):
