@@ -53,7 +53,7 @@ _TRAIN_FLAGS = {
     "optimiser": "optimiser", "meta_batch_size": "meta_batch_size", "loss": "loss", "steps": "steps",
     "seed": "seed", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "pretrain": "pretrain", "remat": "remat", "algo": "algo",
-    "task": "task", "data_dir": "data_dir", "ways": "ways", "image_size": "image_size",
+    "task": "task", "data_dir": "data_dir", "cache_dir": "cache_dir", "ways": "ways", "image_size": "image_size",
     "eval_inner_steps": "eval_inner_steps", "num_train_classes": "num_train_classes",
 }
 
@@ -126,7 +126,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     mesh = _mesh(args)
     t0 = time.perf_counter()
     try:
-        train.train(config, args.out, resume=args.resume, overwrite=args.overwrite, mesh=mesh)
+        train.train(config, args.out, resume=args.resume, overwrite=args.overwrite, mesh=mesh,
+                    allow_changed_data=args.allow_changed_data)
     except distributed.DistributedError as e:
         print(f"jmaml train: distributed run failed: {e}", file=sys.stderr)
         return 4
@@ -271,6 +272,8 @@ def _add_train_parser(sub) -> None:
                         "images per class)")
     g.add_argument("--data-dir", default=None, metavar="PATH",
                    help="the dataset's folder (Omniglot: images_background/..., miniImageNet: train/CLASS/...)")
+    g.add_argument("--cache-dir", default=None, metavar="PATH",
+                   help="where the decoded-image cache goes (default: DATA_DIR/.jmaml_cache; for read-only datasets)")
     g.add_argument("--ways", type=int, default=None, help="N classes per episode (image tasks; default 5)")
     g.add_argument("--image-size", type=int, default=None, help="resize images to this (default 28 / 84)")
     g.add_argument("--num-train-classes", type=int, default=None,
@@ -306,6 +309,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run dir (default {DEFAULT_RUN_DIR})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    g.add_argument("--allow-changed-data", action="store_true",
+                   help="--resume although the dataset's files changed since the checkpoint (refused otherwise)")
     g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 5000)")
     g.add_argument("--log-every", type=int, default=None,
                    help="steps per compiled chunk and per metrics line (default 1000)")

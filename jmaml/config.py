@@ -82,6 +82,7 @@ class TrainConfig:
     # from image folders (jmaml.tasks.images).
     task: str = "sinusoid"
     data_dir: str | None = None  # the dataset's folder (image tasks)
+    cache_dir: str | None = None  # where the decoded-image cache goes (default: DATA_DIR/.jmaml_cache)
     ways: int = 5  # N classes per episode (image tasks); num_support / num_query are then per class
     image_size: int | None = None  # None: 28 (Omniglot), 84 (miniImageNet)
     num_train_classes: int = 1200  # Omniglot characters used for meta-training (the rest are test classes)
@@ -106,8 +107,9 @@ class TrainConfig:
         for name in ("task", "algo", "optimiser", "activation", "loss"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise TypeError(f"data_dir must be a path string, got {self.data_dir!r}")
+        for name in ("data_dir", "cache_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a path string, got {getattr(self, name)!r}")
         if not isinstance(self.hidden, tuple) or not self.hidden:
             raise ValueError(f"hidden must be a non-empty tuple of widths, got {self.hidden!r}")
         for i, h in enumerate(self.hidden):

@@ -232,16 +232,32 @@ def clean_stale_temporaries(run_dir: str) -> None:
                 os.remove(os.path.join(run_dir, name))
 
 
-def restore_phase(run_dir: str, config: TrainConfig, phase: str, template: Any) -> tuple[Any, dict]:
+def restore_phase(run_dir: str, config: TrainConfig, phase: str, template: Any, *,
+                  allow_changed_data: bool = False) -> tuple[Any, dict]:
     """A phase's checkpoint, checked to belong to this run and phase (its header's ``phase`` and run
     fingerprint, where it records them: checkpoints of older versions do not)."""
     path = checkpoint_path(run_dir, phase)
-    return checkpoint.restore(path, template, check=lambda header: check_binding(path, header, config, phase))
+    return checkpoint.restore(path, template, check=lambda header: check_binding(
+        path, header, config, phase, allow_changed_data=allow_changed_data))
 
 
-def check_binding(path: str, header: dict, config: TrainConfig, phase: str) -> None:
-    """Raises CheckpointError if a checkpoint's header names another phase or another run."""
+def data_fingerprint(config: TrainConfig) -> str | None:
+    """The fingerprint of the data a run trains on (for families that read datasets), else None."""
+    from jmaml import tasks
+
+    family = tasks.family(config.task)
+    return family.fingerprint(config) if family.fingerprint is not None else None
+
+
+def check_binding(path: str, header: dict, config: TrainConfig, phase: str, *,
+                  allow_changed_data: bool = False) -> None:
+    """Raises CheckpointError if a checkpoint's header names another phase, another run, another
+    precision or (unless ``allow_changed_data``) other data."""
     extra = header.get("extra", {})
+    if extra.get("data") is not None and not allow_changed_data and extra["data"] != data_fingerprint(config):
+        raise checkpoint.CheckpointError(f"checkpoint {path} was trained on other data than {config.data_dir} holds "
+                                         "now (its files changed); resume on the changed data only on purpose, with "
+                                         "--allow-changed-data")
     want_phase = {phase, "maml"} if os.path.basename(path) == LEGACY_META_CKPT else {phase}
     if "phase" in extra and extra["phase"] not in want_phase:
         raise checkpoint.CheckpointError(f"checkpoint {path} holds phase {extra['phase']!r}, not {phase!r}: it "

@@ -70,7 +70,7 @@ def _divergence_hint(config: TrainConfig, phase: str) -> str:
 
 def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, stop_at_step: int | None = None,
               stream: TextIO | None = None, stop_flag: engine.StopFlag | None = None,
-              mesh: Mesh | None = None) -> TrainState:
+              mesh: Mesh | None = None, allow_changed_data: bool = False) -> TrainState:
     """Trains one phase to ``config.steps`` with checkpoints (``jmaml.fit``); returns the final state."""
     phase = _phase_name(config, phase)
     learner, dist, optimiser = recipes.phase_parts(config, phase)
@@ -85,8 +85,10 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, st
                       stream=stream, stop_at_step=stop_at_step, host_loop=host_loop,
                       divergence_hint=_divergence_hint(config, phase), stop_flag=stop_flag,
                       checkpoint_meta={"run": rundir.run_fingerprint(config), "algo": config.algo,
-                                       "x64": bool(jax.config.jax_enable_x64)},
-                      check_checkpoint=lambda path, header: rundir.check_binding(path, header, config, phase))
+                                       "x64": bool(jax.config.jax_enable_x64),
+                                       "data": rundir.data_fingerprint(config)},
+                      check_checkpoint=lambda path, header: rundir.check_binding(
+                          path, header, config, phase, allow_changed_data=allow_changed_data))
 
 
 def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
@@ -100,7 +102,7 @@ def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
 
 def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
           stop_at_step: int | None = None, stream: TextIO | None = None,
-          mesh: Mesh | None = None) -> dict[str, TrainState]:
+          mesh: Mesh | None = None, allow_changed_data: bool = False) -> dict[str, TrainState]:
     """Meta-trains (and trains the pretrained baseline) into ``run_dir``.
 
     Args:
@@ -114,6 +116,8 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
       mesh: shard each meta-batch's tasks over this mesh's devices (``jmaml.distributed.task_mesh``);
         None: one device. In a multi-process job (``jmaml.distributed.initialize``) every process
         calls ``train`` with the same arguments; process 0 alone manages and writes the run dir.
+      allow_changed_data: resume although the dataset's files changed since the checkpoint (refused
+        otherwise).
 
     Returns:
       ``{"maml": state, "pretrained": state}``: the meta-learner's state under ``"maml"`` whatever
@@ -137,7 +141,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
     with rundir.lock(run_dir) if writer else contextlib.nullcontext():
         try:
             return _train_locked(config, run_dir, resume=resume, overwrite=overwrite, stop_at_step=stop_at_step,
-                                 stream=stream, mesh=mesh)
+                                 stream=stream, mesh=mesh, allow_changed_data=allow_changed_data)
         except ValueError:
             # a refused or misconfigured run leaves nothing behind in a folder it created
             if writer and created and not os.path.exists(os.path.join(run_dir, "config.json")):
@@ -146,7 +150,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
 
 
 def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite: bool, stop_at_step: int | None,
-                  stream: TextIO | None, mesh: Mesh | None) -> dict[str, TrainState]:
+                  stream: TextIO | None, mesh: Mesh | None, allow_changed_data: bool) -> dict[str, TrainState]:
     writer = distributed.is_writer()
     mode, refusal = "new", None
     if writer:
@@ -168,7 +172,8 @@ def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite:
         for phase in (config.algo, BASELINE):
             ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
             if os.path.exists(ckpt):
-                _, header = rundir.restore_phase(run_dir, config, phase, initial_state(config, phase))
+                _, header = rundir.restore_phase(run_dir, config, phase, initial_state(config, phase),
+                                                 allow_changed_data=allow_changed_data)
                 keep[phase] = header["step"]
         if mode == "resume":
             if config.algo not in keep:
@@ -181,7 +186,7 @@ def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite:
     with engine.StopFlag() as flag:
         for phase in config.phases():
             states[phase] = run_phase(config, run_dir, phase, resume=mode != "new", stop_at_step=stop_at_step,
-                                      stream=stream, stop_flag=flag, mesh=mesh)
+                                      stream=stream, stop_flag=flag, mesh=mesh, allow_changed_data=allow_changed_data)
     states["maml"] = states[config.algo]
     return states
 

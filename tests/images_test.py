@@ -1,6 +1,7 @@
 """Few-shot image classification on a synthetic Omniglot the tests draw: layout discovery, decoding,
 the cache, episodes, Conv-4, bad input, and a short meta-training run that must beat chance."""
 
+import io
 import os
 
 import jax
@@ -216,3 +217,72 @@ def test_image_task_flags_are_checked(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(ValueError, match="data_dir applies to the image tasks"):
         train.TrainConfig(data_dir="x").validate()
+
+
+def test_cache_is_keyed_on_content_corrupt_caches_rebuild_and_cache_dir(tmp_path, capsys):
+    root = write_omniglot(str(tmp_path / "o"), num_chars=(3, 0, 2), per_class=6)
+    first = images.load_omniglot(root, num_train_classes=3)
+    # an image rewritten with the same size and modification time: the stale pixels are not used
+    path = os.path.join(root, "images_evaluation", "Gamma", "character01", "0000_00.png")
+    stat = os.stat(path)
+    with open(path, "rb") as f:
+        original = f.read()
+    Image.fromarray(np.full((105, 105), 7, np.uint8)).save(path)
+    with open(path, "r+b") as f:  # pad/trim to the same size so that size and mtime match the old file
+        data = f.read()
+        f.seek(0)
+        f.write(data[:len(original)].ljust(len(original), b"\0"))
+        f.truncate(len(original))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    again = images.load_omniglot(root, num_train_classes=3)
+    assert again["train"].fingerprint != first["train"].fingerprint
+    # a corrupt cache file is rebuilt (with a note), not a BadZipFile
+    with open(path, "wb") as f:
+        f.write(original)
+    cache = os.path.join(root, ".jmaml_cache", "omniglot-images_evaluation-28.npz")
+    with open(cache, "wb") as f:
+        f.write(b"PK\x03\x04 not a zip")
+    rebuilt = images.load_omniglot(root, num_train_classes=3)
+    np.testing.assert_array_equal(rebuilt["test"].images, first["test"].images)
+    assert "rebuilding the unreadable image cache" in capsys.readouterr().err
+    # --cache-dir: the cache goes elsewhere, the dataset folder is left as it is
+    elsewhere = tmp_path / "cache"
+    root2 = write_omniglot(str(tmp_path / "o2"), num_chars=(3, 0, 2), per_class=6)
+    images.load_omniglot(root2, num_train_classes=3, cache_dir=str(elsewhere))
+    assert not os.path.exists(os.path.join(root2, ".jmaml_cache")) and len(os.listdir(elsewhere)) == 2
+
+
+def test_decompression_bombs_and_non_utf8_names(tmp_path):
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+    Image.new("1", (9000, 9000)).save(folder / "big.png")  # 81 M pixels in a few kB
+    with pytest.raises(ValueError, match=r"cannot read image .*big.png: 9000x9000 pixels"):
+        images.decode(str(folder / "big.png"), 28, 1)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    Image.fromarray(np.zeros((105, 105), np.uint8)).save(os.path.join(str(odd), name), format="PNG")
+    split = images.load_split({os.fsdecode(b"cls\xff"): [os.path.join(str(odd), name)]}, size=28, channels=1,
+                              cache_path=str(tmp_path / "c.npz"))
+    assert split.images.shape == (1, 1, 28, 28, 1) and split.fingerprint
+
+
+def test_resuming_on_changed_data_is_refused_unless_asked(tmp_path):
+    root = write_omniglot(str(tmp_path / "o"), num_chars=(6, 0, 4), per_class=6)
+    config = train.TrainConfig(task="omniglot", data_dir=root, num_train_classes=6, ways=2, num_support=1,
+                               num_query=2, meta_batch_size=2, steps=4, log_every=2, checkpoint_every=2,
+                               pretrain=False, inner_lr=0.4, hidden=(40, 40))
+    with pytest.raises(train.Interrupted):
+        train.train(config, str(tmp_path / "run"), stop_at_step=2, stream=io.StringIO())
+    path = os.path.join(root, "images_background", "Alpha", "character01", "0000_00.png")
+    Image.fromarray(np.zeros((105, 105), np.uint8)).save(path)
+    images._splits.cache_clear()
+    from jmaml import checkpoint, recipes
+
+    recipes.build_tasks.cache_clear()
+    recipes.phase_parts.cache_clear()
+    with pytest.raises(checkpoint.CheckpointError, match="trained on other data"):
+        train.train(config, str(tmp_path / "run"), resume=True, stream=io.StringIO())
+    state = train.train(config, str(tmp_path / "run"), resume=True, stream=io.StringIO(), allow_changed_data=True)
+    assert int(state["maml"].step) == 4

@@ -49,6 +49,8 @@ class TaskFamily(NamedTuple):
       host_loop_on_cpu: train with a Python loop over the jitted step on CPU (see ``jmaml.engine``).
       examples: ``examples(num_tasks, shots) -> (support, grid_x, truth_y)`` for the fits figure,
         or None when the family has no ground-truth function to draw.
+      fingerprint: ``fingerprint(config) -> str``: a hash of the data a run trains on (datasets read from
+        disk), recorded in checkpoints so that resuming on changed data is refused; None for generated tasks.
     """
 
     distribution: Callable[[Any], TaskDistribution]
@@ -60,3 +62,4 @@ class TaskFamily(NamedTuple):
     preset: Callable[..., dict[str, Any]] | None = None
     host_loop_on_cpu: bool = False
     examples: Callable[..., Any] | None = None
+    fingerprint: Callable[[Any], str] | None = None

@@ -25,6 +25,9 @@ import functools
 import hashlib
 import json
 import os
+import sys
+import warnings
+import zipfile
 from typing import NamedTuple
 
 import jax
@@ -46,6 +49,7 @@ class ImageSplit(NamedTuple):
 
     images: np.ndarray
     classes: tuple[str, ...]
+    fingerprint: str = ""  # a hash of the files' names and bytes and the decoding settings
 
 
 # ---- reading folders --------------------------------------------------------------------------
@@ -124,29 +128,44 @@ def _pillow():
     return Image, UnidentifiedImageError
 
 
+MAX_PIXELS = 64 * 2**20  # far beyond any few-shot image; a bigger header is refused before decoding
+
+
 def decode(path: str, size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """One image as uint8 ``(size, size, channels)`` and its original (width, height)."""
     image_mod, unidentified = _pillow()
     try:
-        with image_mod.open(path) as im:
+        with warnings.catch_warnings(), image_mod.open(path) as im:
+            warnings.simplefilter("error", image_mod.DecompressionBombWarning)
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise ValueError(f"{im.size[0]}x{im.size[1]} pixels, more than the {MAX_PIXELS:,} jmaml decodes "
+                                 "(a decompression bomb?)")
             im.load()
             original = im.size
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), image_mod.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise ValueError(f"image {path} does not exist") from None
-    except (OSError, unidentified, ValueError) as e:
+    except (OSError, unidentified, ValueError, image_mod.DecompressionBombError,
+            image_mod.DecompressionBombWarning) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
     return arr.reshape(size, size, channels), original
 
 
 def _fingerprint(classes: dict[str, list[str]], size: int, channels: int) -> str:
+    """A hash of every file's name and content (BLAKE2b over the bytes: an image rewritten with the same size
+    and time still changes it) and the decoding settings. Names are hashed as bytes, so file names that
+    are not valid UTF-8 work."""
     h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{channels}".encode())
     for name in sorted(classes):
-        h.update(name.encode())
+        h.update(os.fsencode(name))
         for path in classes[name]:
-            st = os.stat(path) if os.path.exists(path) else None
-            h.update(f"|{os.path.basename(path)}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
+            h.update(b"|" + os.fsencode(os.path.basename(path)) + b"|")
+            try:
+                with open(path, "rb") as f:
+                    h.update(hashlib.file_digest(f, "blake2b").digest())
+            except OSError:
+                h.update(b"unreadable")  # decode() names the file
     return h.hexdigest()
 
 
@@ -173,11 +192,11 @@ def load_split(classes: dict[str, list[str]], *, size: int, channels: int, cache
     key = _fingerprint(classes, size, channels)
     if cache_path and os.path.exists(cache_path):
         try:
-            with np.load(cache_path, allow_pickle=False) as z:
+            with open(cache_path, "rb") as f, np.load(f, allow_pickle=False) as z:
                 if str(z["key"]) == key:
-                    return ImageSplit(np.array(z["images"]), tuple(json.loads(str(z["classes"]))))
-        except (OSError, KeyError, ValueError):
-            pass  # an unreadable cache is rebuilt
+                    return ImageSplit(np.array(z["images"]), tuple(json.loads(str(z["classes"]))), key)
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            print(f"jmaml: rebuilding the unreadable image cache {cache_path} ({type(e).__name__})", file=sys.stderr)
     names = sorted(classes)
     per_class = min(len(classes[n]) for n in names)
     out = np.empty((len(names), per_class, size, size, channels), np.uint8)
@@ -191,18 +210,24 @@ def load_split(classes: dict[str, list[str]], *, size: int, channels: int, cache
                 raise ValueError(f"image {path} is {original[0]}x{original[1]} but {first_path} is "
                                  f"{first_size[0]}x{first_size[1]}: the images of a split must share one size")
     if cache_path:
-        os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
         tmp = f"{cache_path}.tmp-{os.getpid()}.npz"
-        np.savez_compressed(tmp, images=out, classes=np.asarray(json.dumps(names)), key=np.asarray(key))
-        os.replace(tmp, cache_path)
-    return ImageSplit(out, tuple(names))
+        try:
+            os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+            np.savez_compressed(tmp, images=out, classes=np.asarray(json.dumps(names)), key=np.asarray(key))
+            os.replace(tmp, cache_path)
+        except OSError as e:  # a read-only dataset: train on, uncached, and say where a cache could go
+            print(f"jmaml: cannot write the image cache {cache_path} ({e.strerror or e}); continuing without it "
+                  "(--cache-dir puts it elsewhere)", file=sys.stderr)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return ImageSplit(out, tuple(names), key)
 
 
 def with_rotations(split: ImageSplit) -> ImageSplit:
     """Each class's 90°, 180° and 270° rotations as three more classes (Omniglot, as in the paper)."""
     rotated = [np.rot90(split.images, r, axes=(2, 3)) for r in range(4)]
     names = tuple(f"{n}@rot{90 * r}" for r in range(4) for n in split.classes)
-    return ImageSplit(np.ascontiguousarray(np.concatenate(rotated)), names)
+    return ImageSplit(np.ascontiguousarray(np.concatenate(rotated)), names, split.fingerprint)
 
 
 def _default_cache(data_dir: str) -> str:
@@ -226,6 +251,7 @@ def load_omniglot(data_dir: str, *, image_size: int = 28, num_train_classes: int
                         cache_path=os.path.join(cache_dir, f"omniglot-{s}-{image_size}.npz")) for s in present]
     per_class = min(p.images.shape[1] for p in parts)
     images = np.concatenate([p.images[:, :per_class] for p in parts])
+    fingerprint = hashlib.sha256("|".join(p.fingerprint for p in parts).encode()).hexdigest()
     names = tuple(f"{s}/{n}" for s, p in zip(present, parts) for n in p.classes)
     check_positive_int(num_train_classes, "num_train_classes")
     if num_train_classes >= len(names):
@@ -235,7 +261,7 @@ def load_omniglot(data_dir: str, *, image_size: int = 28, num_train_classes: int
     out = {}
     for split, idx in (("train", order[:num_train_classes]), ("test", order[num_train_classes:])):
         idx = np.sort(idx)
-        part = ImageSplit(images[idx], tuple(names[i] for i in idx))
+        part = ImageSplit(images[idx], tuple(names[i] for i in idx), fingerprint)
         out[split] = with_rotations(part) if rotations else part
     return out
 
@@ -330,11 +356,24 @@ NUM_EVAL_EPISODES = 600
 
 
 @functools.lru_cache(maxsize=4)
-def _splits(task: str, data_dir: str, image_size: int, num_train_classes: int, min_per_class: int) -> dict:
+def _splits(task: str, data_dir: str, image_size: int, num_train_classes: int, min_per_class: int,
+            cache_dir: str | None = None) -> dict:
     if task == "omniglot":
         return load_omniglot(data_dir, image_size=image_size, num_train_classes=num_train_classes,
-                             min_per_class=min_per_class)
-    return load_miniimagenet(data_dir, image_size=image_size, min_per_class=min_per_class)
+                             min_per_class=min_per_class, cache_dir=cache_dir)
+    return load_miniimagenet(data_dir, image_size=image_size, min_per_class=min_per_class, cache_dir=cache_dir)
+
+
+def _config_splits(config) -> dict:
+    return _splits(config.task, config.data_dir, _image_size(config), config.num_train_classes,
+                   config.num_support + config.num_query, getattr(config, "cache_dir", None))
+
+
+def data_fingerprint(config) -> str:
+    """The fingerprint of a config's image data (its splits' files and decoding), recorded in checkpoints
+    so that resuming on changed data is refused."""
+    return hashlib.sha256("|".join(s.fingerprint for _, s in sorted(_config_splits(config).items())).encode()
+                          ).hexdigest()[:16]
 
 
 def _image_size(config) -> int:
@@ -344,8 +383,7 @@ def _image_size(config) -> int:
 def config_split(config, split: str = "train") -> jax.Array:
     """The on-device image array of a config's split, decoded from ``config.data_dir`` (or its cache)
     once per process; checked to hold enough classes for ``ways`` and images per class."""
-    per_class = config.num_support + config.num_query
-    data = _splits(config.task, config.data_dir, _image_size(config), config.num_train_classes, per_class)[split]
+    data = _config_splits(config)[split]
     check_episode(data, config.ways, config.num_support, config.num_query,
                   what=f"{config.task} {split} split in {config.data_dir}")
     return jnp.asarray(data.images)
@@ -413,4 +451,5 @@ def family(task: str):
 
     return TaskFamily(distribution=_family_distribution, model=_family_model, loss=lambda config: "xent",
                       validate=_family_validate, protocol=_family_protocol,
-                      preset=lambda ways=5, shots=1: preset(task, ways, shots), host_loop_on_cpu=True)
+                      preset=lambda ways=5, shots=1: preset(task, ways, shots), host_loop_on_cpu=True,
+                      fingerprint=data_fingerprint)
