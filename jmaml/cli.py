@@ -113,11 +113,25 @@ def _mesh(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from jmaml._signals import StopFlag
+
+    # installed before JAX is imported: SIGINT/SIGTERM at any moment from here on stop the run with a
+    # checkpoint where there is something to save, and the exit status says which signal it was
+    with StopFlag() as flag:
+        code = _train_and_report(args, flag)
+    if code == 0 and flag.signum is not None:  # a signal during evaluation or plotting, after the run ended
+        print(f"jmaml train: {signal.Signals(flag.signum).name} received after training; stopped", file=sys.stderr)
+        return 128 + flag.signum
+    return code
+
+
+def _train_and_report(args: argparse.Namespace, flag) -> int:
     from jmaml import distributed
 
     if args.distributed:  # before any other JAX work
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                timeout_s=args.dist_timeout, heartbeat_timeout_s=args.dist_timeout)
+        flag.reinstall()  # JAX's runtime took SIGTERM for its preemption notice
     elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
         raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
     from jmaml import evaluate, train
@@ -127,7 +141,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         train.train(config, args.out, resume=args.resume, overwrite=args.overwrite, mesh=mesh,
-                    allow_changed_data=args.allow_changed_data)
+                    allow_changed_data=args.allow_changed_data, stop_flag=flag)
     except distributed.DistributedError as e:
         print(f"jmaml train: distributed run failed: {e}", file=sys.stderr)
         return 4

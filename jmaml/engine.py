@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -34,6 +33,7 @@ from jax.sharding import Mesh
 
 from jmaml import checkpoint, distributed
 from jmaml._checks import check_positive_int, check_task_batch_tree
+from jmaml._signals import StopFlag  # noqa: F401 - part of the engine's API
 from jmaml.meta import TrainState, init_state, make_estimator_step
 from jmaml.protocols import REQUIRED_METRICS, MetaLearner, TaskDistribution
 from jmaml.types import Params, PRNGKey
@@ -213,35 +213,6 @@ class Progress:
             self.stream.write(text + "\n")
             self.stream.flush()
             self.last_line = time.perf_counter()
-
-
-class StopFlag:
-    """Catches SIGINT/SIGTERM while installed; the loop checks it between chunks."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        now = time.monotonic()
-        if self.signum is not None:
-            if signum == self.signum and now - self._at < 2.0:
-                return  # the same request twice (the process group and a supervising parent)
-            raise KeyboardInterrupt  # a second request: stop now
-        self.signum, self._at = signum, now
-
-    def __exit__(self, *exc):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous = {}
-        return False
 
 
 def append_jsonl(path: str, record: dict) -> None:

@@ -102,7 +102,8 @@ def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
 
 def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
           stop_at_step: int | None = None, stream: TextIO | None = None,
-          mesh: Mesh | None = None, allow_changed_data: bool = False) -> dict[str, TrainState]:
+          mesh: Mesh | None = None, allow_changed_data: bool = False,
+          stop_flag: engine.StopFlag | None = None) -> dict[str, TrainState]:
     """Meta-trains (and trains the pretrained baseline) into ``run_dir``.
 
     Args:
@@ -118,6 +119,8 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
         calls ``train`` with the same arguments; process 0 alone manages and writes the run dir.
       allow_changed_data: resume although the dataset's files changed since the checkpoint (refused
         otherwise).
+      stop_flag: an installed ``engine.StopFlag`` to honour (the CLI installs one before anything else,
+        so a signal during start-up is not lost); by default ``train`` installs its own.
 
     Returns:
       ``{"maml": state, "pretrained": state}``: the meta-learner's state under ``"maml"`` whatever
@@ -141,7 +144,8 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
     with rundir.lock(run_dir) if writer else contextlib.nullcontext():
         try:
             return _train_locked(config, run_dir, resume=resume, overwrite=overwrite, stop_at_step=stop_at_step,
-                                 stream=stream, mesh=mesh, allow_changed_data=allow_changed_data)
+                                 stream=stream, mesh=mesh, allow_changed_data=allow_changed_data,
+                                 stop_flag=stop_flag)
         except ValueError:
             # a refused or misconfigured run leaves nothing behind in a folder it created
             if writer and created and not os.path.exists(os.path.join(run_dir, "config.json")):
@@ -150,7 +154,8 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
 
 
 def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite: bool, stop_at_step: int | None,
-                  stream: TextIO | None, mesh: Mesh | None, allow_changed_data: bool) -> dict[str, TrainState]:
+                  stream: TextIO | None, mesh: Mesh | None, allow_changed_data: bool,
+                  stop_flag: engine.StopFlag | None) -> dict[str, TrainState]:
     writer = distributed.is_writer()
     mode, refusal = "new", None
     if writer:
@@ -183,7 +188,7 @@ def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite:
                 keep.pop(BASELINE, None)
             rundir.trim_metrics(os.path.join(run_dir, "metrics.jsonl"), keep)
     states = {}
-    with engine.StopFlag() as flag:
+    with contextlib.nullcontext(stop_flag) if stop_flag is not None else engine.StopFlag() as flag:
         for phase in config.phases():
             states[phase] = run_phase(config, run_dir, phase, resume=mode != "new", stop_at_step=stop_at_step,
                                       stream=stream, stop_flag=flag, mesh=mesh, allow_changed_data=allow_changed_data)

@@ -12,6 +12,7 @@ It also diagnoses divergence: inner SGD on a support set diverges when
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -113,6 +114,7 @@ def parse_tasks(obj: Any, source: str = "tasks JSON") -> tuple[list[Task], Batch
 
 MAX_TASKS_JSON_BYTES = 16 * 2**20  # a tasks file is a few numbers per task; more is a mistake (or /dev/zero)
 MAX_TASKS = 1000
+MAX_TABLE_ROWS = 100
 MAX_POINTS = 10_000
 
 
@@ -162,6 +164,8 @@ def run_walkthrough(*, alpha: float = seed_data.ALPHA, beta: float = seed_data.B
     check_rate(beta, "beta")
     theta0 = check_finite_float(theta0, "theta0")
     k_max = check_num_steps(k_max, "k")
+    if k_max > MAX_TABLE_ROWS:
+        raise ValueError(f"k must be <= {MAX_TABLE_ROWS} (the rows of the dW/dtheta table), got {k_max}")
     if tasks is None:
         tasks = seed_data.task_list()
         conventional = seed_data.conventional_batch() if conventional is None else conventional
@@ -176,9 +180,15 @@ def run_walkthrough(*, alpha: float = seed_data.ALPHA, beta: float = seed_data.B
         if conventional is not None:
             out["conventional_w1"] = float(inner_step(loss, theta, conventional, inner_lr=alpha))
 
+        # compiled once per k and task shape, so the cost is linear in the number of tasks
+        @functools.partial(jax.jit, static_argnums=1)
         def meta_grad(task, k):
             return jax.grad(lambda th: task_objective(loss, th, task, inner_lr=alpha,
                                                       num_inner_steps=k))(theta)
+
+        @functools.partial(jax.jit, static_argnums=1)
+        def dw_dtheta(support, k):
+            return jax.grad(lambda th: adapt(loss, th, support, inner_lr=alpha, num_steps=k))(theta)
 
         out["phi"] = [float(adapt(loss, theta, t.support, inner_lr=alpha, num_steps=1))
                       for t in tasks]
@@ -196,8 +206,7 @@ def run_walkthrough(*, alpha: float = seed_data.ALPHA, beta: float = seed_data.B
                 for t in tasks:
                     xs, ys = np.asarray(t.support.x), np.asarray(t.support.y)
                     xq, yq = np.asarray(t.query.x), np.asarray(t.query.y)
-                    d = jax.grad(lambda th, s=t.support: adapt(loss, th, s, inner_lr=alpha,
-                                                              num_steps=k))(theta)
+                    d = dw_dtheta(t.support, k)
                     row["dW_dtheta"].append(float(d))
                     row["closed_form"].append(analytic.dW_dtheta(xs, alpha, k))
                     row["meta_grad"].append(float(meta_grad(t, k)))
