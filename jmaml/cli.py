@@ -6,9 +6,11 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from jmaml import learners, tasks, walkthrough
@@ -132,6 +134,9 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                timeout_s=args.dist_timeout, heartbeat_timeout_s=args.dist_timeout)
         flag.reinstall()  # JAX's runtime took SIGTERM for its preemption notice
+        if os.environ.get(_JOINED_ENV):  # tell the supervisor that every process arrived
+            with open(os.environ[_JOINED_ENV], "w", encoding="utf-8") as f:
+                f.write("joined")
     elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
         raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
     from jmaml import evaluate, train
@@ -396,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _WORKER_ENV = "JMAML_DISTRIBUTED_WORKER"
+_JOINED_ENV = "JMAML_DISTRIBUTED_JOINED_FILE"  # the worker creates it once the job's processes have all joined
 _PEER_LOST = ("another process probably died or became unreachable; its own log says why. Resume all processes "
               "with --resume.")
 
@@ -410,7 +416,9 @@ def _supervise(argv: list[str]) -> int:
     within two seconds counts once), and turns a child killed by a signal into one clear message.
     It must not start a JAX backend: on a GPU that would hold the memory the worker needs.
     """
-    child = subprocess.Popen([sys.executable, "-m", "jmaml", *argv], env={**os.environ, _WORKER_ENV: "1"})
+    joined = os.path.join(tempfile.mkdtemp(prefix="jmaml-dist-"), "joined")
+    child = subprocess.Popen([sys.executable, "-m", "jmaml", *argv],
+                             env={**os.environ, _WORKER_ENV: "1", _JOINED_ENV: joined})
 
     def forward(signum, frame):
         if child.poll() is None:
@@ -422,12 +430,20 @@ def _supervise(argv: list[str]) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        was_joined = os.path.exists(joined)
+        shutil.rmtree(os.path.dirname(joined), ignore_errors=True)
     if code >= 0:
         return code
     try:
         name = signal.Signals(-code).name
     except ValueError:
         name = f"signal {-code}"
+    if -code == signal.SIGABRT and not was_joined:
+        print(f"jmaml train: distributed run failed: the other processes of the job never joined: JAX's "
+              f"distributed runtime stopped this process ({name}) while it waited for them. Start every process "
+              "of the job (the same --coordinator and --num-processes, ids 0..N-1) within --dist-timeout seconds.",
+              file=sys.stderr)
+        return 4
     if -code == signal.SIGABRT:
         print(f"jmaml train: distributed run failed: JAX's distributed runtime stopped this process ({name}) -- "
               f"{_PEER_LOST}", file=sys.stderr)

@@ -165,9 +165,11 @@ def test_the_supervisor_names_an_aborted_worker(monkeypatch, capsys):
     real = subprocess.Popen
     seen = {}
 
-    def popen(args, env):  # the worker command and its marker, then a worker that aborts as JAX's runtime does
+    def popen(args, env):  # the worker command and its marker, then a worker that joined the job (it says so
+        # in the file the supervisor named) and aborts later, as JAX's runtime does when a peer dies
         seen.update(args=args, worker=env.get("JMAML_DISTRIBUTED_WORKER"))
-        return real([sys.executable, "-c", "import os; os.abort()"])
+        joined = env["JMAML_DISTRIBUTED_JOINED_FILE"]
+        return real([sys.executable, "-c", f"import os; open({joined!r}, 'w').close(); os.abort()"])
 
     monkeypatch.setattr(cli.subprocess, "Popen", popen)
     argv = ["train", "--distributed", "--num-processes", "2", "--process-id", "1", "--coordinator", "h:1"]
@@ -250,3 +252,14 @@ def test_bad_distributed_flags_are_clear_errors(tmp_path, capsys):
         distributed.initialize("localhost", 2, 0)
     with pytest.raises(ValueError, match="num_devices must be an int in"):
         distributed.task_mesh(99)
+
+
+def test_a_process_whose_peers_never_joined_says_so(tmp_path):
+    port = _free_port()
+    proc = subprocess.run(_jmaml("--steps", "10", "--distributed", "--coordinator", f"127.0.0.1:{port}",
+                                 "--num-processes", "2", "--process-id", "0", "--dist-timeout", "3",
+                                 "--out", str(tmp_path / "x")),
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 4 and "the other processes of the job never joined" in last, proc.stderr[-2000:]
+    assert "probably died" not in last
