@@ -146,7 +146,9 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
     t0 = time.perf_counter()
     try:
         train.train(config, args.out, resume=args.resume, overwrite=args.overwrite, mesh=mesh,
-                    allow_changed_data=args.allow_changed_data, stop_flag=flag)
+                    allow=tuple(name for name, on in (("changed-data", args.allow_changed_data),
+                                                      ("changed-settings", args.allow_changed_settings)) if on),
+                    stop_flag=flag)
     except distributed.DistributedError as e:
         print(f"jmaml train: distributed run failed: {e}", file=sys.stderr)
         return 4
@@ -330,6 +332,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
     g.add_argument("--allow-changed-data", action="store_true",
                    help="--resume although the dataset's files changed since the checkpoint (refused otherwise)")
+    g.add_argument("--allow-changed-settings", action="store_true",
+                   help="--resume this run's state with other settings on purpose (e.g. a smaller rate after a "
+                        "divergence stop); config.json records the change")
     g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 5000)")
     g.add_argument("--log-every", type=int, default=None,
                    help="steps per compiled chunk and per metrics line (default 1000)")

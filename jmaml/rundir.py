@@ -161,7 +161,8 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
-def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False) -> str:
+def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
+            change_settings: bool = False) -> str:
     """Creates or checks ``run_dir``; returns ``"new"``, ``"resume"`` or ``"complete"``.
 
     Raises:
@@ -191,10 +192,20 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
         old = load_config(run_dir)
         diff = {k: (v, config.to_dict()[k]) for k, v in old.to_dict().items()
                 if k != "steps" and v != config.to_dict()[k]}
+        if diff and resume and change_settings:  # deliberate: continue this run's state with other settings
+            info = run_info(config)
+            previous = _read_info(run_dir) or {}
+            info["changes"] = [*previous.get("changes", []), {"from": {k: a for k, (a, _) in diff.items()},
+                                                              "to": {k: b for k, (_, b) in diff.items()},
+                                                              "at": info["created"]}]
+            atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(info, indent=2))
+            return "resume"
         if diff:
             changes = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
-            raise ValueError(f"output dir {run_dir} already holds a different run ({changes}). "
-                             "Use --overwrite to replace it (its checkpoints are deleted), or choose another --out.")
+            raise ValueError(f"output dir {run_dir} already holds a different run ({changes}). To continue its state "
+                             "with these settings on purpose (e.g. a smaller rate after a divergence stop), add "
+                             "--resume --allow-changed-settings; to start over, --overwrite (its checkpoints are "
+                             "deleted); or choose another --out.")
         if old.steps != config.steps and not resume:
             raise ValueError(f"output dir {run_dir} holds a run of {old.steps} steps; to train it to "
                              f"{config.steps} steps pass --resume, or use --overwrite / another --out.")
@@ -233,12 +244,12 @@ def clean_stale_temporaries(run_dir: str) -> None:
 
 
 def restore_phase(run_dir: str, config: TrainConfig, phase: str, template: Any, *,
-                  allow_changed_data: bool = False) -> tuple[Any, dict]:
+                  allow: tuple[str, ...] = ()) -> tuple[Any, dict]:
     """A phase's checkpoint, checked to belong to this run and phase (its header's ``phase`` and run
     fingerprint, where it records them: checkpoints of older versions do not)."""
     path = checkpoint_path(run_dir, phase)
     return checkpoint.restore(path, template, check=lambda header: check_binding(
-        path, header, config, phase, allow_changed_data=allow_changed_data))
+        path, header, config, phase, allow=allow))
 
 
 def data_fingerprint(config: TrainConfig) -> str | None:
@@ -249,12 +260,11 @@ def data_fingerprint(config: TrainConfig) -> str | None:
     return family.fingerprint(config) if family.fingerprint is not None else None
 
 
-def check_binding(path: str, header: dict, config: TrainConfig, phase: str, *,
-                  allow_changed_data: bool = False) -> None:
+def check_binding(path: str, header: dict, config: TrainConfig, phase: str, *, allow: tuple[str, ...] = ()) -> None:
     """Raises CheckpointError if a checkpoint's header names another phase, another run, another
-    precision or (unless ``allow_changed_data``) other data."""
+    precision or other data, except what ``allow`` permits ("changed-data", "changed-settings")."""
     extra = header.get("extra", {})
-    if extra.get("data") is not None and not allow_changed_data and extra["data"] != data_fingerprint(config):
+    if extra.get("data") is not None and "changed-data" not in allow and extra["data"] != data_fingerprint(config):
         raise checkpoint.CheckpointError(f"checkpoint {path} was trained on other data than {config.data_dir} holds "
                                          "now (its files changed); resume on the changed data only on purpose, with "
                                          "--allow-changed-data")
@@ -266,7 +276,7 @@ def check_binding(path: str, header: dict, config: TrainConfig, phase: str, *,
         raise checkpoint.CheckpointError(f"checkpoint {path} was written with jax_enable_x64={extra['x64']}, and "
                                          f"this process runs with {bool(jax.config.jax_enable_x64)}: resume it with "
                                          "the same precision")
-    if "run" in extra and extra["run"] != run_fingerprint(config):
+    if "run" in extra and "changed-settings" not in allow and extra["run"] != run_fingerprint(config):
         raise checkpoint.CheckpointError(f"checkpoint {path} belongs to another run (fingerprint {extra['run']}, "
                                          f"this run's {run_fingerprint(config)}: other settings or seed); "
                                          "nothing was overwritten")

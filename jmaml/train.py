@@ -60,7 +60,8 @@ def make_chunk(config: TrainConfig, phase: str = "maml", mesh: Mesh | None = Non
 
 
 def _divergence_hint(config: TrainConfig, phase: str) -> str:
-    hint = f"Try a smaller inner rate (now {config.inner_lr}) or meta rate (now {config.meta_lr})"
+    hint = (f"Try a smaller inner rate (now {config.inner_lr}) or meta rate (now {config.meta_lr}) -- from the kept "
+            "state: jmaml train --resume --allow-changed-settings with the new rate")
     if phase != BASELINE and any(o.name == "rate_meta_lr" for o in learners.spec(config.algo).options):
         rate = config.options.get("rate_meta_lr")
         hint += (f", or a smaller meta rate for the learned inner rates (rate_meta_lr, now "
@@ -70,7 +71,7 @@ def _divergence_hint(config: TrainConfig, phase: str) -> str:
 
 def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, stop_at_step: int | None = None,
               stream: TextIO | None = None, stop_flag: engine.StopFlag | None = None,
-              mesh: Mesh | None = None, allow_changed_data: bool = False) -> TrainState:
+              mesh: Mesh | None = None, allow: tuple[str, ...] = ()) -> TrainState:
     """Trains one phase to ``config.steps`` with checkpoints (``jmaml.fit``); returns the final state."""
     phase = _phase_name(config, phase)
     learner, dist, optimiser = recipes.phase_parts(config, phase)
@@ -88,7 +89,7 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, st
                                        "x64": bool(jax.config.jax_enable_x64),
                                        "data": rundir.data_fingerprint(config)},
                       check_checkpoint=lambda path, header: rundir.check_binding(
-                          path, header, config, phase, allow_changed_data=allow_changed_data))
+                          path, header, config, phase, allow=allow))
 
 
 def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
@@ -102,7 +103,7 @@ def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
 
 def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
           stop_at_step: int | None = None, stream: TextIO | None = None,
-          mesh: Mesh | None = None, allow_changed_data: bool = False,
+          mesh: Mesh | None = None, allow: tuple[str, ...] = (),
           stop_flag: engine.StopFlag | None = None) -> dict[str, TrainState]:
     """Meta-trains (and trains the pretrained baseline) into ``run_dir``.
 
@@ -117,8 +118,9 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
       mesh: shard each meta-batch's tasks over this mesh's devices (``jmaml.distributed.task_mesh``);
         None: one device. In a multi-process job (``jmaml.distributed.initialize``) every process
         calls ``train`` with the same arguments; process 0 alone manages and writes the run dir.
-      allow_changed_data: resume although the dataset's files changed since the checkpoint (refused
-        otherwise).
+      allow: deliberate exceptions on ``resume``: ``"changed-data"`` (the dataset's files changed since
+        the checkpoint) and ``"changed-settings"`` (continue the run with other settings, e.g. a smaller
+        meta rate after a divergence stop: config.json records the old settings); refused otherwise.
       stop_flag: an installed ``engine.StopFlag`` to honour (the CLI installs one before anything else,
         so a signal during start-up is not lost); by default ``train`` installs its own.
 
@@ -144,7 +146,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
     with rundir.lock(run_dir) if writer else contextlib.nullcontext():
         try:
             return _train_locked(config, run_dir, resume=resume, overwrite=overwrite, stop_at_step=stop_at_step,
-                                 stream=stream, mesh=mesh, allow_changed_data=allow_changed_data,
+                                 stream=stream, mesh=mesh, allow=tuple(allow),
                                  stop_flag=stop_flag)
         except ValueError:
             # a refused or misconfigured run leaves nothing behind in a folder it created
@@ -154,13 +156,14 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
 
 
 def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite: bool, stop_at_step: int | None,
-                  stream: TextIO | None, mesh: Mesh | None, allow_changed_data: bool,
+                  stream: TextIO | None, mesh: Mesh | None, allow: tuple[str, ...],
                   stop_flag: engine.StopFlag | None) -> dict[str, TrainState]:
     writer = distributed.is_writer()
     mode, refusal = "new", None
     if writer:
         try:
-            mode = rundir.prepare(config, run_dir, resume=resume, overwrite=overwrite)
+            mode = rundir.prepare(config, run_dir, resume=resume, overwrite=overwrite,
+                                  change_settings="changed-settings" in allow)
         except ValueError as e:
             refusal = e
     code = distributed.broadcast_int(-1 if refusal else _MODES.index(mode))
@@ -178,7 +181,7 @@ def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite:
             ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
             if os.path.exists(ckpt):
                 _, header = rundir.restore_phase(run_dir, config, phase, initial_state(config, phase),
-                                                 allow_changed_data=allow_changed_data)
+                                                 allow=allow)
                 keep[phase] = header["step"]
         if mode == "resume":
             if config.algo not in keep:
@@ -191,7 +194,7 @@ def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite:
     with contextlib.nullcontext(stop_flag) if stop_flag is not None else engine.StopFlag() as flag:
         for phase in config.phases():
             states[phase] = run_phase(config, run_dir, phase, resume=mode != "new", stop_at_step=stop_at_step,
-                                      stream=stream, stop_flag=flag, mesh=mesh, allow_changed_data=allow_changed_data)
+                                      stream=stream, stop_flag=flag, mesh=mesh, allow=allow)
     states["maml"] = states[config.algo]
     return states
 

@@ -284,5 +284,5 @@ def test_resuming_on_changed_data_is_refused_unless_asked(tmp_path):
     recipes.phase_parts.cache_clear()
     with pytest.raises(checkpoint.CheckpointError, match="trained on other data"):
         train.train(config, str(tmp_path / "run"), resume=True, stream=io.StringIO())
-    state = train.train(config, str(tmp_path / "run"), resume=True, stream=io.StringIO(), allow_changed_data=True)
+    state = train.train(config, str(tmp_path / "run"), resume=True, stream=io.StringIO(), allow=("changed-data",))
     assert int(state["maml"].step) == 4

@@ -247,3 +247,21 @@ def test_eval_inner_steps_applies_to_sinusoid(tmp_path):
     _train(tmp_path / "run", config)
     results = evaluate.evaluate_run(str(tmp_path / "run"), num_tasks=10, write=False)
     assert len(results["maml"]["10"]["mean"]) == 5 and len(results["pretrained"]["10"]["mean"]) == 5
+
+
+def test_a_divergence_stopped_run_continues_with_changed_settings_only_on_purpose(tmp_path):
+    run = tmp_path / "run"
+    wild = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "inner_lr": 10.0, "num_inner_steps": 5,
+                          "pretrain": False})
+    with pytest.raises(train.DivergenceError, match="--resume --allow-changed-settings") as e:
+        _train(run, wild)
+    assert "--overwrite" not in str(e.value)  # the kept state is never suggested away
+    tame = TrainConfig(**{**wild.to_dict(), "hidden": TINY.hidden, "inner_lr": 0.01})
+    with pytest.raises(ValueError, match="--resume --allow-changed-settings"):
+        _train(run, tame, resume=True)
+    state = _train(run, tame, resume=True, allow=("changed-settings",))["maml"]
+    assert int(state.step) == 20
+    info = json.loads((run / "config.json").read_text())
+    assert info["config"]["inner_lr"] == 0.01
+    assert info["changes"][0]["from"] == {"inner_lr": 10.0} and info["changes"][0]["to"] == {"inner_lr": 0.01}
+    assert checkpoint.read_header(run / "maml.ckpt.npz")["extra"]["run"] == rundir.run_fingerprint(tame)
