@@ -231,7 +231,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out} already holds a sweep; use --overwrite or another --out")
     _check_writable(args.out, "--out")  # before the sweep runs, not after
     result = sweep.run_sweep(base, grid, task_seed=args.task_seed, mesh=_mesh(args), shard=args.shard,
-                             log=lambda m: print(m, file=sys.stderr, flush=True))
+                             log=lambda m: print(m, file=sys.stderr, flush=True),
+                             on_chunk=lambda rows: sweep.write_rows(rows, args.out))  # partial results as they come
     paths = sweep.write_results(result, args.out)
     print(sweep.format_rows(result["rows"]))
     meta = result["meta"]
@@ -476,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         from jmaml.distributed import DistributedError
 
+        if "RESOURCE_EXHAUSTED" in str(e):  # out of device memory, e.g. while evaluating: one line
+            print(f"jmaml {args.command}: error: out of device memory: {str(e).splitlines()[0][:300]}",
+                  file=sys.stderr)
+            return 2
         if isinstance(e, DistributedError):
             print(f"jmaml {args.command}: distributed run failed: {e}", file=sys.stderr)
             return 4

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmaml import learners, recipes, rundir, tasks
+from jmaml import checkpoint, learners, recipes, rundir, tasks
 from jmaml.config import BASELINE
 from jmaml.evaluate import learner_results
 from jmaml.losses import make_loss
@@ -25,6 +25,11 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """A PNG written atomically (``checkpoint.atomic_write``): an interrupted write leaves the old figure."""
+    checkpoint.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def _fits(learner, apply_fn, meta_params, support, grid, steps):
@@ -93,7 +98,7 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     fig.suptitle(f"K = {shots} shots, held-out tasks (MAML paper, Figure 2)")
     fig.tight_layout()
     fits = os.path.join(out_dir, "fits.png")
-    fig.savefig(fits, dpi=110)
+    save_figure(fig, fits)
     plt.close(fig)
 
     # Figure 3: query MSE vs gradient steps, mean and 95% CI, for each K.
@@ -116,7 +121,7 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     fig.suptitle("k-shot regression, 600 held-out tasks, 95% CI (MAML paper, Figure 3)")
     fig.tight_layout()
     curves = os.path.join(out_dir, "curves.png")
-    fig.savefig(curves, dpi=110)
+    save_figure(fig, curves)
     plt.close(fig)
     return [fits, curves]
 
@@ -139,6 +144,6 @@ def _accuracy_curves(plt, config, results: dict, run_dir: str) -> str:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "curves.png")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -206,7 +206,8 @@ def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: i
 
 def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, eval_tasks: int = 600,
               diag_tasks: int = 50, memory_budget_bytes: int | None = None, keep_params: bool = False,
-              evaluate: bool = True, log=None, mesh: Mesh | None = None, shard: str = "grid") -> dict[str, Any]:
+              evaluate: bool = True, log=None, mesh: Mesh | None = None, shard: str = "grid",
+              on_chunk: Callable[[list[dict[str, Any]]], Any] | None = None) -> dict[str, Any]:
     """Meta-trains every grid point (vmapped, one program per chunk) and evaluates each.
 
     Args:
@@ -222,6 +223,8 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
       evaluate: evaluate and diagnose every point after training (else those fields are NaN).
       log: ``log(str)`` for progress lines (default: silent).
       mesh: spread the work over this mesh's devices (``jmaml.distributed.task_mesh``; one process).
+      on_chunk: ``on_chunk(rows)`` with every finished point's row so far, after each chunk of points
+        (``jmaml sweep`` writes them to sweep.csv: a sweep that fails later keeps what it finished).
       shard: with a mesh, ``"grid"`` splits the grid points over the devices (each device trains
         whole runs; chunks are rounded to a multiple of the device count) or ``"tasks"`` splits
         every meta-batch's tasks (each run spans all devices; the meta-batch must divide evenly).
@@ -319,6 +322,8 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
                 "train_diverged": train_diverged, "eval_diverged": eval_diverged,
                 "diverged_at_step": int(first_bad[g]) if first_bad[g] >= 0 else None,
             })
+        if on_chunk is not None:
+            on_chunk(list(rows))
     meta = {"num_points": len(points), "points_per_chunk": per_chunk,
             "num_chunks": math.ceil(len(points) / per_chunk), "seconds": time.perf_counter() - t0,
             "task_seed": task_seed, "k_max": k_max, "memory_budget_bytes": budget,
@@ -437,15 +442,21 @@ CSV_FIELDS = ("alpha", "beta", "k", "seed", "final_meta_loss", "mse_1", "mse_5",
               "eval_diverged", "diverged_at_step")
 
 
-def write_results(result: dict[str, Any], out_dir: str) -> list[str]:
-    """Writes sweep.csv and sweep.json (and heatmaps if matplotlib is installed); returns the paths."""
+def write_rows(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
+    """sweep.csv with these rows (atomically); returns its path."""
     os.makedirs(out_dir, exist_ok=True)
-    csv_path, json_path = os.path.join(out_dir, "sweep.csv"), os.path.join(out_dir, "sweep.json")
     text = io.StringIO()
     w = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
-    w.writerows(result["rows"])
-    atomic_write_text(csv_path, text.getvalue())
+    w.writerows(rows)
+    path = os.path.join(out_dir, "sweep.csv")
+    atomic_write_text(path, text.getvalue())
+    return path
+
+
+def write_results(result: dict[str, Any], out_dir: str) -> list[str]:
+    """Writes sweep.csv and sweep.json (and heatmaps if matplotlib is installed); returns the paths."""
+    csv_path, json_path = write_rows(result["rows"], out_dir), os.path.join(out_dir, "sweep.json")
     atomic_write_text(json_path, json.dumps(result, indent=2))
     paths = [csv_path, json_path]
     try:
@@ -457,7 +468,7 @@ def write_results(result: dict[str, Any], out_dir: str) -> list[str]:
 
 def plot_heatmaps(result: dict[str, Any], out_dir: str) -> list[str]:
     """One PNG per k: evaluation MSE after k steps (mean over seeds) over α × β; diverged points marked ×."""
-    from jmaml.plot import _pyplot
+    from jmaml.plot import _pyplot, save_figure
 
     plt = _pyplot()
     rows = result["rows"]
@@ -491,7 +502,7 @@ def plot_heatmaps(result: dict[str, Any], out_dir: str) -> list[str]:
         fig.colorbar(im, ax=ax, label="log10 MSE")
         fig.tight_layout()
         path = os.path.join(out_dir, f"heatmap_k{k}.png")
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -148,10 +148,13 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
             return _train_locked(config, run_dir, resume=resume, overwrite=overwrite, stop_at_step=stop_at_step,
                                  stream=stream, mesh=mesh, allow=tuple(allow),
                                  stop_flag=stop_flag)
-        except ValueError:
-            # a refused or misconfigured run leaves nothing behind in a folder it created
-            if writer and created and not os.path.exists(os.path.join(run_dir, "config.json")):
+        except Exception as e:
+            # a refused, misconfigured or out-of-memory new run leaves nothing behind in a folder it created
+            if writer and created and not [n for n in os.listdir(run_dir) if n.endswith(".ckpt.npz")]:
                 shutil.rmtree(run_dir, ignore_errors=True)
+            if "RESOURCE_EXHAUSTED" in str(e):
+                raise ValueError(f"out of device memory: {str(e).splitlines()[0][:300]}. Lower the meta-batch size, "
+                                 "the inner steps or the widths, or add --remat") from e
             raise
 
 

@@ -265,3 +265,17 @@ def test_a_divergence_stopped_run_continues_with_changed_settings_only_on_purpos
     assert info["config"]["inner_lr"] == 0.01
     assert info["changes"][0]["from"] == {"inner_lr": 10.0} and info["changes"][0]["to"] == {"inner_lr": 0.01}
     assert checkpoint.read_header(run / "maml.ckpt.npz")["extra"]["run"] == rundir.run_fingerprint(tame)
+
+
+def test_a_sweep_reports_its_finished_points_as_chunks_end(tmp_path):
+    from jmaml import sweep
+
+    base = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=10, log_every=10,
+                       checkpoint_every=10)
+    grid = sweep.Grid(alphas=(0.01, 0.02, 0.03), betas=(1e-3,), ks=(1,), seeds=(0,))
+    seen = []
+    point = sweep.estimate_point_bytes(base, 1, 8 * 3 + 1)
+    sweep.run_sweep(base, grid, evaluate=False, memory_budget_bytes=point,  # one point per chunk
+                    on_chunk=lambda rows: (seen.append(len(rows)), sweep.write_rows(rows, str(tmp_path))))
+    assert seen == [1, 2, 3]
+    assert len((tmp_path / "sweep.csv").read_text().strip().splitlines()) == 4  # header + 3 rows
