@@ -6,41 +6,71 @@ combination, ``evaluate.evaluate`` scores it by the paper's protocol, ``check_me
 learner's gradient against finite differences. The built-in tasks and algorithms are instances.
 """
 
-from jmaml import (
-    analytic,
-    checkpoint,
-    diagnostics,
-    distributed,
-    engine,
-    estimators,
-    evaluate,
-    learners,
-    losses,
-    models,
-    recipes,
-    rundir,
-    sweep,
-    tasks,
-    train,
-)
-from jmaml.config import TrainConfig
-from jmaml.engine import DivergenceError, Interrupted, fit
-from jmaml.gradcheck import check_meta_gradient
-from jmaml.inner import adapt, inner_step
-from jmaml.losses import make_loss
-from jmaml.meta import (
-    TrainState,
-    batched_objective,
-    init_state,
-    make_estimator_step,
-    make_step,
-    maml_value_and_grad,
-    task_objective,
-)
-from jmaml.protocols import REQUIRED_METRICS, MetaLearner, TaskDistribution
-from jmaml.types import Batch, Model, Task
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
+
+# Loaded on first use (PEP 562), so that `import jmaml` and the `jmaml` command start without importing
+# JAX: the command installs its signal handler first, and a signal during start-up is not lost.
+_MODULES = ("analytic", "checkpoint", "diagnostics", "distributed", "engine", "estimators", "evaluate", "learners",
+            "losses", "models", "recipes", "rundir", "sweep", "tasks", "train")
+_NAMES = {
+    "TrainConfig": "config", "DivergenceError": "engine", "Interrupted": "engine", "fit": "engine",
+    "check_meta_gradient": "gradcheck", "adapt": "inner", "inner_step": "inner", "make_loss": "losses",
+    "TrainState": "meta", "batched_objective": "meta", "init_state": "meta", "make_estimator_step": "meta",
+    "make_step": "meta", "maml_value_and_grad": "meta", "task_objective": "meta",
+    "REQUIRED_METRICS": "protocols", "MetaLearner": "protocols", "TaskDistribution": "protocols",
+    "Batch": "types", "Model": "types", "Task": "types",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"jmaml.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"jmaml.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'jmaml' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from jmaml import (  # noqa: F401
+        analytic,
+        checkpoint,
+        diagnostics,
+        distributed,
+        engine,
+        estimators,
+        evaluate,
+        learners,
+        losses,
+        models,
+        recipes,
+        rundir,
+        sweep,
+        tasks,
+        train,
+    )
+    from jmaml.config import TrainConfig  # noqa: F401
+    from jmaml.engine import DivergenceError, Interrupted, fit  # noqa: F401
+    from jmaml.gradcheck import check_meta_gradient  # noqa: F401
+    from jmaml.inner import adapt, inner_step  # noqa: F401
+    from jmaml.losses import make_loss  # noqa: F401
+    from jmaml.meta import (  # noqa: F401
+        TrainState,
+        batched_objective,
+        init_state,
+        make_estimator_step,
+        make_step,
+        maml_value_and_grad,
+        task_objective,
+    )
+    from jmaml.protocols import REQUIRED_METRICS, MetaLearner, TaskDistribution  # noqa: F401
+    from jmaml.types import Batch, Model, Task  # noqa: F401
 
 __all__ = [
     "REQUIRED_METRICS",

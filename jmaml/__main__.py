@@ -1,5 +1,5 @@
 import sys
 
-from jmaml.cli import main
+from jmaml._entry import main
 
 sys.exit(main())

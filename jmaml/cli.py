@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -119,7 +120,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     # installed before JAX is imported: SIGINT/SIGTERM at any moment from here on stop the run with a
     # checkpoint where there is something to save, and the exit status says which signal it was
-    with StopFlag() as flag:
+    early = getattr(args, "early_flag", None)
+    with contextlib.nullcontext(early) if early is not None else StopFlag() as flag:
         code = _train_and_report(args, flag)
     if code == 0 and flag.signum is not None:  # a signal during evaluation or plotting, after the run ended
         print(f"jmaml train: {signal.Signals(flag.signum).name} received after training; stopped", file=sys.stderr)
@@ -459,10 +461,20 @@ def _supervise(argv: list[str]) -> int:
     return 128 - code
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early_flag=None) -> int:
+    """Runs the ``jmaml`` command. ``early_flag``: the ``StopFlag`` the entry point installed before
+    importing JAX; ``jmaml train`` keeps honouring it, the other commands stop on a signal it caught."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.early_flag = early_flag
+    if early_flag is not None and (args.command != "train" or (args.distributed
+                                                               and os.environ.get(_WORKER_ENV) != "1")):
+        early_flag.__exit__(None, None, None)  # only train checkpoints on a signal; the rest get the default
+        if early_flag.signum is not None:
+            print(f"jmaml {args.command}: {signal.Signals(early_flag.signum).name} received during start-up; "
+                  "stopped", file=sys.stderr)
+            return 128 + early_flag.signum
     if args.command == "train" and args.distributed and os.environ.get(_WORKER_ENV) != "1":
         return _supervise(argv)
     try:
@@ -471,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jmaml {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only or full disk, a missing folder: one line naming the path
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"jmaml {args.command}: error:{where}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"jmaml {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         from jmaml.distributed import DistributedError

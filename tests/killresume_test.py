@@ -65,3 +65,18 @@ def test_sigkill_at_random_points_then_resume_is_bitwise(tmp_path):
     assert not [n for n in os.listdir(run) if ".tmp-" in n]  # no half-written file left behind
     steps = [r["step"] for r in rundir.read_metrics(str(run / "metrics.jsonl"))]
     assert steps == list(range(10, 3001, 10))  # every chunk's line once, none lost or doubled
+
+
+def test_a_signal_during_start_up_is_honoured_not_lost(tmp_path):
+    # sent while Python imports JAX: the entry point's handler records it, and the run stops at its
+    # first chance with a checkpoint and the signal's status (no raw KeyboardInterrupt trace)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        out = tmp_path / sig.name
+        proc = subprocess.Popen([*TRAIN, "--out", str(out)], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, err[-2000:]
+        assert "Traceback" not in err and sig.name in err
+        assert checkpoint.read_header(out / "maml.ckpt.npz")["step"] == 0  # resumable from the start
