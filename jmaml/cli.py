@@ -170,14 +170,24 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
     if _up_to_date(args.out, ["eval.json"], [f"{p}.ckpt.npz" for p in config.phases()]):
         print(f"{args.out} is already trained and evaluated; showing its results "
               "(jmaml eval / jmaml plot recompute them).", file=sys.stderr)
-        with open(os.path.join(args.out, "eval.json"), encoding="utf-8") as f:
-            results = json.load(f)
+        results = _read_json(os.path.join(args.out, "eval.json"))
     else:
+        results = None
+    if results is None:  # not evaluated yet, or an eval.json left truncated by an older version
         results = evaluate.evaluate_run(args.out)
     print(evaluate.format_table(results))
     if not args.no_plot and not _up_to_date(args.out, ["plots/curves.png"], ["eval.json"]):
         _plot(args.out)
     return 0
+
+
+def _read_json(path: str):
+    """A JSON file's content, or None if it is unreadable or not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def _up_to_date(run_dir: str, outputs: list[str], inputs: list[str]) -> bool:

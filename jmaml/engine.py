@@ -172,13 +172,51 @@ def make_chunk(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
 
         # The length is carried by an argument's shape so jit specialises on it without retracing the
         # Python function for every call; data is an argument, not a constant baked into the program.
+        # Each length is compiled ahead of time once, so its memory need is known before it runs.
+        executables: dict[int, Any] = {}
+
         def chunk(state: TrainState, length: int):
-            return _chunk(state, jnp.zeros((length,), jnp.int8), data)
+            marker = jnp.zeros((length,), jnp.int8)
+            if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(state)):
+                return _chunk(state, marker, data)  # traced by an outer jit: nothing to compile here
+            if length not in executables:
+                executables[length] = _chunk.lower(state, marker, data).compile()
+                check_memory(executables[length], f"a chunk of {length} meta-steps of {learner.name!r}")
+            return executables[length](state, marker, data)
 
     _CHUNKS[cache_key] = chunk
     while len(_CHUNKS) > 16:
         _CHUNKS.popitem(last=False)
     return chunk
+
+
+def device_memory_bytes() -> int:
+    """Memory of the default device: the accelerator's limit, or the host's RAM for the CPU."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
+        pass
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_memory(compiled: Any, what: str, fraction: float = 0.95) -> None:
+    """Raises ValueError, before anything runs, when a compiled program needs more device memory than
+    there is (XLA's own memory analysis: arguments, outputs and temporaries)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - a backend without memory analysis: nothing to check
+        return
+    if stats is None:
+        return
+    need = sum(int(getattr(stats, name, 0) or 0) for name in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                             "temp_size_in_bytes", "generated_code_size_in_bytes"))
+    have = device_memory_bytes()
+    if need > fraction * have:
+        raise ValueError(f"{what} needs about {need / 2**30:.1f} GiB of device memory, more than the "
+                         f"{have / 2**30:.1f} GiB there is: lower the meta-batch size, the inner steps or the model's "
+                         "size, or rematerialise the inner loop (remat)")
 
 
 # ---- progress, signals, metrics files --------------------------------------------------------

@@ -56,8 +56,12 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     eval_path = os.path.join(run_dir, "eval.json")
     if not os.path.exists(eval_path):
         raise ValueError(f"{run_dir} has no eval.json: run `jmaml eval {run_dir}` first")
-    with open(eval_path, encoding="utf-8") as f:
-        results = json.load(f)
+    try:
+        with open(eval_path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{eval_path} is not valid JSON (truncated?): run `jmaml eval {run_dir}` to rewrite "
+                         "it") from None
     family = tasks.family(config.task)
     if family.examples is None:  # no ground truth to draw: the metric's curves alone
         return [_accuracy_curves(plt, config, results, run_dir)]

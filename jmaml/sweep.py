@@ -42,7 +42,15 @@ from jmaml import distributed, recipes
 from jmaml._checks import check_num_steps, check_rate, check_seed
 from jmaml.config import OPTIMISERS, TrainConfig
 from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
-from jmaml.engine import as_key, check_distribution, check_learner, initial_state, make_learner_step, sample_tasks
+from jmaml.engine import (
+    as_key,
+    check_distribution,
+    check_learner,
+    device_memory_bytes,
+    initial_state,
+    make_learner_step,
+    sample_tasks,
+)
 from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, NUM_EVAL_QUERY, adaptation_curve
 from jmaml.evaluate import evaluate as evaluate_learner
 from jmaml.meta import init_state, make_step
@@ -80,17 +88,6 @@ class Grid:
 
     def points(self) -> list[tuple[float, float, int, int]]:
         return list(itertools.product(self.alphas, self.betas, self.ks, self.seeds))
-
-
-def _device_memory_bytes() -> int:
-    """Memory of the default device: the GPU's limit, or the host's RAM for CPU."""
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-        if stats.get("bytes_limit"):
-            return int(stats["bytes_limit"])
-    except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
-        pass
-    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def estimate_point_bytes(config: TrainConfig, k_max: int, num_params: int) -> int:
@@ -254,7 +251,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     init, chunk, model, _ = _make_chunk_fn(base, k_max, mesh, shard)
     num_params = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(
         jax.eval_shape(model.init, jax.random.key(0))))
-    budget = memory_budget_bytes or int(DEFAULT_MEMORY_FRACTION * _device_memory_bytes())
+    budget = memory_budget_bytes or int(DEFAULT_MEMORY_FRACTION * device_memory_bytes())
     per_chunk = plan_chunks(len(points), estimate_point_bytes(base, k_max, num_params), budget * n_dev)
     if n_dev > 1 and shard == "grid":  # whole grid points per device; padding fills the last chunk
         per_chunk = max(n_dev, per_chunk - per_chunk % n_dev)

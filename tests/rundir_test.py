@@ -279,3 +279,27 @@ def test_a_sweep_reports_its_finished_points_as_chunks_end(tmp_path):
                     on_chunk=lambda rows: (seen.append(len(rows)), sweep.write_rows(rows, str(tmp_path))))
     assert seen == [1, 2, 3]
     assert len((tmp_path / "sweep.csv").read_text().strip().splitlines()) == 4  # header + 3 rows
+
+
+def test_a_run_too_large_for_the_device_fails_before_it_starts_and_leaves_nothing(tmp_path):
+    huge = TrainConfig(hidden=(400, 400), meta_batch_size=200_000, num_support=100, num_query=100, steps=10,
+                       log_every=10, checkpoint_every=10, num_inner_steps=5, pretrain=False)
+    with pytest.raises(ValueError, match=r"needs about [\d.]+ GiB of device memory, more than the"):
+        _train(tmp_path / "run", huge)  # XLA's memory analysis of the compiled chunk, before it runs
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_truncated_eval_json_is_recomputed_by_train_and_named_by_plot(tmp_path, capsys):
+    from jmaml import cli, plot
+
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--steps", "10", "--log-every", "10", "--hidden", "8", "--meta-batch-size",
+            "4", "--no-pretrain", "--no-plot"]
+    assert cli.main(argv) == 0
+    (run / "eval.json").write_text('{"protocol": {"held_out')  # as an older version could leave it
+    pytest.importorskip("matplotlib")
+    with pytest.raises(ValueError, match="eval.json is not valid JSON"):
+        plot.plot_run(str(run))
+    os.utime(run / "eval.json")  # newer than the checkpoints: train would reuse it
+    assert cli.main(argv) == 0 and "| maml | 10 |" in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text())["algo"] == "maml"
