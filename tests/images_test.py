@@ -286,3 +286,11 @@ def test_resuming_on_changed_data_is_refused_unless_asked(tmp_path):
         train.train(config, str(tmp_path / "run"), resume=True, stream=io.StringIO())
     state = train.train(config, str(tmp_path / "run"), resume=True, stream=io.StringIO(), allow=("changed-data",))
     assert int(state["maml"].step) == 4
+
+
+def test_an_unwritable_cache_is_skipped_with_a_note(tmp_path, capsys):
+    root = write_omniglot(str(tmp_path / "o"), num_chars=(3, 0, 2), per_class=6)
+    (tmp_path / "file").write_text("a file where the cache folder would go")
+    splits = images.load_omniglot(root, num_train_classes=3, cache_dir=str(tmp_path / "file" / "cache"))
+    assert splits["train"].images.shape[0] == 12
+    assert "cannot write the image cache" in capsys.readouterr().err

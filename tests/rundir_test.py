@@ -303,3 +303,10 @@ def test_a_truncated_eval_json_is_recomputed_by_train_and_named_by_plot(tmp_path
     os.utime(run / "eval.json")  # newer than the checkpoints: train would reuse it
     assert cli.main(argv) == 0 and "| maml | 10 |" in capsys.readouterr().out
     assert json.loads((run / "eval.json").read_text())["algo"] == "maml"
+
+
+def test_seed_walkthrough_table_is_bounded():
+    from jmaml import walkthrough
+
+    with pytest.raises(ValueError, match="k must be <= 100"):
+        walkthrough.run_walkthrough(k_max=101)
