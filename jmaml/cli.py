@@ -393,7 +393,7 @@ def _add_algo_option_flags(group) -> None:
                                default=None, help=f"{who}: the opposite of {flag}")
         else:
             group.add_argument(flag, dest=_algo_option_dest(name), type=option.type, default=None,
-                               help=f"{who}: {option.help}")
+                               metavar=name.split("_")[-1].upper(), help=f"{who}: {option.help}")
 
 
 def build_parser() -> argparse.ArgumentParser:
