@@ -51,6 +51,7 @@ from jmaml.meta import (  # noqa: F401 - make_estimator_step is re-exported here
     _check_reduction,
     batched_objective,
     make_estimator_step,
+    maml_estimator,
     maml_value_and_grad,
     pre_adapt_loss,
     tree_norm,
@@ -67,27 +68,8 @@ class MetaSGDParams(NamedTuple):
     inner_lr: Params
 
 
-def maml(loss_fn: LossFn, *, num_inner_steps: int, first_order: bool = False, reduction: str = "mean",
-         **adapt_kwargs) -> Estimator:
-    """MAML (second order) or FOMAML (``first_order=True``); ``estimate(params, tasks, *, inner_lr)``.
-
-    ``num_inner_steps`` may be overridden per call (traced, with ``max_inner_steps`` in ``adapt_kwargs``).
-    With ``model_state=`` (a model with state; ``loss_fn(params, batch, state) -> (loss, state)``) it also
-    returns the updated state, as a fourth value."""
-    default_k = num_inner_steps
-
-    def estimate(params: Params, tasks: Task, *, inner_lr: Any, meta_step: Any = None, num_inner_steps: Any = None,
-                 model_state: Any = None):
-        k = default_k if num_inner_steps is None else num_inner_steps
-        extra = {} if model_state is None else {"model_state": model_state}
-        loss, grads, per_task, *new_state = maml_value_and_grad(
-            loss_fn, params, tasks, inner_lr=inner_lr, num_inner_steps=k, reduction=reduction,
-            first_order=first_order, **adapt_kwargs, **extra)
-        metrics = {"task_losses": per_task,
-                   "pre_adapt_loss": pre_adapt_loss(loss_fn, params, tasks, reduction, model_state)}
-        return (loss, grads, metrics, *new_state)
-
-    return estimate
+# MAML and FOMAML: the estimator ``jmaml.make_step`` uses too, defined beside it in ``jmaml.meta``.
+maml = maml_estimator
 
 
 def _all_data(task: Task) -> Batch:

@@ -173,15 +173,32 @@ def make_step(optimiser: optax.GradientTransformation, loss_fn: LossFn, *, inner
       -1515.48
     """
     _check_reduction(reduction)
+    estimate = maml_estimator(loss_fn, num_inner_steps=num_inner_steps, first_order=first_order, reduction=reduction,
+                              max_inner_steps=max_inner_steps, unroll=unroll, remat=remat)
+    return make_estimator_step(optimiser, estimate, inner_lr=inner_lr)
 
-    def estimate(params: Params, tasks: Task, *, inner_lr: Any, num_inner_steps: Any, meta_step: Any = None):
-        loss, grads, per_task = maml_value_and_grad(
-            loss_fn, params, tasks, inner_lr=inner_lr, num_inner_steps=num_inner_steps, reduction=reduction,
-            max_inner_steps=max_inner_steps, first_order=first_order, unroll=unroll, remat=remat)
-        pre = pre_adapt_loss(loss_fn, params, tasks, reduction)
-        return loss, grads, {"task_losses": per_task, "pre_adapt_loss": pre}
 
-    return make_estimator_step(optimiser, estimate, inner_lr=inner_lr, num_inner_steps=num_inner_steps)
+def maml_estimator(loss_fn: LossFn, *, num_inner_steps: Any, first_order: bool = False, reduction: str = "mean",
+                   **adapt_kwargs) -> Callable[..., Any]:
+    """MAML (second order) or FOMAML (``first_order=True``); ``estimate(params, tasks, *, inner_lr)``.
+
+    ``num_inner_steps`` may be overridden per call (traced, with ``max_inner_steps`` in ``adapt_kwargs``).
+    With ``model_state=`` (a model with state; ``loss_fn(params, batch, state) -> (loss, state)``) it also
+    returns the updated state, as a fourth value."""
+    default_k = num_inner_steps
+
+    def estimate(params: Params, tasks: Task, *, inner_lr: Any, meta_step: Any = None, num_inner_steps: Any = None,
+                 model_state: Any = None):
+        k = default_k if num_inner_steps is None else num_inner_steps
+        extra = {} if model_state is None else {"model_state": model_state}
+        loss, grads, per_task, *new_state = maml_value_and_grad(
+            loss_fn, params, tasks, inner_lr=inner_lr, num_inner_steps=k, reduction=reduction,
+            first_order=first_order, **adapt_kwargs, **extra)
+        metrics = {"task_losses": per_task,
+                   "pre_adapt_loss": pre_adapt_loss(loss_fn, params, tasks, reduction, model_state)}
+        return (loss, grads, metrics, *new_state)
+
+    return estimate
 
 
 def pre_adapt_loss(loss_fn: LossFn, params: Params, tasks: Task, reduction: str = "mean",

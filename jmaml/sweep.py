@@ -122,6 +122,14 @@ def plan_chunks(num_points: int, point_bytes: int, budget_bytes: int) -> int:
 SHARD_AXES = ("grid", "tasks")
 
 
+def _note_first_non_finite(first_bad: np.ndarray, losses: np.ndarray, step0: int) -> None:
+    """Records, for each grid point not yet marked, the first step of a chunk (losses shaped
+    ``(steps, points)``, starting after ``step0``) whose meta-loss is not finite."""
+    bad = ~np.isfinite(losses)
+    for g in np.flatnonzero(bad.any(axis=0) & (first_bad < 0)):
+        first_bad[g] = step0 + int(np.argmax(bad[:, g])) + 1
+
+
 def _make_chunk_fn(config: TrainConfig, k_max: int, mesh: Mesh | None = None, shard: str = "grid"):
     model, loss_fn = build_model(config)
     dist = recipes.build_tasks(config)
@@ -279,9 +287,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
             length = min(L - step % L, base.steps - step)
             states, key, m = chunk(states, key, alphas, ks, jnp.zeros((length,), jnp.int8))
             loss, pre = np.asarray(m["meta_loss"]), np.asarray(m["pre_adapt_loss"])
-            bad = ~np.isfinite(loss)
-            for g in np.flatnonzero(bad.any(axis=0) & (first_bad < 0)):
-                first_bad[g] = step + int(np.argmax(bad[:, g])) + 1
+            _note_first_non_finite(first_bad, loss, step)
             with np.errstate(all="ignore"):
                 last_loss = loss.mean(axis=0)
                 last_ratio = loss.mean(axis=0) / np.maximum(pre.mean(axis=0), 1e-30)
@@ -412,9 +418,7 @@ def sweep_learner(make_learner: Callable[[int], MetaLearner], tasks: TaskDistrib
             length = min(log_every - done % log_every, steps - done)
             states, key, losses = chunk(states, key, alphas, hypers, jnp.zeros((length,), jnp.int8))
             losses = np.asarray(losses)
-            bad = ~np.isfinite(losses)
-            for g in np.flatnonzero(bad.any(axis=0) & (first_bad < 0)):
-                first_bad[g] = done + int(np.argmax(bad[:, g])) + 1
+            _note_first_non_finite(first_bad, losses, done)
             last = losses.mean(axis=0)
             done += length
             if log:

@@ -54,9 +54,14 @@ def make_chunk(config: TrainConfig, phase: str = "maml", mesh: Mesh | None = Non
     (``"pretrained"``, or any other name for the meta-learner)."""
     phase = _phase_name(config, phase)
     learner, dist, optimiser = recipes.phase_parts(config, phase)
-    host_loop = tasks.family(config.task).host_loop_on_cpu and jax.default_backend() == "cpu"
+    host_loop = _host_loop(config)
     return engine.make_chunk(learner, dist, optimiser, meta_batch_size=config.meta_batch_size, mesh=mesh,
                              host_loop=host_loop)
+
+
+def _host_loop(config: TrainConfig) -> bool:
+    """Whether the family trains with a Python loop over the jitted step here (see ``engine.make_chunk``)."""
+    return tasks.family(config.task).host_loop_on_cpu and jax.default_backend() == "cpu"
 
 
 def _divergence_hint(config: TrainConfig, phase: str) -> str:
@@ -77,7 +82,7 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, st
     learner, dist, optimiser = recipes.phase_parts(config, phase)
     ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
     resume = resume and os.path.exists(ckpt)
-    host_loop = tasks.family(config.task).host_loop_on_cpu and jax.default_backend() == "cpu"
+    host_loop = _host_loop(config)
     return engine.fit(learner, dist, optimiser, recipes.initial_params(config, phase), steps=config.steps,
                       meta_batch_size=config.meta_batch_size, key=task_stream_key(config, phase), run_dir=run_dir,
                       resume=resume, name=phase, log_every=config.log_every,

@@ -163,6 +163,11 @@ def resolve_options(name: str, options: Mapping[str, Any], run_steps: int) -> di
     return resolved
 
 
+def _factory_kwargs(entry: LearnerSpec, opts: Mapping[str, Any]) -> dict[str, Any]:
+    """Resolved options as the factory's keyword arguments (those of the meta-optimiser left out)."""
+    return {o.kwarg: opts[o.name] for o in entry.options if not o.meta_optimiser}
+
+
 def make(name: str, loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, options: Mapping[str, Any] | None = None,
          run_steps: int | None = None, **core: Any) -> MetaLearner:
     """Builds a registered learner from its name, a loss and its options.
@@ -182,8 +187,8 @@ def make(name: str, loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, opt
     opts = resolve_options(name, options or {}, run_steps or 1)
     if num_inner_steps < entry.min_inner_steps:
         raise ValueError(f"algo {name!r} needs num_inner_steps >= {entry.min_inner_steps}, got {num_inner_steps}")
-    kwargs = {o.kwarg: opts[o.name] for o in entry.options if not o.meta_optimiser}
-    return entry.factory(loss_fn, inner_lr=inner_lr, num_inner_steps=num_inner_steps, **core, **kwargs)
+    return entry.factory(loss_fn, inner_lr=inner_lr, num_inner_steps=num_inner_steps, **core,
+                         **_factory_kwargs(entry, opts))
 
 
 def meta_optimiser(name: str, make_optimiser: Callable[[float], optax.GradientTransformation], meta_lr: float,
@@ -204,7 +209,7 @@ def wrap_model(name: str, model: Model, options: Mapping[str, Any] | None = None
     if entry.wrap_model is None:
         return model
     opts = check_options(name, options or {})
-    return entry.wrap_model(model, **{o.kwarg: opts[o.name] for o in entry.options if not o.meta_optimiser})
+    return entry.wrap_model(model, **_factory_kwargs(entry, opts))
 
 
 def extra_inputs(name: str, options: Mapping[str, Any] | None = None) -> int:
@@ -213,7 +218,7 @@ def extra_inputs(name: str, options: Mapping[str, Any] | None = None) -> int:
     if entry.extra_inputs is None:
         return 0
     opts = check_options(name, options or {})
-    return entry.extra_inputs(**{o.kwarg: opts[o.name] for o in entry.options if not o.meta_optimiser})
+    return entry.extra_inputs(**_factory_kwargs(entry, opts))
 
 
 __all__ = [

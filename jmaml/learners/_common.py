@@ -58,15 +58,21 @@ def gradient_adapt(loss_fn: LossFn, params: Params, support: Any, step_rates: An
     Returns the adapted parameters, or with ``observe`` ``(params, values)``: ``observe`` at the
     parameters before each step and after the last, stacked (leading axis ``num_steps + 1``).
     """
-    def body(phi, rates):
-        new = proximal_step(loss_fn, phi, params, support, inner_lr=rates, lam=prox_lambda)
-        return new, (observe(phi) if observe is not None else None)
+    step = lambda phi, rates: proximal_step(loss_fn, phi, params, support, inner_lr=rates, lam=prox_lambda)
+    return observed_scan(step, params, step_rates, observe=observe)
 
-    final, seen = jax.lax.scan(body, params, step_rates)
+
+def observed_scan(step: Callable[[Any, Any], Any], carry: Any, xs: Any = None, *, length: int | None = None,
+                  observe: Callable[[Params], Any] | None = None, params_of: Callable[[Any], Params] = lambda c: c):
+    """``lax.scan`` of ``carry = step(carry, x)``; returns the final carry's parameters (``params_of``), or
+    with ``observe`` ``(params, values)``: ``observe`` before each step and after the last, stacked."""
+    def body(c, x):
+        return step(c, x), (observe(params_of(c)) if observe is not None else None)
+
+    final, seen = jax.lax.scan(body, carry, xs, length=length)
     if observe is None:
-        return final
-    last = observe(final)
-    return final, jax.tree.map(lambda s, v: jnp.concatenate([s, v[None]]), seen, last)
+        return params_of(final)
+    return params_of(final), jax.tree.map(lambda s, v: jnp.concatenate([s, v[None]]), seen, observe(params_of(final)))
 
 
 def rate_rule(loss_fn: LossFn, step_rates: Callable[..., Any], *, prox_lambda: float = 0.0,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jmaml import estimators, inner_optimisers
-from jmaml.learners._common import Option, fixed_rates, gradient_adapt, rate_rule
+from jmaml.learners._common import Option, fixed_rates, gradient_adapt, observed_scan, rate_rule
 from jmaml.meta import batched_objective, pre_adapt_loss
 from jmaml.protocols import MetaLearner
 from jmaml.types import LossFn, Params
@@ -198,17 +198,13 @@ def _with_inner_optimiser(loss_fn: LossFn, opt: Any, learn: tuple[str, ...], per
         params, hyper = split(meta_params, inner_lr, inner_hyper)
         fixed = loss_fn if model_state is None else (lambda p, batch: loss_fn(p, batch, model_state)[0])
 
-        def body(carry, _):
+        def step(carry, _):
             p, o = carry
             updates, o = opt.update(jax.grad(fixed)(p, support), o, p)
-            return (jax.tree.map(lambda a, u: (a + u).astype(a.dtype), p, updates), o), (
-                observe(p) if observe is not None else None)
+            return jax.tree.map(lambda a, u: (a + u).astype(a.dtype), p, updates), o
 
         start = (params, inner_optimisers.set_hyperparams(opt.init(params), hyper))
-        (final, _), seen = jax.lax.scan(body, start, None, length=num_steps)
-        if observe is None:
-            return final
-        return final, jax.tree.map(lambda s, v: jnp.concatenate([s, v[None]]), seen, observe(final))
+        return observed_scan(step, start, length=num_steps, observe=observe, params_of=lambda c: c[0])
 
     return MetaLearner(init=init, estimate=estimate, adapt=adapt, name="fomaml" if first_order else "maml",
                        label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,
