@@ -1,11 +1,16 @@
 """Atomic, pickle-free checkpoints of PyTrees (a whole ``TrainState``).
 
-A checkpoint is one ``.npz`` file: each leaf of the tree as an array (typed PRNG keys as their
-raw key data), plus a JSON header with a format tag, the step, the leaf count and a SHA-256 of
-the leaf bytes. It is written to a temporary file in the same folder, flushed to disk and moved
-into place with ``os.replace``, so a crash leaves either the old or the new checkpoint, never half
-of one. Restoring needs a *template* tree of the same structure (e.g. a freshly initialised
-state); every leaf's shape and dtype is checked against it. Nothing is unpickled.
+A checkpoint is one ``.npz`` file: each leaf of the tree stored under its *key path* (e.g.
+``params/0/w``, ``opt_state/0/mu/0/w``; typed PRNG keys as their raw key data), plus a JSON
+``header`` with a format tag, the step, the key paths in tree order and a SHA-256 of the arrays.
+Any NumPy user can open it (``numpy.load``) and see which array is which; :func:`arrays` reads it
+back as a ``{key path: array}`` dict for inspection or partial loading. It is written to a
+temporary file in the same folder, flushed to disk and moved into place with ``os.replace``, so a
+crash leaves either the old or the new checkpoint, never half of one. Restoring needs a *template*
+tree (e.g. a freshly initialised state); every array is matched to the template by key path and
+its shape and dtype checked. Nothing is unpickled.
+
+Format ``jmaml-checkpoint-v1`` (leaves stored by position as ``leaf_00000``...) still loads.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ import hashlib
 import json
 import os
 import zipfile
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMAT = "jmaml-checkpoint-v1"
+FORMAT = "jmaml-checkpoint-v2"
+_V1 = "jmaml-checkpoint-v1"
+_HEADER = "header"
 
 
 class CheckpointError(ValueError):
@@ -36,9 +44,58 @@ def _to_numpy(leaf: Any) -> np.ndarray:
 
 
 def host_leaves(tree: Any) -> list[np.ndarray]:
-    """The leaves of ``tree`` as NumPy arrays, typed PRNG keys as their raw key data (what a
-    checkpoint stores; also handy for comparing states bitwise)."""
+    """The leaves of ``tree`` as NumPy arrays, typed PRNG keys as their raw key data.
+
+    This is what a checkpoint stores; also handy for comparing two states bitwise.
+
+    Args:
+      tree: any PyTree of arrays.
+
+    Returns:
+      The leaves in ``jax.tree.leaves`` order, as ``numpy.ndarray``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> [a.tolist() for a in host_leaves({"b": jnp.ones(2), "a": jnp.zeros(1)})]
+      [[0.0], [1.0, 1.0]]
+    """
     return [_to_numpy(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def _entry_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)  # a custom key type: its own string form
+
+
+def key_paths(tree: Any) -> list[str]:
+    """Each leaf's key path as a ``/``-joined string, in ``jax.tree.leaves`` order.
+
+    Dict keys, sequence indices and attribute names (NamedTuple fields, dataclass fields) each
+    become one component; the root leaf of a bare array is ``"."``.
+
+    Args:
+      tree: any PyTree.
+
+    Returns:
+      One string per leaf.
+
+    Raises:
+      CheckpointError: two leaves would share a name (a dict key containing ``/``, say).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> key_paths({"params": [{"w": jnp.ones(2), "b": jnp.zeros(1)}], "step": jnp.asarray(3)})
+      ['params/0/b', 'params/0/w', 'step']
+    """
+    names = ["/".join(_entry_name(e) for e in path) or "."
+             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    if len(set(names)) != len(names) or _HEADER in names:
+        clash = sorted({n for n in names if names.count(n) > 1 or n == _HEADER})
+        raise CheckpointError(f"cannot name the tree's leaves uniquely by key path: {clash} "
+                              f"(a key containing '/' or named {_HEADER!r}?)")
+    return names
 
 
 def _digest(arrays: list[np.ndarray]) -> str:
@@ -50,27 +107,52 @@ def _digest(arrays: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save(path: str | os.PathLike, tree: Any, *, step: int, extra: dict | None = None) -> None:
-    """Atomically writes ``tree`` to ``path`` (an ``.npz`` file).
+def save(path: str | os.PathLike[str], tree: Any, *, step: int, extra: dict[str, Any] | None = None) -> None:
+    """Atomically writes ``tree`` to ``path`` (an ``.npz`` file), each array under its key path.
 
     Args:
       path: destination file; its folder must exist.
       tree: any PyTree of arrays (typed PRNG keys included).
       step: the training step, stored in the header.
       extra: JSON-able metadata stored in the header.
+
+    Raises:
+      CheckpointError: the leaves cannot be named uniquely by key path.
+
+    Example:
+      >>> import jax.numpy as jnp, tempfile, os
+      >>> path = os.path.join(tempfile.mkdtemp(), "c.npz")
+      >>> save(path, {"w": jnp.ones((2, 3))}, step=5)
+      >>> {k: a.shape for k, a in arrays(path).items()}
+      {'w': (2, 3)}
     """
     path = os.fspath(path)
-    arrays = host_leaves(tree)
-    header = {"format": FORMAT, "step": int(step), "num_leaves": len(arrays),
-              "sha256": _digest(arrays), "extra": extra or {}}
-    payload = {f"leaf_{i:05d}": a for i, a in enumerate(arrays)}
-    payload["header"] = np.asarray(json.dumps(header))
+    names = key_paths(tree)
+    leaves = host_leaves(tree)
+    header = {"format": FORMAT, "step": int(step), "num_leaves": len(leaves), "keys": names,
+              "sha256": _digest(leaves), "extra": extra or {}}
+    payload = dict(zip(names, leaves))
+    payload[_HEADER] = np.asarray(json.dumps(header))
     atomic_write(path, lambda f: np.savez(f, **payload))
 
 
-def atomic_write(path: str | os.PathLike, write: Any, *, text: bool = False) -> None:
-    """Calls ``write(file)`` on a temporary file beside ``path``, flushes it to disk and moves it into
-    place with ``os.replace``: a reader, or a crash, sees the old file or the new one, never half of one."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object], *, text: bool = False) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, flushes it to disk and moves it
+    into place with ``os.replace``: a reader, or a crash, sees the old file or the new one, never
+    half of one.
+
+    Args:
+      path: the destination file; its folder must exist.
+      write: called once with the open temporary file.
+      text: open the file in text mode (UTF-8) instead of binary.
+
+    Example:
+      >>> import tempfile, os
+      >>> path = os.path.join(tempfile.mkdtemp(), "note.txt")
+      >>> atomic_write(path, lambda f: f.write("done"), text=True)
+      >>> open(path).read()
+      'done'
+    """
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -84,55 +166,105 @@ def atomic_write(path: str | os.PathLike, write: Any, *, text: bool = False) -> 
             os.remove(tmp)
 
 
-def read_header(path: str | os.PathLike) -> dict:
-    """Reads and validates a checkpoint's header only."""
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads and validates a checkpoint, returning its header (format, step, keys, extra).
+
+    Raises:
+      CheckpointError: the file is missing, corrupted or truncated.
+    """
     return _load(path)[0]
 
 
-def _load(path) -> tuple[dict, list[np.ndarray]]:
+def arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every array a checkpoint holds, by key path, in tree order (checked against its checksum).
+
+    Use it to inspect a checkpoint or to load part of one (e.g. only ``params/...``). A
+    version-1 checkpoint has no key paths: its arrays are named ``leaf_00000``, ``leaf_00001``...
+
+    Raises:
+      CheckpointError: the file is missing, corrupted or truncated.
+    """
+    header, leaves = _load(path)
+    return dict(zip(_names(header), leaves))
+
+
+def _names(header: dict[str, Any]) -> list[str]:
+    if header["format"] == _V1:
+        return [f"leaf_{i:05d}" for i in range(header["num_leaves"])]
+    return list(header["keys"])
+
+
+def _load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[np.ndarray]]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            if header.get("format") != FORMAT:
+            header = json.loads(str(data[_HEADER]))
+            if header.get("format") not in (FORMAT, _V1):
                 raise CheckpointError(f"{path} is not a jmaml checkpoint (format {header.get('format')!r})")
-            arrays = [np.array(data[f"leaf_{i:05d}"]) for i in range(header["num_leaves"])]
+            leaves = [np.array(data[name]) for name in _names(header)]
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated "
                               f"({type(e).__name__}: {e}); nothing was overwritten") from None
-    if _digest(arrays) != header.get("sha256"):
+    if _digest(leaves) != header.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupted: its checksum does not match its "
                               "contents; nothing was overwritten")
-    return header, arrays
+    return header, leaves
 
 
-def restore(path: str | os.PathLike, template: Any, check: Any = None) -> tuple[Any, dict]:
-    """Reads a checkpoint into the structure of ``template``; ``check(header)``, if given, runs on
-    the header first (to refuse a checkpoint of another run with that reason, before its shapes).
+def restore(path: str | os.PathLike[str], template: Any,
+            check: Callable[[dict[str, Any]], object] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Reads a checkpoint into the structure of ``template``.
+
+    Arrays are matched to the template's leaves by key path (by position for a version-1 file),
+    and each one's shape and dtype is checked.
+
+    Args:
+      path: the checkpoint file.
+      template: a tree of the structure to restore (e.g. a freshly initialised ``TrainState``).
+      check: called with the header first, to refuse a checkpoint of another run with that
+        reason before its shapes are compared.
 
     Returns:
       ``(tree, header)``.
 
     Raises:
-      CheckpointError: if the file is missing, corrupted or truncated, or its leaves do not
-        match the template's number, shapes or dtypes.
+      CheckpointError: if the file is missing, corrupted or truncated, or its arrays do not
+        match the template's key paths, number, shapes or dtypes.
+
+    Example:
+      >>> import jax.numpy as jnp, tempfile, os
+      >>> path = os.path.join(tempfile.mkdtemp(), "c.npz")
+      >>> save(path, {"w": jnp.arange(3.0)}, step=2)
+      >>> tree, header = restore(path, {"w": jnp.zeros(3)})
+      >>> tree["w"].tolist(), header["step"]
+      ([0.0, 1.0, 2.0], 2)
     """
-    header, arrays = _load(path)
+    header, stored = _load(path)
     if check is not None:
         check(header)
     leaves, treedef = jax.tree.flatten(template)
-    if len(leaves) != len(arrays):
-        raise CheckpointError(f"checkpoint {path} holds {len(arrays)} arrays but the model and "
+    if len(leaves) != len(stored):
+        raise CheckpointError(f"checkpoint {path} holds {len(stored)} arrays but the model and "
                               f"optimiser expect {len(leaves)}: it was written by a different configuration")
+    if header["format"] == _V1:
+        names, ordered = _names(header), stored
+    else:
+        names = key_paths(template)
+        by_name = dict(zip(header["keys"], stored))
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} has no array {missing[0]!r} (it holds "
+                                  f"{', '.join(header['keys'][:6])}...): a different configuration")
+        ordered = [by_name[n] for n in names]
     restored = []
-    for i, (t, a) in enumerate(zip(leaves, arrays)):
+    for name, t, a in zip(names, leaves, ordered):
         want = _to_numpy(t)
         if want.shape != a.shape or want.dtype != a.dtype:
-            raise CheckpointError(f"checkpoint {path}: array {i} has shape {a.shape} and dtype {a.dtype}, "
+            raise CheckpointError(f"checkpoint {path}: array {name!r} has shape {a.shape} and dtype {a.dtype}, "
                                   f"expected {want.shape} and {want.dtype} (a different configuration)")
         restored.append(jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_key(t)
                         else jnp.asarray(a))

@@ -226,6 +226,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from jmaml import runinfo
+
+    info = runinfo.inspect_run(args.run_dir)
+    print(json.dumps(info, indent=2) if args.json else runinfo.format_inspection(info))
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from jmaml import sweep
     from jmaml.config import TrainConfig
@@ -375,6 +383,14 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser("plot", help="write a run's figures (fits.png, curves.png) into RUN_DIR/plots")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("inspect", help="what a run dir holds: config, checkpoints (step, every array's key "
+                                       "path and shape), last metrics",
+                       description="Lists a run dir's contents without running anything. Works on run dirs "
+                                   "of `jmaml train` and of jmaml.fit.")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_cmd_inspect)
 
 
 def _add_algo_option_flags(group) -> None:

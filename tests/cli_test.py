@@ -111,6 +111,18 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
     results = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert results["protocol"]["held_out_tasks"] == 600
     assert set(results["maml"]) == {"5", "10", "20"} and len(results["maml"]["10"]["mean"]) == 11
+    # jmaml inspect lists it: config, each checkpoint's key paths and shapes, the last metrics.
+    code, out, err = _run(capsys, "inspect", run)
+    assert code == 0, err
+    assert "config: task=sinusoid, algo=maml" in out and "maml.ckpt.npz: step 30" in out
+    assert "params/1/w" in out and "8x1" in out and "last metrics (maml, step 30)" in out
+    code, out, _ = _run(capsys, "inspect", run, "--json")
+    info = json.loads(out)
+    shapes = {a["key"]: a["shape"] for a in info["checkpoints"][0]["arrays"]}
+    assert shapes["params/0/w"] == [1, 8] and shapes["opt_state/0/mu/1/b"] == [1]
+    assert info["checkpoints"][0]["num_params"] == 1 * 8 + 8 + 8 * 1 + 1  # --hidden 8: one hidden layer
+    code, _, err = _run(capsys, "inspect", str(tmp_path))
+    assert code == 2 and "not a jmaml run dir" in err
     # Running the same command again finds the finished run and does not retrain or re-evaluate.
     eval_mtime = (tmp_path / "run" / "eval.json").stat().st_mtime
     code, out, err = _run(capsys, *argv)

@@ -65,8 +65,7 @@ def _wait(procs, timeout):
 
 def _state(run_dir):
     """Every leaf of the checkpointed state: parameters, Adam's moments, step and key."""
-    with np.load(os.path.join(run_dir, "maml.ckpt.npz")) as z:
-        return {k: z[k] for k in z.files if k.startswith("leaf_")}
+    return checkpoint.arrays(os.path.join(run_dir, "maml.ckpt.npz"))
 
 
 def _jmaml(*args):
