@@ -145,12 +145,17 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
 
     config = _train_config(args)
     mesh = _mesh(args)
+    writers = []
+    if args.tensorboard is not None:
+        from jmaml.writers import TensorBoardWriter
+
+        writers.append(TensorBoardWriter(args.tensorboard or os.path.join(args.out, "tensorboard")))
     t0 = time.perf_counter()
     try:
         train.train(config, args.out, resume=args.resume, overwrite=args.overwrite, mesh=mesh,
                     allow=tuple(name for name, on in (("changed-data", args.allow_changed_data),
                                                       ("changed-settings", args.allow_changed_settings)) if on),
-                    stop_flag=flag)
+                    stop_flag=flag, writers=writers)
     except distributed.DistributedError as e:
         print(f"jmaml train: distributed run failed: {e}", file=sys.stderr)
         return 4
@@ -360,6 +365,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--log-every", type=int, default=None,
                    help="steps per compiled chunk and per metrics line (default 1000)")
     g.add_argument("--no-eval", action="store_true", help="skip evaluation and plots")
+    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also log every metric to TensorBoard event files in DIR (default OUT/tensorboard); "
+                        "needs pip install 'jmaml[tensorboard]'")
     g = p.add_argument_group("scale-out (the task axis sharded over devices and processes; see README)")
     g.add_argument("--devices", type=int, default=None,
                    help="shard each meta-batch over the first N devices (default: all, when there are several)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import json
 import math
 import os
 import signal
@@ -32,6 +31,7 @@ import optax
 from jax.sharding import Mesh
 
 from jmaml import checkpoint, distributed
+from jmaml import writers as writers_mod
 from jmaml._checks import check_positive_int, check_task_batch_tree
 from jmaml._signals import StopFlag  # noqa: F401 - part of the engine's API
 from jmaml.meta import TrainState, init_state, make_estimator_step
@@ -253,11 +253,6 @@ class Progress:
             self.last_line = time.perf_counter()
 
 
-def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: float) -> str | None:
     """Describes the divergence in a chunk's metrics (naming the step and tasks), or None."""
     loss, gnorm, pre = metrics["meta_loss"], metrics["grad_norm"], metrics["pre_adapt_loss"]
@@ -290,6 +285,7 @@ def chunk_record(name: str, step: int, metrics: dict[str, np.ndarray], seconds: 
         if key not in record and np.issubdtype(np.asarray(value).dtype, np.number):
             record[key] = float(np.mean(value))
     record["steps_per_s"] = length / seconds
+    record["wall_time"] = time.time()
     return record
 
 
@@ -331,8 +327,8 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         steps: int, meta_batch_size: int, key: Any = 0, run_dir: str | None = None, resume: bool = False,
         name: str | None = None, log_every: int = 1000, checkpoint_every: int | None = None,
         max_loss_ratio: float = 1000.0, mesh: Mesh | None = None,
-        callback: Callable[[dict, TrainState], Any] | None = None, stream: TextIO | None = None,
-        progress: bool = True, stop_at_step: int | None = None, host_loop: bool = False,
+        callback: Callable[[dict, TrainState], Any] | None = None, writers: Any = None,
+        stream: TextIO | None = None, progress: bool = True, stop_at_step: int | None = None, host_loop: bool = False,
         divergence_hint: str | None = None, stop_flag: StopFlag | None = None,
         model_state: Any = None, checkpoint_meta: dict | None = None,
         check_checkpoint: Callable[[str, dict], Any] | None = None) -> TrainState:
@@ -358,7 +354,12 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         un-adapted one over a chunk (an exploding inner loop); ``math.inf`` disables.
       mesh: shard each meta-batch's tasks over this mesh (``jmaml.distributed.task_mesh``). In a
         multi-process job every process calls ``fit`` alike; process 0 alone writes files.
-      callback: ``callback(record, state)`` after every chunk, with the metrics line as a dict.
+      callback: ``callback(record, state)`` after every chunk, with the metrics line as a dict
+        (on every process of a multi-process job).
+      writers: metric writers (``jmaml.writers``: ``JsonlWriter``, ``TensorBoardWriter``,
+        ``CallbackWriter``, or any object with ``write(record)`` and ``flush()``), given every
+        chunk's record -- the learner's scalars, ``steps_per_s``, ``wall_time`` -- beside
+        ``run_dir``'s ``metrics.jsonl``; process 0 alone writes. Flushed when ``fit`` ends or stops.
       stream: where progress goes (default stderr); ``progress=False`` silences it.
       stop_at_step: stop with a checkpoint (raising ``Interrupted``) at this step.
       host_loop: a Python loop over a jitted step instead of a compiled scan (see ``make_chunk``).
@@ -401,6 +402,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
                              "checkpoints are written between chunks")
     if mesh is not None:
         distributed.check_divisible(meta_batch_size, mesh)
+    sinks = writers_mod.check_writers(writers)
     name = name or learner.name
     writer = distributed.is_writer()
     try:
@@ -429,7 +431,8 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     chunk = make_chunk(learner, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh, host_loop=host_loop)
     _preflight(learner, tasks, optimiser, state, meta_batch_size)
     bar = Progress(name, steps, step, stream) if progress else None
-    metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir is not None else None
+    if run_dir is not None:
+        sinks.insert(0, writers_mod.JsonlWriter(os.path.join(run_dir, "metrics.jsonl")))
 
     def save(state: TrainState, step: int) -> None:
         if ckpt is not None and writer:
@@ -468,8 +471,8 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
             state, step = new_state, step + length
             record = chunk_record(name, step, metrics, dt, length)
             if writer:
-                if metrics_path is not None:
-                    append_jsonl(metrics_path, record)
+                for sink in sinks:
+                    sink.write(record)
                 if bar is not None:
                     bar.update(step, record["meta_loss"], record["steps_per_s"], final=step >= steps)
             if callback is not None:
@@ -484,4 +487,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     finally:
         if owned_flag:
             flag.__exit__(None, None, None)
+        if writer:
+            for sink in sinks:
+                sink.flush()
     return state

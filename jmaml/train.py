@@ -19,6 +19,7 @@ import jax
 from jax.sharding import Mesh
 
 from jmaml import distributed, engine, learners, recipes, rundir, tasks
+from jmaml import writers as writers_mod
 from jmaml.config import BASELINE, OPTIMISERS, TrainConfig  # noqa: F401 - re-exported
 from jmaml.engine import DivergenceError, Interrupted, Progress  # noqa: F401 - re-exported
 from jmaml.meta import TrainState
@@ -76,7 +77,7 @@ def _divergence_hint(config: TrainConfig, phase: str) -> str:
 
 def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, stop_at_step: int | None = None,
               stream: TextIO | None = None, stop_flag: engine.StopFlag | None = None,
-              mesh: Mesh | None = None, allow: tuple[str, ...] = ()) -> TrainState:
+              mesh: Mesh | None = None, allow: tuple[str, ...] = (), writers: Any = None) -> TrainState:
     """Trains one phase to ``config.steps`` with checkpoints (``jmaml.fit``); returns the final state."""
     phase = _phase_name(config, phase)
     learner, dist, optimiser = recipes.phase_parts(config, phase)
@@ -89,7 +90,7 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, st
                       checkpoint_every=config.checkpoint_every,
                       max_loss_ratio=config.max_loss_ratio if phase != BASELINE else float("inf"), mesh=mesh,
                       stream=stream, stop_at_step=stop_at_step, host_loop=host_loop,
-                      divergence_hint=_divergence_hint(config, phase), stop_flag=stop_flag,
+                      divergence_hint=_divergence_hint(config, phase), stop_flag=stop_flag, writers=writers,
                       checkpoint_meta={"run": rundir.run_fingerprint(config), "algo": config.algo,
                                        "x64": bool(jax.config.jax_enable_x64),
                                        "data": rundir.data_fingerprint(config)},
@@ -109,7 +110,7 @@ def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
 def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
           stop_at_step: int | None = None, stream: TextIO | None = None,
           mesh: Mesh | None = None, allow: tuple[str, ...] = (),
-          stop_flag: engine.StopFlag | None = None) -> dict[str, TrainState]:
+          stop_flag: engine.StopFlag | None = None, writers: Any = None) -> dict[str, TrainState]:
     """Meta-trains (and trains the pretrained baseline) into ``run_dir``.
 
     Args:
@@ -128,6 +129,8 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
         meta rate after a divergence stop: config.json records the old settings); refused otherwise.
       stop_flag: an installed ``engine.StopFlag`` to honour (the CLI installs one before anything else,
         so a signal during start-up is not lost); by default ``train`` installs its own.
+      writers: metric writers given every chunk's record of every phase, beside ``metrics.jsonl``
+        (``jmaml.writers``; e.g. ``[TensorBoardWriter(run_dir + "/tensorboard")]``).
 
     Returns:
       ``{"maml": state, "pretrained": state}``: the meta-learner's state under ``"maml"`` whatever
@@ -152,7 +155,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
         try:
             return _train_locked(config, run_dir, resume=resume, overwrite=overwrite, stop_at_step=stop_at_step,
                                  stream=stream, mesh=mesh, allow=tuple(allow),
-                                 stop_flag=stop_flag)
+                                 stop_flag=stop_flag, writers=writers_mod.check_writers(writers))
         except Exception as e:
             # a refused, misconfigured or out-of-memory new run leaves nothing behind in a folder it created
             if writer and created and not [n for n in os.listdir(run_dir) if n.endswith(".ckpt.npz")]:
@@ -165,7 +168,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
 
 def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite: bool, stop_at_step: int | None,
                   stream: TextIO | None, mesh: Mesh | None, allow: tuple[str, ...],
-                  stop_flag: engine.StopFlag | None) -> dict[str, TrainState]:
+                  stop_flag: engine.StopFlag | None, writers: list[Any]) -> dict[str, TrainState]:
     writer = distributed.is_writer()
     mode, refusal = "new", None
     if writer:
@@ -202,7 +205,7 @@ def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite:
     with contextlib.nullcontext(stop_flag) if stop_flag is not None else engine.StopFlag() as flag:
         for phase in config.phases():
             states[phase] = run_phase(config, run_dir, phase, resume=mode != "new", stop_at_step=stop_at_step,
-                                      stream=stream, stop_flag=flag, mesh=mesh, allow=allow)
+                                      stream=stream, stop_flag=flag, mesh=mesh, allow=allow, writers=writers)
     states["maml"] = states[config.algo]
     return states
 

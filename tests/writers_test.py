@@ -1,0 +1,82 @@
+"""Metric writers: JSONL, a user callback, TensorBoard (the event file is read back with the
+protobuf definitions, not through jmaml), and bad writers named clearly."""
+
+import json
+import struct
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jmaml import fit, learners, make_loss, models, tasks, writers
+
+
+def _fit(tmp_path, **kw):
+    model = models.mlp([1, 8, 1])
+    learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
+    return fit(learner, tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)),
+               **{"steps": 30, "meta_batch_size": 4, "log_every": 10, "progress": False, **kw})
+
+
+def _events(path):
+    """Every Event in a TensorBoard file: TFRecord framing (length, crc, data, crc) parsed here."""
+    from tensorboardX.proto import event_pb2
+
+    data, out, i = path.read_bytes(), [], 0
+    while i < len(data):
+        (length,) = struct.unpack("<Q", data[i:i + 8])
+        out.append(event_pb2.Event.FromString(data[i + 12:i + 12 + length]))
+        i += 12 + length + 4
+    return out
+
+
+def test_jsonl_and_callback_writers_get_every_chunk_with_speed_and_wall_time(tmp_path):
+    seen = []
+    _fit(tmp_path, run_dir=str(tmp_path / "run"),
+         writers=[writers.JsonlWriter(tmp_path / "extra" / "m.jsonl"), writers.CallbackWriter(seen.append)])
+    own = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    extra = [json.loads(line) for line in (tmp_path / "extra" / "m.jsonl").read_text().splitlines()]
+    assert own == extra == seen
+    assert [r["step"] for r in seen] == [10, 20, 30]
+    for r in seen:
+        assert r["steps_per_s"] > 0 and r["wall_time"] > 1.7e9 and np.isfinite(r["meta_loss"])
+    assert seen[0]["wall_time"] <= seen[1]["wall_time"] <= seen[2]["wall_time"]
+
+
+def test_tensorboard_event_file_holds_every_scalar_at_its_step(tmp_path):
+    pytest.importorskip("tensorboardX")
+    seen = []
+    tb = writers.TensorBoardWriter(tmp_path / "tb")
+    _fit(tmp_path, writers=[tb, writers.CallbackWriter(seen.append)])
+    tb.close()
+    files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    got = {}
+    for event in _events(files[0]):
+        for value in event.summary.value:
+            got[(value.tag, event.step)] = value.simple_value
+    for record in seen:
+        for name in ("meta_loss", "grad_norm", "pre_adapt_loss", "steps_per_s"):
+            assert got[(f"maml/{name}", record["step"])] == pytest.approx(record[name], rel=1e-6)
+    assert {step for _, step in got} == {10, 20, 30}
+
+
+def test_train_cli_tensorboard_flag(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from jmaml import cli
+
+    run = tmp_path / "run"
+    code = cli.main(["train", "--out", str(run), "--steps", "20", "--log-every", "10", "--hidden", "8",
+                     "--meta-batch-size", "4", "--no-eval", "--no-pretrain", "--tensorboard"])
+    assert code == 0
+    tags = {(v.tag, e.step) for f in (run / "tensorboard").glob("events.*") for e in _events(f)
+            for v in e.summary.value}
+    assert ("maml/meta_loss", 10) in tags and ("maml/meta_loss", 20) in tags
+
+
+def test_a_bad_writer_is_named(tmp_path):
+    with pytest.raises(TypeError, match=r"writers\[1\].*write\(record\) and flush\(\)"):
+        _fit(tmp_path, writers=[writers.JsonlWriter(tmp_path / "m.jsonl"), print])
+    with pytest.raises(TypeError, match="fn must be callable"):
+        writers.CallbackWriter(3)
