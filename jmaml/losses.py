@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jmaml.types import Batch, LossFn, Params
 
@@ -23,13 +24,13 @@ def _check_same_shape(pred, target, what: str) -> None:
 def sum_squared_error(pred: jax.Array, target: jax.Array) -> jax.Array:
     r"""Sum of squared errors :math:`\sum_i (y_i - \hat y_i)^2` (the seed's Eq. 1)."""
     _check_same_shape(pred, target, "sum_squared_error")
-    return jnp.sum(jnp.square(target - pred))
+    return jnp.sum(optax.losses.squared_error(pred, target))
 
 
 def mean_squared_error(pred: jax.Array, target: jax.Array) -> jax.Array:
     r"""Mean squared error over all elements (the MAML paper's regression loss)."""
     _check_same_shape(pred, target, "mean_squared_error")
-    return jnp.mean(jnp.square(target - pred))
+    return jnp.mean(optax.losses.squared_error(pred, target))
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -39,9 +40,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
                          f"integer labels of shape (n,), got {logits.shape} and {labels.shape}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"softmax_cross_entropy: labels must be integers, got dtype {labels.dtype}")
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-    return -jnp.mean(picked)
+    return jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 LOSS_KINDS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
