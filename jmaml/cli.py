@@ -57,7 +57,7 @@ _TRAIN_FLAGS = {
     "seed": "seed", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "pretrain": "pretrain", "remat": "remat", "algo": "algo",
     "task": "task", "data_dir": "data_dir", "cache_dir": "cache_dir", "ways": "ways", "image_size": "image_size",
-    "eval_inner_steps": "eval_inner_steps", "num_train_classes": "num_train_classes",
+    "backbone": "backbone", "eval_inner_steps": "eval_inner_steps", "num_train_classes": "num_train_classes",
 }
 
 
@@ -314,15 +314,19 @@ def _add_train_parser(sub) -> None:
     g = p.add_argument_group("model and task")
     g.add_argument("--task", default=None, choices=tuple(tasks.FAMILIES),
                    help="sinusoid regression (default), or few-shot classification from an image folder with "
-                        "the paper's settings as defaults (Omniglot 5-way: alpha 0.4, 1 step, 3 at test, 32 "
-                        "tasks; 20-way: 0.1, 5, 5, 16; miniImageNet: 0.01, 5, 10, 4 (1-shot) / 2; 15 query "
-                        "images per class)")
+                        "the MAML paper's settings as defaults (Omniglot 5-way: alpha 0.4, 1 step, 3 at test, 32 "
+                        "tasks; 20-way: 0.1, 5, 5, 16; miniImageNet, tieredImageNet, CIFAR-FS, FC100: 0.01, 5, "
+                        "10, 4 (1-shot) / 2; 15 query images per class)")
     g.add_argument("--data-dir", default=None, metavar="PATH",
-                   help="the dataset's folder (Omniglot: images_background/..., miniImageNet: train/CLASS/...)")
+                   help="the dataset's folder (Omniglot: images_background/..., miniImageNet and tieredImageNet: "
+                        "train/CLASS/..., CIFAR-FS and FC100: CIFAR-100's CLASS/*.png folders)")
+    g.add_argument("--backbone", default=None, choices=("conv4", "resnet12"),
+                   help="image tasks: conv4 (default; the MAML paper's) or resnet12 (64-160-320-640)")
     g.add_argument("--cache-dir", default=None, metavar="PATH",
                    help="where the decoded-image cache goes (default: DATA_DIR/.jmaml_cache; for read-only datasets)")
     g.add_argument("--ways", type=int, default=None, help="N classes per episode (image tasks; default 5)")
-    g.add_argument("--image-size", type=int, default=None, help="resize images to this (default 28 / 84)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="resize images to this (default 28 Omniglot, 32 CIFAR, 84 ImageNet)")
     g.add_argument("--num-train-classes", type=int, default=None,
                    help="Omniglot: characters for meta-training, the rest are test classes (default 1200)")
     g.add_argument("--eval-inner-steps", type=int, default=None,

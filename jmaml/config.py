@@ -84,7 +84,8 @@ class TrainConfig:
     data_dir: str | None = None  # the dataset's folder (image tasks)
     cache_dir: str | None = None  # where the decoded-image cache goes (default: DATA_DIR/.jmaml_cache)
     ways: int = 5  # N classes per episode (image tasks); num_support / num_query are then per class
-    image_size: int | None = None  # None: 28 (Omniglot), 84 (miniImageNet)
+    image_size: int | None = None  # None: 28 (Omniglot), 32 (CIFAR-FS, FC100), 84 (mini/tieredImageNet)
+    backbone: str = "conv4"  # image tasks: "conv4" (the MAML paper's) or "resnet12"
     num_train_classes: int = 1200  # Omniglot characters used for meta-training (the rest are test classes)
     eval_inner_steps: int = 10  # inner steps at test time (evaluation curves run 0..this)
     # Stop when, over a chunk, the adapted query loss averages more than this many times the
@@ -104,7 +105,7 @@ class TrainConfig:
         for name in ("pretrain", "remat"):  # strict: "false" in a config.json is not false
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("task", "algo", "optimiser", "activation", "loss"):
+        for name in ("task", "algo", "optimiser", "activation", "loss", "backbone"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("data_dir", "cache_dir"):

@@ -138,18 +138,40 @@ def mlp_batchnorm(sizes: Sequence[int], activation: str = "relu", *, momentum: f
 def _conv_block(block: dict[str, jax.Array], h: jax.Array, strided: bool) -> jax.Array:
     """3x3 conv (stride 2 if ``strided``) -> batch norm on this batch's statistics -> ReLU -> 2x2 max-pool
     (unless strided). ``h`` is NHWC."""
-    h = jax.lax.conv_general_dilated(h, block["w"], window_strides=(2, 2) if strided else (1, 1), padding="SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    # Transductive batch norm: the mean and variance of the batch at hand (a task's support set, or
-    # its query set), per channel; learnable scale and offset; no running averages between tasks.
+    h = _conv(h, block["w"], 2 if strided else 1)
+    h = jax.nn.relu(_batch_norm(h, block["scale"], block["offset"]))
+    if not strided:
+        h = _max_pool(h)
+    return h
+
+
+def _conv(h: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
+    return jax.lax.conv_general_dilated(h, w, window_strides=(stride, stride), padding="SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _batch_norm(h: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+    """Transductive batch norm of NHWC ``h``: the mean and variance of the batch at hand (a task's
+    support set, or its query set), per channel; learnable scale and offset; no running averages."""
     mean = jnp.mean(h, axis=(0, 1, 2), keepdims=True)
     var = jnp.mean(jnp.square(h - mean), axis=(0, 1, 2), keepdims=True)
     h = (h - mean) * jax.lax.rsqrt(var + BATCH_NORM_EPS)
-    h = h * block["scale"].reshape(1, 1, 1, -1) + block["offset"].reshape(1, 1, 1, -1)
-    h = jax.nn.relu(h)
-    if not strided:
-        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-    return h
+    return h * scale.reshape(1, 1, 1, -1) + offset.reshape(1, 1, 1, -1)
+
+
+def _max_pool(h: jax.Array) -> jax.Array:
+    return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _he_conv(key: PRNGKey, size: int, cin: int, cout: int) -> jax.Array:
+    """He-style scaled normal weights of a ``size`` x ``size`` convolution (for ReLU-like activations)."""
+    return jax.random.normal(key, (size, size, cin, cout)) * jnp.sqrt(2.0 / (size * size * cin))
+
+
+def _check_images(x: jax.Array, image_size: int, in_channels: int, name: str) -> None:
+    if x.ndim != 4 or x.shape[1:] != (image_size, image_size, in_channels):
+        raise ValueError(f"{name} expects images of shape (n, {image_size}, {image_size}, {in_channels}), "
+                         f"got {x.shape}")
 
 
 def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided: bool = True,
@@ -191,25 +213,99 @@ def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided:
 
     def init(key: PRNGKey) -> dict[str, Any]:
         keys = jax.random.split(key, 5)
-        blocks = []
-        for i in range(4):
-            fan_in = 9 * (in_channels if i == 0 else filters)
-            # He-style scaled normal for the ReLU convolutions
-            w = jax.random.normal(keys[i], (3, 3, in_channels if i == 0 else filters, filters)) * jnp.sqrt(2.0 / fan_in)
-            blocks.append({"w": w, "scale": jnp.ones((filters,)), "offset": jnp.zeros((filters,))})
+        blocks = [{"w": _he_conv(keys[i], 3, in_channels if i == 0 else filters, filters),
+                   "scale": jnp.ones((filters,)), "offset": jnp.zeros((filters,))} for i in range(4)]
         bound = 1.0 / jnp.sqrt(features)
         head = {"w": jax.random.uniform(keys[4], (features, num_classes), minval=-bound, maxval=bound),
                 "b": jnp.zeros((num_classes,))}
         return {"blocks": blocks, "head": head}
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
-        if x.ndim != 4 or x.shape[1:] != (image_size, image_size, in_channels):
-            raise ValueError(f"conv4 expects images of shape (n, {image_size}, {image_size}, {in_channels}), "
-                             f"got {x.shape}")
+        _check_images(x, image_size, in_channels, "conv4")
         h = x
         for block in params["blocks"]:
             h = _conv_block(block, h, strided)
         h = jnp.mean(h, axis=(1, 2)) if strided else h.reshape(h.shape[0], -1)
         return _dense(params["head"], h)
+
+    return Model(init, apply)
+
+
+RESNET12_WIDTHS = (64, 160, 320, 640)  # Oreshkin et al. (2018), Lee et al. (2019)
+
+
+def resnet12(num_classes: int, *, in_channels: int = 3, widths: tuple[int, ...] = RESNET12_WIDTHS,
+             image_size: int = 84, leak: float = 0.1) -> Model:
+    """ResNet-12, the backbone of most recent few-shot results (TADAM, Oreshkin et al. 2018;
+    MetaOptNet, Lee et al. 2019), written as pure functions for meta-learning.
+
+    Four residual blocks of widths ``widths`` (64-160-320-640 by default); each is three 3x3
+    convolutions, each followed by batch norm and a leaky ReLU (slope ``leak``; the last one after
+    the shortcut is added), a 1x1 convolution + batch norm shortcut, then 2x2 max-pooling. Global
+    average pooling and a dense layer to ``num_classes`` logits. Batch norm is transductive, as in
+    ``conv4`` (the statistics of the batch at hand, learnable scale and offset, no running
+    averages). DropBlock, which the supervised-pretraining papers add, is left out: inner-loop
+    adaptation on a few images has little to regularise and the meta-gradient stays deterministic.
+
+    Args:
+      num_classes: N, the ways.
+      in_channels: 1 (grey) or 3 (RGB).
+      widths: channels of the four blocks (smaller widths make a cheaper model of the same shape).
+      image_size: input height = width (at least 16: four 2x2 poolings).
+      leak: the leaky ReLU's negative slope.
+
+    Returns:
+      ``Model(init, apply)``; ``apply(params, x)`` takes images ``(n, image_size, image_size,
+      in_channels)`` and returns logits ``(n, num_classes)``.
+
+    Raises:
+      ValueError: non-positive sizes, not four widths, or an image too small for four poolings.
+
+    Example:
+      >>> import jax
+      >>> net = resnet12(5, widths=(4, 4, 8, 8), image_size=16)
+      >>> params = net.init(jax.random.key(0))
+      >>> net.apply(params, jax.numpy.zeros((10, 16, 16, 3))).shape
+      (10, 5)
+    """
+    num_classes = check_positive_int(num_classes, "num_classes")
+    in_channels = check_positive_int(in_channels, "in_channels")
+    image_size = check_positive_int(image_size, "image_size")
+    widths = tuple(widths)
+    if len(widths) != 4:
+        raise ValueError(f"widths must be four block widths, got {widths!r}")
+    for i, w in enumerate(widths):
+        check_positive_int(w, f"widths[{i}]")
+    if image_size < 16:
+        raise ValueError(f"image_size {image_size} is too small for ResNet-12's four 2x2 poolings (at least 16)")
+
+    def init(key: PRNGKey) -> dict[str, Any]:
+        keys = jax.random.split(key, 4 * 4 + 1)
+        blocks, cin = [], in_channels
+        for b, cout in enumerate(widths):
+            k = keys[4 * b:4 * b + 4]
+            norm = lambda: {"scale": jnp.ones((cout,)), "offset": jnp.zeros((cout,))}
+            blocks.append({"convs": [{"w": _he_conv(k[i], 3, cin if i == 0 else cout, cout), **norm()}
+                                     for i in range(3)],
+                           "shortcut": {"w": _he_conv(k[3], 1, cin, cout), **norm()}})
+            cin = cout
+        bound = 1.0 / jnp.sqrt(widths[-1])
+        head = {"w": jax.random.uniform(keys[-1], (widths[-1], num_classes), minval=-bound, maxval=bound),
+                "b": jnp.zeros((num_classes,))}
+        return {"blocks": blocks, "head": head}
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        _check_images(x, image_size, in_channels, "resnet12")
+        act = lambda h: jax.nn.leaky_relu(h, leak)
+        h = x
+        for block in params["blocks"]:
+            out = h
+            for i, conv in enumerate(block["convs"]):
+                out = _batch_norm(_conv(out, conv["w"]), conv["scale"], conv["offset"])
+                if i < 2:
+                    out = act(out)
+            sc = block["shortcut"]
+            h = _max_pool(act(out + _batch_norm(_conv(h, sc["w"]), sc["scale"], sc["offset"])))
+        return _dense(params["head"], jnp.mean(h, axis=(1, 2)))
 
     return Model(init, apply)

@@ -42,11 +42,18 @@ def atomic_write_text(path: str, text: str) -> None:
     checkpoint.atomic_write(path, lambda f: f.write(text), text=True)
 
 
+# Fields added to TrainConfig after runs were written, with the value every older run implicitly had.
+_LATER_FIELDS = {"backbone": "conv4"}
+
+
 def run_fingerprint(config: TrainConfig) -> str:
     """A hash of the settings that make a run what it is (all but its length, which may grow on
     resume): recorded in its checkpoints, so a checkpoint of another run is refused."""
     d = config.to_dict()
     d.pop("steps")
+    for name, default in _LATER_FIELDS.items():  # a run written before the field existed keeps its fingerprint
+        if d.get(name) == default:
+            d.pop(name)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

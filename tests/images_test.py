@@ -294,3 +294,175 @@ def test_an_unwritable_cache_is_skipped_with_a_note(tmp_path, capsys):
     splits = images.load_omniglot(root, num_train_classes=3, cache_dir=str(tmp_path / "file" / "cache"))
     assert splits["train"].images.shape[0] == 12
     assert "cannot write the image cache" in capsys.readouterr().err
+
+
+# ---- CIFAR-FS, FC100, tieredImageNet and ResNet-12 ---------------------------------------------
+
+def write_cifar100(root, per_class=6, seed=0, classes=None, nested=True):
+    """CIFAR-100 as class folders of 32x32 PNGs (ROOT/data/CLASS/*.png), each class a colour pattern
+    of its own plus noise."""
+    rng = np.random.default_rng(seed)
+    base = os.path.join(root, "data") if nested else root
+    for name in classes or images.CIFAR100_CLASSES:
+        folder = os.path.join(base, name)
+        os.makedirs(folder)
+        pattern = np.kron(rng.integers(0, 256, size=(4, 4, 3)), np.ones((8, 8, 1)))
+        for i in range(per_class):
+            img = np.clip(pattern + rng.normal(0, 20, pattern.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(folder, f"{name}_{i}.png"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    return write_cifar100(str(tmp_path_factory.mktemp("cifar100")))
+
+
+def test_standard_cifar_splits_are_the_published_class_lists():
+    # 100 classes, each in one superclass; CIFAR-FS 64/16/20 and FC100 60/20/20 partition them.
+    assert len(images.CIFAR100_CLASSES) == 100 and len(images.CIFAR100_SUPERCLASSES) == 20
+    for splits in (images.CIFARFS_SPLITS, images.FC100_SPLITS):
+        parts = [set(splits[s]) for s in ("train", "val", "test")]
+        assert set().union(*parts) == set(images.CIFAR100_CLASSES) and sum(map(len, parts)) == 100
+    assert [len(images.CIFARFS_SPLITS[s]) for s in ("train", "val", "test")] == [64, 16, 20]
+    assert [len(images.FC100_SPLITS[s]) for s in ("train", "val", "test")] == [60, 20, 20]
+    # FC100: no superclass is split between train and test (that is its point)
+    group = {c: g for g, cs in images.CIFAR100_SUPERCLASSES.items() for c in cs}
+    assert not {group[c] for c in images.FC100_SPLITS["train"]} & {group[c] for c in images.FC100_SPLITS["test"]}
+    # a few published members (Bertinetto et al.'s test list; Oreshkin et al.'s test superclasses)
+    assert {"whale", "poppy", "rocket", "woman"} <= set(images.CIFARFS_SPLITS["test"])
+    assert {"beaver", "bee", "fox", "baby"} <= set(images.FC100_SPLITS["test"])
+
+
+def test_cifarfs_and_fc100_loaders_shapes_disjoint_and_deterministic(cifar_dir):
+    fs = images.load_cifar_fs(cifar_dir, splits=("train", "val", "test"))
+    assert {s: fs[s].images.shape for s in fs} == {"train": (64, 6, 32, 32, 3), "val": (16, 6, 32, 32, 3),
+                                                 "test": (20, 6, 32, 32, 3)}
+    assert set(fs["test"].classes) == set(images.CIFARFS_SPLITS["test"])
+    fc = images.load_fc100(cifar_dir, splits=("train", "val", "test"))
+    assert [fc[s].images.shape[0] for s in ("train", "val", "test")] == [60, 20, 20]
+    for splits in (fs, fc):
+        names = [set(splits[s].classes) for s in splits]
+        assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    # the pixels are the files' (decoded, not resized at 32x32)
+    first = sorted(os.listdir(os.path.join(cifar_dir, "data", fs["test"].classes[0])))[0]
+    want = np.asarray(Image.open(os.path.join(cifar_dir, "data", fs["test"].classes[0], first)))
+    np.testing.assert_array_equal(fs["test"].images[0, 0], want)
+    again = images.load_cifar_fs(cifar_dir)  # from the cache: the same arrays
+    np.testing.assert_array_equal(again["train"].images, fs["train"].images)
+    a = images.sample_tasks(jax.random.key(3), jnp.asarray(fc["train"].images), 4, ways=5, shots=1, queries=2)
+    b = images.sample_tasks(jax.random.key(3), jnp.asarray(fc["train"].images), 4, ways=5, shots=1, queries=2)
+    np.testing.assert_array_equal(a.support.x, b.support.x)
+    assert a.support.x.shape == (4, 5, 32, 32, 3) and a.query.x.shape == (4, 10, 32, 32, 3)
+
+
+def test_cifarfs_reads_bertinetto_split_files_and_presplit_trees(tmp_path, cifar_dir):
+    root = tmp_path / "own"
+    write_cifar100(str(root), per_class=2, classes=["apple", "bear", "camel", "dolphin"])
+    (root / "splits" / "bertinetto").mkdir(parents=True)
+    for split, names in (("train", "apple\nbear\n"), ("test", "camel\ndolphin\n")):
+        (root / "splits" / "bertinetto" / f"{split}.txt").write_text(names)
+    own = images.load_cifar_fs(str(root))
+    assert own["train"].classes == ("apple", "bear") and own["test"].classes == ("camel", "dolphin")
+    # ROOT/SPLIT/CLASS: read as it is
+    tree = tmp_path / "tree"
+    for split, names in (("train", ["otter", "ray"]), ("test", ["seal"])):
+        write_cifar100(str(tree / split), per_class=2, classes=names, nested=False)
+    split = images.load_fc100(str(tree))
+    assert split["train"].classes == ("otter", "ray") and split["test"].images.shape == (1, 2, 32, 32, 3)
+
+
+def test_cifar_and_tiered_bad_folders_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no CIFAR-100 class folders"):
+        images.load_cifar_fs(str(tmp_path / "empty"))
+    root = write_cifar100(str(tmp_path / "partial"), per_class=1,
+                          classes=[c for c in images.CIFAR100_CLASSES if c != "whale"])
+    with pytest.raises(ValueError, match="cifarfs test split: .* has no folder for class 'whale'"):
+        images.load_cifar_fs(root)
+    with pytest.raises(ValueError, match="no folder for class 'whale'"):
+        images.load_fc100(root)  # whale is an aquatic mammal: FC100's test split
+    os.makedirs(tmp_path / "partial" / "data" / "whale")
+    with pytest.raises(ValueError, match="class whale in .* has no images"):
+        images.load_cifar_fs(root)
+    with pytest.raises(ValueError, match="benchmark must be"):
+        images.cifar_classes(root, "cifar10", "train")
+    with pytest.raises(ValueError, match="no split 'train' in"):
+        images.load_tieredimagenet(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="does not exist"):
+        images.load_fc100(str(tmp_path / "missing"))
+
+
+def test_tieredimagenet_folder_layout(tmp_path):
+    _write_folder_dataset(str(tmp_path / "t"))
+    splits = images.load_tieredimagenet(str(tmp_path / "t"))
+    assert splits["train"].images.shape == (3, 6, 84, 84, 3)
+    assert os.listdir(tmp_path / "t" / ".jmaml_cache") and all(
+        n.startswith("tieredimagenet-") for n in os.listdir(tmp_path / "t" / ".jmaml_cache"))
+
+
+def test_resnet12_shapes_parameter_count_and_residual_blocks():
+    net = models.resnet12(5)
+    params = jax.eval_shape(net.init, jax.random.key(0))  # shapes only: nothing is computed
+    assert jax.eval_shape(net.apply, params, jax.ShapeDtypeStruct((7, 84, 84, 3), jnp.float32)).shape == (7, 5)
+    # 64-160-320-640 ResNet-12: about 12.4M parameters, as reported for it (Lee et al. 2019)
+    count = sum(leaf.size for leaf in jax.tree.leaves(params))
+    convs = sum(9 * ci * co + 2 * co for ci, co in [(3, 64), (64, 64), (64, 64), (64, 160), (160, 160),
+                                                      (160, 160), (160, 320), (320, 320), (320, 320),
+                                                      (320, 640), (640, 640), (640, 640)])
+    shortcuts = sum(ci * co + 2 * co for ci, co in [(3, 64), (64, 160), (160, 320), (320, 640)])
+    assert count == convs + shortcuts + 640 * 5 + 5 and 12.3e6 < count < 12.5e6
+    small = models.resnet12(5, widths=(4, 4, 8, 8), image_size=32)
+    p = small.init(jax.random.key(1))
+    x = jax.random.uniform(jax.random.key(2), (10, 32, 32, 3))
+    assert small.apply(p, x).shape == (10, 5)
+    # transductive batch norm: the output for a set does not depend on the set's order
+    perm = jnp.arange(10)[::-1]
+    np.testing.assert_allclose(small.apply(p, x[perm]), small.apply(p, x)[perm], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"resnet12 expects images of shape \(n, 32, 32, 3\)"):
+        small.apply(p, x[..., :1])
+    with pytest.raises(ValueError, match="too small"):
+        models.resnet12(5, image_size=8)
+    with pytest.raises(ValueError, match="four block widths"):
+        models.resnet12(5, widths=(4, 4))
+
+
+def test_short_resnet12_meta_training_on_synthetic_cifar_beats_chance(cifar_dir):
+    import optax
+
+    from jmaml import fit, learners, make_loss
+
+    fs = images.load_cifar_fs(cifar_dir, image_size=16)
+    dist = images.distribution(fs["train"].images, ways=5, shots=1, queries=2, test_images=fs["test"].images,
+                               name="cifarfs")
+    net = models.resnet12(5, widths=(4, 4, 8, 8), image_size=16)
+    learner = learners.maml(make_loss(net.apply, "xent"), inner_lr=0.1, num_inner_steps=1)
+    state = fit(learner, dist, optax.adam(3e-3), net.init(jax.random.key(0)), steps=20, meta_batch_size=4,
+                log_every=20, progress=False)
+    report = evaluate.evaluate(learner, state.params, dist, apply=net.apply, num_tasks=60, num_steps=1, key=1)
+    acc, ci = report["all"]["mean"][-1], report["all"]["ci95"][-1]
+    print(f"ResNet-12, 5-way 1-shot on held-out synthetic CIFAR-FS classes: {acc:.3f} ± {ci:.3f} (chance 0.2)")
+    assert acc - ci > 0.3  # 20 meta-steps of a 4-8 channel ResNet-12: well clear of chance, not yet good
+
+
+def test_cifarfs_cli_run_with_preset_beats_chance_and_backbone_flag(cifar_dir, tmp_path, capsys):
+    # the preset: the MAML paper's miniImageNet settings (kept where no flag overrides them)
+    assert {k: v for k, v in train.image_preset("cifarfs", 5, 1).items() if k in (
+        "inner_lr", "num_inner_steps", "eval_inner_steps", "meta_batch_size", "num_query", "steps")} == {
+        "inner_lr": 0.01, "num_inner_steps": 5, "eval_inner_steps": 10, "meta_batch_size": 4, "num_query": 15,
+        "steps": 60_000}
+    code = cli.main(["train", "--task", "cifarfs", "--data-dir", cifar_dir, "--ways", "5", "--shots", "1",
+                     "--query-shots", "2", "--meta-batch-size", "4", "--steps", "20", "--log-every", "20",
+                     "--inner-steps", "1", "--eval-inner-steps", "1", "--inner-lr", "0.1", "--image-size", "16",
+                     "--out", str(tmp_path / "run"), "--no-eval"])
+    assert code == 0, capsys.readouterr().err
+    config = train.load_config(str(tmp_path / "run"))
+    assert (config.meta_lr, config.num_query, config.backbone, config.pretrain) == (1e-3, 2, "conv4", False)
+    results = evaluate.evaluate_run(str(tmp_path / "run"), num_tasks=60)
+    acc, ci = results["maml"]["1"]["mean"], results["maml"]["1"]["ci95"]
+    assert acc[-1] - ci[-1] > 0.4  # chance is 0.2
+    assert cli.main(["train", "--task", "sinusoid", "--backbone", "resnet12", "--out", str(tmp_path / "s")]) == 2
+    assert "backbone applies to the image tasks" in capsys.readouterr().err
+    cfg = train.TrainConfig(task="fc100", data_dir=cifar_dir, backbone="resnet12", image_size=12)
+    with pytest.raises(ValueError, match="resnet12' needs image_size >= 16"):
+        cfg.validate()

@@ -11,6 +11,9 @@ FAMILIES: dict[str, TaskFamily] = {
     "sinusoid": sinusoid.family(),
     "omniglot": images.family("omniglot"),
     "miniimagenet": images.family("miniimagenet"),
+    "tieredimagenet": images.family("tieredimagenet"),
+    "cifarfs": images.family("cifarfs"),
+    "fc100": images.family("fc100"),
 }
 
 

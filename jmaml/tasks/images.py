@@ -1,4 +1,5 @@
-"""Few-shot image classification from the folders users already have: Omniglot and miniImageNet.
+"""Few-shot image classification from the folders users already have: Omniglot, miniImageNet,
+tieredImageNet, CIFAR-FS and FC100.
 
 Layouts read (nothing is downloaded):
 
@@ -9,11 +10,20 @@ Layouts read (nothing is downloaded):
   classes of the same split.
 * miniImageNet style: ``ROOT/SPLIT/CLASS/*.jpg`` (SPLIT in train/val/test), or ``ROOT/images/*.jpg``
   with ``ROOT/SPLIT.csv`` files of ``filename,label`` rows (the Ravi & Larochelle split files).
+* tieredImageNet (Ren et al. 2018): the same ``ROOT/SPLIT/CLASS/*`` layout (351 / 97 / 160 classes
+  in the standard split, grouped by ImageNet's high-level categories), 84x84 RGB.
+* CIFAR-FS (Bertinetto et al. 2019) and FC100 (Oreshkin et al. 2018): CIFAR-100's 100 classes as
+  folders of images, ``ROOT/CLASS/*.png`` or ``ROOT/data/CLASS/*.png`` (class folders named by
+  CIFAR-100's fine labels: ``apple``, ``aquarium_fish``, ...), split by the standard class lists
+  built in here: CIFAR-FS 64 / 16 / 20 random classes; FC100 by superclass, 12 / 4 / 4 superclasses
+  (60 / 20 / 20 classes), so no test class shares a superclass with a training one. Bertinetto's
+  own split files (``ROOT/splits/bertinetto/SPLIT.txt``, one class per line) are used when present,
+  and a tree already split (``ROOT/SPLIT/CLASS/*``) is read as it is. 32x32 RGB.
 
 Images are decoded once (Pillow, the optional ``jmaml[images]`` extra), resized (28×28 grey for
-Omniglot, 84×84 RGB for miniImageNet) and cached per source split as a compressed ``.npz`` keyed by
-the file list, sizes and modification times, so a changed folder is re-read and an unchanged one is
-not. A split becomes one array ``(num_classes, images_per_class, H, W, C)`` of uint8 that lives on
+Omniglot, 84×84 RGB for the ImageNet subsets, 32x32 RGB for the CIFAR ones) and cached per source
+split as a compressed ``.npz`` keyed by the files' names and contents and the decoding settings,
+so a changed folder is re-read and an unchanged one is not. A split becomes one array ``(num_classes, images_per_class, H, W, C)`` of uint8 that lives on
 the device; ``sample_episode`` / ``sample_tasks`` draw N-way K-shot episodes from it as pure
 ``jax.random`` functions inside the jitted training step.
 """
@@ -266,19 +276,190 @@ def load_omniglot(data_dir: str, *, image_size: int = 28, num_train_classes: int
     return out
 
 
-def load_miniimagenet(data_dir: str, *, image_size: int = 84, cache_dir: str | None = None,
-                      splits: tuple[str, ...] = ("train", "test"), min_per_class: int = 1) -> dict[str, ImageSplit]:
-    """miniImageNet-style splits: ``{split: ImageSplit}`` for each of ``splits``."""
-    _check_dir(data_dir, "data dir")
-    cache_dir = cache_dir or _default_cache(data_dir)
-    out = {s: load_split(folder_classes(data_dir, s), size=image_size, channels=3, min_per_class=min_per_class,
-                         cache_path=os.path.join(cache_dir, f"miniimagenet-{s}-{image_size}.npz")) for s in splits}
-    for a in splits:
-        for b in splits:
+def _check_disjoint(out: dict[str, ImageSplit]) -> dict[str, ImageSplit]:
+    for a in out:
+        for b in out:
             shared = sorted(set(out[a].classes) & set(out[b].classes)) if a < b else []
             if shared:
                 raise ValueError(f"splits {a} and {b} share classes ({', '.join(shared[:3])}): they must be disjoint")
     return out
+
+
+def _load_folder_splits(name: str, data_dir: str, image_size: int, cache_dir: str | None,
+                        splits: tuple[str, ...], min_per_class: int) -> dict[str, ImageSplit]:
+    _check_dir(data_dir, "data dir")
+    cache_dir = cache_dir or _default_cache(data_dir)
+    return _check_disjoint({
+        s: load_split(folder_classes(data_dir, s), size=image_size, channels=3, min_per_class=min_per_class,
+                      cache_path=os.path.join(cache_dir, f"{name}-{s}-{image_size}.npz")) for s in splits})
+
+
+def load_miniimagenet(data_dir: str, *, image_size: int = 84, cache_dir: str | None = None,
+                      splits: tuple[str, ...] = ("train", "test"), min_per_class: int = 1) -> dict[str, ImageSplit]:
+    """miniImageNet-style splits: ``{split: ImageSplit}`` for each of ``splits``.
+
+    Raises:
+      ValueError: a missing split, an unreadable or wrongly sized image, a class with too few
+        images, or a class in two splits (each named).
+    """
+    return _load_folder_splits("miniimagenet", data_dir, image_size, cache_dir, splits, min_per_class)
+
+
+def load_tieredimagenet(data_dir: str, *, image_size: int = 84, cache_dir: str | None = None,
+                        splits: tuple[str, ...] = ("train", "test"),
+                        min_per_class: int = 1) -> dict[str, ImageSplit]:
+    """tieredImageNet (Ren et al. 2018) from ``ROOT/SPLIT/CLASS/*`` folders: ``{split: ImageSplit}``.
+
+    The standard split is the one the folders hold (351 training, 97 validation and 160 test
+    classes, from disjoint ImageNet categories). Every class keeps as many images as the split's
+    smallest class (tieredImageNet's classes hold 732-1300); the training split then takes about
+    5.4 GB of device memory as uint8 at 84x84.
+
+    Raises:
+      ValueError: as ``load_miniimagenet``.
+    """
+    return _load_folder_splits("tieredimagenet", data_dir, image_size, cache_dir, splits, min_per_class)
+
+
+# CIFAR-100's 20 superclasses and their 5 fine classes each (the dataset's own labels).
+CIFAR100_SUPERCLASSES: dict[str, tuple[str, ...]] = {
+    "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
+    "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
+    "flowers": ("orchid", "poppy", "rose", "sunflower", "tulip"),
+    "food_containers": ("bottle", "bowl", "can", "cup", "plate"),
+    "fruit_and_vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
+    "household_electrical_devices": ("clock", "keyboard", "lamp", "telephone", "television"),
+    "household_furniture": ("bed", "chair", "couch", "table", "wardrobe"),
+    "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
+    "large_carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
+    "large_man-made_outdoor_things": ("bridge", "castle", "house", "road", "skyscraper"),
+    "large_natural_outdoor_scenes": ("cloud", "forest", "mountain", "plain", "sea"),
+    "large_omnivores_and_herbivores": ("camel", "cattle", "chimpanzee", "elephant", "kangaroo"),
+    "medium_mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
+    "non-insect_invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
+    "people": ("baby", "boy", "girl", "man", "woman"),
+    "reptiles": ("crocodile", "dinosaur", "lizard", "snake", "turtle"),
+    "small_mammals": ("hamster", "mouse", "rabbit", "shrew", "squirrel"),
+    "trees": ("maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"),
+    "vehicles_1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
+    "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
+}
+CIFAR100_CLASSES = tuple(sorted(c for group in CIFAR100_SUPERCLASSES.values() for c in group))
+
+# CIFAR-FS (Bertinetto et al., ICLR 2019): 64 / 16 / 20 classes; the validation and test lists of
+# the authors' split files, training = the other 64.
+_CIFARFS_HELD = {
+    "val": ("beaver", "butterfly", "camel", "cattle", "crab", "crocodile", "flatfish", "lamp", "maple_tree",
+            "motorcycle", "otter", "sea", "shark", "television", "tractor", "beetle"),
+    "test": ("baby", "bed", "bicycle", "chimpanzee", "fox", "leopard", "man", "pickup_truck", "plain", "poppy",
+             "rocket", "rose", "snail", "sweet_pepper", "table", "telephone", "wardrobe", "whale", "woman", "worm"),
+}
+CIFARFS_SPLITS: dict[str, tuple[str, ...]] = {
+    "train": tuple(c for c in CIFAR100_CLASSES if c not in _CIFARFS_HELD["val"] + _CIFARFS_HELD["test"]),
+    "val": tuple(sorted(_CIFARFS_HELD["val"])), "test": tuple(sorted(_CIFARFS_HELD["test"]))}
+
+# FC100 (Oreshkin et al., NeurIPS 2018): split by superclass, 12 / 4 / 4.
+FC100_SUPERCLASS_SPLITS: dict[str, tuple[str, ...]] = {
+    "val": ("large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates", "small_mammals"),
+    "test": ("aquatic_mammals", "insects", "medium_mammals", "people"),
+}
+FC100_SUPERCLASS_SPLITS["train"] = tuple(
+    g for g in CIFAR100_SUPERCLASSES if g not in FC100_SUPERCLASS_SPLITS["val"] + FC100_SUPERCLASS_SPLITS["test"])
+FC100_SPLITS: dict[str, tuple[str, ...]] = {
+    split: tuple(sorted(c for g in groups for c in CIFAR100_SUPERCLASSES[g]))
+    for split, groups in FC100_SUPERCLASS_SPLITS.items()}
+
+
+def _cifar_class_folders(data_dir: str) -> tuple[str, dict[str, str]]:
+    """Where CIFAR-100's class folders are (``ROOT/data`` or ``ROOT``) and ``{class: folder}``."""
+    for base in (os.path.join(data_dir, "data"), data_dir):
+        if os.path.isdir(base):
+            found = {n: os.path.join(base, n) for n in sorted(os.listdir(base))
+                     if n in CIFAR100_CLASSES and os.path.isdir(os.path.join(base, n))}
+            if found:
+                return base, found
+    raise ValueError(f"{data_dir} holds no CIFAR-100 class folders (expected ROOT/CLASS/*.png or ROOT/data/CLASS/*.png "
+                     f"with CIFAR-100's fine labels as folder names, e.g. {', '.join(CIFAR100_CLASSES[:3])}), nor "
+                     "ROOT/train, ROOT/test folders of classes")
+
+
+def _split_file(data_dir: str, split: str) -> tuple[str, ...] | None:
+    path = os.path.join(data_dir, "splits", "bertinetto", f"{split}.txt")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        names = tuple(line.strip() for line in f if line.strip())
+    if not names:
+        raise ValueError(f"split file {path} lists no classes")
+    return names
+
+
+def cifar_classes(data_dir: str, benchmark: str, split: str) -> dict[str, list[str]]:
+    """``{class: [image paths]}`` of one split of CIFAR-FS (``benchmark="cifarfs"``) or FC100.
+
+    Reads ``ROOT/SPLIT/CLASS/*`` as it is when the tree is already split; otherwise picks the
+    split's classes (Bertinetto's split files for CIFAR-FS where present, else the built-in
+    standard lists) from CIFAR-100's class folders, every one of which must be there.
+
+    Raises:
+      ValueError: an unknown benchmark or split, a missing class folder (named), an empty class.
+    """
+    standard = {"cifarfs": CIFARFS_SPLITS, "fc100": FC100_SPLITS}
+    if benchmark not in standard:
+        raise ValueError(f"benchmark must be 'cifarfs' or 'fc100', got {benchmark!r}")
+    if split not in standard[benchmark]:
+        raise ValueError(f"split must be one of train, val, test; got {split!r}")
+    _check_dir(data_dir, "data dir")
+    if os.path.isdir(os.path.join(data_dir, split)):
+        return folder_classes(data_dir, split)
+    base, folders = _cifar_class_folders(data_dir)
+    wanted = (_split_file(data_dir, split) if benchmark == "cifarfs" else None) or standard[benchmark][split]
+    missing = [c for c in wanted if c not in folders]
+    if missing:
+        raise ValueError(f"{benchmark} {split} split: {base} has no folder for class {missing[0]!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    out = {c: _image_files(folders[c]) for c in wanted}
+    empty = [c for c, files in out.items() if not files]
+    if empty:
+        raise ValueError(f"class {empty[0]} in {base} has no images")
+    return out
+
+
+def _load_cifar(benchmark: str, data_dir: str, image_size: int, cache_dir: str | None, splits: tuple[str, ...],
+                min_per_class: int) -> dict[str, ImageSplit]:
+    _check_dir(data_dir, "data dir")
+    cache_dir = cache_dir or _default_cache(data_dir)
+    return _check_disjoint({
+        s: load_split(cifar_classes(data_dir, benchmark, s), size=image_size, channels=3, min_per_class=min_per_class,
+                      cache_path=os.path.join(cache_dir, f"{benchmark}-{s}-{image_size}.npz")) for s in splits})
+
+
+def load_cifar_fs(data_dir: str, *, image_size: int = 32, cache_dir: str | None = None,
+                  splits: tuple[str, ...] = ("train", "test"), min_per_class: int = 1) -> dict[str, ImageSplit]:
+    """CIFAR-FS (Bertinetto et al. 2019): CIFAR-100's classes split 64 / 16 / 20 (``{split: ImageSplit}``).
+
+    Raises:
+      ValueError: as ``cifar_classes`` and ``load_split``.
+
+    Example:
+      >>> len(CIFARFS_SPLITS["train"]), len(CIFARFS_SPLITS["val"]), len(CIFARFS_SPLITS["test"])
+      (64, 16, 20)
+    """
+    return _load_cifar("cifarfs", data_dir, image_size, cache_dir, splits, min_per_class)
+
+
+def load_fc100(data_dir: str, *, image_size: int = 32, cache_dir: str | None = None,
+               splits: tuple[str, ...] = ("train", "test"), min_per_class: int = 1) -> dict[str, ImageSplit]:
+    """FC100 (Oreshkin et al. 2018): CIFAR-100 split by superclass, 60 / 20 / 20 classes.
+
+    Raises:
+      ValueError: as ``cifar_classes`` and ``load_split``.
+
+    Example:
+      >>> [len(FC100_SPLITS[s]) for s in ("train", "val", "test")]
+      [60, 20, 20]
+    """
+    return _load_cifar("fc100", data_dir, image_size, cache_dir, splits, min_per_class)
 
 
 # ---- episodes ---------------------------------------------------------------------------------
@@ -361,7 +542,7 @@ def _splits(task: str, data_dir: str, image_size: int, num_train_classes: int, m
     if task == "omniglot":
         return load_omniglot(data_dir, image_size=image_size, num_train_classes=num_train_classes,
                              min_per_class=min_per_class, cache_dir=cache_dir)
-    return load_miniimagenet(data_dir, image_size=image_size, min_per_class=min_per_class, cache_dir=cache_dir)
+    return LOADERS[task](data_dir, image_size=image_size, min_per_class=min_per_class, cache_dir=cache_dir)
 
 
 def _config_splits(config) -> dict:
@@ -377,7 +558,7 @@ def data_fingerprint(config) -> str:
 
 
 def _image_size(config) -> int:
-    return config.image_size or (28 if config.task == "omniglot" else 84)
+    return config.image_size or IMAGE_SIZES[config.task]
 
 
 def config_split(config, split: str = "train") -> jax.Array:
@@ -395,12 +576,14 @@ def _family_distribution(config) -> TaskDistribution:
 
 
 def _family_model(config, extra_inputs: int = 0):
-    from jmaml.models import conv4
+    from jmaml.models import conv4, resnet12
 
     if extra_inputs:
-        raise ValueError(f"this algorithm adds {extra_inputs} input features to the model; the image tasks' Conv-4 "
-                         "takes images only")
+        raise ValueError(f"this algorithm adds {extra_inputs} input features to the model; the image tasks' "
+                         f"{config.backbone} takes images only")
     omniglot = config.task == "omniglot"
+    if config.backbone == "resnet12":
+        return resnet12(config.ways, in_channels=1 if omniglot else 3, image_size=_image_size(config))
     return conv4(config.ways, in_channels=1 if omniglot else 3, filters=64 if omniglot else 32, strided=omniglot,
                  image_size=_image_size(config))
 
@@ -414,6 +597,10 @@ def _family_validate(config) -> None:
     if config.image_size is not None:
         check_positive_int(config.image_size, "image_size")
     check_positive_int(config.num_train_classes, "num_train_classes")
+    if config.backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {config.backbone!r}")
+    if config.backbone == "resnet12" and _image_size(config) < 16:
+        raise ValueError(f"backbone 'resnet12' needs image_size >= 16, got {_image_size(config)}")
     if config.loss != "mse":
         raise ValueError(f"loss applies to sinusoid; image tasks use softmax cross-entropy (got {config.loss!r})")
 
@@ -429,11 +616,23 @@ def _family_protocol(config):
 
 
 def preset(task: str, ways: int = 5, shots: int = 1) -> dict:
-    """The MAML paper's settings (Section 5.2 and its code) for a few-shot classification task, as
-    TrainConfig fields: inner rate, inner steps at training and at test, meta-batch; 15 query images
-    per class, Adam 1e-3, 60,000 meta-steps; no pretrained baseline."""
-    if task not in ("omniglot", "miniimagenet"):
-        raise ValueError(f"presets exist for omniglot, miniimagenet; got {task!r}")
+    """The literature's MAML settings for a few-shot classification task, as TrainConfig fields.
+
+    Omniglot and miniImageNet: the MAML paper's (Finn et al. 2017, Section 5.2 and its code) --
+    inner rate, inner steps at training and at test, meta-batch; 15 query images per class,
+    Adam 1e-3, 60,000 meta-steps; no pretrained baseline. tieredImageNet (Ren et al. 2018),
+    CIFAR-FS (Bertinetto et al. 2019) and FC100 (Oreshkin et al. 2018): the miniImageNet settings
+    carried over unchanged, the usual practice for MAML baselines on these natural-image benchmarks.
+
+    Raises:
+      ValueError: a task without a preset.
+
+    Example:
+      >>> preset("miniimagenet", 5, 1)["inner_lr"], preset("cifarfs", 5, 5)["meta_batch_size"]
+      (0.01, 2)
+    """
+    if task not in IMAGE_SIZES:
+        raise ValueError(f"presets exist for {', '.join(IMAGE_SIZES)}; got {task!r}")
     common = {"num_query": 15, "pretrain": False, "steps": 60_000, "log_every": 100, "checkpoint_every": 1_000,
               "meta_lr": 1e-3}
     if task == "omniglot":
@@ -444,9 +643,15 @@ def preset(task: str, ways: int = 5, shots: int = 1) -> dict:
             "meta_batch_size": 4 if shots == 1 else 2}
 
 
+LOADERS = {"omniglot": load_omniglot, "miniimagenet": load_miniimagenet, "tieredimagenet": load_tieredimagenet,
+           "cifarfs": load_cifar_fs, "fc100": load_fc100}
+IMAGE_SIZES = {"omniglot": 28, "miniimagenet": 84, "tieredimagenet": 84, "cifarfs": 32, "fc100": 32}
+BACKBONES = ("conv4", "resnet12")
+
+
 def family(task: str):
-    """Omniglot or miniImageNet episodes for ``TrainConfig``: the paper's Conv-4 with softmax
-    cross-entropy, accuracy over 600 test episodes, the paper's presets."""
+    """Few-shot episodes of one dataset (``LOADERS``) for ``TrainConfig``: Conv-4 (the MAML paper's) or
+    ResNet-12 (``backbone``) with softmax cross-entropy, accuracy over 600 test episodes, presets."""
     from jmaml.tasks.family import TaskFamily
 
     return TaskFamily(distribution=_family_distribution, model=_family_model, loss=lambda config: "xent",

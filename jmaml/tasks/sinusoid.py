@@ -128,7 +128,11 @@ def _family_model(config, extra_inputs: int = 0):
 
 def _family_validate(config) -> None:
     if config.data_dir is not None:
-        raise ValueError("data_dir applies to the image tasks (omniglot, miniimagenet), not sinusoid")
+        raise ValueError("data_dir applies to the image tasks (omniglot, miniimagenet, tieredimagenet, cifarfs, "
+                         "fc100), not sinusoid")
+    if config.backbone != "conv4":
+        raise ValueError(f"backbone applies to the image tasks, not sinusoid (got {config.backbone!r}; the "
+                         "sinusoid model is the MLP of hidden)")
     if config.loss not in ("mse", "sse"):
         raise ValueError(f"loss must be 'mse' or 'sse' for regression, got {config.loss!r}")
 
