@@ -14,7 +14,7 @@ __version__ = "0.2.0"
 # Loaded on first use (PEP 562), so that `import jmaml` and the `jmaml` command start without importing
 # JAX: the command installs its signal handler first, and a signal during start-up is not lost.
 _MODULES = ("analytic", "checkpoint", "diagnostics", "distributed", "engine", "estimators", "evaluate", "learners",
-            "losses", "models", "recipes", "rundir", "sweep", "tasks", "train")
+            "losses", "models", "recipes", "rundir", "runinfo", "sweep", "tasks", "train", "writers")
 _NAMES = {
     "TrainConfig": "config", "DivergenceError": "engine", "Interrupted": "engine", "fit": "engine",
     "check_meta_gradient": "gradcheck", "adapt": "inner", "inner_step": "inner", "make_loss": "losses",
@@ -51,9 +51,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         models,
         recipes,
         rundir,
+        runinfo,
         sweep,
         tasks,
         train,
+        writers,
     )
     from jmaml.config import TrainConfig  # noqa: F401
     from jmaml.engine import DivergenceError, Interrupted, fit  # noqa: F401
@@ -107,6 +109,8 @@ __all__ = [
     "models",
     "recipes",
     "rundir",
+    "runinfo",
     "task_objective",
     "tasks",
+    "writers",
 ]

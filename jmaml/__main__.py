@@ -1,5 +1,8 @@
+"""``python -m jmaml``: the ``jmaml`` command."""
+
 import sys
 
 from jmaml._entry import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,14 +28,15 @@ def concrete_or_none(value):
 MAX_INT = 2**31 - 1  # counts and sizes become int32 on the device
 
 
-def _check_int(value, name: str, minimum: int, kind: str) -> int:
+def _check_int(value: Any, name: str, minimum: int, kind: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a {kind}, got {value!r} of type {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if value > MAX_INT:
         raise ValueError(f"{name} must be <= {MAX_INT} (it becomes a 32-bit integer on the device), got {value}")
-    return int(value)
+    return value
 
 
 def check_nonnegative_int(value, name: str) -> int:

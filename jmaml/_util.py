@@ -10,10 +10,15 @@ from collections.abc import Iterator
 import jax
 
 
+def x64_enabled() -> bool:
+    """Whether JAX runs with 64-bit floats (``jax_enable_x64``)."""
+    return bool(jax.config.jax_enable_x64)  # type: ignore[attr-defined]
+
+
 @contextlib.contextmanager
 def enable_x64(enabled: bool = True) -> Iterator[None]:
     """Scopes ``jax_enable_x64`` and always restores the previous value."""
-    previous = bool(jax.config.jax_enable_x64)
+    previous = x64_enabled()
     jax.config.update("jax_enable_x64", enabled)
     try:
         yield

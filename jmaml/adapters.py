@@ -100,7 +100,7 @@ def flax_nnx(module: Any = None, *, make: Callable[[Any], Any] | None = None) ->
     nnx = _need("flax.nnx", "flax")
     if (module is None) == (make is None):
         raise ValueError("flax_nnx() takes exactly one of module (an nnx.Module) and make (rngs -> nnx.Module)")
-    reference = module if module is not None else make(nnx.Rngs(0))
+    reference = module if module is not None else make(nnx.Rngs(0))  # type: ignore[misc]
     if not isinstance(reference, nnx.Module):
         raise TypeError(f"module must be a flax.nnx.Module, got {type(reference).__name__}")
     graphdef, _, rest = nnx.split(reference, nnx.Param, ...)

@@ -8,6 +8,7 @@ Each function names the equation it implements. Arguments are 1-D arrays of poin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ def query_loss(phi, xq, yq) -> float:
     return float(np.sum((yq - phi * xq) ** 2))
 
 
-def task_meta_grad(theta, xs, ys, xq, yq, alpha, k: int = 1) -> float:
+def task_meta_grad(theta: float, xs: Any, ys: Any, xq: Any, yq: Any, alpha: float, k: int = 1) -> float:
     r"""Eqs. 15 / 26: :math:`(1-2\alpha\sum_S x^2)^k \cdot (-2\sum_Q x_q(y_q - W^{(k)} x_q))`."""
     return dW_dtheta(xs, alpha, k) * query_grad(adapt_k(theta, xs, ys, alpha, k), xq, yq)
 
@@ -76,7 +77,7 @@ def meta_step(theta, tasks: Sequence[tuple], alpha, beta, k: int = 1) -> float:
     Args:
       tasks: a sequence of ``(xs, ys, xq, yq)`` tuples.
     """
-    return float(theta - beta * sum(task_meta_grad(theta, *t, alpha, k) for t in tasks))
+    return float(theta - beta * sum(task_meta_grad(theta, xs, ys, xq, yq, alpha, k) for xs, ys, xq, yq in tasks))
 
 
 def stable_inner_lr_bound(x) -> float:

@@ -133,7 +133,7 @@ def save(path: str | os.PathLike[str], tree: Any, *, step: int, extra: dict[str,
               "sha256": _digest(leaves), "extra": extra or {}}
     payload = dict(zip(names, leaves))
     payload[_HEADER] = np.asarray(json.dumps(header))
-    atomic_write(path, lambda f: np.savez(f, **payload))
+    atomic_write(path, lambda f: np.savez(f, **payload))  # type: ignore[arg-type]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object], *, text: bool = False) -> None:
@@ -150,13 +150,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object
       >>> import tempfile, os
       >>> path = os.path.join(tempfile.mkdtemp(), "note.txt")
       >>> atomic_write(path, lambda f: f.write("done"), text=True)
-      >>> open(path).read()
+      >>> import pathlib
+      >>> pathlib.Path(path).read_text()
       'done'
     """
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w" if text else "wb", **({"encoding": "utf-8"} if text else {})) as f:
+        with open(tmp, "w" if text else "wb", encoding="utf-8" if text else None) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -183,6 +184,19 @@ def arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
     Raises:
       CheckpointError: the file is missing, corrupted or truncated.
+
+    Args:
+      path: the checkpoint file.
+
+    Returns:
+      ``{key path: numpy array}``.
+
+    Example:
+      >>> import jax.numpy as jnp, tempfile, os
+      >>> path = os.path.join(tempfile.mkdtemp(), "c.npz")
+      >>> save(path, {"params": [{"w": jnp.ones((2, 2))}], "step": jnp.asarray(3)}, step=3)
+      >>> {k: v.shape for k, v in arrays(path).items()}
+      {'params/0/w': (2, 2), 'step': ()}
     """
     header, leaves = _load(path)
     return dict(zip(_names(header), leaves))
@@ -266,6 +280,6 @@ def restore(path: str | os.PathLike[str], template: Any,
         if want.shape != a.shape or want.dtype != a.dtype:
             raise CheckpointError(f"checkpoint {path}: array {name!r} has shape {a.shape} and dtype {a.dtype}, "
                                   f"expected {want.shape} and {want.dtype} (a different configuration)")
-        restored.append(jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_key(t)
+        restored.append(jax.random.wrap_key_data(jnp.asarray(a), impl=jax.random.key_impl(t)) if _is_key(t)
                         else jnp.asarray(a))
     return jax.tree.unflatten(treedef, restored), header

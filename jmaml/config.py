@@ -92,7 +92,7 @@ class TrainConfig:
     # un-adapted one: the inner loop is exploding (the seed's -1515.48, at scale). inf disables.
     max_loss_ratio: float = 1000.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "algo_options", _freeze(self.algo_options))
 
     @property

@@ -182,7 +182,7 @@ def broadcast_from_writer(tree: Any) -> Any:
     got = multihost_utils.broadcast_one_to_all(checkpoint.host_leaves(leaves))
     out = [jax.random.wrap_key_data(jnp.asarray(g), impl=jax.random.key_impl(leaf)) if k else jnp.asarray(g)
            for g, leaf, k in zip(got, leaves, is_key)]
-    return treedef.unflatten(out)
+    return jax.tree.unflatten(treedef, out)
 
 
 def broadcast_int(value: int) -> int:

@@ -308,7 +308,7 @@ def _preflight(learner: MetaLearner, tasks: TaskDistribution, optimiser, state: 
                       f"{tasks.name!r} with these params (do the params fit the model, and the model the "
                       f"tasks' data?): {type(e).__name__}: {str(e).splitlines()[0]}") from e
     old, new = jax.tree.structure(state.params), jax.tree.structure(new_state.params)
-    if old != new:
+    if old != new:  # type: ignore[operator]
         raise ValueError(f"learner {learner.name!r}: its gradient does not have the structure of its "
                          f"meta-parameters ({new} vs {old})")
 
@@ -387,6 +387,9 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
       ...             steps=20, meta_batch_size=4, log_every=10, progress=False)
       >>> int(state.step)
       20
+
+    Returns:
+      The final ``TrainState`` (``params``, ``opt_state``, ``step``, ``key``, ``model_state``).
     """
     check_learner(learner)
     check_distribution(tasks)
@@ -410,7 +413,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     except (TypeError, ValueError) as e:
         raise type(e)(f"learner {learner.name!r} could not initialise from these params: {e}") from e
     ckpt = os.path.join(run_dir, f"{name}.ckpt.npz") if run_dir is not None else None
-    if ckpt is not None and writer:
+    if run_dir is not None and ckpt is not None and writer:
         os.makedirs(run_dir, exist_ok=True)
         if resume:
             if not os.path.exists(ckpt):

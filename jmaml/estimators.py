@@ -168,13 +168,13 @@ def anil_rates(params: Params, inner_lr: Any, mask: MaskSpec = None) -> Params:
     """
     if mask is None:
         m = last_layer_mask(params)
-    elif jax.tree.structure(mask) == jax.tree.structure(params):  # a tree of bools (an Equinox module too)
+    elif jax.tree.structure(mask) == jax.tree.structure(params):  # type: ignore[operator]  # a tree of bools (an Equinox module too)
         m = mask
     elif callable(mask):
         m = mask(params)
     else:
         m = mask
-    if jax.tree.structure(m) != jax.tree.structure(params):
+    if jax.tree.structure(m) != jax.tree.structure(params):  # type: ignore[operator]
         raise ValueError(f"mask must have the structure of the parameters: got {jax.tree.structure(m)}, "
                          f"expected {jax.tree.structure(params)}")
     if not any(bool(v) for v in jax.tree.leaves(m)):

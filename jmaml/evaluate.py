@@ -108,7 +108,7 @@ def _take_shots(batch: Batch, k: int) -> Batch:
 DIVERGED_RATIO = 1000.0  # as TrainConfig.max_loss_ratio: an adapted loss this many times the un-adapted one
 
 
-def summarize(losses: np.ndarray, diverged_ratio: float = DIVERGED_RATIO) -> dict[str, list]:
+def summarize(losses: np.ndarray, diverged_ratio: float = DIVERGED_RATIO) -> dict[str, Any]:
     """Per step: mean and 95% CI half-width (1.96 standard errors) over tasks, the median, and
     how many tasks diverged.
 
@@ -183,6 +183,7 @@ def evaluate_params(loss_fn: LossFn, params: Params, *, inner_lrs: dict[int, flo
         raise ValueError("pass exactly one of inner_lrs (a rate per K) and step_rates (a per-step schedule)")
     tasks = heldout_tasks(num_tasks=num_tasks, max_shots=max(shots))
     out = {}
+    label: Any
     for k in shots:
         if inner_lrs is not None:
             rates, label = _scalar_schedules([inner_lrs[k]], num_steps), inner_lrs[k]
@@ -236,6 +237,20 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
 
     Returns:
       ``{str(K) or label: summarize(...)}``.
+
+    Raises:
+      ValueError/TypeError: no metric (neither ``metric`` nor ``apply``), a distribution without
+        held-out tasks, or bad counts (named).
+
+    Example:
+      >>> import jax
+      >>> from jmaml import learners, make_loss, models, tasks
+      >>> model = models.mlp([1, 8, 1])
+      >>> learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
+      >>> report = evaluate(learner, model.init(jax.random.key(0)), tasks.sinusoid.distribution(), apply=model.apply,
+      ...                   num_tasks=20, num_steps=2, shots=[5])
+      >>> sorted(report), len(report["5"]["mean"])
+      (['5'], 3)
     """
     _check_evaluable(learner, tasks)
     num_steps = check_num_steps(num_steps, "num_steps")

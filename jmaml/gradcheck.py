@@ -58,6 +58,9 @@ def check_meta_gradient(learner: MetaLearner, meta_params: Any, tasks: Any, *, m
       ...                              jnp.array(1.0), tasks.seed.meta_tasks())
       >>> report["ok"]
       True
+
+    Raises:
+      ValueError: the learner's gradient does not have the structure of its meta-parameters.
     """
     check_learner(learner)
     with enable_x64():

@@ -28,7 +28,7 @@ from jmaml.types import Batch, LossFn, Params
 
 def _sgd_update(params: Params, grads: Params, inner_lr: Any) -> Params:
     """``params - inner_lr * grads``; ``inner_lr`` is a scalar or a tree shaped like params."""
-    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
+    if jax.tree.structure(inner_lr) == jax.tree.structure(params):  # type: ignore[operator]
         return jax.tree.map(lambda p, g, lr: (p - lr * g).astype(p.dtype), params, grads, inner_lr)
     return jax.tree.map(lambda p, g: (p - inner_lr * g).astype(p.dtype), params, grads)
 
@@ -56,6 +56,17 @@ def inner_step(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any,
 
     Returns:
       The updated parameters, with the dtypes of ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jmaml import Batch, inner_step, make_loss, models
+      >>> loss = make_loss(models.linear().apply, "sse")  # the seed's f(x) = theta x, sum of squares
+      >>> new = inner_step(loss, jnp.array(1.0), Batch(jnp.array([1.0]), jnp.array([2.0])), inner_lr=0.1)
+      >>> round(float(new), 4)
+      1.2
+
+    Raises:
+      ValueError: the rates' tree does not match ``params``.
     """
     check_batch(batch, "batch")
     check_rate(inner_lr, "inner_lr")

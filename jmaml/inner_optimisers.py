@@ -39,7 +39,7 @@ class InjectableState(NamedTuple):
 
     hyperparams: dict[str, Any]
     inner_state: Any
-    count: jax.Array  # shape=(), int32: steps taken (indexes per-step hyperparameters)
+    count: jax.Array  # type: ignore[assignment]  # shape=(), int32: steps taken (indexes per-step hyperparameters)
 
 
 def injectable(factory: Callable[..., optax.GradientTransformation],

@@ -7,6 +7,7 @@ The seed uses the **sum** of squared errors (its Eq. 1),
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import optax
 from jmaml.types import Batch, LossFn, Params
 
 
-def _check_same_shape(pred, target, what: str) -> None:
+def _check_same_shape(pred: jax.Array, target: jax.Array, what: str) -> None:
     if pred.shape != target.shape:
         raise ValueError(f"{what}: predictions have shape {pred.shape} but targets have shape "
                          f"{target.shape}; they must match (reshape y to the model's output)")
@@ -81,7 +82,7 @@ def make_loss(apply_fn: Callable[..., jax.Array], kind: str = "mse", *, stateful
     point_loss = LOSS_KINDS[kind]
 
     if stateful:
-        def stateful_loss(params: Params, batch: Batch, state):
+        def stateful_loss(params: Params, batch: Batch, state: Any) -> tuple[jax.Array, Any]:
             predictions, new_state = apply_fn(params, batch.x, state)
             return point_loss(predictions, batch.y), new_state
 

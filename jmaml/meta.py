@@ -24,7 +24,21 @@ REDUCTIONS = ("mean", "sum")
 
 
 class TrainState(NamedTuple):
-    """Everything a meta-training run carries from step to step."""
+    """Everything a meta-training run carries from step to step.
+
+    Attributes:
+      params: the (meta-)parameters.
+      opt_state: the optax meta-optimiser's state.
+      step: meta-steps taken (int32 scalar).
+      key: the PRNG key the next meta-batch of tasks is drawn from.
+      model_state: a model's state (batch norm's running statistics), or None.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jmaml import init_state
+      >>> init_state(jnp.zeros(2), optax.sgd(0.1), jax.random.key(0))._fields
+      ('params', 'opt_state', 'step', 'key', 'model_state')
+    """
 
     params: Params
     opt_state: optax.OptState
@@ -43,7 +57,24 @@ def tree_norm(tree: Params) -> jax.Array:
 def init_state(params: Params, optimiser: optax.GradientTransformation,
                key: PRNGKey, model_state: Any = None) -> TrainState:
     """Builds the initial ``TrainState`` for ``params`` and an optax meta-optimiser (and a model's
-    state, for a model with state)."""
+    state, for a model with state).
+
+    Args:
+      params: the initial (meta-)parameters.
+      optimiser: the optax meta-optimiser (its state is initialised here).
+      key: the PRNG key the run's task stream starts from.
+      model_state: a model's state (``Model.init_state()``), or None.
+
+    Returns:
+      ``TrainState(params, opt_state, step=0, key, model_state)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jmaml import init_state
+      >>> state = init_state(jnp.zeros(3), optax.adam(1e-3), jax.random.key(0))
+      >>> int(state.step), state.params.shape
+      (0, (3,))
+    """
     return TrainState(params, optimiser.init(params), jnp.zeros((), jnp.int32), key, model_state)
 
 
@@ -51,7 +82,7 @@ def task_objective(loss_fn: LossFn, params: Params, task: Task, *, inner_lr: Any
                    num_inner_steps: Any, max_inner_steps: int | None = None,
                    first_order: bool = False, unroll: int | bool = 1,
                    remat: bool = False, model_state: Any = None, inner_optimiser: Any = None,
-                   inner_hyper: Any = None) -> jax.Array:
+                   inner_hyper: Any = None) -> Any:
     r"""MAML's objective for one task: query loss at the parameters adapted on the support set.
 
     Args:
@@ -64,6 +95,17 @@ def task_objective(loss_fn: LossFn, params: Params, task: Task, *, inner_lr: Any
     Returns:
       :math:`\mathcal{L}_Q(W^{(k)}(\theta))`, a scalar; with ``model_state``, ``(loss, new_state)``
       (the state after the support steps and the query pass).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jmaml import Batch, Task, make_loss, models, task_objective
+      >>> loss = make_loss(models.linear().apply, "sse")
+      >>> task = Task(Batch(jnp.array([1.0]), jnp.array([2.0])), Batch(jnp.array([2.0]), jnp.array([3.0])))
+      >>> round(float(task_objective(loss, jnp.array(1.0), task, inner_lr=0.1, num_inner_steps=1)), 4)
+      0.36
+
+    Raises:
+      ValueError/TypeError: a ``task`` that is not a ``Task`` of batches, or bad inner settings (named).
     """
     check_task(task, "task")
     out = adapt(loss_fn, params, task.support, inner_lr=inner_lr, num_steps=num_inner_steps,
@@ -100,6 +142,18 @@ def batched_objective(loss_fn: LossFn, params: Params, tasks: Task, *, inner_lr:
     Returns:
       The scalar objective, or ``(objective, per_task_losses)``; with ``model_state`` the new state
       (the mean over tasks of each task's updated state) is appended.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jmaml import Batch, Task, batched_objective, make_loss, models
+      >>> loss = make_loss(models.linear().apply, "sse")
+      >>> tasks = Task(Batch(jnp.ones((2, 1)), jnp.full((2, 1), 2.0)), Batch(jnp.ones((2, 1)), jnp.full((2, 1), 2.0)))
+      >>> round(float(batched_objective(loss, jnp.array(1.0), tasks, inner_lr=0.1, num_inner_steps=1)), 4)
+      0.64
+
+    Raises:
+      ValueError/TypeError: ``tasks`` without a common task axis, an unknown ``reduction``, or bad
+        inner settings (named).
     """
     check_task_batch(tasks, "tasks")
     _check_reduction(reduction)
@@ -124,6 +178,25 @@ def maml_value_and_grad(loss_fn: LossFn, params: Params, tasks: Task, *, inner_l
     Returns:
       ``(meta_loss, meta_grads, per_task_losses)``; with ``model_state=`` in ``adapt_kwargs``,
       ``(meta_loss, meta_grads, per_task_losses, new_model_state)``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: meta-parameters θ.
+      tasks: a ``Task`` batch (leading task axis).
+      inner_lr: α.
+      num_inner_steps: k.
+      reduction: ``"mean"`` over tasks (the paper's) or ``"sum"`` (the seed's Eq. 9).
+      **adapt_kwargs: ``first_order``, ``max_inner_steps``, ``unroll``, ``remat``, ``model_state``,
+        ``inner_optimiser``, ``inner_hyper`` (as in ``jmaml.adapt``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jmaml import Batch, Task, make_loss, maml_value_and_grad, models
+      >>> loss = make_loss(models.linear().apply, "sse")
+      >>> tasks = Task(Batch(jnp.ones((1, 1)), jnp.full((1, 1), 2.0)), Batch(jnp.ones((1, 1)), jnp.full((1, 1), 2.0)))
+      >>> value, grad, per_task = maml_value_and_grad(loss, jnp.array(1.0), tasks, inner_lr=0.1, num_inner_steps=1)
+      >>> round(float(value), 4), round(float(grad), 4), per_task.shape
+      (0.64, -1.28, (1,))
     """
     def objective(p):
         total, *aux = batched_objective(loss_fn, p, tasks, inner_lr=inner_lr, num_inner_steps=num_inner_steps,
@@ -171,6 +244,9 @@ def make_step(optimiser: optax.GradientTransformation, loss_fn: LossFn, *, inner
       >>> state, metrics = jax.jit(step)(state, tasks.seed.meta_tasks())
       >>> round(float(state.params), 3)
       -1515.48
+
+    Raises:
+      ValueError/TypeError: bad inner settings or an unknown ``reduction`` (named).
     """
     _check_reduction(reduction)
     estimate = maml_estimator(loss_fn, num_inner_steps=num_inner_steps, first_order=first_order, reduction=reduction,
@@ -221,6 +297,28 @@ def make_estimator_step(optimiser: optax.GradientTransformation, estimator: Call
     (e.g. ``inner_lr=0.01``) are passed to it unless overridden per call, ``meta_step`` is the state's
     step count (MAML++'s schedules read it). Metrics are the estimator's plus ``meta_loss`` and
     ``grad_norm`` (the global L2 norm of the meta-gradient).
+
+    Args:
+      optimiser: the optax meta-optimiser.
+      estimator: the estimator described above (``jmaml.estimators`` has MAML's family's).
+      **default_hyper: the estimator's per-call hyperparameters and their defaults.
+
+    Returns:
+      ``step(state, tasks, **hyper) -> (state, metrics)``, pure and jittable.
+
+    Raises:
+      ValueError: (from ``step``) an estimator whose metrics lack ``task_losses``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jmaml import Batch, Task, init_state, make_estimator_step, make_loss, models
+      >>> from jmaml.meta import maml_estimator
+      >>> loss = make_loss(models.linear().apply, "sse")
+      >>> step = make_estimator_step(optax.sgd(0.5), maml_estimator(loss, num_inner_steps=1), inner_lr=0.1)
+      >>> tasks = Task(Batch(jnp.ones((1, 1)), jnp.full((1, 1), 2.0)), Batch(jnp.ones((1, 1)), jnp.full((1, 1), 2.0)))
+      >>> state, metrics = step(init_state(jnp.array(1.0), optax.sgd(0.5), jax.random.key(0)), tasks)
+      >>> round(float(state.params), 4), round(float(metrics["meta_loss"]), 4)
+      (1.64, 0.64)
     """
     if not isinstance(optimiser, optax.GradientTransformation):
         raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")

@@ -62,6 +62,15 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> Model:
 
     Raises:
       ValueError: for fewer than two sizes, a size < 1 or an unknown activation.
+
+    Example:
+      >>> import jax
+      >>> net = mlp([1, 40, 40, 1])
+      >>> [layer["w"].shape for layer in net.init(jax.random.key(0))]
+      [(1, 40), (40, 40), (40, 1)]
+
+    Returns:
+      ``Model(init, apply)``; ``apply(params, x)`` maps ``(n, sizes[0])`` inputs to ``(n, sizes[-1])``.
     """
     sizes = list(sizes) if not isinstance(sizes, (str, bytes)) else sizes
     if not isinstance(sizes, list) or len(sizes) < 2:
@@ -120,7 +129,7 @@ def mlp_batchnorm(sizes: Sequence[int], activation: str = "relu", *, momentum: f
     def init_state() -> list[dict[str, jax.Array]]:
         return [{"mean": jnp.zeros((w,)), "var": jnp.ones((w,))} for w in widths]
 
-    def apply(params: Params, x: jax.Array, state: Any):
+    def apply(params: Params, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
         h, new_state = x, []
         for layer, norm, stats in zip(params["layers"][:-1], params["norm"], state):
             h = _dense(layer, h)
@@ -199,6 +208,15 @@ def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided:
     Returns:
       ``Model(init, apply)``; ``apply(params, x)`` takes images ``(n, image_size, image_size,
       in_channels)`` and returns logits ``(n, num_classes)``.
+
+    Raises:
+      ValueError: non-positive sizes, or an image too small for four downsamplings.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> net = conv4(5, in_channels=3, filters=8, strided=False, image_size=32)
+      >>> net.apply(net.init(jax.random.key(0)), jnp.zeros((10, 32, 32, 3))).shape
+      (10, 5)
     """
     num_classes = check_positive_int(num_classes, "num_classes")
     in_channels = check_positive_int(in_channels, "in_channels")
@@ -284,10 +302,9 @@ def resnet12(num_classes: int, *, in_channels: int = 3, widths: tuple[int, ...] 
         blocks, cin = [], in_channels
         for b, cout in enumerate(widths):
             k = keys[4 * b:4 * b + 4]
-            norm = lambda: {"scale": jnp.ones((cout,)), "offset": jnp.zeros((cout,))}
-            blocks.append({"convs": [{"w": _he_conv(k[i], 3, cin if i == 0 else cout, cout), **norm()}
-                                     for i in range(3)],
-                           "shortcut": {"w": _he_conv(k[3], 1, cin, cout), **norm()}})
+            norm = lambda w: {"w": w, "scale": jnp.ones((cout,)), "offset": jnp.zeros((cout,))}
+            blocks.append({"convs": [norm(_he_conv(k[i], 3, cin if i == 0 else cout, cout)) for i in range(3)],
+                           "shortcut": norm(_he_conv(k[3], 1, cin, cout))})
             cin = cout
         bound = 1.0 / jnp.sqrt(widths[-1])
         head = {"w": jax.random.uniform(keys[-1], (widths[-1], num_classes), minval=-bound, maxval=bound),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +116,9 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
                 continue
             r = rows[k]
             mean, ci = np.array(r["mean"]), np.array(r["ci95"])
-            steps = np.arange(len(mean))
-            ax.plot(steps, mean, "o-", color=color, ms=3, label=f"{name} ({_label(r['inner_lr'])})")
-            ax.fill_between(steps, mean - ci, mean + ci, color=color, alpha=0.25)
+            steps_axis: Any = np.arange(len(mean))
+            ax.plot(steps_axis, mean, "o-", color=color, ms=3, label=f"{name} ({_label(r['inner_lr'])})")
+            ax.fill_between(steps_axis, mean - ci, mean + ci, color=color, alpha=0.25)
         ax.set_xlabel("number of gradient steps")
         ax.set_ylabel("mean squared error")
         ax.set_title(f"K = {k}")

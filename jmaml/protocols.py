@@ -44,6 +44,17 @@ class TaskDistribution(NamedTuple):
       name: a short name for messages and result files.
       metric_name: what ``make_metric`` measures (``"mse"``, ``"accuracy"``, ...).
       heldout_data: ``data`` for ``heldout`` (e.g. the test split's images), when it takes one.
+
+    Example:
+      >>> import jax
+      >>> from jmaml import Batch, Task
+      >>> def lines(key, num_tasks):  # y = a x, a different slope per task
+      ...     a = jax.random.normal(key, (num_tasks, 1, 1))
+      ...     x = jax.random.uniform(key, (num_tasks, 10, 1))
+      ...     return Task(Batch(x[:, :5], a * x[:, :5]), Batch(x[:, 5:], a * x[:, 5:]))
+      >>> dist = TaskDistribution(sample=lines, heldout=lines, name="lines")
+      >>> dist.sample(jax.random.key(0), 4).support.x.shape
+      (4, 5, 1)
     """
 
     sample: Callable[..., Any]
@@ -79,6 +90,12 @@ class MetaLearner(NamedTuple):
       hyper: the default values of the per-call hyperparameters ``estimate`` and ``adapt`` take.
       model_params: ``model_params(meta_params) -> params``: the model's parameters at the
         meta-learned initialisation (for plots and baselines).
+
+    Example:
+      >>> from jmaml import learners, make_loss, models
+      >>> learner = learners.maml(make_loss(models.mlp([1, 8, 1]).apply, "mse"), inner_lr=0.01, num_inner_steps=1)
+      >>> isinstance(learner, MetaLearner), learner.name, learner.exact_gradient
+      (True, 'maml', True)
     """
 
     init: Callable[[Params], Any]

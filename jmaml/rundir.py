@@ -28,6 +28,7 @@ import jax
 import optax
 
 from jmaml import checkpoint
+from jmaml._util import x64_enabled
 from jmaml.config import TrainConfig
 
 LEGACY_META_CKPT = "maml.ckpt.npz"
@@ -279,9 +280,9 @@ def check_binding(path: str, header: dict, config: TrainConfig, phase: str, *, a
     if "phase" in extra and extra["phase"] not in want_phase:
         raise checkpoint.CheckpointError(f"checkpoint {path} holds phase {extra['phase']!r}, not {phase!r}: it "
                                          "was copied or renamed from another file; nothing was overwritten")
-    if "x64" in extra and extra["x64"] != bool(jax.config.jax_enable_x64):
+    if "x64" in extra and extra["x64"] != bool(x64_enabled()):
         raise checkpoint.CheckpointError(f"checkpoint {path} was written with jax_enable_x64={extra['x64']}, and "
-                                         f"this process runs with {bool(jax.config.jax_enable_x64)}: resume it with "
+                                         f"this process runs with {bool(x64_enabled())}: resume it with "
                                          "the same precision")
     if "run" in extra and "changed-settings" not in allow and extra["run"] != run_fingerprint(config):
         raise checkpoint.CheckpointError(f"checkpoint {path} belongs to another run (fingerprint {extra['run']}, "

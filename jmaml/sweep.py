@@ -175,7 +175,7 @@ def _make_chunk_fn(config: TrainConfig, k_max: int, mesh: Mesh | None = None, sh
 
 def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: int, num_diag_tasks: int,
                      budget_bytes: int):
-    dist = recipes.build_tasks(config)
+    dist: Any = recipes.build_tasks(config)
     eval_loss = dist.make_metric(model.apply)
     key = jax.random.key(EVAL_SEED)
     tasks = dist.heldout(key, num_tasks) if dist.heldout_data is None else dist.heldout(key, num_tasks,
@@ -251,7 +251,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     if shard not in SHARD_AXES:
         raise ValueError(f"shard must be one of {SHARD_AXES}, got {shard!r}")
     n_dev = 1 if mesh is None else mesh.devices.size
-    if n_dev > 1 and shard == "tasks":
+    if mesh is not None and n_dev > 1 and shard == "tasks":
         distributed.check_divisible(base.meta_batch_size, mesh)
     points = grid.points()
     task_seed = base.seed if task_seed is None else task_seed
@@ -276,7 +276,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
         ks = jnp.asarray([p[2] for p in padded], jnp.int32)
         seeds = jnp.asarray([p[3] for p in padded], jnp.uint32)
         states, key = init(seeds, betas), stream
-        if n_dev > 1:
+        if mesh is not None and n_dev > 1:
             sharding = distributed.task_sharding(mesh) if shard == "grid" else distributed.replicated(mesh)
             states = jax.device_put(states, sharding)
         first_bad = np.full(len(padded), -1)
@@ -370,7 +370,8 @@ def sweep_learner(make_learner: Callable[[int], MetaLearner], tasks: TaskDistrib
     """
     grid.validate()
     check_distribution(tasks)
-    names = sorted(inner_hyper or {})
+    inner_hyper = inner_hyper or {}
+    names = sorted(inner_hyper)
     for name in names:
         for value in inner_hyper[name]:
             check_rate(value, f"inner_hyper[{name!r}]")

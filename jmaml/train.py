@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from jmaml import distributed, engine, learners, recipes, rundir, tasks
 from jmaml import writers as writers_mod
+from jmaml._util import x64_enabled
 from jmaml.config import BASELINE, OPTIMISERS, TrainConfig  # noqa: F401 - re-exported
 from jmaml.engine import DivergenceError, Interrupted, Progress  # noqa: F401 - re-exported
 from jmaml.meta import TrainState
@@ -92,7 +93,7 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, st
                       stream=stream, stop_at_step=stop_at_step, host_loop=host_loop,
                       divergence_hint=_divergence_hint(config, phase), stop_flag=stop_flag, writers=writers,
                       checkpoint_meta={"run": rundir.run_fingerprint(config), "algo": config.algo,
-                                       "x64": bool(jax.config.jax_enable_x64),
+                                       "x64": bool(x64_enabled()),
                                        "data": rundir.data_fingerprint(config)},
                       check_checkpoint=lambda path, header: rundir.check_binding(
                           path, header, config, phase, allow=allow))

@@ -201,7 +201,7 @@ def run_walkthrough(*, alpha: float = seed_data.ALPHA, beta: float = seed_data.B
         rows = []
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as non_finite below
             for k in range(1, k_max + 1):
-                row = {"k": k, "dW_dtheta": [], "closed_form": [], "meta_grad": [],
+                row: dict[str, Any] = {"k": k, "dW_dtheta": [], "closed_form": [], "meta_grad": [],
                        "meta_grad_closed_form": []}
                 for t in tasks:
                     xs, ys = np.asarray(t.support.x), np.asarray(t.support.y)
@@ -218,7 +218,7 @@ def run_walkthrough(*, alpha: float = seed_data.ALPHA, beta: float = seed_data.B
 
         # Stability: one inner step multiplies dφ/dθ by c = 1 - α·λ, with λ the support loss's
         # curvature (power iteration on Hessian-vector products); it diverges when α > 2/λ.
-        stability = []
+        stability: list[dict[str, Any]] = []
         for j, t in enumerate(tasks):
             lam = float(hessian_max_eigenvalue(loss, theta, t.support, num_iters=3))
             c = 1.0 - alpha * lam

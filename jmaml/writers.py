@@ -60,7 +60,8 @@ class JsonlWriter:
       >>> w = JsonlWriter(path)
       >>> w.write({"phase": "maml", "step": 10, "meta_loss": 0.25})
       >>> w.flush()
-      >>> open(path).read()
+      >>> import pathlib
+      >>> pathlib.Path(path).read_text()
       '{"phase": "maml", "step": 10, "meta_loss": 0.25}\\n'
     """
 
@@ -116,6 +117,12 @@ class TensorBoardWriter:
 
     Raises:
       ImportError: ``tensorboardX`` is not installed (naming the extra to install).
+
+    Example:
+      >>> import tempfile
+      >>> w = TensorBoardWriter(tempfile.mkdtemp())  # doctest: +SKIP
+      >>> w.write({"phase": "maml", "step": 10, "meta_loss": 0.5, "wall_time": 1.8e9})  # doctest: +SKIP
+      >>> w.close()  # doctest: +SKIP
     """
 
     def __init__(self, logdir: str | os.PathLike[str]):

@@ -182,6 +182,15 @@ def make(name: str, loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, opt
 
     Raises:
       ValueError: see ``check_options``; k below the algorithm's minimum.
+
+    Returns:
+      The ``MetaLearner``.
+
+    Example:
+      >>> from jmaml import learners, make_loss, models
+      >>> loss = make_loss(models.mlp([1, 8, 1]).apply, "mse")
+      >>> learners.make("imaml", loss, inner_lr=0.01, num_inner_steps=5, options={"imaml_lambda": 2.0}).label
+      'iMAML'
     """
     entry = spec(name)
     opts = resolve_options(name, options or {}, run_steps or 1)

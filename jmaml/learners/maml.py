@@ -104,6 +104,9 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
       >>> _, grad, _ = learner.estimate(jnp.array(1.0), tasks.seed.meta_tasks())
       >>> round(float(grad), 2)  # the seed's dL_Q1/dθ + dL_Q2/dθ = 4.48 + 3028.48
       3032.96
+
+    Raises:
+      ValueError/TypeError: bad inner settings or an unknown inner optimiser (named).
     """
     learn = _names(learn_inner_hyper) if isinstance(learn_inner_hyper, (str, type(None))) else tuple(learn_inner_hyper)
     if inner_optimiser is not None or learn:

@@ -22,10 +22,11 @@ Layouts read (nothing is downloaded):
 
 Images are decoded once (Pillow, the optional ``jmaml[images]`` extra), resized (28×28 grey for
 Omniglot, 84×84 RGB for the ImageNet subsets, 32x32 RGB for the CIFAR ones) and cached per source
-split as a compressed ``.npz`` keyed by the files' names and contents and the decoding settings,
-so a changed folder is re-read and an unchanged one is not. A split becomes one array ``(num_classes, images_per_class, H, W, C)`` of uint8 that lives on
-the device; ``sample_episode`` / ``sample_tasks`` draw N-way K-shot episodes from it as pure
-``jax.random`` functions inside the jitted training step.
+split as a compressed ``.npz`` keyed by the files' names and contents and the decoding settings, so
+a changed folder is re-read and an unchanged one is not. A split becomes one array ``(num_classes,
+images_per_class, H, W, C)`` of uint8 that lives on the device; ``sample_episode`` /
+``sample_tasks`` draw N-way K-shot episodes from it as pure ``jax.random`` functions inside the
+jitted training step.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import os
 import sys
 import warnings
 import zipfile
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +197,7 @@ def load_split(classes: dict[str, list[str]], *, size: int, channels: int, cache
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
     small = {name: len(files) for name, files in classes.items() if len(files) < min_per_class}
     if small:
-        name = min(small, key=small.get)
+        name = min(small, key=lambda n: small[n])
         raise ValueError(f"class {name} has {small[name]} images, fewer than the {min_per_class} an episode "
                          f"needs (shots + query per class)")
     key = _fingerprint(classes, size, channels)
@@ -444,6 +445,16 @@ def load_cifar_fs(data_dir: str, *, image_size: int = 32, cache_dir: str | None 
     Example:
       >>> len(CIFARFS_SPLITS["train"]), len(CIFARFS_SPLITS["val"]), len(CIFARFS_SPLITS["test"])
       (64, 16, 20)
+
+    Args:
+      data_dir: the folder of CIFAR-100's class folders (see the module docstring for the layouts).
+      image_size: resize to this (32: no resizing).
+      cache_dir: where the decoded-image cache goes (default ``DATA_DIR/.jmaml_cache``).
+      splits: which of ``train``, ``val``, ``test`` to load.
+      min_per_class: refuse a class with fewer images (an episode's ``shots + queries``).
+
+    Returns:
+      ``{split: ImageSplit}``; the splits' classes are disjoint.
     """
     return _load_cifar("cifarfs", data_dir, image_size, cache_dir, splits, min_per_class)
 
@@ -458,6 +469,12 @@ def load_fc100(data_dir: str, *, image_size: int = 32, cache_dir: str | None = N
     Example:
       >>> [len(FC100_SPLITS[s]) for s in ("train", "val", "test")]
       [60, 20, 20]
+
+    Args:
+      data_dir, image_size, cache_dir, splits, min_per_class: as ``load_cifar_fs``.
+
+    Returns:
+      ``{split: ImageSplit}``; no superclass has classes in two splits.
     """
     return _load_cifar("fc100", data_dir, image_size, cache_dir, splits, min_per_class)
 
@@ -516,7 +533,28 @@ def distribution(train_images: jax.Array | np.ndarray, *, ways: int, shots: int,
     held-out ones from ``test_images`` (classes, per_class, H, W, C, uint8), scored by accuracy.
 
     The image arrays travel as the distribution's ``data`` (arguments of the compiled programs,
-    not constants baked into them)."""
+    not constants baked into them).
+
+    Args:
+      train_images: the training split, ``(classes, per_class, H, W, C)`` uint8.
+      ways, shots, queries: N, K and the query images per class of every episode.
+      test_images: the held-out split (same layout), or None.
+      name: the distribution's name.
+
+    Returns:
+      The ``TaskDistribution`` (accuracy metric).
+
+    Raises:
+      ValueError: a split with fewer classes than ``ways`` or images than ``shots + queries``.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> images = np.zeros((10, 6, 8, 8, 1), np.uint8)  # 10 classes of 6 images, 8x8 grey
+      >>> episodes = distribution(images, ways=5, shots=1, queries=2, test_images=images)
+      >>> batch = episodes.sample(jax.random.key(0), 3, episodes.data)
+      >>> batch.support.x.shape, batch.query.y.shape
+      ((3, 5, 8, 8, 1), (3, 10))
+    """
     check_episode(train_images, ways, shots, queries, what=f"{name} training images")
     if test_images is not None:
         check_episode(test_images, ways, shots, queries, what=f"{name} test images")
@@ -542,7 +580,8 @@ def _splits(task: str, data_dir: str, image_size: int, num_train_classes: int, m
     if task == "omniglot":
         return load_omniglot(data_dir, image_size=image_size, num_train_classes=num_train_classes,
                              min_per_class=min_per_class, cache_dir=cache_dir)
-    return LOADERS[task](data_dir, image_size=image_size, min_per_class=min_per_class, cache_dir=cache_dir)
+    loader: Any = LOADERS[task]
+    return loader(data_dir, image_size=image_size, min_per_class=min_per_class, cache_dir=cache_dir)
 
 
 def _config_splits(config) -> dict:

@@ -95,7 +95,25 @@ def mse_metric(apply):
 def distribution(*, num_support: int = 10, num_query: int = 10, eval_support: int = 20,
                  eval_query: int = 100) -> TaskDistribution:
     """Sinusoid regression as a ``TaskDistribution`` (the paper's: K = 10 support, 10 query points
-    for training; held-out tasks with 20 nested support and 100 query points, scored by MSE)."""
+    for training; held-out tasks with 20 nested support and 100 query points, scored by MSE).
+
+    Args:
+      num_support, num_query: points per training task (K and the query size).
+      eval_support, eval_query: points per held-out task (their first K support points are the
+        K-shot evaluation sets).
+
+    Returns:
+      The ``TaskDistribution`` (``name="sinusoid"``, MSE metric).
+
+    Raises:
+      ValueError/TypeError: a non-positive count.
+
+    Example:
+      >>> import jax
+      >>> tasks = distribution()
+      >>> tasks.sample(jax.random.key(0), 25).support.x.shape
+      (25, 10, 1)
+    """
     num_support = check_positive_int(num_support, "num_support")
     num_query = check_positive_int(num_query, "num_query")
     eval_support = check_positive_int(eval_support, "eval_support")
