@@ -27,10 +27,13 @@ _NAMES = {
 
 def __getattr__(name: str) -> Any:
     if name in _MODULES:
-        return importlib.import_module(f"jmaml.{name}")
-    if name in _NAMES:
-        return getattr(importlib.import_module(f"jmaml.{_NAMES[name]}"), name)
-    raise AttributeError(f"module 'jmaml' has no attribute {name!r}")
+        value = importlib.import_module(f"jmaml.{name}")
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(f"jmaml.{_NAMES[name]}"), name)
+    else:
+        raise AttributeError(f"module 'jmaml' has no attribute {name!r}")
+    globals()[name] = value  # looked up once; tools that read the module's namespace then see it
+    return value
 
 
 def __dir__() -> list[str]:

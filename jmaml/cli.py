@@ -307,8 +307,8 @@ def _add_sweep_parser(sub) -> None:
 
 
 def _add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="meta-train on sinusoid regression (the MAML paper's setting), "
-                                     "then evaluate and plot",
+    p = sub.add_parser("train", help="meta-train on sinusoid regression (the MAML paper's setting) or a few-shot "
+                                     "image benchmark, then evaluate and plot",
                        description="Sinusoid few-shot regression, Finn et al. 2017 Section 5.1. "
                                    "Defaults are the paper's settings.")
     g = p.add_argument_group("model and task")
@@ -425,7 +425,22 @@ def _add_algo_option_flags(group) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jmaml", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="jmaml", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Meta-learning with MAML and its family (FOMAML, Reptile, Meta-SGD, ANIL, MAML++, iMAML, "
+                    "CAVIA) in JAX:\nmeta-train on sinusoid regression or few-shot image benchmarks, evaluate, "
+                    "plot, sweep rates,\nand inspect runs. `jmaml COMMAND --help` lists a command's options.",
+        epilog="examples:\n"
+               "  jmaml seed                                   the single-neuron worked example, checked\n"
+               "  jmaml train                                  the MAML paper's sinusoid run into runs/sinusoid\n"
+               "  jmaml train --algo reptile --out runs/rep    another algorithm\n"
+               "  jmaml train --task cifarfs --data-dir DATA --backbone resnet12 --out runs/cfs\n"
+               "  jmaml train --out runs/sinusoid --resume     continue an interrupted run\n"
+               "  jmaml eval runs/sinusoid                     adaptation curves on 600 held-out tasks\n"
+               "  jmaml inspect runs/sinusoid                  what a run dir holds\n"
+               "  jmaml sweep --alpha 0.001,0.01 --beta 0.001,0.003 --out runs/sweep\n"
+               "\nLibrary use, your own model, tasks and algorithm: see README.md and the API reference\n"
+               "(bash scripts/docs.sh).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("seed", help="the seed document's single-neuron MAML walk-through",

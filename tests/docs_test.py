@@ -52,3 +52,19 @@ def test_public_api_is_documented_with_an_example(obj):
         assert "Returns:" in doc, "the return value is not documented"
     if "raise " in inspect.getsource(obj) or "check_" in inspect.getsource(obj):
         assert "Raises:" in doc, "what it raises on bad input is not documented"
+
+
+def test_the_api_reference_builds(tmp_path):
+    pytest.importorskip("pdoc")
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "docs.sh"), str(tmp_path / "api")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "api" / "jmaml.html").read_text()
+    for name in ("fit", "maml_value_and_grad", "TaskDistribution", "check_meta_gradient"):
+        assert f'id="{name}"' in page, name
+    assert (tmp_path / "api" / "jmaml" / "writers.html").exists()
+    assert "Warn" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
