@@ -62,13 +62,6 @@ def host_leaves(tree: Any) -> list[np.ndarray]:
     return [_to_numpy(leaf) for leaf in jax.tree.leaves(tree)]
 
 
-def _entry_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)  # a custom key type: its own string form
-
-
 def key_paths(tree: Any) -> list[str]:
     """Each leaf's key path as a ``/``-joined string, in ``jax.tree.leaves`` order.
 
@@ -89,7 +82,7 @@ def key_paths(tree: Any) -> list[str]:
       >>> key_paths({"params": [{"w": jnp.ones(2), "b": jnp.zeros(1)}], "step": jnp.asarray(3)})
       ['params/0/b', 'params/0/w', 'step']
     """
-    names = ["/".join(_entry_name(e) for e in path) or "."
+    names = [jax.tree_util.keystr(path, simple=True, separator="/") or "."
              for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     if len(set(names)) != len(names) or _HEADER in names:
         clash = sorted({n for n in names if names.count(n) > 1 or n == _HEADER})
@@ -176,11 +169,22 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _load(path)[0]
 
 
+def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A checkpoint's header and its arrays by key path, read and checksummed once.
+
+    Raises:
+      CheckpointError: the file is missing, corrupted or truncated.
+    """
+    header, leaves = _load(path)
+    return header, dict(zip(_names(header), leaves))
+
+
 def arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Every array a checkpoint holds, by key path, in tree order (checked against its checksum).
 
     Use it to inspect a checkpoint or to load part of one (e.g. only ``params/...``). A
     version-1 checkpoint has no key paths: its arrays are named ``leaf_00000``, ``leaf_00001``...
+    ``read`` returns the header too.
 
     Raises:
       CheckpointError: the file is missing, corrupted or truncated.
@@ -198,8 +202,7 @@ def arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
       >>> {k: v.shape for k, v in arrays(path).items()}
       {'params/0/w': (2, 2), 'step': ()}
     """
-    header, leaves = _load(path)
-    return dict(zip(_names(header), leaves))
+    return read(path)[1]
 
 
 def _names(header: dict[str, Any]) -> list[str]:

@@ -31,8 +31,7 @@ def _v1_names(run_dir: str, phase: str, count: int) -> list[str] | None:
 def _checkpoint_info(run_dir: str, path: str) -> dict[str, Any]:
     phase = os.path.basename(path)[: -len(_CKPT_SUFFIX)]
     try:
-        header = checkpoint.read_header(path)
-        stored = checkpoint.arrays(path)
+        header, stored = checkpoint.read(path)
     except checkpoint.CheckpointError as e:
         return {"file": os.path.basename(path), "error": str(e)}
     names = list(stored)

@@ -39,6 +39,7 @@ import os
 import sys
 import warnings
 import zipfile
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -286,12 +287,14 @@ def _check_disjoint(out: dict[str, ImageSplit]) -> dict[str, ImageSplit]:
     return out
 
 
-def _load_folder_splits(name: str, data_dir: str, image_size: int, cache_dir: str | None,
-                        splits: tuple[str, ...], min_per_class: int) -> dict[str, ImageSplit]:
+def _load_rgb_splits(name: str, data_dir: str, image_size: int, cache_dir: str | None, splits: tuple[str, ...],
+                     min_per_class: int, classes: Callable[[str], dict[str, list[str]]]) -> dict[str, ImageSplit]:
+    """Each split's ``classes(split)`` decoded to RGB (or read from the cache ``NAME-SPLIT-SIZE.npz``);
+    the splits' classes must be disjoint."""
     _check_dir(data_dir, "data dir")
     cache_dir = cache_dir or _default_cache(data_dir)
     return _check_disjoint({
-        s: load_split(folder_classes(data_dir, s), size=image_size, channels=3, min_per_class=min_per_class,
+        s: load_split(classes(s), size=image_size, channels=3, min_per_class=min_per_class,
                       cache_path=os.path.join(cache_dir, f"{name}-{s}-{image_size}.npz")) for s in splits})
 
 
@@ -303,7 +306,8 @@ def load_miniimagenet(data_dir: str, *, image_size: int = 84, cache_dir: str | N
       ValueError: a missing split, an unreadable or wrongly sized image, a class with too few
         images, or a class in two splits (each named).
     """
-    return _load_folder_splits("miniimagenet", data_dir, image_size, cache_dir, splits, min_per_class)
+    return _load_rgb_splits("miniimagenet", data_dir, image_size, cache_dir, splits, min_per_class,
+                            lambda s: folder_classes(data_dir, s))
 
 
 def load_tieredimagenet(data_dir: str, *, image_size: int = 84, cache_dir: str | None = None,
@@ -319,7 +323,8 @@ def load_tieredimagenet(data_dir: str, *, image_size: int = 84, cache_dir: str |
     Raises:
       ValueError: as ``load_miniimagenet``.
     """
-    return _load_folder_splits("tieredimagenet", data_dir, image_size, cache_dir, splits, min_per_class)
+    return _load_rgb_splits("tieredimagenet", data_dir, image_size, cache_dir, splits, min_per_class,
+                            lambda s: folder_classes(data_dir, s))
 
 
 # CIFAR-100's 20 superclasses and their 5 fine classes each (the dataset's own labels).
@@ -426,15 +431,6 @@ def cifar_classes(data_dir: str, benchmark: str, split: str) -> dict[str, list[s
     return out
 
 
-def _load_cifar(benchmark: str, data_dir: str, image_size: int, cache_dir: str | None, splits: tuple[str, ...],
-                min_per_class: int) -> dict[str, ImageSplit]:
-    _check_dir(data_dir, "data dir")
-    cache_dir = cache_dir or _default_cache(data_dir)
-    return _check_disjoint({
-        s: load_split(cifar_classes(data_dir, benchmark, s), size=image_size, channels=3, min_per_class=min_per_class,
-                      cache_path=os.path.join(cache_dir, f"{benchmark}-{s}-{image_size}.npz")) for s in splits})
-
-
 def load_cifar_fs(data_dir: str, *, image_size: int = 32, cache_dir: str | None = None,
                   splits: tuple[str, ...] = ("train", "test"), min_per_class: int = 1) -> dict[str, ImageSplit]:
     """CIFAR-FS (Bertinetto et al. 2019): CIFAR-100's classes split 64 / 16 / 20 (``{split: ImageSplit}``).
@@ -456,7 +452,8 @@ def load_cifar_fs(data_dir: str, *, image_size: int = 32, cache_dir: str | None 
     Returns:
       ``{split: ImageSplit}``; the splits' classes are disjoint.
     """
-    return _load_cifar("cifarfs", data_dir, image_size, cache_dir, splits, min_per_class)
+    return _load_rgb_splits("cifarfs", data_dir, image_size, cache_dir, splits, min_per_class,
+                            lambda s: cifar_classes(data_dir, "cifarfs", s))
 
 
 def load_fc100(data_dir: str, *, image_size: int = 32, cache_dir: str | None = None,
@@ -476,7 +473,8 @@ def load_fc100(data_dir: str, *, image_size: int = 32, cache_dir: str | None = N
     Returns:
       ``{split: ImageSplit}``; no superclass has classes in two splits.
     """
-    return _load_cifar("fc100", data_dir, image_size, cache_dir, splits, min_per_class)
+    return _load_rgb_splits("fc100", data_dir, image_size, cache_dir, splits, min_per_class,
+                            lambda s: cifar_classes(data_dir, "fc100", s))
 
 
 # ---- episodes ---------------------------------------------------------------------------------
