@@ -57,7 +57,8 @@ _TRAIN_FLAGS = {
     "seed": "seed", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "pretrain": "pretrain", "remat": "remat", "algo": "algo",
     "task": "task", "data_dir": "data_dir", "cache_dir": "cache_dir", "ways": "ways", "image_size": "image_size",
-    "backbone": "backbone", "eval_inner_steps": "eval_inner_steps", "num_train_classes": "num_train_classes",
+    "backbone": "backbone", "precision": "precision", "eval_inner_steps": "eval_inner_steps",
+    "num_train_classes": "num_train_classes",
 }
 
 
@@ -322,6 +323,9 @@ def _add_train_parser(sub) -> None:
                         "train/CLASS/..., CIFAR-FS and FC100: CIFAR-100's CLASS/*.png folders)")
     g.add_argument("--backbone", default=None, choices=("conv4", "resnet12"),
                    help="image tasks: conv4 (default; the MAML paper's) or resnet12 (64-160-320-640)")
+    g.add_argument("--precision", default=None, choices=("float32", "bf16"),
+                   help="bf16: the model's forward and backward passes in bfloat16, parameters, optimiser state and "
+                        "meta-gradient in float32 (default float32)")
     g.add_argument("--cache-dir", default=None, metavar="PATH",
                    help="where the decoded-image cache goes (default: DATA_DIR/.jmaml_cache; for read-only datasets)")
     g.add_argument("--ways", type=int, default=None, help="N classes per episode (image tasks; default 5)")

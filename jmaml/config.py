@@ -16,7 +16,8 @@ import optax
 
 from jmaml import learners, tasks
 from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
-from jmaml.models import ACTIVATIONS
+from jmaml.losses import make_loss
+from jmaml.models import ACTIVATIONS, PRECISIONS, mixed_precision
 
 
 def _momentum(learning_rate: float) -> optax.GradientTransformation:
@@ -86,6 +87,9 @@ class TrainConfig:
     ways: int = 5  # N classes per episode (image tasks); num_support / num_query are then per class
     image_size: int | None = None  # None: 28 (Omniglot), 32 (CIFAR-FS, FC100), 84 (mini/tieredImageNet)
     backbone: str = "conv4"  # image tasks: "conv4" (the MAML paper's) or "resnet12"
+    # "bf16": the model's forward and backward passes in bfloat16, parameters, optimiser state and the
+    # meta-gradient in float32 (jmaml.models.mixed_precision); "float32": all float32
+    precision: str = "float32"
     num_train_classes: int = 1200  # Omniglot characters used for meta-training (the rest are test classes)
     eval_inner_steps: int = 10  # inner steps at test time (evaluation curves run 0..this)
     # Stop when, over a chunk, the adapted query loss averages more than this many times the
@@ -105,7 +109,7 @@ class TrainConfig:
         for name in ("pretrain", "remat"):  # strict: "false" in a config.json is not false
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("task", "algo", "optimiser", "activation", "loss", "backbone"):
+        for name in ("task", "algo", "optimiser", "activation", "loss", "backbone", "precision"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("data_dir", "cache_dir"):
@@ -117,6 +121,8 @@ class TrainConfig:
             check_positive_int(h, f"hidden[{i}]")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optimiser not in OPTIMISERS:
             raise ValueError(f"optimiser must be one of {sorted(OPTIMISERS)}, got {self.optimiser!r}")
         for name in ("num_support", "num_query", "meta_batch_size", "steps", "checkpoint_every",
@@ -149,11 +155,16 @@ class TrainConfig:
         if self.num_inner_steps < spec.min_inner_steps:
             raise ValueError(f"algo {self.algo!r} needs num_inner_steps >= {spec.min_inner_steps}, "
                              f"got {self.num_inner_steps}")
-        # the factory's own checks (e.g. remat where it is not available), on a stand-in loss
-        learners.make(self.algo, lambda params, batch: 0.0, inner_lr=self.inner_lr,
+        # the factory's own checks (e.g. remat where it is not available), on a stand-in loss -- or, for a
+        # backend that reads the model (fused), on the real one
+        extra = learners.extra_inputs(self.algo, self.options)
+        loss: Any = lambda params, batch: 0.0
+        if self.options.get("backend", "xla") != "xla":
+            family = tasks.family(self.task)
+            loss = make_loss(mixed_precision(family.model(self, extra), self.precision).apply, family.loss(self))
+        learners.make(self.algo, loss, inner_lr=self.inner_lr,
                       num_inner_steps=self.num_inner_steps, options=self.options, run_steps=self.steps,
                       remat=self.remat)
-        extra = learners.extra_inputs(self.algo, self.options)
         if extra:  # the family's model must take the learner's extra inputs
             tasks.family(self.task).model(self, extra)
 

@@ -93,4 +93,6 @@ def make_loss(apply_fn: Callable[..., jax.Array], kind: str = "mse", *, stateful
     def loss_fn(params: Params, batch: Batch) -> jax.Array:
         return point_loss(apply_fn(params, batch.x), batch.y)
 
+    # what the loss is made of, for backends that compute it by hand (jmaml.fused)
+    loss_fn.loss_spec = (kind, apply_fn)  # type: ignore[attr-defined]
     return loss_fn

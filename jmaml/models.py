@@ -6,6 +6,7 @@ r"""Models as ``Model(init, apply)`` pairs of pure functions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,15 @@ def linear(*, init_scale: float = 1.0) -> Model:
         return params * x
 
     return Model(init, apply)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPSpec:
+    """What an ``mlp``'s ``apply`` computes (its ``mlp_spec`` attribute): the widths, input first,
+    and the activation. Backends that compute the network by hand (``jmaml.fused``) read it."""
+
+    sizes: tuple[int, ...]
+    activation: str
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu") -> Model:
@@ -98,7 +108,58 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> Model:
             h = act(_dense(layer, h))
         return _dense(params[-1], h)
 
+    apply.mlp_spec = MLPSpec(tuple(sizes), activation)  # type: ignore[attr-defined]
     return Model(init, apply)
+
+
+PRECISIONS = ("float32", "bf16")
+
+
+def mixed_precision(model: Model, precision: str = "bf16") -> Model:
+    """The model computing its forward pass in bfloat16, everything around it in float32.
+
+    ``apply`` casts the parameters and the (floating-point) inputs to bfloat16, so every matmul and
+    activation of the forward and backward passes runs in bfloat16, and casts the predictions back to
+    the parameters' dtype, so losses are reduced in float32. The parameters the inner loop updates, their
+    gradients (the cast's transpose returns float32), the meta-gradient summed over tasks and the
+    optimiser state all stay float32: the usual master-weights scheme.
+
+    Args:
+      model: any ``Model`` (with or without state; a state's floating leaves are kept in their dtype).
+      precision: ``"bf16"``, or ``"float32"`` (returns ``model`` unchanged).
+
+    Returns:
+      The wrapped ``Model`` (its ``apply`` carries ``precision``).
+
+    Raises:
+      ValueError: an unknown ``precision``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> net = mixed_precision(mlp([1, 8, 1]))
+      >>> params = net.init(jax.random.key(0))
+      >>> params[0]["w"].dtype, net.apply(params, jnp.ones((3, 1))).dtype
+      (dtype('float32'), dtype('float32'))
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "float32":
+        return model
+    low = jnp.bfloat16
+
+    def cast(tree: Any, dtype: Any) -> Any:
+        return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+    def apply(params: Params, x: jax.Array, *state: Any) -> Any:
+        out_dtype = jax.tree.leaves(params)[0].dtype
+        out = model.apply(cast(params, low), cast(x, low), *state)
+        if model.init_state is None:
+            return cast(out, out_dtype)
+        pred, new_state = out
+        return cast(pred, out_dtype), jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state[0])
+
+    apply.precision = precision  # type: ignore[attr-defined]
+    return model._replace(apply=apply)
 
 
 BATCH_NORM_EPS = 1e-5

@@ -15,6 +15,7 @@ from jmaml.config import BASELINE, OPTIMISERS, TrainConfig
 from jmaml.engine import initial_state as engine_initial_state
 from jmaml.losses import make_loss
 from jmaml.meta import TrainState
+from jmaml.models import mixed_precision
 from jmaml.protocols import MetaLearner, TaskDistribution
 from jmaml.types import LossFn, Model
 
@@ -37,6 +38,7 @@ def build_model(config: TrainConfig, phase: str | None = None) -> tuple[Model, L
     else:
         extra = learners.extra_inputs(config.algo, config.options)
         model = learners.wrap_model(config.algo, family.model(config, extra), config.options)
+    model = mixed_precision(model, config.precision)
     return model, make_loss(model.apply, family.loss(config))
 
 

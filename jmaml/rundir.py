@@ -44,7 +44,7 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 # Fields added to TrainConfig after runs were written, with the value every older run implicitly had.
-_LATER_FIELDS = {"backbone": "conv4"}
+_LATER_FIELDS = {"backbone": "conv4", "precision": "float32"}
 
 
 def run_fingerprint(config: TrainConfig) -> str:

@@ -7,7 +7,7 @@ import inspect
 import pytest
 
 import jmaml
-from jmaml import checkpoint, learners, models, runinfo, writers
+from jmaml import checkpoint, fused, learners, models, runinfo, writers
 from jmaml.evaluate import evaluate
 from jmaml.tasks import images, sinusoid
 
@@ -18,7 +18,8 @@ PUBLIC = [
     jmaml.check_meta_gradient, jmaml.Batch, jmaml.Task, jmaml.Model, jmaml.TaskDistribution, jmaml.MetaLearner,
     jmaml.TrainState,
     # what a user's script reaches for next
-    evaluate, learners.make, learners.maml, models.mlp, models.conv4, models.resnet12,
+    evaluate, learners.make, learners.maml, models.mlp, models.conv4, models.resnet12, models.mixed_precision,
+    fused.maml_value_and_grad,
     checkpoint.save, checkpoint.restore, checkpoint.arrays, checkpoint.key_paths, runinfo.inspect_run,
     writers.JsonlWriter, writers.CallbackWriter, writers.TensorBoardWriter, sinusoid.distribution,
     images.distribution, images.load_cifar_fs, images.load_fc100,

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jmaml import estimators, inner_optimisers
+from jmaml import estimators, fused, inner_optimisers
 from jmaml.learners._common import Option, fixed_rates, gradient_adapt, observed_scan, rate_rule
 from jmaml.meta import batched_objective, pre_adapt_loss
 from jmaml.protocols import MetaLearner
@@ -56,8 +56,20 @@ INNER_OPTIONS = (
     Option("per_parameter_hyper", False, "meta-learn one value of each learned hyperparameter per parameter "
            "(Meta-SGD's rates are learning_rate learned this way)", type=bool),
 )
+BACKENDS = ("xla", "fused")
+
+
+def _check_backend(value, name):
+    if value not in BACKENDS:
+        raise ValueError(f"{name} must be one of {', '.join(BACKENDS)}; got {value!r}")
+    return value
+
+
 OPTIONS = (Option("first_order", False, "first-order MAML (FOMAML): no gradient through the inner gradients",
-                  type=bool), *INNER_OPTIONS)
+                  type=bool), *INNER_OPTIONS,
+           Option("backend", "xla", "how the meta-gradient is computed: xla (autodiff, any model) or fused (one "
+                  "Pallas kernel per block of tasks, hand-derived second order; models.mlp with relu/tanh, "
+                  "mse/sse loss, SGD inner steps)", type=str, check=_check_backend))
 
 
 class InnerHyperParams(NamedTuple):
@@ -70,7 +82,7 @@ class InnerHyperParams(NamedTuple):
 def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: bool = False,
          reduction: str = "mean", unroll: int | bool = 1, remat: bool = False,
          max_inner_steps: int | None = None, inner_optimiser: Any = None, inner_settings: Any = None,
-         learn_inner_hyper: Any = (), per_parameter_hyper: bool = False) -> MetaLearner:
+         learn_inner_hyper: Any = (), per_parameter_hyper: bool = False, backend: str = "xla") -> MetaLearner:
     """MAML (second order) or, with ``first_order``, FOMAML.
 
     Args:
@@ -88,6 +100,9 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
         the meta-parameters become ``InnerHyperParams(params, hyper)``, and the outer optimiser trains
         the hyperparameters with θ. ``per_parameter_hyper``: one value per parameter (Meta-SGD is
         ``learning_rate`` learned this way; per-step values: build the optimiser with ``per_step=True``).
+      backend: ``"xla"`` (autodiff through the inner loop; any model) or ``"fused"`` (``jmaml.fused``: a
+        Pallas kernel with the second-order meta-gradient derived by hand, for a loss made by
+        ``make_loss(models.mlp(...).apply, "mse" | "sse")`` with relu or tanh and plain SGD inner steps).
 
     A model with state (``Model.init_state``) works with a stateful loss (``make_loss(...,
     stateful=True)``): ``estimate`` and ``adapt`` then take ``model_state=`` and ``estimate`` returns
@@ -106,10 +121,18 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
       3032.96
 
     Raises:
-      ValueError/TypeError: bad inner settings or an unknown inner optimiser (named).
+      ValueError/TypeError: bad inner settings or an unknown inner optimiser (named); ``backend="fused"``
+        with a model, loss, activation or setting it does not support (naming what it supports).
     """
+    _check_backend(backend, "backend")
     learn = _names(learn_inner_hyper) if isinstance(learn_inner_hyper, (str, type(None))) else tuple(learn_inner_hyper)
-    if inner_optimiser is not None or learn:
+    if backend == "fused":
+        if inner_optimiser is not None or learn:
+            raise ValueError("backend='fused' runs plain SGD inner steps; inner_optimiser and learn_inner_hyper "
+                             "need backend='xla'")
+        est = fused.maml_estimator(loss_fn, num_inner_steps=num_inner_steps, first_order=first_order,
+                                   reduction=reduction, remat=remat, max_inner_steps=max_inner_steps)
+    elif inner_optimiser is not None or learn:
         opt = inner_optimiser
         if opt is None or isinstance(opt, str):
             settings = _settings(inner_settings) if isinstance(inner_settings, (str, type(None))) else inner_settings
@@ -119,8 +142,9 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
         return _with_inner_optimiser(loss_fn, opt, learn, per_parameter_hyper, num_inner_steps=num_inner_steps,
                                      first_order=first_order, reduction=reduction, unroll=unroll, remat=remat,
                                      max_inner_steps=max_inner_steps)
-    est = estimators.maml(loss_fn, num_inner_steps=num_inner_steps, first_order=first_order, reduction=reduction,
-                          unroll=unroll, remat=remat, max_inner_steps=max_inner_steps)
+    else:
+        est = estimators.maml(loss_fn, num_inner_steps=num_inner_steps, first_order=first_order, reduction=reduction,
+                              unroll=unroll, remat=remat, max_inner_steps=max_inner_steps)
 
     def estimate(params, tasks, meta_step=None, *, inner_lr=inner_lr, num_inner_steps=None, model_state=None):
         if max_inner_steps is None and num_inner_steps is not None:
