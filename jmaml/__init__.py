@@ -13,8 +13,8 @@ __version__ = "0.2.0"
 
 # Loaded on first use (PEP 562), so that `import jmaml` and the `jmaml` command start without importing
 # JAX: the command installs its signal handler first, and a signal during start-up is not lost.
-_MODULES = ("analytic", "checkpoint", "diagnostics", "distributed", "engine", "estimators", "evaluate", "fused", "learners",
-            "losses", "models", "recipes", "rundir", "runinfo", "sweep", "tasks", "train", "writers")
+_MODULES = ("analytic", "checkpoint", "diagnostics", "distributed", "engine", "estimators", "evaluate", "fused",
+            "learners", "losses", "models", "recipes", "rundir", "runinfo", "sweep", "tasks", "train", "writers")
 _NAMES = {
     "TrainConfig": "config", "DivergenceError": "engine", "Interrupted": "engine", "fit": "engine",
     "check_meta_gradient": "gradcheck", "adapt": "inner", "inner_step": "inner", "make_loss": "losses",
