@@ -166,6 +166,10 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
     except train.DivergenceError as e:
         print(f"jmaml train: {e}", file=sys.stderr)
         return 3
+    finally:
+        # tensorboardX writes events from a background thread: only close() waits for its queue to drain
+        for w in writers:
+            w.close()
     train_s = time.perf_counter() - t0
     if not distributed.is_writer():
         return 0  # process 0 reports, evaluates and plots

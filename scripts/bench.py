@@ -5,10 +5,15 @@ Sinusoid second-order MAML (MLP 1-40-40-1 ReLU, K = 10 + 10 query, alpha = 0.01,
 1. meta-steps/s for meta-batch {25, 1000} (and 100,000 on GPU) x k {1, 5}, each implementation and
    cell measured in a fresh process: jmaml (a `lax.scan`
    of jitted steps, tasks sampled on the device, inner loop rolled or fully unrolled — both
-   measured, the better reported) against (a) the JAX a user writes first (Python loop over inner
-   steps, vmap, jit of the meta-step, optax; one dispatch per step) and (b) PyTorch torch.func
-   (functional_call + grad + vmap, .backward(), torch.optim.Adam). The peers reuse one fixed
-   meta-batch already on the device; jmaml samples a fresh one inside every step (its cost counted).
+   measured, the better reported; and its opt-in variants: the fused Pallas meta-gradient,
+   `backend="fused"`, and mixed precision, `precision="bf16"`) against (a) the JAX a user writes
+   first (Python loop over inner steps, vmap, jit of the meta-step, optax; one dispatch per step) and
+   (b) PyTorch torch.func (functional_call + grad + vmap, .backward(), torch.optim.Adam). The peers
+   reuse one fixed meta-batch already on the device; jmaml samples a fresh one inside every step (its
+   cost counted).
+   Roofline: XLA's cost analysis of one compiled meta-step (FLOPs, bytes accessed) per cell and
+   implementation, times the measured steps/s, as fractions of the device's peak FLOP/s and bytes/s
+   (datasheet for known GPUs, nominal from /proc/cpuinfo for the CPU) and the ceilings measured here.
 2. compile time (trace + XLA compile of one meta-step, B = 25) vs k in {1, 5, 25, 100}.
 3. peak memory of one meta-step (B = 25; XLA's buffer assignment: temporaries + arguments +
    outputs) vs k in {10, 100, 1000}, with and without remat.
@@ -73,13 +78,27 @@ def _timed(run, steps_per_call: int, min_time: float, max_calls: int = 10_000) -
     return steps_per_call * calls / total
 
 
-def bench_jmaml(meta_batch: int, k: int, unroll, chunk_len: int, min_time: float) -> float:
+VARIANTS = {  # jmaml's measured variants: TrainConfig fields beyond the cell's
+    "jmaml_rolled": {"unroll": 1},
+    "jmaml_unrolled": {"unroll": True},
+    "jmaml_fused": {"algo_options": {"backend": "fused"}},
+    "jmaml_bf16": {"precision": "bf16"},
+}
+
+
+def _config(meta_batch: int, k: int, impl: str, chunk_len: int = 1):
+    from jmaml import train
+
+    return train.TrainConfig(meta_batch_size=meta_batch, num_inner_steps=k, log_every=chunk_len,
+                             checkpoint_every=chunk_len, steps=chunk_len, **VARIANTS[impl]).validate()
+
+
+def bench_jmaml(meta_batch: int, k: int, impl: str, chunk_len: int, min_time: float) -> float:
     import jax
 
     from jmaml import train
 
-    config = train.TrainConfig(meta_batch_size=meta_batch, num_inner_steps=k, unroll=unroll,
-                               log_every=chunk_len, checkpoint_every=chunk_len, steps=chunk_len)
+    config = _config(meta_batch, k, impl, chunk_len)
     chunk = train.make_chunk(config)
     state = {"s": train.initial_state(config)}
 
@@ -115,10 +134,8 @@ def measure_cell(impl: str, meta_batch: int, k: int, min_time: float, device: st
     """Steps/s of one implementation on one cell (run inside its own process, see ``_cell``)."""
     chunk_len = 200 if meta_batch <= 100 else (20 if meta_batch <= 5000 else 4)
     calls = max(1, chunk_len // 4)
-    if impl == "jmaml_rolled":
-        return bench_jmaml(meta_batch, k, 1, chunk_len, min_time)
-    if impl == "jmaml_unrolled":
-        return bench_jmaml(meta_batch, k, True, chunk_len, min_time)
+    if impl in VARIANTS:
+        return bench_jmaml(meta_batch, k, impl, chunk_len, min_time)
     if impl == "jax_naive":
         return bench_peer_jax(meta_batch, k, calls, min_time)
     if impl == "torch_func":
@@ -126,10 +143,10 @@ def measure_cell(impl: str, meta_batch: int, k: int, min_time: float, device: st
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-IMPLS = ("jmaml_rolled", "jmaml_unrolled", "jax_naive", "torch_func")
+IMPLS = ("jmaml_rolled", "jmaml_unrolled", "jmaml_fused", "jmaml_bf16", "jax_naive", "torch_func")
 
 
-def _cell(impl: str, meta_batch: int, k: int, min_time: float, device: str) -> float | None:
+def _cell(impl: str, meta_batch: int, k: int, min_time: float, device: str) -> float | dict | None:
     """Measures one cell in a fresh process, so no framework's threads, allocator or caches
     (torch's CUDA allocator, XLA's thread pools) affect another's numbers."""
     import subprocess
@@ -138,6 +155,8 @@ def _cell(impl: str, meta_batch: int, k: int, min_time: float, device: str) -> f
            f"{impl},{meta_batch},{k},{min_time}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
+        if impl in ("jmaml_fused", "jmaml_bf16"):  # an opt-in variant that fails here is recorded, not fatal
+            return {"failed": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"}
         raise RuntimeError(f"{impl} B={meta_batch} k={k} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["steps_per_s"]
 
@@ -152,7 +171,12 @@ def steps_per_second(cells, min_time: float, device: str, log, out: list | None 
         row["jmaml_best_unroll"] = "full" if row["jmaml_unrolled"] > row["jmaml_rolled"] else "1 (rolled)"
         peers = [v for v in (row["jax_naive"], row["torch_func"]) if v]
         row["ratio_vs_best_peer"] = row["jmaml"] / max(peers)
-        log(f"steps/s B={meta_batch} k={k}: " + ", ".join(f"{n} {row[n]:.1f}" for n in IMPLS if row[n]))
+        for variant in ("jmaml_fused", "jmaml_bf16"):
+            if isinstance(row[variant], float):
+                row[f"{variant}_vs_jmaml"] = row[variant] / row["jmaml"]
+                row[f"{variant}_vs_naive"] = row[variant] / row["jax_naive"]
+        log(f"steps/s B={meta_batch} k={k}: " + ", ".join(
+            f"{n} {row[n]:.1f}" if isinstance(row[n], float) else f"{n} {row[n]}" for n in IMPLS if row[n]))
         out.append(row)
         if save:
             save()  # partial results survive a time limit
@@ -279,6 +303,145 @@ def grid_vs_sequential(steps: int, log, sequential_compiling: bool = True) -> di
     return out
 
 
+# Datasheet peaks (dense FP32 without tensor cores, and memory bandwidth) of the cards measured.
+GPU_PEAKS = {
+    "H200": (67e12, 4.8e12, "NVIDIA H200 SXM datasheet: 67 TFLOPS FP32, 4.8 TB/s HBM3e"),
+    "H100 PCIe": (51e12, 2.0e12, "NVIDIA H100 PCIe datasheet: 51 TFLOPS FP32, 2.0 TB/s HBM2e"),
+    "H100": (67e12, 3.35e12, "NVIDIA H100 SXM datasheet: 67 TFLOPS FP32, 3.35 TB/s HBM3"),
+}
+
+
+def _cpu_nominal_peak() -> tuple[float | None, str]:
+    """cores x clock x FP32 FLOP per cycle, from /proc/cpuinfo (x86 only): 2 FMA pipes x 8 lanes (AVX2;
+    AMD Zen 4 runs AVX-512 on 256-bit pipes) or x 16 lanes (Intel AVX-512) x 2 FLOP per FMA."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None, "no /proc/cpuinfo"
+    mhz = [float(line.split(":")[1]) for line in text.splitlines() if line.startswith("cpu MHz")]
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    if not mhz or " fma" not in flags:
+        return None, "clock or FMA support unknown"
+    intel512 = "GenuineIntel" in text and "avx512f" in flags
+    per_cycle = 64 if intel512 else 32
+    cores = os.cpu_count() or 1
+    return cores * mhz[0] * 1e6 * per_cycle, (f"nominal: {cores} cores x {mhz[0] / 1000:.2f} GHz (cpuinfo) x "
+                                              f"{per_cycle} FP32 FLOP/cycle (2 FMA pipes x {per_cycle // 4} lanes "
+                                              "x 2); no datasheet bandwidth for this VM's share of the host")
+
+
+def ceilings(log) -> dict:
+    """The device's peaks: datasheet (GPU) or nominal (CPU) where known, and ceilings measured here with
+    XLA -- a large float32 matmul (FLOP/s) and a large elementwise add (read + write bytes/s)."""
+    import jax
+    import jax.numpy as jnp
+
+    def best(f, *args, repeats=5):
+        jax.block_until_ready(f(*args))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    gpu = jax.devices()[0].platform == "gpu"
+    n = 8192 if gpu else 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: jnp.dot(x, x, precision=jax.lax.Precision.HIGHEST))
+    flops = 2 * n**3 / best(matmul, a)
+    m = (1 << 28) if gpu else (1 << 25)  # elements: 1 GiB / 128 MiB per array
+    x = jnp.ones((m,), jnp.float32)
+    add = jax.jit(lambda v: v + 1.0)
+    bandwidth = 2 * 4 * m / best(add, x)
+    out = {"measured_flops": flops, "measured_bytes_per_s": bandwidth,
+           "measured_how": f"{n}x{n} float32 matmul (HIGHEST precision); {4 * m >> 20} MiB elementwise add "
+                           "(read + write)"}
+    kind = jax.devices()[0].device_kind
+    if gpu:
+        for name, (pf, pb, source) in GPU_PEAKS.items():
+            if name in kind:
+                out.update({"peak_flops": pf, "peak_bytes_per_s": pb, "peak_source": source})
+                break
+    else:
+        pf, source = _cpu_nominal_peak()
+        out.update({"peak_flops": pf, "peak_bytes_per_s": None, "peak_source": source})
+    log(f"ceilings: measured {flops / 1e9:.1f} GFLOP/s, {bandwidth / 1e9:.1f} GB/s; peak {out.get('peak_source')}")
+    return out
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0]
+    return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def step_costs(cells, log) -> list[dict]:
+    """XLA's cost analysis of one compiled meta-step per cell and implementation: FLOPs and bytes
+    accessed (the sum over the program's operations of what each reads and writes; fused operations
+    count once). jmaml's step is the engine's, tasks sampled inside; the naive peer's on a fixed batch."""
+    import jax
+
+    from jmaml import engine, recipes, train
+    from scripts.bench.peers import common, jax_naive
+
+    out = []
+    for meta_batch, k in cells:
+        row = {"meta_batch": meta_batch, "k": k}
+        for impl in ("jmaml_unrolled", "jmaml_rolled", "jmaml_fused", "jmaml_bf16"):
+            config = _config(meta_batch, k, impl)
+            learner, dist, opt = recipes.phase_parts(config, config.algo)
+            step = engine.make_learner_step(learner, opt)
+
+            def one(state, dist=dist, step=step):
+                key, key_tasks = jax.random.split(state.key)
+                return step(state._replace(key=key), engine.sample_tasks(dist, key_tasks, meta_batch))
+
+            try:
+                row[impl] = _cost(jax.jit(one).lower(train.initial_state(config)).compile())
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile here is recorded
+                row[impl] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        _, naive_step, args = jax_naive.setup(common.sample_numpy_tasks(meta_batch), k)
+        row["jax_naive"] = _cost(naive_step.lower(*args).compile())
+        out.append(row)
+        log(f"cost B={meta_batch} k={k}: " + ", ".join(
+            f"{n} {c['flops'] / 1e6:.1f} MFLOP {c['bytes'] / 1e6:.1f} MB" for n, c in row.items()
+            if isinstance(c, dict) and "flops" in c))
+    return out
+
+
+def roofline(result: dict) -> list[dict]:
+    """Per cell and implementation: the achieved FLOP/s and bytes/s (cost x measured steps/s), their
+    fractions of the device's peak, and what bounds it."""
+    peaks = result.get("ceilings", {})
+    steps = {(c["meta_batch"], c["k"]): c for c in result.get("steps_per_second", [])}
+    pf = peaks.get("peak_flops") or peaks.get("measured_flops")
+    pb = peaks.get("peak_bytes_per_s") or peaks.get("measured_bytes_per_s")
+    rows = []
+    for cost in result.get("costs", []):
+        measured = steps.get((cost["meta_batch"], cost["k"]))
+        if not measured:
+            continue
+        for impl in ("jmaml_unrolled", "jmaml_rolled", "jmaml_fused", "jmaml_bf16", "jax_naive"):
+            c, rate = cost.get(impl), measured.get(impl)
+            if not isinstance(c, dict) or "flops" not in c or not isinstance(rate, float):
+                continue
+            flops_s, bytes_s = c["flops"] * rate, c["bytes"] * rate
+            intensity = c["flops"] / c["bytes"] if c["bytes"] else float("inf")
+            fp, fb = flops_s / pf, bytes_s / pb
+            if max(fp, fb) < 0.1:
+                bound = "overhead (under 10% of either peak)"
+            else:
+                bound = "memory" if intensity < pf / pb else "compute"
+            rows.append({"meta_batch": cost["meta_batch"], "k": cost["k"], "impl": impl, "steps_per_s": rate,
+                         "flops": c["flops"], "bytes": c["bytes"], "flops_per_s": flops_s, "bytes_per_s": bytes_s,
+                         "intensity": intensity, "fraction_peak_flops": fp, "fraction_peak_bytes": fb,
+                         "bound": bound})
+    return rows
+
+
 def breakdown(log) -> dict:
     """Where a small meta-step's time goes (B = 25, k = 1): a measured profile."""
     import jax
@@ -328,14 +491,42 @@ def to_markdown(r: dict) -> str:
     who = m["device_kind"] if m["device"] == "gpu" else f"{m.get('cpu')}, {m['cpu_count']} cores"
     lines = [f"### {m['device'].upper()}: {who}", "",
              f"JAX {m['jax']}, Python {m['python']}, torch {m.get('torch')}; {r['date']}", "",
-             "**Meta-steps per second** (higher is better; ratio = jmaml / the better peer)", "",
-             "| meta-batch | k | jmaml | jmaml rolled / unrolled | JAX naive | torch.func | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "**Meta-steps per second** (higher is better; ratio = jmaml / the better peer; fused and bf16 are "
+             "opt-in variants of jmaml, shown with their ratio to jmaml's default step and to the naive JAX step)",
+             "", "| meta-batch | k | jmaml | jmaml rolled / unrolled | fused (vs jmaml, vs naive) | bf16 (vs jmaml) "
+             "| JAX naive | torch.func | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def variant(c, name, against_naive):
+        v = c.get(name)
+        if not isinstance(v, float):
+            return "n/a" if v is None else f"failed: {v.get('failed', '?')[:60]}"
+        more = f", {c[name + '_vs_naive']:.2f}x" if against_naive else ""
+        return f"{v:.1f} ({c[name + '_vs_jmaml']:.2f}x{more})"
+
     for c in r["steps_per_second"]:
         torch_s = f"{c['torch_func']:.1f}" if c["torch_func"] else "n/a"
         lines.append(f"| {c['meta_batch']} | {c['k']} | {c['jmaml']:.1f} | {c['jmaml_rolled']:.1f} / "
-                     f"{c['jmaml_unrolled']:.1f} | {c['jax_naive']:.1f} | {torch_s} | "
+                     f"{c['jmaml_unrolled']:.1f} | {variant(c, 'jmaml_fused', True)} | "
+                     f"{variant(c, 'jmaml_bf16', False)} | {c['jax_naive']:.1f} | {torch_s} | "
                      f"{c['ratio_vs_best_peer']:.2f}x |")
+    if r.get("ceilings") and r.get("costs"):
+        p = r["ceilings"]
+        peak = (f"peak FP32 {p['peak_flops'] / 1e9:,.0f} GFLOP/s" if p.get("peak_flops") else "no peak FLOP/s known") \
+            + (f", {p['peak_bytes_per_s'] / 1e9:,.0f} GB/s" if p.get("peak_bytes_per_s") else "")
+        lines += ["", "**Roofline** (XLA's `cost_analysis()` of one compiled meta-step x the measured steps/s)", "",
+                  f"Peaks: {peak} ({p.get('peak_source')}). Measured here with XLA: "
+                  f"{p['measured_flops'] / 1e9:,.1f} GFLOP/s, {p['measured_bytes_per_s'] / 1e9:,.1f} GB/s "
+                  f"({p['measured_how']}). Fractions are of the peak where one is known, else of the measured "
+                  "ceiling; bytes are XLA's per-operation reads and writes (data served from cache counts too).", "",
+                  "| meta-batch | k | implementation | MFLOP / step | MB / step | FLOP/byte | GFLOP/s | GB/s | "
+                  "% peak FLOP/s | % peak bytes/s | bound |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for x in r.get("roofline", []):
+            lines.append(f"| {x['meta_batch']} | {x['k']} | {x['impl']} | {x['flops'] / 1e6:,.1f} | "
+                         f"{x['bytes'] / 1e6:,.1f} | {x['intensity']:.2f} | {x['flops_per_s'] / 1e9:,.2f} | "
+                         f"{x['bytes_per_s'] / 1e9:,.2f} | {100 * x['fraction_peak_flops']:.1f}% | "
+                         f"{100 * x['fraction_peak_bytes']:.1f}% | {x['bound']} |")
     if r.get("compile"):
         lines += ["", "**Compile time of one meta-step** (B = 25, trace + XLA compile)", "",
                   "| k | jmaml (scan) | JAX naive (unrolled) |", "| --- | --- | --- |"]
@@ -377,7 +568,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--out", default=None, help="output prefix (default scripts/bench/results/<device>)")
     parser.add_argument("--quick", action="store_true", help="short measurements, fewer cells")
-    parser.add_argument("--only", default="steps,compile,memory,grid,breakdown",
+    parser.add_argument("--only", default="steps,roofline,compile,memory,grid,breakdown",
                         help="comma-separated parts to run")
     parser.add_argument("--grid-steps", type=int, default=None)
     parser.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 2)")
@@ -415,6 +606,9 @@ def main(argv=None) -> int:
     if "steps" in only:
         result["steps_per_second"] = []
         steps_per_second(cells, min_time, args.device, log, out=result["steps_per_second"], save=save_partial)
+    if "roofline" in only:
+        result["ceilings"] = ceilings(log)
+        result["costs"] = step_costs(cells, log)
     if "compile" in only:
         result["compile"] = compile_times((1, 5, 25) if args.quick else (1, 5, 25, 100), log)
     if "memory" in only:
@@ -429,6 +623,7 @@ def main(argv=None) -> int:
     if args.merge and os.path.exists(prefix + ".json"):  # keep the parts not rerun this time
         with open(prefix + ".json", encoding="utf-8") as f:
             result = {**json.load(f), **result}
+    result["roofline"] = roofline(result)
     with open(prefix + ".json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     md = to_markdown(result) if "steps_per_second" in result else json.dumps(result, indent=2)
