@@ -19,6 +19,13 @@ from jmaml.meta import make_estimator_step
 from jmaml.tasks import sinusoid
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """On a GPU the default float32 matmul is TF32; the comparisons here are of float32 rounding."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _tasks(key, num_tasks, n_in, n_out, support, query, dtype):
     """Random regression tasks of any widths (an independent target per task)."""
     ks = jax.random.split(key, 4)
