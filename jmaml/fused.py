@@ -15,8 +15,14 @@ meta-batch steps are bound by those bytes (BENCHMARKS.md), which is what this ke
 Scope: ``models.mlp`` with ``relu`` or ``tanh``, the ``"mse"`` or ``"sse"`` loss of ``make_loss``,
 plain SGD inner steps at a scalar rate α (which may be traced, so sweeps still vmap over it), a
 static k, float32 or float64. Anything else is refused with an error naming what is supported; use
-the default ``backend="xla"`` for the rest. On a CPU, Pallas runs the kernel in interpret mode (the
-same kernel body, lowered through XLA), which is how the suite tests it against autodiff.
+the default ``backend="xla"`` for the rest.
+
+Two kernel bodies share the per-task mathematics (``task_meta_grad``): ``"block"`` runs a block's tasks
+at once (vmapped, batched matmuls) and is what Pallas's interpret mode runs on a CPU; ``"loop"`` runs
+them one after another with 2-D matmuls, every dimension padded to a power of two of at least 16, as
+Triton needs, and is what is compiled for an NVIDIA GPU. The suite checks both in interpret mode
+against autodiff, and checks that the GPU body lowers to a Triton kernel for CUDA (by exporting for the
+"cuda" platform, which needs no GPU); its speed on a GPU is measured by ``scripts/gpu_check_fused.sh``.
 
 Use it through ``learners.maml(loss_fn, ..., backend="fused")`` (or ``jmaml train --backend fused``);
 ``maml_value_and_grad`` is the function underneath.
@@ -39,6 +45,8 @@ ACTIVATIONS = ("relu", "tanh")
 LOSSES = ("mse", "sse")
 DTYPES = ("float32", "float64")
 DEFAULT_BLOCK_TASKS = 128
+KERNELS = ("block", "loop")
+LOOP_MIN_WIDTH = 16  # a GPU matmul's smallest side (Triton's dot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,36 +115,24 @@ def _check_tasks(tasks: Task, spec: MLPSpec, dtype: jnp.dtype) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-task mathematics, on a block of T tasks (leading axis): each task has its own weights.
+# The per-task mathematics: one task, 2-D arrays (points x units). A block of tasks is its vmap (XLA
+# then folds the shared θ of the first step into one matmul over all the block's points); the GPU
+# kernel runs it task by task, since its matmuls must be 2-D.
 
 
 def _mm(h: jax.Array, w: jax.Array) -> jax.Array:
-    """(T, n, i) @ (T, i, o) -> (T, n, o); a shared (i, o) weight is one matmul over all points."""
-    if w.ndim == 2:
-        return lax.dot_general(h, w, (((2,), (0,)), ((), ())))
-    return lax.dot_general(h, w, (((2,), (1,)), ((0,), (0,))))
+    """(n, i) @ (i, o) -> (n, o)."""
+    return lax.dot_general(h, w, (((1,), (0,)), ((), ())))
 
 
 def _mm_t(d: jax.Array, w: jax.Array) -> jax.Array:
-    """(T, n, o) @ (T, i, o)^T -> (T, n, i) (or a shared (i, o) weight)."""
-    if w.ndim == 2:
-        return lax.dot_general(d, w, (((2,), (1,)), ((), ())))
-    return lax.dot_general(d, w, (((2,), (2,)), ((0,), (0,))))
+    """(n, o) @ (i, o)^T -> (n, i)."""
+    return lax.dot_general(d, w, (((1,), (1,)), ((), ())))
 
 
 def _outer(h: jax.Array, d: jax.Array) -> jax.Array:
-    """(T, n, i)^T @ (T, n, o) -> (T, i, o): the weight gradient summed over the points."""
-    return lax.dot_general(h, d, (((1,), (1,)), ((0,), (0,))))
-
-
-def _bias(b: jax.Array) -> jax.Array:
-    """A bias, shared (o,) or per task (T, o), broadcast against (T, n, o)."""
-    return b[None, None, :] if b.ndim == 1 else b[:, None, :]
-
-
-def _step(p: jax.Array, g: jax.Array, alpha: jax.Array) -> jax.Array:
-    """An SGD step from shared or per-task parameters to per-task ones."""
-    return (p[None] if p.ndim < g.ndim else p) - alpha * g
+    """(n, i)^T @ (n, o) -> (i, o): a weight gradient, summed over the points."""
+    return lax.dot_general(h, d, (((0,), (0,)), ((), ())))
 
 
 def _activation(name: str) -> tuple[Callable, Callable, Callable | None]:
@@ -150,26 +146,27 @@ def _forward(ws, bs, x, act):
     """Pre-activations ``zs`` of every layer and the inputs ``hs`` of every layer (``hs[0] = x``)."""
     hs, zs = [x], []
     for i, (w, b) in enumerate(zip(ws, bs)):
-        z = _mm(hs[-1], w) + _bias(b)
+        z = _mm(hs[-1], w) + b[None, :]
         zs.append(z)
         if i < len(ws) - 1:
             hs.append(act(z))
     return hs, zs
 
 
-def _losses(pred, y, scale):
-    return scale * jnp.sum(jnp.square(y - pred), axis=(1, 2))
+def _loss(pred, y, scale):
+    """``scale`` is the loss's weight per point: a number, or (points, 1) (0 for padding points)."""
+    return jnp.sum(scale * jnp.square(y - pred))
 
 
 def _backward(ws, hs, zs, y, scale, dact):
-    """Gradient of each task's loss: per layer ``(dW, db)``, and the caches the HVP needs
+    """The task's loss gradient, per layer ``(dW, db)``, and the caches the HVP needs
     (``deltas[i]`` = dL/dz_i, ``dhs[i]`` = dL/dh_i for i >= 1)."""
     n = len(ws)
     delta = 2 * scale * (zs[-1] - y)
     gws, gbs, deltas, dhs = [None] * n, [None] * n, [None] * n, [None] * n
     for i in range(n - 1, -1, -1):
         deltas[i] = delta
-        gws[i], gbs[i] = _outer(hs[i], delta), jnp.sum(delta, axis=1)
+        gws[i], gbs[i] = _outer(hs[i], delta), jnp.sum(delta, axis=0)
         if i > 0:
             dhs[i] = _mm_t(delta, ws[i])
             delta = dhs[i] * dact(zs[i - 1], hs[i])
@@ -177,12 +174,12 @@ def _backward(ws, hs, zs, y, scale, dact):
 
 
 def _hvp(ws, hs, zs, deltas, dhs, vws, vbs, scale, dact, ddact):
-    """Hessian of each task's loss times its own direction ``(vws, vbs)``, by hand: the forward
-    tangent of the pre-activations, then the tangent of ``_backward``."""
+    """The Hessian of the task's loss times the direction ``(vws, vbs)``, by hand: the forward tangent
+    of the pre-activations, then the tangent of ``_backward``."""
     n = len(ws)
     hdots, zdots = [None] * n, [None] * n  # hdots[i]: tangent of hs[i] (hs[0] = x is constant)
     for i in range(n):
-        zdot = _mm(hs[i], vws[i]) + vbs[i][:, None, :]
+        zdot = _mm(hs[i], vws[i]) + vbs[i][None, :]
         if hdots[i] is not None:
             zdot = zdot + _mm(hdots[i], ws[i])
         zdots[i] = zdot
@@ -194,7 +191,7 @@ def _hvp(ws, hs, zs, deltas, dhs, vws, vbs, scale, dact, ddact):
         hws[i] = _outer(hs[i], ddelta)
         if hdots[i] is not None:
             hws[i] = hws[i] + _outer(hdots[i], deltas[i])
-        hbs[i] = jnp.sum(ddelta, axis=1)
+        hbs[i] = jnp.sum(ddelta, axis=0)
         if i > 0:
             ddh = _mm_t(ddelta, ws[i]) + _mm_t(deltas[i], vws[i])
             ddelta = ddh * dact(zs[i - 1], hs[i])
@@ -203,64 +200,94 @@ def _hvp(ws, hs, zs, deltas, dhs, vws, vbs, scale, dact, ddact):
     return hws, hbs
 
 
-def block_meta_grad(ws, bs, support_x, support_y, query_x, query_y, alpha, *, num_inner_steps: int,
-                    activation: str, scale_support, scale_query):
-    """MAML on a block of tasks, written out: per task its query loss after ``num_inner_steps`` SGD
-    steps at ``alpha``, its un-adapted query loss, and its exact meta-gradient.
+def task_meta_grad(ws, bs, support_x, support_y, query_x, query_y, alpha, *, num_inner_steps: int,
+                   activation: str, scale_support, scale_query):
+    """MAML on one task, written out: its query loss after ``num_inner_steps`` SGD steps at ``alpha``,
+    its un-adapted query loss, and its exact meta-gradient.
 
-    ``ws[i]`` (fan_in, fan_out) and ``bs[i]`` (fan_out,) are θ, shared by the tasks until the first
-    inner step gives each task its own (T, fan_in, fan_out) and (T, fan_out); the data have shape
-    (T, points, width). The kernel body, and a plain
-    XLA function of its own (``maml_value_and_grad(..., use_pallas=False)``).
+    ``ws[i]`` (fan_in, fan_out) and ``bs[i]`` (fan_out,) are θ; the data have shape (points, width);
+    ``scale_*`` weigh each point's squared error (1/(points x outputs) for MSE, 1 for SSE).
 
     Returns:
-      ``(query_losses (T,), pre_adapt_losses (T,), grad_ws, grad_bs)``, gradients per task.
+      ``(query_loss, pre_adapt_loss, grad_ws, grad_bs)``.
     """
     act, dact, ddact = _activation(activation)
-    pre = _losses(_forward(ws, bs, query_x, act)[1][-1], query_y, scale_query)
+    pre = _loss(_forward(ws, bs, query_x, act)[1][-1], query_y, scale_query)
     caches = []
     for _ in range(num_inner_steps):
         hs, zs = _forward(ws, bs, support_x, act)
         gws, gbs, deltas, dhs = _backward(ws, hs, zs, support_y, scale_support, dact)
         caches.append((ws, hs, zs, deltas, dhs))
-        ws = [_step(w, g, alpha) for w, g in zip(ws, gws)]
-        bs = [_step(b, g, alpha) for b, g in zip(bs, gbs)]
+        ws = [w - alpha * g for w, g in zip(ws, gws)]
+        bs = [b - alpha * g for b, g in zip(bs, gbs)]
     hs, zs = _forward(ws, bs, query_x, act)
-    losses = _losses(zs[-1], query_y, scale_query)
+    loss = _loss(zs[-1], query_y, scale_query)
     vws, vbs, _, _ = _backward(ws, hs, zs, query_y, scale_query, dact)
     for ws_i, hs, zs, deltas, dhs in reversed(caches):  # g_i = g_{i+1} - α H_S(θ_i) g_{i+1}
         hws, hbs = _hvp(ws_i, hs, zs, deltas, dhs, vws, vbs, scale_support, dact, ddact)
         vws = [v - alpha * h for v, h in zip(vws, hws)]
         vbs = [v - alpha * h for v, h in zip(vbs, hbs)]
-    return losses, pre, vws, vbs
+    return loss, pre, vws, vbs
+
+
+def block_meta_grad(ws, bs, support_x, support_y, query_x, query_y, alpha, **settings):
+    """``task_meta_grad`` over a block of tasks (leading axis of the data; θ shared): per-task losses,
+    un-adapted losses and gradients (leading axis on each)."""
+    one = lambda sx, sy, qx, qy: task_meta_grad(ws, bs, sx, sy, qx, qy, alpha, **settings)  # noqa: E731
+    return jax.vmap(one)(support_x, support_y, query_x, query_y)
 
 
 # ---------------------------------------------------------------------------------------------
 # The Pallas kernel: a grid over blocks of tasks
 
 
-def _kernel(alpha_ref, weight_ref, sx_ref, sy_ref, qx_ref, qy_ref, *refs, num_layers: int, **settings):
+def _kernel(alpha_ref, weight_ref, scale_s_ref, scale_q_ref, sx_ref, sy_ref, qx_ref, qy_ref, *refs,
+            num_layers: int, task_loop: bool, **settings):
     params, (loss_ref, pre_ref), grads = refs[:2 * num_layers], refs[2 * num_layers:2 * num_layers + 2], \
         refs[2 * num_layers + 2:]
     ws = [params[2 * i][...] for i in range(num_layers)]
     bs = [params[2 * i + 1][...] for i in range(num_layers)]
-    losses, pre, gws, gbs = block_meta_grad(ws, bs, sx_ref[...], sy_ref[...], qx_ref[...], qy_ref[...],
-                                            alpha_ref[0], **settings)
+    settings = {**settings, "scale_support": scale_s_ref[...], "scale_query": scale_q_ref[...]}
+    alpha = alpha_ref[0]
+    weight = weight_ref[...]  # each task's share of the meta-objective (0 for padding)
+    if not task_loop:  # the block at once (vmapped): interpret mode
+        losses, pre, gws, gbs = block_meta_grad(ws, bs, sx_ref[...], sy_ref[...], qx_ref[...], qy_ref[...], alpha,
+                                                **settings)
+        gws = [jnp.sum(weight[:, None, None] * g, axis=0) for g in gws]
+        gbs = [jnp.sum(weight[:, None] * g, axis=0) for g in gbs]
+    else:  # task by task with 2-D matmuls, the block's gradient accumulated in the loop's carry (GPU)
+        ids = lax.broadcasted_iota(jnp.int32, weight.shape, 0)
+
+        def body(t, carry):
+            losses, pre, gws, gbs = carry
+            loss, before, gw, gb = task_meta_grad(ws, bs, sx_ref[t], sy_ref[t], qx_ref[t], qy_ref[t], alpha,
+                                                  **settings)
+            here = ids == t
+            share = jnp.sum(jnp.where(here, weight, 0))
+            return (jnp.where(here, loss, losses), jnp.where(here, before, pre),
+                    [a + share * g for a, g in zip(gws, gw)], [a + share * g for a, g in zip(gbs, gb)])
+
+        zeros = jnp.zeros_like(weight)
+        losses, pre, gws, gbs = lax.fori_loop(0, weight.shape[0], body, (
+            zeros, zeros, [jnp.zeros_like(w) for w in ws], [jnp.zeros_like(b) for b in bs]))
     loss_ref[...] = losses
     pre_ref[...] = pre
-    weight = weight_ref[...]  # each task's share of the meta-objective (0 for padding)
     for i in range(num_layers):
-        grads[2 * i][...] = jnp.sum(weight[:, None, None] * gws[i], axis=0)[None]
-        grads[2 * i + 1][...] = jnp.sum(weight[:, None] * gbs[i], axis=0)[None]
+        grads[2 * i][0] = gws[i]
+        grads[2 * i + 1][0] = gbs[i]
 
 
-def _pad_tasks(a: jax.Array, padded: int) -> jax.Array:
-    return jnp.pad(a, [(0, padded - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+def _pow2(n: int, least: int = 1) -> int:
+    return max(least, 1 << (n - 1).bit_length())
+
+
+def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.pad(a, [(0, s - d) for d, s in zip(a.shape, shape)])
 
 
 def maml_value_and_grad(params: Params, tasks: Task, *, inner_lr: Any, num_inner_steps: int, spec: MLPSpec,
                         loss: str = "mse", reduction: str = "mean", block_tasks: int | None = None,
-                        interpret: bool | None = None, use_pallas: bool = True):
+                        interpret: bool | None = None, kernel: str | None = None, use_pallas: bool = True):
     """Second-order MAML's meta-loss and meta-gradient for ``models.mlp(spec.sizes, spec.activation)``.
 
     Args:
@@ -271,10 +298,13 @@ def maml_value_and_grad(params: Params, tasks: Task, *, inner_lr: Any, num_inner
       spec: the MLP (``models.MLPSpec``).
       loss: ``"mse"`` or ``"sse"`` (as ``make_loss``).
       reduction: ``"mean"`` or ``"sum"`` over tasks.
-      block_tasks: tasks per kernel program (default ``min(128, tasks)``); the batch is padded to a
-        multiple of it with tasks of weight 0.
+      block_tasks: tasks per kernel program (default ``min(128, tasks)``, rounded up to a power of two);
+        the batch is padded to a multiple of it with tasks of weight 0.
       interpret: run the Pallas kernel in interpret mode; default: on a CPU backend (where Pallas has
-        no compiler), compiled elsewhere.
+        no compiler); else compiled through Triton, for an NVIDIA GPU.
+      kernel: the kernel body: ``"block"`` (the block's tasks at once, vmapped; batched matmuls) or
+        ``"loop"`` (task by task with 2-D matmuls, what a GPU kernel can compile; every dimension padded
+        to at least 16). Default: ``"block"`` in interpret mode, ``"loop"`` compiled.
       use_pallas: False runs the same hand-written mathematics as one plain XLA function (no kernel).
 
     Returns:
@@ -302,27 +332,42 @@ def maml_value_and_grad(params: Params, tasks: Task, *, inner_lr: Any, num_inner
     num_layers = len(spec.sizes) - 1
     dtype = jnp.dtype(params[0]["w"].dtype)
     per_point = lambda batch: (1.0 / (batch.y.shape[1] * batch.y.shape[2])) if loss == "mse" else 1.0  # noqa: E731
-    settings: dict[str, Any] = {"num_inner_steps": num_inner_steps, "activation": spec.activation,
-                "scale_support": per_point(tasks.support), "scale_query": per_point(tasks.query)}
     share = 1.0 / num_tasks if reduction == "mean" else 1.0
     alpha = jnp.asarray(inner_lr, dtype).reshape((1,))
     data: tuple[jax.Array, ...] = (tasks.support.x, tasks.support.y, tasks.query.x, tasks.query.y)
-    flat = [a for layer in params for a in (layer["w"], layer["b"])]
     if not use_pallas:
         ws, bs = [layer["w"] for layer in params], [layer["b"] for layer in params]
         sx, sy, qx, qy = data
-        losses, pre, gws, gbs = block_meta_grad(ws, bs, sx, sy, qx, qy, alpha[0], **settings)
+        losses, pre, gws, gbs = block_meta_grad(
+            ws, bs, sx, sy, qx, qy, alpha[0], num_inner_steps=num_inner_steps, activation=spec.activation,
+            scale_support=per_point(tasks.support), scale_query=per_point(tasks.query))
         grads = [{"w": jnp.sum(gw, 0) * share, "b": jnp.sum(gb, 0) * share} for gw, gb in zip(gws, gbs)]
     else:
         from jax.experimental import pallas as pl
 
-        block = min(block_tasks or DEFAULT_BLOCK_TASKS, num_tasks)
-        num_blocks = -(-num_tasks // block)
-        padded = num_blocks * block
-        weight = _pad_tasks(jnp.full((num_tasks,), share, dtype), padded)
-        data = tuple(_pad_tasks(a, padded) for a in data)
         if interpret is None:
             interpret = jax.default_backend() == "cpu"
+        kernel = kernel or ("block" if interpret else "loop")
+        # The batch is padded to whole blocks with tasks of weight 0 in the meta-objective. For the GPU body
+        # every other dimension is padded too, to a power of two of at least 16 (Triton's 2-D dots): zero
+        # inputs, zero weights and biases for the extra units (relu(0) = tanh(0) = 0, so they stay zero and
+        # pass nothing on), points of weight 0 in the losses. Exact: the tests run it padded.
+        size = (lambda n: _pow2(n, LOOP_MIN_WIDTH)) if kernel == "loop" else (lambda n: n)  # noqa: E731
+        block = _pow2(min(block_tasks or DEFAULT_BLOCK_TASKS, num_tasks))
+        num_blocks = -(-num_tasks // block)
+        padded = num_blocks * block
+        widths = [size(n) for n in spec.sizes]
+        flat = []
+        for layer, fan_in, fan_out in zip(params, widths[:-1], widths[1:]):
+            flat += [_pad_to(layer["w"], (fan_in, fan_out)), _pad_to(layer["b"], (fan_out,))]
+        data = tuple(_pad_to(a, (padded, size(a.shape[1]), size(a.shape[2]))) for a in data)
+
+        def point_scale(batch):  # the loss's weight of each (padded) point
+            n = batch.x.shape[1]
+            return _pad_to(jnp.full((n, 1), per_point(batch), dtype), (size(n), 1))
+
+        weight = _pad_to(jnp.full((num_tasks,), share, dtype), (padded,))
+        scales = (point_scale(tasks.support), point_scale(tasks.query))
 
         def tasks_spec(a):
             return pl.BlockSpec((block, *a.shape[1:]), lambda i, nd=a.ndim: (i,) + (0,) * (nd - 1))
@@ -336,21 +381,29 @@ def maml_value_and_grad(params: Params, tasks: Task, *, inner_lr: Any, num_inner
         out_shape = [jax.ShapeDtypeStruct((padded,), dtype)] * 2 + [
             jax.ShapeDtypeStruct((num_blocks, *a.shape), dtype) for a in flat]
         out_specs = [tasks_spec(weight)] * 2 + [per_block(a) for a in flat]
-        in_specs = [whole(alpha), tasks_spec(weight), *map(tasks_spec, data), *map(whole, flat)]
+        in_specs = [whole(alpha), tasks_spec(weight), *map(whole, scales), *map(tasks_spec, data), *map(whole, flat)]
+        extra: dict[str, Any] = {}
+        if not interpret:  # compiled: for an NVIDIA GPU, through Triton
+            from jax.experimental.pallas import triton as plt
+
+            extra["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=1)
         call = pl.pallas_call(
-            lambda *refs: _kernel(*refs, num_layers=num_layers, **settings),
-            out_shape=out_shape, grid=(num_blocks,), in_specs=in_specs, out_specs=out_specs, interpret=interpret)
-        losses, pre, *partials = call(alpha, weight, *data, *flat)
+            lambda *refs: _kernel(*refs, num_layers=num_layers, task_loop=kernel == "loop",
+                                  num_inner_steps=num_inner_steps, activation=spec.activation),
+            out_shape=out_shape, grid=(num_blocks,), in_specs=in_specs, out_specs=out_specs, interpret=interpret,
+            **extra)
+        losses, pre, *partials = call(alpha, weight, *scales, *data, *flat)
         losses, pre = losses[:num_tasks], pre[:num_tasks]
         sums = [jnp.sum(p, axis=0) for p in partials]
-        grads = [{"w": sums[2 * i], "b": sums[2 * i + 1]} for i in range(num_layers)]
+        grads = [{"w": sums[2 * i][:fan_in, :fan_out], "b": sums[2 * i + 1][:fan_out]}
+                 for i, (fan_in, fan_out) in enumerate(zip(spec.sizes[:-1], spec.sizes[1:]))]
     reduce = jnp.mean if reduction == "mean" else jnp.sum
     return reduce(losses), grads, losses, reduce(pre)
 
 
 def maml_estimator(loss_fn: LossFn, *, num_inner_steps: int, reduction: str = "mean", first_order: bool = False,
                    max_inner_steps: int | None = None, inner_optimiser: Any = None, remat: bool = False,
-                   block_tasks: int | None = None, interpret: bool | None = None,
+                   block_tasks: int | None = None, interpret: bool | None = None, kernel: str | None = None,
                    use_pallas: bool = True, **_ignored: Any) -> Callable[..., Any]:
     """The fused backend as a MAML estimator: ``estimate(params, tasks, *, inner_lr, meta_step=None)
     -> (loss, grads, metrics)`` (the interface of ``jmaml.meta.maml_estimator``).
@@ -370,6 +423,8 @@ def maml_estimator(loss_fn: LossFn, *, num_inner_steps: int, reduction: str = "m
                              f"{name} is not supported with it (use backend='xla')")
     if block_tasks is not None:
         check_positive_int(block_tasks, "block_tasks")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
 
     def estimate(params: Params, tasks: Task, *, inner_lr: Any, meta_step: Any = None, num_inner_steps: Any = None,
                  model_state: Any = None):
@@ -379,7 +434,7 @@ def maml_estimator(loss_fn: LossFn, *, num_inner_steps: int, reduction: str = "m
         _check_tasks(tasks, spec, dtype)
         loss, grads, per_task, pre = maml_value_and_grad(
             params, tasks, inner_lr=inner_lr, num_inner_steps=k, spec=spec, loss=kind, reduction=reduction,
-            block_tasks=block_tasks, interpret=interpret, use_pallas=use_pallas)
+            block_tasks=block_tasks, interpret=interpret, kernel=kernel, use_pallas=use_pallas)
         return loss, grads, {"task_losses": per_task, "pre_adapt_loss": pre}
 
     return estimate
