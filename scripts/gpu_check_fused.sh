@@ -12,5 +12,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/fused_test.py tests/precision_test.py \
   2>&1 | tail -30 | tee "$out/tests_fused.txt"
+for k in 5 1; do
+  timeout 90 python3 scripts/bench/fused_blocks.py 100000 "$k" 8,32,128 2>&1 | tail -6 | tee -a "$out/fused_blocks.jsonl"
+done
 timeout "${BENCH_TIMEOUT:-360}" python3 scripts/bench.py --device gpu --only steps,roofline,grid --min-time 1 \
   --grid-steps 200 --out "$out/gpu" 2>&1 | tail -60
