@@ -62,13 +62,14 @@ def _assert_close(ref, got, rtol, atol):
         np.testing.assert_allclose(b, a, rtol=rtol, atol=atol + rtol * scale)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("k", [1, 3, 5])
 def test_fused_kernel_equals_autodiff_float32_relu(k):
-    """The paper's 1-40-40-1 ReLU MLP, f32, k = 1..5; a block size (4) that does not divide the batch (6)."""
+    """The paper's 1-40-40-1 ReLU MLP, f32; a block size (4) that does not divide the batch (6). With the
+    tests below every k from 0 to 5 is covered (2: sse and the GPU body; 4: tanh in float32)."""
     _assert_close(*_both([1, 40, 40, 1], "relu", k, jnp.float32), rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("k", [1, 5])
 def test_fused_kernel_equals_autodiff_float64_tanh(x64, k):
     """tanh (a non-zero second derivative in the HVP), three hidden layers, several outputs, f64:
     equal to autodiff to rounding."""
