@@ -246,6 +246,10 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     if base.algo not in SWEEP_ALGOS:
         raise ValueError(f"sweeps vmap whole runs over a traced k, which algos {', '.join(SWEEP_ALGOS)} take; "
                          f"got algo {base.algo!r}")
+    if base.options.get("backend", "xla") != "xla":
+        raise ValueError(f"run_sweep vmaps whole runs over a traced k, which backend={base.options['backend']!r} "
+                         "does not take (its k is static); sweep a fixed k with "
+                         "sweep_learner(learners.maml(loss_fn, ..., backend='fused'), ...)")
     if recipes.build_tasks(base).heldout is None:
         raise ValueError(f"sweeps evaluate every point on held-out tasks; task {base.task!r} has none")
     if shard not in SHARD_AXES:

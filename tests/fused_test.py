@@ -225,3 +225,24 @@ def test_train_config_refuses_fused_for_an_image_model_or_bf16():
         train.TrainConfig(precision="bf16", algo_options={"backend": "fused"}).validate()
     with pytest.raises(ValueError, match="backend = 'fused' applies to algo 'maml' only"):
         train.TrainConfig(algo="reptile", num_inner_steps=1, algo_options={"backend": "fused"}).validate()
+
+
+def test_sweeps_take_the_fused_learner_and_run_sweep_says_why_not():
+    """``sweep_learner`` vmaps whole runs of the fused learner over α × β (one program per k) and gets the
+    autodiff learner's losses; ``run_sweep`` (a traced k) refuses the fused backend by name."""
+    from jmaml import sweep
+
+    net = models.mlp([1, 16, 1])
+    loss_fn = make_loss(net.apply, "mse")
+    grid = sweep.Grid((0.01, 0.05), (1e-3,), (2,), (0,))
+    out = {}
+    for backend in ("xla", "fused"):
+        result = sweep.sweep_learner(
+            lambda k, b=backend: learners.maml(loss_fn, inner_lr=0.01, num_inner_steps=k, backend=b),
+            sinusoid.distribution(), optax.adam, net.init, grid, steps=4, meta_batch_size=8, log_every=4,
+            evaluate=False)
+        out[backend] = [row["final_meta_loss"] for row in result["rows"]]
+    np.testing.assert_allclose(out["fused"], out["xla"], rtol=1e-4)
+    with pytest.raises(ValueError, match="backend='fused' does not take"):
+        sweep.run_sweep(train.TrainConfig(steps=2, log_every=2, checkpoint_every=2,
+                                          algo_options={"backend": "fused"}), grid)
