@@ -47,6 +47,15 @@ def atomic_write_text(path: str, text: str) -> None:
 _LATER_FIELDS = {"backbone": "conv4", "precision": "float32"}
 
 
+# Fields added without an entry above, so runs written before them were fingerprinted without them and
+# runs written since with them: both forms are accepted on resume (``known_fingerprints``).
+_UNLISTED_LATER_FIELDS = {"cache_dir": None}
+
+
+def _fingerprint(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_fingerprint(config: TrainConfig) -> str:
     """A hash of the settings that make a run what it is (all but its length, which may grow on
     resume): recorded in its checkpoints, so a checkpoint of another run is refused."""
@@ -55,7 +64,21 @@ def run_fingerprint(config: TrainConfig) -> str:
     for name, default in _LATER_FIELDS.items():  # a run written before the field existed keeps its fingerprint
         if d.get(name) == default:
             d.pop(name)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return _fingerprint(d)
+
+
+def known_fingerprints(config: TrainConfig) -> set[str]:
+    """The fingerprints a checkpoint of this run may carry: ``run_fingerprint``, and the forms of jmaml
+    versions that did not yet have the fields of ``_UNLISTED_LATER_FIELDS`` (at their defaults)."""
+    out = {run_fingerprint(config)}
+    d = config.to_dict()
+    d.pop("steps")
+    for name, default in _LATER_FIELDS.items():
+        if d.get(name) == default:
+            d.pop(name)
+    if all(d.get(name) == default for name, default in _UNLISTED_LATER_FIELDS.items()):
+        out.add(_fingerprint({k: v for k, v in d.items() if k not in _UNLISTED_LATER_FIELDS}))
+    return out
 
 
 def _read_info(run_dir: str) -> dict | None:
@@ -284,7 +307,7 @@ def check_binding(path: str, header: dict, config: TrainConfig, phase: str, *, a
         raise checkpoint.CheckpointError(f"checkpoint {path} was written with jax_enable_x64={extra['x64']}, and "
                                          f"this process runs with {bool(x64_enabled())}: resume it with "
                                          "the same precision")
-    if "run" in extra and "changed-settings" not in allow and extra["run"] != run_fingerprint(config):
+    if "run" in extra and "changed-settings" not in allow and extra["run"] not in known_fingerprints(config):
         raise checkpoint.CheckpointError(f"checkpoint {path} belongs to another run (fingerprint {extra['run']}, "
                                          f"this run's {run_fingerprint(config)}: other settings or seed); "
                                          "nothing was overwritten")

@@ -310,3 +310,22 @@ def test_seed_walkthrough_table_is_bounded():
 
     with pytest.raises(ValueError, match="k must be <= 100"):
         walkthrough.run_walkthrough(k_max=101)
+
+
+def test_every_committed_run_binds_to_its_own_checkpoints():
+    """Runs written by older jmaml versions (fingerprinted before TrainConfig grew fields such as cache_dir)
+    still resume: each committed checkpoint that records a run fingerprint passes the binding check."""
+    import glob
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    checked = 0
+    for ckpt in sorted(glob.glob(os.path.join(root, "experiments", "**", "*.ckpt.npz"), recursive=True)):
+        header = checkpoint.read_header(ckpt)
+        if "run" not in header.get("extra", {}):
+            continue
+        run_dir = os.path.dirname(ckpt)
+        phase = os.path.basename(ckpt)[:-len(".ckpt.npz")]
+        rundir.check_binding(ckpt, header, rundir.load_config(run_dir), phase)
+        checked += 1
+    assert checked >= 4  # the sinusoid run's two phases and the precision experiment's two runs
