@@ -16,8 +16,7 @@ import optax
 
 from jmaml import learners, tasks
 from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
-from jmaml.losses import make_loss
-from jmaml.models import ACTIVATIONS, PRECISIONS, mixed_precision
+from jmaml.models import ACTIVATIONS, PRECISIONS
 
 
 def _momentum(learning_rate: float) -> optax.GradientTransformation:
@@ -160,8 +159,9 @@ class TrainConfig:
         extra = learners.extra_inputs(self.algo, self.options)
         loss: Any = lambda params, batch: 0.0
         if self.options.get("backend", "xla") != "xla":
-            family = tasks.family(self.task)
-            loss = make_loss(mixed_precision(family.model(self, extra), self.precision).apply, family.loss(self))
+            from jmaml import recipes  # recipes imports this module
+
+            loss = recipes.build_model(self)[1]
         learners.make(self.algo, loss, inner_lr=self.inner_lr,
                       num_inner_steps=self.num_inner_steps, options=self.options, run_steps=self.steps,
                       remat=self.remat)

@@ -404,7 +404,7 @@ def maml_value_and_grad(params: Params, tasks: Task, *, inner_lr: Any, num_inner
 def maml_estimator(loss_fn: LossFn, *, num_inner_steps: int, reduction: str = "mean", first_order: bool = False,
                    max_inner_steps: int | None = None, inner_optimiser: Any = None, remat: bool = False,
                    block_tasks: int | None = None, interpret: bool | None = None, kernel: str | None = None,
-                   use_pallas: bool = True, **_ignored: Any) -> Callable[..., Any]:
+                   use_pallas: bool = True) -> Callable[..., Any]:
     """The fused backend as a MAML estimator: ``estimate(params, tasks, *, inner_lr, meta_step=None)
     -> (loss, grads, metrics)`` (the interface of ``jmaml.meta.maml_estimator``).
 

@@ -56,26 +56,27 @@ def _fingerprint(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_fingerprint(config: TrainConfig) -> str:
-    """A hash of the settings that make a run what it is (all but its length, which may grow on
-    resume): recorded in its checkpoints, so a checkpoint of another run is refused."""
+def _fingerprinted(config: TrainConfig) -> dict[str, Any]:
+    """The settings a run's fingerprint hashes: all but its length, later fields at their old default left out."""
     d = config.to_dict()
     d.pop("steps")
     for name, default in _LATER_FIELDS.items():  # a run written before the field existed keeps its fingerprint
         if d.get(name) == default:
             d.pop(name)
-    return _fingerprint(d)
+    return d
+
+
+def run_fingerprint(config: TrainConfig) -> str:
+    """A hash of the settings that make a run what it is (all but its length, which may grow on
+    resume): recorded in its checkpoints, so a checkpoint of another run is refused."""
+    return _fingerprint(_fingerprinted(config))
 
 
 def known_fingerprints(config: TrainConfig) -> set[str]:
     """The fingerprints a checkpoint of this run may carry: ``run_fingerprint``, and the forms of jmaml
     versions that did not yet have the fields of ``_UNLISTED_LATER_FIELDS`` (at their defaults)."""
-    out = {run_fingerprint(config)}
-    d = config.to_dict()
-    d.pop("steps")
-    for name, default in _LATER_FIELDS.items():
-        if d.get(name) == default:
-            d.pop(name)
+    d = _fingerprinted(config)
+    out = {_fingerprint(d)}
     if all(d.get(name) == default for name, default in _UNLISTED_LATER_FIELDS.items()):
         out.add(_fingerprint({k: v for k, v in d.items() if k not in _UNLISTED_LATER_FIELDS}))
     return out
