@@ -126,6 +126,21 @@ def initial_state(learner: MetaLearner, params: Params, optimiser: optax.Gradien
     return init_state(learner.init(params), optimiser, key, model_state)
 
 
+def make_sampled_step(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation, *,
+                      meta_batch_size: int, mesh: Mesh | None = None) -> Callable:
+    """One step of a chunk, ``one(state, data) -> (state, metrics)``: splits the state's key, samples a
+    meta-batch on the device (sharded over ``mesh``'s task axis) and applies one meta-step."""
+    step = make_learner_step(learner, optimiser)
+
+    def one(state: TrainState, data: Any):
+        key, key_tasks = jax.random.split(state.key)
+        batch = distributed.shard_tasks(sample_tasks(tasks, key_tasks, meta_batch_size, data), mesh)
+        new_state, metrics = step(state._replace(key=key), batch)
+        return distributed.replicate(new_state, mesh), distributed.replicate(metrics, mesh)
+
+    return one
+
+
 _CHUNKS: collections.OrderedDict = collections.OrderedDict()
 
 
@@ -144,14 +159,7 @@ def make_chunk(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
     if cache_key in _CHUNKS:
         _CHUNKS.move_to_end(cache_key)
         return _CHUNKS[cache_key]
-    step = make_learner_step(learner, optimiser)
-
-    def one(state: TrainState, data):
-        key, key_tasks = jax.random.split(state.key)
-        batch = distributed.shard_tasks(sample_tasks(tasks, key_tasks, meta_batch_size, data), mesh)
-        new_state, metrics = step(state._replace(key=key), batch)
-        return distributed.replicate(new_state, mesh), distributed.replicate(metrics, mesh)
-
+    one = make_sampled_step(learner, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh)
     data = tasks.data
     if data is not None:
         data = distributed.put_replicated(data, mesh)

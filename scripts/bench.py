@@ -420,14 +420,9 @@ def step_costs(cells, log) -> list[dict]:
                 est = fused.maml_estimator(recipes.build_model(config)[1], num_inner_steps=k, use_pallas=False)
                 learner = learner._replace(estimate=lambda p, t, meta_step=None, est=est, **kw: est(
                     p, t, inner_lr=kw.get("inner_lr", config.inner_lr)))
-            step = engine.make_learner_step(learner, opt)
-
-            def one(state, dist=dist, step=step):
-                key, key_tasks = jax.random.split(state.key)
-                return step(state._replace(key=key), engine.sample_tasks(dist, key_tasks, meta_batch))
-
+            one = engine.make_sampled_step(learner, dist, opt, meta_batch_size=meta_batch)
             try:
-                row[impl] = _cost(jax.jit(one).lower(train.initial_state(config)).compile())
+                row[impl] = _cost(jax.jit(one).lower(train.initial_state(config), dist.data).compile())
                 if impl == "jmaml_fused":  # the kernel's own reads and writes: task data, θ, outputs
                     tasks = jax.eval_shape(lambda key: engine.sample_tasks(dist, key, meta_batch), jax.random.key(0))
                     params = recipes.initial_params(config)
