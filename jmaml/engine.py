@@ -15,13 +15,15 @@ it with the last good state kept. The engine never asks which task, model or alg
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
+import json
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 import jax
@@ -30,7 +32,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jmaml import checkpoint, distributed
+from jmaml import checkpoint, distributed, runstore
+from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
 from jmaml._checks import check_positive_int, check_task_batch_tree
 from jmaml._signals import StopFlag  # noqa: F401 - part of the engine's API
@@ -333,13 +336,13 @@ def as_key(key: Any) -> PRNGKey:
 
 def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation, params: Params, *,
         steps: int, meta_batch_size: int, key: Any = 0, run_dir: str | None = None, resume: bool = False,
-        name: str | None = None, log_every: int = 1000, checkpoint_every: int | None = None,
-        max_loss_ratio: float = 1000.0, mesh: Mesh | None = None,
+        overwrite: bool = False, allow_changed: bool | Iterable[str] = False,
+        fingerprint: Mapping[str, Any] | None = None, name: str | None = None, log_every: int = 1000,
+        checkpoint_every: int | None = None, max_loss_ratio: float = 1000.0, mesh: Mesh | None = None,
         callback: Callable[[dict, TrainState], Any] | None = None, writers: Any = None,
         stream: TextIO | None = None, progress: bool = True, stop_at_step: int | None = None, host_loop: bool = False,
         divergence_hint: str | None = None, stop_flag: StopFlag | None = None,
-        model_state: Any = None, checkpoint_meta: dict | None = None,
-        check_checkpoint: Callable[[str, dict], Any] | None = None) -> TrainState:
+        model_state: Any = None, checkpoint_meta: dict | None = None) -> TrainState:
     """Meta-trains ``learner`` on ``tasks``; returns the final ``TrainState``.
 
     Args:
@@ -352,8 +355,21 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
       meta_batch_size: tasks per meta-step.
       key: the key (or int seed) the training tasks are drawn from; each step splits it.
       run_dir: a folder for ``NAME.ckpt.npz`` and ``metrics.jsonl`` (created if missing); None keeps
-        nothing on disk (and ignores ``resume`` and ``checkpoint_every``).
-      resume: continue from ``run_dir``'s checkpoint. The checkpoint must exist.
+        nothing on disk (and ignores ``resume``, ``overwrite`` and ``checkpoint_every``). ``fit`` owns
+        it while it runs (``jmaml.runstore``): it holds its lock, refuses a folder that already holds
+        run ``name`` unless ``resume`` or ``overwrite`` says what to do with it, and never touches
+        files that are not its run's.
+      resume: continue from ``run_dir``'s checkpoint (which must exist; a finished run is returned
+        as it is). Refused when the run's fingerprint differs (see ``fingerprint``).
+      overwrite: start over in a folder holding run ``name``: its checkpoint and its metrics lines
+        are replaced (recorded in the new checkpoint's ``history``); nothing else is touched.
+      allow_changed: on ``resume``, continue the state with changed settings on purpose: True, or
+        the names of the settings that may change (as the refusal names them, e.g.
+        ``["optimiser"]``). Recorded in the checkpoint's ``history``.
+      fingerprint: the settings that decide the run, as a JSON-able dict, when they cannot be read
+        from the learner's, the tasks' and the optimiser's functions (a value read from a global or
+        a file): it then replaces their automatic description (``jmaml.fingerprint.describe``). The
+        meta-batch size, key, initial parameters, model state and precision are always included.
       name: the run's name in files and messages (default ``learner.name``).
       log_every: meta-steps per compiled chunk, metrics line and progress update.
       checkpoint_every: meta-steps between checkpoints (a multiple of ``log_every``; default: the
@@ -375,16 +391,17 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
       model_state: the initial state of a model with state (``model.init_state()``), carried in
         ``TrainState.model_state``, updated by the learner at every step and checkpointed; the
         learner's loss must be stateful (``make_loss(..., stateful=True)``).
-      checkpoint_meta: JSON-able facts recorded in every checkpoint's header (e.g. the run's
-        fingerprint), beside the run's ``name``.
-      check_checkpoint: ``check_checkpoint(path, header)`` on resume, to refuse a checkpoint that is
-        not this run's (raising); by default a checkpoint whose header names another run is refused.
+      checkpoint_meta: JSON-able facts recorded in every checkpoint's header beside the run's
+        ``name`` and fingerprint (``jmaml inspect`` shows them).
 
     Raises:
       DivergenceError: a non-finite or exploding meta-loss (the last good state is kept).
       Interrupted: SIGINT/SIGTERM or ``stop_at_step``, after writing a checkpoint.
       ValueError/TypeError: bad arguments, a sampler without a task axis, a learner's missing metric,
-        params that do not fit, a missing checkpoint on ``resume``.
+        params that do not fit; a ``run_dir`` in use by another process, holding this run without
+        ``resume``/``overwrite``, or one resumed with other settings (naming them); a missing
+        checkpoint on ``resume``.
+      checkpoint.CheckpointError: an unreadable or corrupted checkpoint (nothing is overwritten).
 
     Examples:
       >>> import jax, optax
@@ -416,24 +433,66 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     sinks = writers_mod.check_writers(writers)
     name = name or learner.name
     writer = distributed.is_writer()
+    if resume and overwrite:
+        raise ValueError("resume and overwrite contradict each other: pick one")
     try:
         state = initial_state(learner, params, optimiser, as_key(key), model_state)
     except (TypeError, ValueError) as e:
         raise type(e)(f"learner {learner.name!r} could not initialise from these params: {e}") from e
-    ckpt = os.path.join(run_dir, f"{name}.ckpt.npz") if run_dir is not None else None
-    if run_dir is not None and ckpt is not None and writer:
-        os.makedirs(run_dir, exist_ok=True)
-        if resume:
-            if not os.path.exists(ckpt):
-                raise ValueError(f"resume: there is no checkpoint {ckpt} to resume from")
-            def check(header):
-                extra = header.get("extra", {})
-                if check_checkpoint is not None:
-                    check_checkpoint(ckpt, header)
-                elif extra.get("phase", name) != name:
-                    raise checkpoint.CheckpointError(f"checkpoint {ckpt} holds run {extra['phase']!r}, not {name!r}")
+    settings = run_settings(learner, tasks, optimiser, state, meta_batch_size, fingerprint)
+    with runstore.lock(run_dir) if run_dir is not None and writer else contextlib.nullcontext():
+        return _fit_owned(learner, tasks, optimiser, state, settings, steps=steps, meta_batch_size=meta_batch_size,
+                          run_dir=run_dir, resume=resume, overwrite=overwrite, allow_changed=allow_changed, name=name,
+                          log_every=log_every, checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio,
+                          mesh=mesh, callback=callback, sinks=sinks, stream=stream, progress=progress,
+                          stop_at_step=stop_at_step, host_loop=host_loop, divergence_hint=divergence_hint,
+                          stop_flag=stop_flag, checkpoint_meta=checkpoint_meta)
 
-            state, _ = checkpoint.restore(ckpt, state, check=check)
+
+def run_settings(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation,
+                 state: TrainState, meta_batch_size: int, fingerprint: Mapping[str, Any] | None = None) -> dict:
+    """What decides a run's trajectory (``jmaml.fingerprint``): recorded in its checkpoints and
+    compared on resume. ``fingerprint`` (the user's own settings) replaces the automatic description
+    of the learner's, the tasks' and the optimiser's functions."""
+    out: dict[str, Any] = {
+        "learner": learner.name, "meta_batch_size": meta_batch_size,
+        "key": fp.describe(state.key), "params": fp.digest_array_tree(state.params),
+        "model_state": fp.digest_array_tree(state.model_state), "x64": bool(jax.config.read("jax_enable_x64")),
+    }
+    if fingerprint is not None:
+        if not isinstance(fingerprint, Mapping):
+            raise TypeError(f"fingerprint must be a dict of the run's settings (JSON-able), got {fingerprint!r}")
+        out["settings"] = json.loads(json.dumps(dict(fingerprint), sort_keys=True, default=str))
+    else:
+        out["learner_fns"] = fp.describe({"hyper": learner.hyper, "init": learner.init, "estimate": learner.estimate})
+        out["tasks"] = fp.describe({"name": tasks.name, "sample": tasks.sample, "data": tasks.data})
+        out["optimiser"] = fp.describe(optimiser)
+    return out
+
+
+def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation,
+               state: TrainState, settings: dict, *, steps: int, meta_batch_size: int, run_dir: str | None,
+               resume: bool, overwrite: bool, allow_changed: bool | Iterable[str], name: str, log_every: int,
+               checkpoint_every: int | None, max_loss_ratio: float, mesh: Mesh | None, callback: Any,
+               sinks: list[Any], stream: TextIO | None, progress: bool, stop_at_step: int | None, host_loop: bool,
+               divergence_hint: str | None, stop_flag: StopFlag | None, checkpoint_meta: dict | None) -> TrainState:
+    writer = distributed.is_writer()
+    ckpt, run_record, refusal = None, None, None
+    if run_dir is not None and writer:
+        try:
+            ckpt, run_record = runstore.open_run(run_dir, name, steps=steps, resume=resume, overwrite=overwrite,
+                                             allow_changed=allow_changed, fingerprint=fp.digest(settings),
+                                             settings=settings)
+            if resume:
+                state, _ = checkpoint.restore(ckpt, state)
+        except (ValueError, checkpoint.CheckpointError) as e:
+            refusal = e
+    elif run_dir is not None:
+        ckpt = os.path.join(run_dir, f"{name}.ckpt.npz")
+    if distributed.broadcast_int(-1 if refusal is not None else 0) < 0:
+        if refusal is not None:
+            raise refusal
+        raise distributed.DistributedError(f"process 0 refused the run dir {run_dir} (its error says why)")
     state = distributed.broadcast_from_writer(state)
     saved_step = step = int(state.step)
     if step >= steps:
@@ -443,12 +502,12 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     _preflight(learner, tasks, optimiser, state, meta_batch_size)
     bar = Progress(name, steps, step, stream) if progress else None
     if run_dir is not None:
-        sinks.insert(0, writers_mod.JsonlWriter(os.path.join(run_dir, "metrics.jsonl")))
+        sinks.insert(0, writers_mod.JsonlWriter(os.path.join(run_dir, runstore.METRICS_FILE)))
 
     def save(state: TrainState, step: int) -> None:
         if ckpt is not None and writer:
             checkpoint.save(ckpt, distributed.to_host(state), step=step,
-                            extra={"phase": name, **(checkpoint_meta or {})})
+                            extra={"phase": name, **(checkpoint_meta or {}), "fit": run_record})
 
     owned_flag = stop_flag is None
     flag = stop_flag or StopFlag()

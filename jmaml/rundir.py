@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -30,17 +27,11 @@ import optax
 from jmaml import checkpoint
 from jmaml._util import x64_enabled
 from jmaml.config import TrainConfig
+from jmaml.runstore import LOCK_FILE, atomic_write_text, lock, read_metrics, trim_metrics  # noqa: F401
 
 LEGACY_META_CKPT = "maml.ckpt.npz"
-LOCK_FILE = ".jmaml.lock"
 # What --overwrite replaces; a folder whose config.json is not a jmaml run's is never touched.
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "eval.md")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``: a reader (or a crash)
-    sees the old file or the new one, never half of one (``checkpoint.atomic_write``)."""
-    checkpoint.atomic_write(path, lambda f: f.write(text), text=True)
 
 
 # Fields added to TrainConfig after runs were written, with the value every older run implicitly had.
@@ -95,32 +86,6 @@ def _read_info(run_dir: str) -> dict | None:
     return None
 
 
-@contextlib.contextmanager
-def lock(run_dir: str) -> Iterator[None]:
-    """Holds an exclusive lock on a run dir (``fcntl.flock`` on its ``.jmaml.lock``, which records the
-    holder's pid) while a run writes it; a second writer fails at once, naming the holder."""
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, LOCK_FILE)
-    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's lifetime
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise ValueError(f"run dir {run_dir} is in use by another jmaml process (pid {holder}); wait for it "
-                             "to finish or stop it, or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        yield
-    finally:
-        f.close()  # closing releases the lock
-
-
 def checkpoint_path(run_dir: str, phase: str) -> str:
     """The checkpoint file of a phase; for a run dir of the old layout, its ``maml.ckpt.npz``."""
     path = os.path.join(run_dir, f"{phase}.ckpt.npz")
@@ -163,34 +128,6 @@ def is_complete(run_dir: str, config: TrainConfig) -> bool:
         if not os.path.exists(ckpt) or checkpoint.read_header(ckpt)["step"] < config.steps:
             return False
     return True
-
-
-def trim_metrics(path: str, keep_steps: dict[str, int]) -> None:
-    """Drops metrics lines past each phase's checkpointed step (they will be recomputed)."""
-    if not os.path.exists(path):
-        return
-    kept = [r for r in read_metrics(path) if r["step"] <= keep_steps.get(r["phase"], 0)]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl. A torn last line (a crash or a full disk mid-write) is dropped
-    with a note on stderr; a bad line elsewhere is an error naming the file and line."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [line for line in f.read().split("\n") if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not {"phase", "step"} <= set(record):
-                raise ValueError("not a metrics record")
-        except ValueError as e:
-            if i == len(lines) - 1:
-                print(f"jmaml: dropping the torn last line of {path} (it will be recomputed)", file=sys.stderr)
-                break
-            raise ValueError(f"{path}, line {i + 1}: not a jmaml metrics record ({e})") from None
-        records.append(record)
-    return records
 
 
 def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,

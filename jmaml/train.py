@@ -87,16 +87,21 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, st
     host_loop = _host_loop(config)
     return engine.fit(learner, dist, optimiser, recipes.initial_params(config, phase), steps=config.steps,
                       meta_batch_size=config.meta_batch_size, key=task_stream_key(config, phase), run_dir=run_dir,
-                      resume=resume, name=phase, log_every=config.log_every,
-                      checkpoint_every=config.checkpoint_every,
+                      resume=resume, allow_changed=_allow_changed(allow),
+                      fingerprint={"config": rundir.run_fingerprint(config), "data": rundir.data_fingerprint(config)},
+                      name=phase, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                       max_loss_ratio=config.max_loss_ratio if phase != BASELINE else float("inf"), mesh=mesh,
                       stream=stream, stop_at_step=stop_at_step, host_loop=host_loop,
                       divergence_hint=_divergence_hint(config, phase), stop_flag=stop_flag, writers=writers,
                       checkpoint_meta={"run": rundir.run_fingerprint(config), "algo": config.algo,
-                                       "x64": bool(x64_enabled()),
-                                       "data": rundir.data_fingerprint(config)},
-                      check_checkpoint=lambda path, header: rundir.check_binding(
-                          path, header, config, phase, allow=allow))
+                                       "x64": bool(x64_enabled()), "data": rundir.data_fingerprint(config)})
+
+
+def _allow_changed(allow: tuple[str, ...]) -> bool | tuple[str, ...]:
+    """The CLI's deliberate exceptions as the engine's ``allow_changed``: every setting, or the data."""
+    if "changed-settings" in allow:
+        return True
+    return ("settings.data",) if "changed-data" in allow else False
 
 
 def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
@@ -152,7 +157,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
     if writer and os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"output dir {run_dir} exists and is not a folder")
     created = not os.path.exists(run_dir)
-    with rundir.lock(run_dir) if writer else contextlib.nullcontext():
+    with rundir.lock(run_dir, share=True) if writer else contextlib.nullcontext():
         try:
             return _train_locked(config, run_dir, resume=resume, overwrite=overwrite, stop_at_step=stop_at_step,
                                  stream=stream, mesh=mesh, allow=tuple(allow),
