@@ -477,12 +477,44 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
                sinks: list[Any], stream: TextIO | None, progress: bool, stop_at_step: int | None, host_loop: bool,
                divergence_hint: str | None, stop_flag: StopFlag | None, checkpoint_meta: dict | None) -> TrainState:
     writer = distributed.is_writer()
+    ckpt, run_record, state = take_run(run_dir, name, state, settings, steps=steps, resume=resume,
+                                       overwrite=overwrite, allow_changed=allow_changed)
+    if int(state.step) >= steps:
+        return state
+    state = distributed.put_replicated(state, mesh)
+    chunk = make_chunk(learner, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh, host_loop=host_loop)
+    _preflight(learner, tasks, optimiser, state, meta_batch_size)
+    saver = Saver(ckpt if writer else None, name, {**(checkpoint_meta or {}), "fit": run_record}, int(state.step))
+
+    def finish(state: TrainState, new_state: TrainState, step: int, metrics: dict, seconds: float, length: int):
+        msg = divergence(step, metrics, max_loss_ratio)
+        if msg is not None:
+            saver.keep(state, step)
+            kept = f" is kept in {ckpt}" if ckpt is not None else " is the one before this chunk"
+            hint = divergence_hint or "Try a smaller inner rate or meta rate"
+            label = learner.label if name == learner.name else name
+            raise DivergenceError(f"{label} training diverged: {msg}. The last good state (step {saver.saved_step})"
+                                  f"{kept}. {hint}.")
+        return new_state, chunk_record(name, step + length, metrics, seconds, length)
+
+    return train_loop(state, int(state.step), steps, name=name, chunk=chunk, finish=finish, saver=saver,
+                      run_dir=run_dir, log_every=log_every, checkpoint_every=checkpoint_every,
+                      stop_at_step=stop_at_step, stop_flag=stop_flag, sinks=sinks, stream=stream,
+                      progress=progress, callback=callback)
+
+
+def take_run(run_dir: str | None, name: str, state: Any, settings: dict, *, steps: int, resume: bool,
+             overwrite: bool, allow_changed: bool | Iterable[str]) -> tuple[str | None, dict | None, Any]:
+    """Checks what ``run_dir`` holds of run ``name`` (``runstore.open_run``) and, on resume, restores its
+    checkpoint into ``state``'s structure; process 0 decides and the others follow. Returns the
+    checkpoint's path, the record for its header and the state (broadcast to every process)."""
+    writer = distributed.is_writer()
     ckpt, run_record, refusal = None, None, None
     if run_dir is not None and writer:
         try:
             ckpt, run_record = runstore.open_run(run_dir, name, steps=steps, resume=resume, overwrite=overwrite,
-                                             allow_changed=allow_changed, fingerprint=fp.digest(settings),
-                                             settings=settings)
+                                                 allow_changed=allow_changed, fingerprint=fp.digest(settings),
+                                                 settings=settings)
             if resume:
                 state, _ = checkpoint.restore(ckpt, state)
         except (ValueError, checkpoint.CheckpointError) as e:
@@ -493,22 +525,41 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
         if refusal is not None:
             raise refusal
         raise distributed.DistributedError(f"process 0 refused the run dir {run_dir} (its error says why)")
-    state = distributed.broadcast_from_writer(state)
-    saved_step = step = int(state.step)
-    if step >= steps:
-        return state
-    state = distributed.put_replicated(state, mesh)
-    chunk = make_chunk(learner, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh, host_loop=host_loop)
-    _preflight(learner, tasks, optimiser, state, meta_batch_size)
+    return ckpt, run_record, distributed.broadcast_from_writer(state)
+
+
+class Saver:
+    """Writes a run's checkpoint (process 0 alone; nothing without a run dir) and remembers the
+    step of the last one written."""
+
+    def __init__(self, path: str | None, name: str, extra: dict[str, Any], saved_step: int):
+        self.path, self.name, self.extra, self.saved_step = path, name, extra, saved_step
+
+    def save(self, state: Any, step: int) -> None:
+        if self.path is not None:
+            checkpoint.save(self.path, distributed.to_host(state), step=step, extra={"phase": self.name, **self.extra})
+        self.saved_step = step
+
+    def keep(self, state: Any, step: int) -> None:
+        """Saves the last good state before a stop, unless it is already the one on disk."""
+        if step > self.saved_step or (self.path is not None and not os.path.exists(self.path)):
+            self.save(state, step)
+
+
+def train_loop(state: Any, step: int, steps: int, *, name: str, chunk: Callable, finish: Callable, saver: Saver,
+               run_dir: str | None, log_every: int, checkpoint_every: int | None, stop_at_step: int | None,
+               stop_flag: StopFlag | None, sinks: list[Any], stream: TextIO | None, progress: bool,
+               callback: Callable | None) -> Any:
+    """The one training loop of the engine, for a single run (``fit``) and a population
+    (``jmaml.population.fit_population``): chunks of steps aligned to multiples of ``log_every`` from
+    step 0 (so an interrupted and resumed run executes the same programs on the same states),
+    ``finish(state, new_state, step, metrics, seconds, length) -> (state, record)`` after each (it
+    raises on divergence), metrics lines and writers, progress, callback, checkpoints, and
+    SIGINT/SIGTERM or ``stop_at_step`` stopping between chunks with a checkpoint."""
+    writer = distributed.is_writer()
     bar = Progress(name, steps, step, stream) if progress else None
     if run_dir is not None:
         sinks.insert(0, writers_mod.JsonlWriter(os.path.join(run_dir, runstore.METRICS_FILE)))
-
-    def save(state: TrainState, step: int) -> None:
-        if ckpt is not None and writer:
-            checkpoint.save(ckpt, distributed.to_host(state), step=step,
-                            extra={"phase": name, **(checkpoint_meta or {}), "fit": run_record})
-
     owned_flag = stop_flag is None
     flag = stop_flag or StopFlag()
     if owned_flag:
@@ -516,30 +567,19 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
     try:
         while step < steps:
             if flag.signum is not None:
-                save(state, step)
+                saver.save(state, step)
                 signame = signal.Signals(flag.signum).name
                 raise Interrupted(f"{signame} received: stopped {name} at step {step}/{steps}; checkpoint saved",
                                   flag.signum)
             if stop_at_step is not None and step >= stop_at_step:
-                save(state, step)
+                saver.save(state, step)
                 raise Interrupted(f"stopped {name} at step {step} as asked; checkpoint saved")
             length = min(log_every - step % log_every, steps - step)  # chunks aligned to multiples of log_every
             t0 = time.perf_counter()
             new_state, metrics = chunk(state, length)
             metrics = distributed.to_host(metrics)
-            dt = time.perf_counter() - t0
-            msg = divergence(step, metrics, max_loss_ratio)
-            if msg is not None:
-                if step > saved_step or (ckpt is not None and writer and not os.path.exists(ckpt)):
-                    save(state, step)
-                    saved_step = step
-                kept = f" is kept in {ckpt}" if ckpt is not None else " is the one before this chunk"
-                hint = divergence_hint or "Try a smaller inner rate or meta rate"
-                label = learner.label if name == learner.name else name
-                raise DivergenceError(f"{label} training diverged: {msg}. The last good state (step {saved_step})"
-                                      f"{kept}. {hint}.")
-            state, step = new_state, step + length
-            record = chunk_record(name, step, metrics, dt, length)
+            state, record = finish(state, new_state, step, metrics, time.perf_counter() - t0, length)
+            step += length
             if writer:
                 for sink in sinks:
                     sink.write(record)
@@ -548,8 +588,7 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
             if callback is not None:
                 callback(record, state)
             if (checkpoint_every is not None and step % checkpoint_every == 0) or step >= steps:
-                save(state, step)
-                saved_step = step
+                saver.save(state, step)
         if flag.signum is not None:  # a signal during the last chunk: finished and saved, but still a stop
             signame = signal.Signals(flag.signum).name
             raise Interrupted(f"{signame} received: {name} finished its {steps} steps; checkpoint saved",

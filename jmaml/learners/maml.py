@@ -79,6 +79,11 @@ class InnerHyperParams(NamedTuple):
     hyper: dict[str, Any]  # name -> a scalar, or a tree like params (per parameter)
 
 
+def _traced_k(num_inner_steps: int, max_inner_steps: int | None) -> dict[str, int]:
+    """k is a per-call hyperparameter (a population's traced k) of a learner built with max_inner_steps."""
+    return {} if max_inner_steps is None else {"num_inner_steps": num_inner_steps}
+
+
 def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: bool = False,
          reduction: str = "mean", unroll: int | bool = 1, remat: bool = False,
          max_inner_steps: int | None = None, inner_optimiser: Any = None, inner_settings: Any = None,
@@ -165,7 +170,7 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
     name = "fomaml" if first_order else "maml"
     return MetaLearner(init=lambda params: params, estimate=estimate, adapt=adapt, name=name,
                        label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,
-                       hyper={"inner_lr": inner_lr})
+                       hyper={"inner_lr": inner_lr, **_traced_k(num_inner_steps, max_inner_steps)})
 
 
 def _with_inner_optimiser(loss_fn: LossFn, opt: Any, learn: tuple[str, ...], per_parameter: bool, *,
@@ -235,7 +240,7 @@ def _with_inner_optimiser(loss_fn: LossFn, opt: Any, learn: tuple[str, ...], per
 
     return MetaLearner(init=init, estimate=estimate, adapt=adapt, name="fomaml" if first_order else "maml",
                        label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,
-                       hyper={"inner_lr": None, "inner_hyper": None},
+                       hyper={"inner_lr": None, "inner_hyper": None, **_traced_k(default_k, max_inner_steps)},
                        model_params=(lambda mp: mp.params) if learn else (lambda mp: mp))
 
 
