@@ -245,29 +245,54 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from jmaml import sweep
+    from jmaml._signals import StopFlag
+
+    # as train: a signal at any moment from start-up on stops the sweep with every population checkpointed
+    early = getattr(args, "early_flag", None)
+    with contextlib.nullcontext(early) if early is not None else StopFlag() as flag:
+        return _sweep_and_report(args, flag)
+
+
+def _sweep_and_report(args: argparse.Namespace, flag) -> int:
+    from jmaml import engine, sweep
     from jmaml.config import TrainConfig
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.first_order and args.algo not in ("maml", "fomaml"):
+        raise ValueError(f"--first-order is FOMAML (--algo fomaml); it does not apply to --algo {args.algo}")
     grid = sweep.Grid(args.alpha, args.beta, args.k, tuple(range(args.seeds)))
-    base = TrainConfig(hidden=args.hidden, activation=args.activation, num_support=args.shots,
+    base = TrainConfig(task=args.task, hidden=args.hidden, activation=args.activation, num_support=args.shots,
                        num_query=args.query_shots, optimiser=args.optimiser,
                        meta_batch_size=args.meta_batch_size, steps=args.steps,
-                       algo="fomaml" if args.first_order else "maml", remat=args.remat,
-                       log_every=min(args.log_every, args.steps),
-                       checkpoint_every=min(args.log_every, args.steps))
-    if os.path.exists(os.path.join(args.out, "sweep.json")) and not args.overwrite:
-        raise ValueError(f"{args.out} already holds a sweep; use --overwrite or another --out")
+                       algo="fomaml" if args.first_order else args.algo, remat=args.remat,
+                       num_inner_steps=max(args.k), log_every=min(args.log_every, args.steps),
+                       checkpoint_every=min(args.log_every, args.steps), pretrain=False)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    started = os.path.isdir(args.out) and any(n.endswith(".ckpt.npz") or n == sweep.PLAN_FILE
+                                              for n in os.listdir(args.out))
+    if not (args.resume or args.overwrite):
+        if os.path.exists(os.path.join(args.out, "sweep.json")):
+            raise ValueError(f"{args.out} already holds a sweep; use --overwrite or another --out")
+        if started:
+            raise ValueError(f"{args.out} holds a sweep that did not finish: continue it with --resume, or start "
+                             "again with --overwrite")
     _check_writable(args.out, "--out")  # before the sweep runs, not after
-    result = sweep.run_sweep(base, grid, task_seed=args.task_seed, mesh=_mesh(args), shard=args.shard,
-                             log=lambda m: print(m, file=sys.stderr, flush=True),
-                             on_chunk=lambda rows: sweep.write_rows(rows, args.out))  # partial results as they come
+    try:
+        result = sweep.run_sweep(base, grid, task_seed=args.task_seed, mesh=_mesh(args), shard=args.shard,
+                                 run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
+                                 stop_flag=flag, log=lambda m: print(m, file=sys.stderr, flush=True),
+                                 on_chunk=lambda rows: sweep.write_rows(rows, args.out))  # partial results
+    except engine.Interrupted as e:
+        print(f"jmaml sweep: {e}. Resume with: jmaml sweep --out {args.out} --resume (and the same grid)",
+              file=sys.stderr)
+        return 128 + (e.signum or signal.SIGINT)
     paths = sweep.write_results(result, args.out)
     print(sweep.format_rows(result["rows"]))
     meta = result["meta"]
     print(f"\n{meta['num_points']} runs of {args.steps} steps in {meta['seconds']:.1f} s "
-          f"({meta['num_chunks']} chunk(s) of {meta['points_per_chunk']} points); wrote " + ", ".join(paths))
+          f"({meta['num_chunks']} population(s) of up to {meta['points_per_chunk']} points); wrote " + ", ".join(paths))
     return 0
 
 
@@ -284,9 +309,16 @@ def _check_writable(folder: str, flag: str) -> None:
 
 
 def _add_sweep_parser(sub) -> None:
+    from jmaml import learners, tasks
+
     p = sub.add_parser("sweep", help="meta-train a whole alpha x beta x k x seed grid as one compiled program",
-                       description="Every grid point is a full MAML run on sinusoids; all points train "
-                                   "together (vmapped) on the same tasks, then are evaluated on held-out tasks.")
+                       description="Every grid point is a full run of the learner (MAML by default) on the task "
+                                   "family; points train together (vmapped) on the same tasks, checkpointed in "
+                                   "--out (--resume continues an interrupted sweep), then are evaluated on "
+                                   "held-out tasks.")
+    p.add_argument("--algo", choices=learners.names(), default="maml", help="the learner (default maml)")
+    p.add_argument("--task", choices=tuple(tasks.FAMILIES), default="sinusoid",
+                   help="the task family (default sinusoid)")
     p.add_argument("--alpha", type=_floats, default=(0.001, 0.01, 0.1), help="inner rates (default 0.001,0.01,0.1)")
     p.add_argument("--beta", type=_floats, default=(1e-4, 1e-3, 1e-2), help="meta rates (default 1e-4,1e-3,1e-2)")
     p.add_argument("--k", type=_ints, default=(1,), help="inner steps (default 1)")
@@ -307,7 +339,9 @@ def _add_sweep_parser(sub) -> None:
                    help="spread the sweep over the first N devices (default: all, when there are several)")
     p.add_argument("--shard", choices=("grid", "tasks"), default="grid",
                    help="with several devices: split the grid points (default) or each meta-batch's tasks")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a sweep")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep in --out where it stopped (bitwise)")
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -529,9 +563,9 @@ def main(argv: list[str] | None = None, early_flag=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.early_flag = early_flag
-    if early_flag is not None and (args.command != "train" or (args.distributed
+    if early_flag is not None and (args.command not in ("train", "sweep") or (getattr(args, "distributed", False)
                                                                and os.environ.get(_WORKER_ENV) != "1")):
-        early_flag.__exit__(None, None, None)  # only train checkpoints on a signal; the rest get the default
+        early_flag.__exit__(None, None, None)  # only train and sweep checkpoint on a signal; the rest: default
         if early_flag.signum is not None:
             print(f"jmaml {args.command}: {signal.Signals(early_flag.signum).name} received during start-up; "
                   "stopped", file=sys.stderr)

@@ -43,7 +43,14 @@ from jmaml.types import Params, PRNGKey
 
 
 class DivergenceError(RuntimeError):
-    """Meta-training produced a non-finite loss or gradient, or an exploding inner loop."""
+    """Meta-training produced a non-finite loss or gradient, or an exploding inner loop.
+
+    Attributes:
+      state: the state as training stopped, where the raiser keeps it (a population whose every
+        point diverged), else None.
+    """
+
+    state: Any = None
 
 
 class Interrupted(Exception):  # noqa: N818 - it is a control-flow signal, not an error

@@ -274,9 +274,11 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
                                                      jnp.float32))
             if not now.any():
                 saver.keep(new, step + length)
-                raise DivergenceError(f"{name}: every point of the population diverged (the last at step "
+                error = DivergenceError(f"{name}: every point of the population diverged (the last at step "
                                       f"{int(at.max())}); the state is kept"
                                       f"{' in ' + ckpt if ckpt else ''}. Try smaller inner or meta rates")
+                error.state = new  # the population as it stopped (e.g. for a sweep's rows)
+                raise error
             return new, population_record(name, step + length, metrics, now, seconds, length)
 
         return engine.train_loop(state, int(state.step), steps, name=name, chunk=chunk, finish=finish, saver=saver,

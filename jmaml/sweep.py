@@ -1,22 +1,31 @@
-r"""Whole hyperparameter studies as one compiled program: meta-training runs vmapped over a grid.
+r"""Whole hyperparameter studies as runs: populations of meta-training runs, each one compiled program.
 
-``run_sweep`` trains one MAML run per grid point of (α, β, k, seed) — all of them inside one
-jitted ``lax.scan`` over steps with a ``vmap`` over grid points:
+A sweep is a run (``jmaml.population.fit_population``): its points train together, ``vmap``-ped over
+a population axis inside one jitted ``lax.scan`` over steps, with a single run's guarantees --
+checkpoints in a run dir, bitwise resume after an interruption or SIGKILL, progress, per-point
+metrics, and a point that diverges frozen and reported while the others go on.
 
-* α and k are traced per point: the inner loop is a masked ``lax.scan`` to ``k_max = max(ks)``
-  (``jmaml.adapt(..., max_steps=...)``), equal to the plain k-step scan for each k.
-* β is traced through ``optax.inject_hyperparams``: each point's optimiser state holds its rate.
-* the seed sets each point's initial parameters; the training tasks are the same at every grid
-  point (one task stream, from ``task_seed``), so comparisons across the grid are paired.
+* α is traced per point (the learner's per-call ``inner_lr``), β through
+  ``optax.inject_hyperparams`` (each point's optimiser state holds its rate), the seed sets each
+  point's initial parameters; the training tasks are the same at every point (one task stream), so
+  comparisons across the grid are paired.
+* k: MAML and FOMAML trace it (a masked ``lax.scan`` to ``k_max = max(ks)``, equal to the plain
+  k-step scan for each k), so the whole grid is one population. The other learners build k into
+  their program (Reptile's and iMAML's inner solves, MAML++'s per-step rates and weights, ...): one
+  population per k. Tracing k everywhere would run every point at ``k_max`` steps' cost; a loop of
+  populations costs one compile per k and each runs at its own k.
+* Learners whose inner rate is learned (Meta-SGD, MAML++) fix its initial value when built: one
+  population per (k, α).
 
 A grid point equals the single run ``jmaml train`` would do with the same (α, β, k, seed) and
-``task_seed`` (to float32 round-off: the masked scan and the injected rate compute the same
-numbers in a different order). When the grid does not fit the memory budget it is processed in
-chunks of points, transparently; each chunk is padded to the same size so it compiles once.
+``task_seed`` (to float32 round-off: the masked scan and the injected rate compute the same numbers in
+a different order). When the grid does not fit the memory budget it is split into populations of
+equal size (padded, so they compile once).
 
-After training, every point is evaluated with the paper's protocol (held-out tasks, query MSE
-after 0..10 steps at its own α) and its stability is diagnosed: λ_max of the support-loss Hessian
-at the trained parameters, and the bound 2/λ_max beside α.
+After training, every point is evaluated with the paper's protocol (held-out tasks, query MSE after
+0..10 steps at its own α, by its learner's own test-time rule) and, for MAML's plain-SGD rule, its
+stability is diagnosed: λ_max of the support-loss Hessian at the trained parameters, and the bound
+2/λ_max beside α.
 """
 
 from __future__ import annotations
@@ -38,28 +47,21 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jmaml import distributed, recipes
+from jmaml import distributed, learners, recipes
 from jmaml._checks import check_num_steps, check_rate, check_seed
 from jmaml.config import OPTIMISERS, TrainConfig
 from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
-from jmaml.engine import (
-    as_key,
-    check_distribution,
-    check_learner,
-    device_memory_bytes,
-    initial_state,
-    make_learner_step,
-    sample_tasks,
-)
+from jmaml.engine import DivergenceError, check_distribution, check_learner, device_memory_bytes
 from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, NUM_EVAL_QUERY, adaptation_curve
 from jmaml.evaluate import evaluate as evaluate_learner
-from jmaml.meta import init_state, make_step
+from jmaml.population import INNER_HYPER, PopulationState, fit_population
 from jmaml.protocols import MetaLearner, TaskDistribution
 from jmaml.recipes import build_model, effective_unroll, task_stream_key
-from jmaml.rundir import atomic_write_text
+from jmaml.rundir import data_fingerprint, run_fingerprint
+from jmaml.runstore import atomic_write_text
 
 DEFAULT_MEMORY_FRACTION = 0.25
-SWEEP_ALGOS = ("maml", "fomaml")
+PLAN_FILE = "sweep-plan.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,65 +124,19 @@ def plan_chunks(num_points: int, point_bytes: int, budget_bytes: int) -> int:
 SHARD_AXES = ("grid", "tasks")
 
 
-def _note_first_non_finite(first_bad: np.ndarray, losses: np.ndarray, step0: int) -> None:
-    """Records, for each grid point not yet marked, the first step of a chunk (losses shaped
-    ``(steps, points)``, starting after ``step0``) whose meta-loss is not finite."""
-    bad = ~np.isfinite(losses)
-    for g in np.flatnonzero(bad.any(axis=0) & (first_bad < 0)):
-        first_bad[g] = step0 + int(np.argmax(bad[:, g])) + 1
-
-
-def _make_chunk_fn(config: TrainConfig, k_max: int, mesh: Mesh | None = None, shard: str = "grid"):
-    model, loss_fn = build_model(config)
-    dist = recipes.build_tasks(config)
-    optimiser = optax.inject_hyperparams(OPTIMISERS[config.optimiser])(learning_rate=config.meta_lr)
-    step = make_step(optimiser, loss_fn, inner_lr=config.inner_lr, num_inner_steps=0,
-                     max_inner_steps=k_max,
-                     first_order=config.algo == "fomaml" or config.options.get("first_order", False),
-                     remat=config.remat,
-                     unroll=effective_unroll(config.unroll, k_max))
-
-    def init(seed, beta):
-        params = model.init(jax.random.split(jax.random.key(seed))[0])
-        state = init_state(params, optimiser, jax.random.key(0))
-        hyper = dict(state.opt_state.hyperparams)
-        hyper["learning_rate"] = jnp.asarray(beta, hyper["learning_rate"].dtype)
-        return state._replace(opt_state=state.opt_state._replace(hyperparams=hyper))
-
-    def place(states):  # grid points split over the devices, or every device holding all of them
-        if mesh is None or mesh.devices.size == 1 or shard != "grid":
-            return states
-        return jax.lax.with_sharding_constraint(states, distributed.task_sharding(mesh))
-
-    def one(carry, _):
-        states, key, alphas, ks = carry
-        key, key_tasks = jax.random.split(key)
-        tasks = sample_tasks(dist, key_tasks, config.meta_batch_size, dist.data)
-        if shard == "tasks":
-            tasks = distributed.shard_tasks(tasks, mesh)
-        states, metrics = jax.vmap(lambda s, a, k: step(s, tasks, inner_lr=a, num_inner_steps=k))(
-            place(states), alphas, ks)
-        states = place(states)
-        return (states, key, alphas, ks), {"meta_loss": metrics["meta_loss"],
-                                           "pre_adapt_loss": metrics["pre_adapt_loss"]}
-
-    @jax.jit
-    def chunk(states, key, alphas, ks, length_marker):
-        (states, key, _, _), metrics = jax.lax.scan(one, (states, key, alphas, ks), None,
-                                                    length=length_marker.shape[0])
-        return states, key, metrics
-
-    return jax.jit(jax.vmap(init)), chunk, model, loss_fn
+def _heldout(config: TrainConfig, dist: Any, num_tasks: int) -> Any:
+    """The held-out tasks every point is evaluated on, with ``config.num_support`` support points."""
+    key = jax.random.key(EVAL_SEED)
+    tasks = dist.heldout(key, num_tasks) if dist.heldout_data is None else dist.heldout(key, num_tasks,
+                                                                                        dist.heldout_data)
+    return tasks._replace(support=jax.tree.map(lambda a: a[:, :config.num_support], tasks.support))
 
 
 def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: int, num_diag_tasks: int,
                      budget_bytes: int):
     dist: Any = recipes.build_tasks(config)
     eval_loss = dist.make_metric(model.apply)
-    key = jax.random.key(EVAL_SEED)
-    tasks = dist.heldout(key, num_tasks) if dist.heldout_data is None else dist.heldout(key, num_tasks,
-                                                                                        dist.heldout_data)
-    tasks = tasks._replace(support=jax.tree.map(lambda a: a[:, :config.num_support], tasks.support))
+    tasks = _heldout(config, dist, num_tasks)
 
     @jax.jit
     def curves(params, alphas):
@@ -209,11 +165,95 @@ def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: i
     return np.concatenate(out_curves)[:n], np.concatenate(out_lam)[:n]
 
 
+
+def _shard_axis(shard: str) -> str:
+    if shard not in SHARD_AXES:
+        raise ValueError(f"shard must be one of {SHARD_AXES}, got {shard!r}")
+    return "points" if shard == "grid" else shard
+
+
+def _train_population(name: str, learner: MetaLearner, tasks: TaskDistribution, make_optimiser: Callable,
+                      init_params: Callable, part: Sequence[dict[str, Any]], traced: Sequence[str], *, steps: int,
+                      meta_batch_size: int, key: Any, log: Callable[[str], Any] | None, label: str,
+                      **run: Any) -> PopulationState:
+    """One population of the sweep: ``part``'s points (dicts of alpha, beta, k, seed, inner_hyper.NAME),
+    with ``traced`` naming the learner's per-call hyperparameters the points set."""
+    column = {"inner_lr": "alpha", "num_inner_steps": "k"}
+    points: dict[str, list] = {"seed": [p["seed"] for p in part], "meta_lr": [p["beta"] for p in part]}
+    for h in traced:
+        points[h] = [p[column.get(h, h)] for p in part]
+    callback = None
+    if log is not None:
+        callback = lambda record, _: log(f"sweep {label}: step {record['step']}/{steps}, "  # noqa: E731
+                                         f"{record['points_alive']} of {len(part)} points alive")
+    if run.get("resume") and not os.path.exists(os.path.join(run["run_dir"], f"{name}.ckpt.npz")):
+        # a resumed sweep's populations not yet checkpointed start (again) now: nothing of theirs to keep
+        run = {**run, "resume": False, "overwrite": True}
+    try:
+        return fit_population(learner, tasks, make_optimiser, init_params, points, steps=steps,
+                              meta_batch_size=meta_batch_size, key=key, name=name, callback=callback, **run)
+    except DivergenceError as e:  # every point diverged: rows say so; the sweep goes on
+        if e.state is None:
+            raise
+        return e.state
+
+
+def _point_rows(part: Sequence[dict[str, Any]], state: PopulationState) -> list[dict[str, Any]]:
+    at, loss = np.asarray(state.diverged_at), np.asarray(state.last_loss)
+    return [{**p, "final_meta_loss": float(loss[g]), "diverged_at_step": int(at[g]) if at[g] >= 0 else None,
+             "train_diverged": bool(at[g] >= 0)} for g, p in enumerate(part)]
+
+
+def _chunks(points: list[dict[str, Any]], per_chunk: int) -> list[tuple[list[dict[str, Any]], int]]:
+    """The points in chunks of ``per_chunk``, each padded with copies of its last point (one compile for
+    all); yields (padded chunk, number of real points)."""
+    out = []
+    for start in range(0, len(points), per_chunk):
+        part = points[start:start + per_chunk]
+        out.append((part + [part[-1]] * (per_chunk - len(part)), len(part)))
+    return out
+
+
+def _sweep_plan(run_dir: str | None, resume: bool, per_chunk: int) -> int:
+    """The points per population: on resume, the one the sweep started with (recorded in its run dir),
+    so a different memory budget or device cannot regroup (and so re-fingerprint) its populations."""
+    if run_dir is None:
+        return per_chunk
+    path = os.path.join(run_dir, PLAN_FILE)
+    if resume and os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return int(json.load(f)["points_per_population"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"resume: {path} is not a sweep plan jmaml wrote ({e})") from None
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_text(path, json.dumps({"points_per_population": per_chunk}) + "\n")
+    return per_chunk
+
+
+def _traced_k(algo: str) -> bool:
+    return learners.spec(algo).traced_k
+
+
 def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, eval_tasks: int = 600,
               diag_tasks: int = 50, memory_budget_bytes: int | None = None, keep_params: bool = False,
               evaluate: bool = True, log=None, mesh: Mesh | None = None, shard: str = "grid",
-              on_chunk: Callable[[list[dict[str, Any]]], Any] | None = None) -> dict[str, Any]:
-    """Meta-trains every grid point (vmapped, one program per chunk) and evaluates each.
+              on_chunk: Callable[[list[dict[str, Any]]], Any] | None = None, run_dir: str | None = None,
+              resume: bool = False, overwrite: bool = False, progress: bool = False, stream: Any = None,
+              stop_flag: Any = None) -> dict[str, Any]:
+    """Meta-trains every grid point of a ``TrainConfig``'s learner and task family -- populations of
+    runs, each one compiled program (``jmaml.population.fit_population``) -- and evaluates each point.
+
+    Every registered learner sweeps. MAML and FOMAML (``learners.spec(algo).traced_k``) trace k: one
+    population holds every (α, β, k, seed) (a masked inner scan to ``max(ks)``). The others build k
+    into their program: one population per k; a learner that learns its inner rate (Meta-SGD, MAML++)
+    builds α (the rate's initial value) in too: one population per (k, α). A population larger than
+    the memory budget is split into populations of equal size (padded: one compile for all).
+
+    With ``run_dir`` the sweep is a run: each population checkpoints there every ``base.checkpoint_every``
+    steps (``NAME.ckpt.npz`` and ``metrics.jsonl``, its fingerprint the config, the task seed and its
+    points) and ``resume=True`` continues an interrupted sweep (SIGINT/SIGTERM, SIGKILL, pre-emption)
+    bitwise where it stopped; finished populations are not trained again.
 
     Args:
       base: settings shared by every point (model, shots, meta-batch, steps, optimiser, ...);
@@ -221,226 +261,273 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
       grid: the α, β, k and seed axes.
       task_seed: the training-task stream shared by all points (default ``base.seed``).
       eval_tasks: held-out tasks for the evaluation of each point.
-      diag_tasks: held-out tasks on which λ_max is measured per point.
-      memory_budget_bytes: chunk the grid to stay within this (default: a quarter of the device's
+      diag_tasks: held-out tasks on which λ_max is measured per point (learners whose test-time rule is
+        plain SGD at α; NaN for the others).
+      memory_budget_bytes: split the grid to stay within this (default: a quarter of the device's
         memory).
-      keep_params: also return each point's trained parameters (``result["params"]``, a list).
+      keep_params: also return each point's trained meta-parameters (``result["params"]``, a list).
       evaluate: evaluate and diagnose every point after training (else those fields are NaN).
       log: ``log(str)`` for progress lines (default: silent).
       mesh: spread the work over this mesh's devices (``jmaml.distributed.task_mesh``; one process).
-      on_chunk: ``on_chunk(rows)`` with every finished point's row so far, after each chunk of points
+      shard: with a mesh, ``"grid"`` splits the points over the devices (each device trains whole
+        runs; populations are rounded to a multiple of the device count) or ``"tasks"`` splits every
+        meta-batch's tasks (each run spans all devices; the meta-batch must divide evenly).
+      on_chunk: ``on_chunk(rows)`` with every finished point's row so far, after each population
         (``jmaml sweep`` writes them to sweep.csv: a sweep that fails later keeps what it finished).
-      shard: with a mesh, ``"grid"`` splits the grid points over the devices (each device trains
-        whole runs; chunks are rounded to a multiple of the device count) or ``"tasks"`` splits
-        every meta-batch's tasks (each run spans all devices; the meta-batch must divide evenly).
+      run_dir, resume, overwrite: the sweep's run dir (see above); ``overwrite`` starts its populations
+        again.
+      progress, stream, stop_flag: as ``jmaml.fit`` (a progress bar per population).
 
     Returns:
-      ``{"rows": [one dict per grid point], "meta": {...timings, chunking...}}``. A point is
-      ``diverged`` when its training produced a non-finite or exploding meta-loss
-      (``train_diverged``, with ``diverged_at_step`` when non-finite) or when adapting it on the
-      held-out tasks at its α blows up (``eval_diverged``: a non-finite loss or one above
-      ``max_loss_ratio`` times the un-adapted loss).
+      ``{"rows": [one dict per grid point], "meta": {...timings, populations...}}``. A point is
+      ``diverged`` when its training diverged (``train_diverged``, at ``diverged_at_step``: a
+      non-finite loss or gradient, or an adapted loss above ``base.max_loss_ratio`` times the
+      un-adapted one; the point is then frozen at its last good state while the others go on) or when
+      adapting it on the held-out tasks at its α blows up (``eval_diverged``).
     """
     base.validate()
     grid.validate()
-    if base.algo not in SWEEP_ALGOS:
-        raise ValueError(f"sweeps vmap whole runs over a traced k, which algos {', '.join(SWEEP_ALGOS)} take; "
-                         f"got algo {base.algo!r}")
-    if base.options.get("backend", "xla") != "xla":
-        raise ValueError(f"run_sweep vmaps whole runs over a traced k, which backend={base.options['backend']!r} "
+    traced_k = _traced_k(base.algo)
+    if traced_k and base.options.get("backend", "xla") != "xla":
+        raise ValueError(f"run_sweep traces k for algo {base.algo!r}, which backend={base.options['backend']!r} "
                          "does not take (its k is static); sweep a fixed k with "
                          "sweep_learner(learners.maml(loss_fn, ..., backend='fused'), ...)")
-    if recipes.build_tasks(base).heldout is None:
+    dist = recipes.build_tasks(base)
+    if dist.heldout is None:
         raise ValueError(f"sweeps evaluate every point on held-out tasks; task {base.task!r} has none")
-    if shard not in SHARD_AXES:
-        raise ValueError(f"shard must be one of {SHARD_AXES}, got {shard!r}")
+    axis = _shard_axis(shard)
     n_dev = 1 if mesh is None else mesh.devices.size
-    if mesh is not None and n_dev > 1 and shard == "tasks":
+    if mesh is not None and n_dev > 1 and axis == "tasks":
         distributed.check_divisible(base.meta_batch_size, mesh)
-    points = grid.points()
+    for k in grid.ks:
+        if k < learners.spec(base.algo).min_inner_steps:
+            raise ValueError(f"algo {base.algo!r} needs k >= {learners.spec(base.algo).min_inner_steps}; the grid "
+                             f"has k = {k}")
     task_seed = base.seed if task_seed is None else task_seed
-    k_max = max(grid.ks)
-    init, chunk, model, _ = _make_chunk_fn(base, k_max, mesh, shard)
+    model, loss_fn = build_model(base)
     num_params = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(
         jax.eval_shape(model.init, jax.random.key(0))))
     budget = memory_budget_bytes or int(DEFAULT_MEMORY_FRACTION * device_memory_bytes())
-    per_chunk = plan_chunks(len(points), estimate_point_bytes(base, k_max, num_params), budget * n_dev)
-    if n_dev > 1 and shard == "grid":  # whole grid points per device; padding fills the last chunk
+    everything = [{"alpha": a, "beta": b, "k": k, "seed": s} for a, b, k, s in grid.points()]
+    per_chunk = plan_chunks(len(everything), estimate_point_bytes(base, max(grid.ks), num_params), budget * n_dev)
+    if n_dev > 1 and axis == "points":  # whole points per device; padding fills the last population
         per_chunk = max(n_dev, per_chunk - per_chunk % n_dev)
-    stream = task_stream_key(dataclasses.replace(base, task_seed=task_seed))
-    L = base.log_every
+    per_chunk = _sweep_plan(run_dir if distributed.is_writer() else None, resume, per_chunk)
+    stream_key = task_stream_key(dataclasses.replace(base, task_seed=task_seed))
+    fingerprint = {"config": run_fingerprint(base), "task_seed": task_seed, "data": data_fingerprint(base)}
+
+    def make_optimiser(learning_rate):
+        return learners.meta_optimiser(base.algo, OPTIMISERS[base.optimiser], learning_rate, base.options)
+
+    def init_params(key):
+        return model.init(jax.random.split(key)[0])
+
+    def build(k: int, alpha: float | None = None) -> MetaLearner:
+        cfg = dataclasses.replace(base, num_inner_steps=k, inner_lr=base.inner_lr if alpha is None else alpha)
+        extra = {"max_inner_steps": k} if traced_k else {}
+        return learners.make(base.algo, loss_fn, inner_lr=cfg.inner_lr, num_inner_steps=k, options=cfg.options,
+                             run_steps=cfg.steps, remat=cfg.remat, unroll=effective_unroll(cfg.unroll, k), **extra)
+
+    groups: list[tuple[str, MetaLearner, list[dict[str, Any]], list[str]]] = []
+    if traced_k:
+        groups.append(("sweep", build(max(grid.ks)), everything, ["inner_lr", "num_inner_steps"]))
+    else:
+        for k in sorted(set(grid.ks)):
+            learner = build(k)
+            at_k = [p for p in everything if p["k"] == k]
+            if "inner_lr" in learner.hyper:
+                groups.append((f"sweep-k{k}", learner, at_k, ["inner_lr"]))
+            else:
+                for alpha in sorted(set(grid.alphas)):
+                    groups.append((f"sweep-k{k}-alpha{alpha:g}", build(k, alpha),
+                                   [p for p in at_k if p["alpha"] == alpha], []))
+    run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, fingerprint=fingerprint,
+               log_every=base.log_every, checkpoint_every=base.checkpoint_every if run_dir else None,
+               max_loss_ratio=base.max_loss_ratio, mesh=mesh, shard=axis, progress=progress, stream=stream,
+               stop_flag=stop_flag)
     rows: list[dict[str, Any]] = []
     kept: list[Any] = []
     t0 = time.perf_counter()
-    for start in range(0, len(points), per_chunk):
-        part = points[start:start + per_chunk]
-        padded = part + [part[-1]] * (per_chunk - len(part))  # same shape: one compile for all chunks
-        alphas = jnp.asarray([p[0] for p in padded], jnp.float32)
-        betas = jnp.asarray([p[1] for p in padded], jnp.float32)
-        ks = jnp.asarray([p[2] for p in padded], jnp.int32)
-        seeds = jnp.asarray([p[3] for p in padded], jnp.uint32)
-        states, key = init(seeds, betas), stream
-        if mesh is not None and n_dev > 1:
-            sharding = distributed.task_sharding(mesh) if shard == "grid" else distributed.replicated(mesh)
-            states = jax.device_put(states, sharding)
-        first_bad = np.full(len(padded), -1)
-        last_loss = np.full(len(padded), np.nan)
-        last_ratio = np.full(len(padded), np.nan)
-        step = 0
-        while step < base.steps:
-            length = min(L - step % L, base.steps - step)
-            states, key, m = chunk(states, key, alphas, ks, jnp.zeros((length,), jnp.int8))
-            loss, pre = np.asarray(m["meta_loss"]), np.asarray(m["pre_adapt_loss"])
-            _note_first_non_finite(first_bad, loss, step)
-            with np.errstate(all="ignore"):
-                last_loss = loss.mean(axis=0)
-                last_ratio = loss.mean(axis=0) / np.maximum(pre.mean(axis=0), 1e-30)
-            step += length
-            if log:
-                log(f"sweep points {start + 1}-{start + len(part)} of {len(points)}: step {step}/{base.steps}")
-        if evaluate:
-            curves, lam = _evaluate_points(base, model, states.params, alphas, num_tasks=eval_tasks,
-                                           num_diag_tasks=diag_tasks, budget_bytes=budget)
-        else:
-            curves = np.full((len(padded), 1, MAX_EVAL_STEPS + 1), np.nan)
-            lam = np.full((len(padded), 1), np.nan)
-        for g, (alpha, beta, k, seed) in enumerate(part):
-            c = curves[g]
-            finite = np.isfinite(c)
-            with np.errstate(all="ignore"):
-                mse = [float(c[finite[:, s], s].mean()) if finite[:, s].any() else math.nan
-                       for s in range(c.shape[1])]
-            lam_g = lam[g]
-            lam_med = float(np.median(lam_g)) if np.isfinite(lam_g).all() else math.nan
-            train_diverged = bool(first_bad[g] >= 0 or (np.isfinite(last_ratio[g])
-                                                        and last_ratio[g] > base.max_loss_ratio))
-            eval_diverged = evaluate and bool(not all(np.isfinite(mse)) or max(mse) > base.max_loss_ratio * mse[0]
-                                              or (~finite).any())
-            if keep_params:
-                kept.append(jax.tree.map(lambda a, g=g: np.asarray(a[g]), states.params))
-            rows.append({
-                "alpha": alpha, "beta": beta, "k": k, "seed": seed,
-                "final_meta_loss": float(last_loss[g]),
-                "mse_1": mse[1], "mse_5": mse[5], "mse_10": mse[10], "mse_curve": mse,
-                "eval_diverged_tasks": int((~finite[:, -1]).sum()),
-                "lambda_max_median": lam_med,
-                "alpha_bound": float(step_size_bound(jnp.asarray(lam_med))) if np.isfinite(lam_med) else math.nan,
-                "diverged": train_diverged or eval_diverged,
-                "train_diverged": train_diverged, "eval_diverged": eval_diverged,
-                "diverged_at_step": int(first_bad[g]) if first_bad[g] >= 0 else None,
-            })
-        if on_chunk is not None:
-            on_chunk(list(rows))
-    meta = {"num_points": len(points), "points_per_chunk": per_chunk,
-            "num_chunks": math.ceil(len(points) / per_chunk), "seconds": time.perf_counter() - t0,
-            "task_seed": task_seed, "k_max": k_max, "memory_budget_bytes": budget,
-            "base_config": base.to_dict()}
+    num_populations = 0
+    for prefix, learner, group, traced in groups:
+        for i, (part, real) in enumerate(_chunks(group, per_chunk)):
+            name = prefix if len(group) <= per_chunk else f"{prefix}-{i}"
+            state = _train_population(name, learner, dist, make_optimiser, init_params, part, traced,
+                                      steps=base.steps, meta_batch_size=base.meta_batch_size, key=stream_key, log=log,
+                                      label=f"{name} ({real} points)", **run)
+            num_populations += 1
+            new = _point_rows(part, state)[:real]
+            params = state.points.params
+            if evaluate:
+                curves, lam = _evaluate_sweep_points(base, model, learner, params, part, dist, eval_tasks=eval_tasks,
+                                                     diag_tasks=diag_tasks, budget=budget)
+            else:
+                curves = np.full((len(part), 1, MAX_EVAL_STEPS + 1), np.nan)
+                lam = np.full((len(part), 1), np.nan)
+            for g, row in enumerate(new):
+                row.update(_evaluation_fields(curves[g], lam[g], row["train_diverged"], evaluate, base.max_loss_ratio))
+                if keep_params:
+                    kept.append(jax.tree.map(lambda a, g=g: np.asarray(a[g]), params))
+            rows += new
+            if on_chunk is not None:
+                on_chunk(list(rows))
+    order = {(p["alpha"], p["beta"], p["k"], p["seed"]): i for i, p in enumerate(everything)}
+    ranks = sorted(range(len(rows)), key=lambda i: order[(rows[i]["alpha"], rows[i]["beta"], rows[i]["k"],
+                                                          rows[i]["seed"])])
+    rows = [rows[i] for i in ranks]
+    meta = {"num_points": len(everything), "points_per_chunk": per_chunk, "num_chunks": num_populations,
+            "seconds": time.perf_counter() - t0, "task_seed": task_seed, "k_max": max(grid.ks),
+            "traced_k": traced_k, "memory_budget_bytes": budget, "base_config": base.to_dict()}
     result = {"rows": rows, "meta": meta}
     if keep_params:
-        result["params"] = kept
+        result["params"] = [kept[i] for i in ranks]
     return result
 
 
-def sweep_learner(make_learner: Callable[[int], MetaLearner], tasks: TaskDistribution,
+def _sgd_rule(learner: MetaLearner) -> bool:
+    """Whether the learner's test-time rule is plain SGD at α on the model's parameters (MAML's), which
+    ``_evaluate_points`` vectorises over points (and whose curvature bound 2/λ_max applies)."""
+    return learner.name in learners.REGISTRY and _traced_k(learner.name) and "inner_hyper" not in learner.hyper
+
+
+def _evaluate_sweep_points(base: TrainConfig, model: Any, learner: MetaLearner, params: Any,
+                           part: Sequence[dict[str, Any]], dist: Any, *, eval_tasks: int,
+                           diag_tasks: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's held-out curve (tasks, steps + 1) and λ_max per diagnostic task."""
+    alphas = jnp.asarray([p["alpha"] for p in part], jnp.float32)
+    if _sgd_rule(learner):
+        return _evaluate_points(base, model, params, alphas, num_tasks=eval_tasks, num_diag_tasks=diag_tasks,
+                                budget_bytes=budget)
+    metric = dist.make_metric(model.apply)
+    tasks = _heldout(base, dist, eval_tasks)
+    uses_alpha = "inner_lr" in learner.hyper
+
+    @jax.jit
+    def point_curves(meta_params, alpha):  # the learner's own test-time rule, as evaluate() runs it
+        def one(support, query):
+            hyper = {"inner_lr": alpha} if uses_alpha else {}
+            _, values = learner.adapt(meta_params, support, MAX_EVAL_STEPS, observe=lambda p: metric(p, query),
+                                      **hyper)
+            return values
+        return jax.vmap(one)(tasks.support, tasks.query)
+
+    curves = [np.asarray(point_curves(jax.tree.map(lambda a, g=g: a[g], params), alphas[g]))
+              for g in range(len(part))]
+    return np.stack(curves), np.full((len(part), 1), np.nan)
+
+
+def _evaluation_fields(c: np.ndarray, lam_g: np.ndarray, train_diverged: bool, evaluated: bool,
+                       max_loss_ratio: float) -> dict[str, Any]:
+    finite = np.isfinite(c)
+    with np.errstate(all="ignore"):
+        mse = [float(c[finite[:, s], s].mean()) if finite[:, s].any() else math.nan for s in range(c.shape[1])]
+    mse += [math.nan] * (MAX_EVAL_STEPS + 1 - len(mse))
+    lam_med = float(np.median(lam_g)) if np.isfinite(lam_g).all() else math.nan
+    eval_diverged = evaluated and bool(not all(np.isfinite(mse)) or max(mse) > max_loss_ratio * mse[0]
+                                       or (~finite).any())
+    return {"mse_1": mse[1], "mse_5": mse[5], "mse_10": mse[10], "mse_curve": mse,
+            "eval_diverged_tasks": int((~finite[:, -1]).sum()), "lambda_max_median": lam_med,
+            "alpha_bound": float(step_size_bound(jnp.asarray(lam_med))) if np.isfinite(lam_med) else math.nan,
+            "diverged": train_diverged or eval_diverged, "eval_diverged": eval_diverged}
+
+
+def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribution,
                   make_optimiser: Callable[[float], optax.GradientTransformation],
                   init_params: Callable[[jax.Array], Any], grid: Grid, *, steps: int, meta_batch_size: int,
                   task_key: Any = 0, log_every: int = 1000, evaluate: bool = True, apply: Any = None,
                   metric: Any = None, eval_tasks: int = 600, eval_steps: int = MAX_EVAL_STEPS,
                   eval_key: Any = EVAL_SEED, log: Callable[[str], Any] | None = None,
-                  inner_hyper: dict[str, Sequence[float]] | None = None) -> dict[str, Any]:
-    """Whole runs of any learner on any task distribution, vmapped over α × β × seed (one compiled
-    program per k), every point on the same training tasks; then each point evaluated by its
-    learner's own test-time rule at its own α.
+                  inner_hyper: dict[str, Sequence[float]] | None = None, run_dir: str | None = None,
+                  resume: bool = False, overwrite: bool = False, checkpoint_every: int | None = None,
+                  max_loss_ratio: float = 1000.0, mesh: Mesh | None = None, shard: str = "grid",
+                  progress: bool = False, stream: Any = None, stop_flag: Any = None) -> dict[str, Any]:
+    """Whole runs of any learner on any task distribution over α × β × seed (× inner-optimiser settings),
+    every point on the same training tasks, as populations (``jmaml.population.fit_population``: one
+    compiled program per k); then each point evaluated by its learner's own test-time rule at its α.
 
     Args:
-      make_learner: ``make_learner(k) -> MetaLearner`` taking the per-call hyperparameter ``inner_lr``
-        (α is traced per grid point).
+      make_learner: ``make_learner(k) -> MetaLearner``. A learner taking the per-call hyperparameter
+        ``inner_lr`` has α traced per point; one that fixes its rate when built (Meta-SGD, MAML++: the
+        learned rate's initial value) is built per α: ``make_learner(k, inner_lr=alpha)`` (one
+        population per (k, α)).
       tasks: the ``TaskDistribution`` (held-out tasks for the evaluation).
       make_optimiser: ``make_optimiser(learning_rate) -> GradientTransformation`` (β is injected per
         point with ``optax.inject_hyperparams``), e.g. ``optax.adam``.
       init_params: ``init_params(key) -> params``; each seed's key is ``jax.random.key(seed)``.
       grid: the α, β, k and seed axes.
-      steps, meta_batch_size, task_key, log_every: as in ``jmaml.fit``.
+      steps, meta_batch_size, task_key, log_every, checkpoint_every, max_loss_ratio, progress, stream,
+        stop_flag: as in ``jmaml.fit``.
       evaluate, apply, metric, eval_tasks, eval_steps, eval_key: the evaluation (``jmaml.evaluate.evaluate``).
       log: ``log(str)`` for progress lines.
       inner_hyper: more grid axes, over the inner optimiser's hyperparameters (e.g. ``{"momentum":
         (0.5, 0.9)}``), for learners with an inner optimiser (``learners.maml(..., inner_optimiser=...)``,
         which take the per-call ``inner_hyper``); each point's values are traced like its α.
+      run_dir, resume, overwrite: the sweep as a run (checkpoints of each population, bitwise resume;
+        see ``run_sweep``).
+      mesh, shard: as ``run_sweep`` (``"grid"`` splits the points: each population's size must then be a
+        multiple of the device count).
 
     Returns:
       ``{"rows": [one dict per grid point: alpha, beta, k, seed, final_meta_loss, diverged_at_step,
       mse_curve (the metric after 0..eval_steps steps) ...], "params": [each point's trained
-      meta-parameters]}``.
+      meta-parameters]}``. A point that diverged in training is frozen at its last good state
+      (``diverged_at_step``) while the others go on.
     """
     grid.validate()
     check_distribution(tasks)
+    axis = _shard_axis(shard)
     inner_hyper = inner_hyper or {}
     names = sorted(inner_hyper)
     for name in names:
         for value in inner_hyper[name]:
             check_rate(value, f"inner_hyper[{name!r}]")
     extra = list(itertools.product(*[tuple(inner_hyper[n]) for n in names])) if names else [()]
+    run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, log_every=log_every,
+               checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio, mesh=mesh, shard=axis,
+               progress=progress, stream=stream, stop_flag=stop_flag)
     rows: list[dict[str, Any]] = []
     kept: list[Any] = []
     for k in sorted(set(grid.ks)):
-        points = [(*p, *e) for p in grid.points() if p[2] == k for e in extra]
+        at_k = [{"alpha": a, "beta": b, "k": k, "seed": s, **{INNER_HYPER + n: v for n, v in zip(names, e)}}
+                for a, b, kk, s in grid.points() if kk == k for e in extra]
         learner = check_learner(make_learner(k))
-        if "inner_lr" not in learner.hyper:
-            raise ValueError(f"sweeping alpha needs a learner taking the per-call hyperparameter inner_lr; "
-                             f"learner {learner.name!r} takes {sorted(learner.hyper)}")
         if names and "inner_hyper" not in learner.hyper:
             raise ValueError(f"sweeping inner_hyper {names} needs a learner with an inner optimiser "
                              f"(learners.maml(..., inner_optimiser=...)); learner {learner.name!r} has none")
-        optimiser = optax.inject_hyperparams(make_optimiser)(learning_rate=points[0][1])
-        step = make_learner_step(learner, optimiser)
-
-        def init(seed, beta, learner=learner, optimiser=optimiser):
-            state = initial_state(learner, init_params(jax.random.key(seed)), optimiser, jax.random.key(0))
-            hyper = dict(state.opt_state.hyperparams)
-            hyper["learning_rate"] = jnp.asarray(beta, hyper["learning_rate"].dtype)
-            return state._replace(opt_state=state.opt_state._replace(hyperparams=hyper))
-
-        @jax.jit
-        def chunk(states, key, alphas, hypers, length_marker, step=step):
-            def one(carry, _):
-                states, key = carry
-                key, key_tasks = jax.random.split(key)
-                batch = sample_tasks(tasks, key_tasks, meta_batch_size, tasks.data)
-                per_point = (lambda s, a, h: step(s, batch, inner_lr=a, inner_hyper=h)) if names else \
-                    (lambda s, a, h: step(s, batch, inner_lr=a))
-                states, metrics = jax.vmap(per_point)(states, alphas, hypers)
-                return (states, key), metrics["meta_loss"]
-
-            (states, key), losses = jax.lax.scan(one, (states, key), None, length=length_marker.shape[0])
-            return states, key, losses
-
-        alphas = jnp.asarray([p[0] for p in points], jnp.float32)
-        hypers = {n: jnp.asarray([p[4 + i] for p in points], jnp.float32) for i, n in enumerate(names)}
-        states = jax.jit(jax.vmap(init))(jnp.asarray([p[3] for p in points], jnp.uint32),
-                                         jnp.asarray([p[1] for p in points], jnp.float32))
-        key, done, first_bad, last = as_key(task_key), 0, np.full(len(points), -1), np.full(len(points), np.nan)
-        while done < steps:
-            length = min(log_every - done % log_every, steps - done)
-            states, key, losses = chunk(states, key, alphas, hypers, jnp.zeros((length,), jnp.int8))
-            losses = np.asarray(losses)
-            _note_first_non_finite(first_bad, losses, done)
-            last = losses.mean(axis=0)
-            done += length
-            if log:
-                log(f"sweep k = {k}: {len(points)} runs, step {done}/{steps}")
-        for g, (alpha, beta, _, seed, *values) in enumerate(points):
-            params = jax.tree.map(lambda a, g=g: a[g], states.params)
-            kept.append(params)
-            point_hyper = dict(zip(names, values))
-            row = {"alpha": alpha, "beta": beta, "k": k, "seed": seed, **point_hyper, "final_meta_loss": float(last[g]),
-                   "diverged_at_step": int(first_bad[g]) if first_bad[g] >= 0 else None}
-            if evaluate:
-                call = {"inner_lr": alpha, **({"inner_hyper": point_hyper} if names else {})}
-                r = evaluate_learner(learner, params, tasks, apply=apply, metric=metric, num_tasks=eval_tasks,
-                                     num_steps=eval_steps, key=eval_key, hyper=call)["all"]
-                row.update(mse_curve=r["mean"], ci95=r["ci95"], eval_diverged_tasks=r["diverged"][-1])
-            rows.append(row)
+        traced = [INNER_HYPER + n for n in names]
+        if "inner_lr" in learner.hyper:
+            groups = [(f"sweep-k{k}", learner, at_k, ["inner_lr", *traced])]
+        else:
+            groups = [(f"sweep-k{k}-alpha{alpha:g}", _learner_at(make_learner, k, alpha),
+                       [p for p in at_k if p["alpha"] == alpha], traced) for alpha in sorted(set(grid.alphas))]
+        for name, group_learner, group, group_traced in groups:
+            state = _train_population(name, group_learner, tasks, make_optimiser, init_params, group, group_traced,
+                                      steps=steps, meta_batch_size=meta_batch_size, key=task_key, log=log,
+                                      label=f"{name} ({len(group)} runs)", **run)
+            for g, row in enumerate(_point_rows(group, state)):
+                params = jax.tree.map(lambda a, g=g: a[g], state.points.params)
+                kept.append(params)
+                point_hyper = {n: row.pop(INNER_HYPER + n) for n in names}
+                row.update(point_hyper)
+                if evaluate:
+                    call = {**({"inner_lr": row["alpha"]} if "inner_lr" in group_learner.hyper else {}),
+                            **({"inner_hyper": point_hyper} if names else {})}
+                    r = evaluate_learner(group_learner, params, tasks, apply=apply, metric=metric,
+                                         num_tasks=eval_tasks, num_steps=eval_steps, key=eval_key,
+                                         hyper=call or None)["all"]
+                    row.update(mse_curve=r["mean"], ci95=r["ci95"], eval_diverged_tasks=r["diverged"][-1])
+                rows.append(row)
     return {"rows": rows, "params": kept}
+
+
+def _learner_at(make_learner: Callable[..., MetaLearner], k: int, alpha: float) -> MetaLearner:
+    try:
+        learner = make_learner(k, inner_lr=alpha)
+    except TypeError as e:
+        raise TypeError(f"the learner fixes its inner rate when built (it takes no per-call inner_lr), so the "
+                        f"sweep builds it per alpha: make_learner must accept make_learner(k, inner_lr=alpha) "
+                        f"({e})") from None
+    return check_learner(learner)
 
 
 CSV_FIELDS = ("alpha", "beta", "k", "seed", "final_meta_loss", "mse_1", "mse_5", "mse_10",

@@ -347,6 +347,18 @@ def test_a_users_tasks_and_model_through_a_sweep_equal_single_runs():
         for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # injected beta: float32 round-off
         assert len(row["mse_curve"]) == 4 and all(math.isfinite(v) for v in row["mse_curve"])
-    with pytest.raises(ValueError, match="needs a learner taking the per-call hyperparameter inner_lr"):
+    # Meta-SGD learns its rate: the sweep builds it per alpha (its initial value), and says how
+    with pytest.raises(TypeError, match=r"make_learner must accept make_learner\(k, inner_lr=alpha\)"):
         sweep.sweep_learner(lambda k: learners.meta_sgd(plane_loss, inner_lr=0.05, num_inner_steps=k),
                             plane_distribution(), optax.adam, two_layer_init, grid, steps=10, meta_batch_size=4)
+    small = sweep.Grid(alphas=(0.02, 0.05), betas=(1e-3,), ks=(1,), seeds=(0,))
+    result = sweep.sweep_learner(lambda k, inner_lr=0.05: learners.meta_sgd(plane_loss, inner_lr=inner_lr,
+                                                                            num_inner_steps=k),
+                                 plane_distribution(), optax.adam, two_layer_init, small, steps=10, meta_batch_size=4,
+                                 task_key=7, log_every=10, evaluate=False)
+    for row, params in zip(result["rows"], result["params"]):
+        single = fit(learners.meta_sgd(plane_loss, inner_lr=row["alpha"], num_inner_steps=1), plane_distribution(),
+                     optax.adam(1e-3), two_layer_init(jax.random.key(0)), steps=10, meta_batch_size=4, key=7,
+                     log_every=10, progress=False)
+        for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -72,6 +72,7 @@ class LearnerSpec(NamedTuple):
         (``make(rate) -> GradientTransformation``); None: ``make(meta_lr)``.
       wrap_model: ``wrap_model(model, **options) -> model`` when the algorithm changes the model
         (CAVIA's context inputs); ``extra_inputs(**options)`` says by how many input features.
+      traced_k: the factory takes ``max_inner_steps`` and then k per call (a sweep traces k).
     """
 
     factory: Callable[..., MetaLearner]
@@ -81,11 +82,12 @@ class LearnerSpec(NamedTuple):
     meta_optimiser: Callable[..., optax.GradientTransformation] | None = None
     wrap_model: Callable[..., Model] | None = None
     extra_inputs: Callable[..., int] | None = None
+    traced_k: bool = False
 
 
 REGISTRY: dict[str, LearnerSpec] = {
-    "maml": LearnerSpec(maml, "MAML", _maml.OPTIONS),
-    "fomaml": LearnerSpec(fomaml, "FOMAML", _maml.INNER_OPTIONS),
+    "maml": LearnerSpec(maml, "MAML", _maml.OPTIONS, traced_k=True),
+    "fomaml": LearnerSpec(fomaml, "FOMAML", _maml.INNER_OPTIONS, traced_k=True),
     "reptile": LearnerSpec(reptile, "Reptile", _reptile.OPTIONS, min_inner_steps=1),
     "metasgd": LearnerSpec(meta_sgd, "Meta-SGD", _metasgd.OPTIONS, meta_optimiser=_learned_rate_optimiser),
     "anil": LearnerSpec(anil, "ANIL", _anil.OPTIONS),

@@ -1,0 +1,121 @@
+"""A sweep is a run: ``jmaml sweep`` for every learner, checkpointed in its --out, resumed bitwise after
+SIGKILL at random moments, stopped cleanly by SIGINT, refusing to start over an unfinished sweep."""
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jmaml import checkpoint, cli, rundir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--hidden", "8", "--meta-batch-size", "4", "--shots", "5", "--query-shots", "5", "--beta", "0.001"]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+
+
+def _rows(out):
+    with open(out / "sweep.csv", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("algo", ["metasgd", "cavia", "reptile"])
+def test_every_learner_sweeps_from_the_cli(algo, tmp_path, capsys):
+    out = tmp_path / algo
+    args = ["sweep", "--algo", algo, "--alpha", "0.01,0.03", "--k", "1,2", "--steps", "20", "--log-every", "10",
+            "--out", str(out), *SMALL]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    rows = _rows(out)
+    assert [(float(r["alpha"]), int(r["k"])) for r in rows] == [(0.01, 1), (0.01, 2), (0.03, 1), (0.03, 2)]
+    for r in rows:
+        assert np.isfinite(float(r["final_meta_loss"])) and np.isfinite(float(r["mse_1"])), r
+        assert r["diverged"] == "False"
+    ckpts = sorted(n for n in os.listdir(out) if n.endswith(".ckpt.npz"))
+    # Meta-SGD fixes the learned rate's initial value when built: a population per (k, alpha)
+    assert len(ckpts) == (4 if algo == "metasgd" else 2), ckpts
+    assert all(checkpoint.read_header(out / n)["step"] == 20 for n in ckpts)
+    capsys.readouterr()
+    # a finished sweep is not silently redone; --resume shows it again without training
+    assert cli.main(args) == 2 and "already holds a sweep" in capsys.readouterr().err
+    assert cli.main([*args, "--resume"]) == 0
+    assert _rows(out) == rows
+
+
+def test_an_unfinished_sweep_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "s"
+    args = ["sweep", "--alpha", "0.01", "--steps", "20", "--log-every", "10", "--out", str(out), *SMALL]
+    assert cli.main(args) == 0
+    os.remove(out / "sweep.json")  # as a sweep stopped before its results were written
+    assert cli.main(args) == 2
+    assert "did not finish: continue it with --resume" in capsys.readouterr().err
+    assert cli.main([*args, "--resume", "--overwrite"]) == 2
+    assert cli.main([*args, "--overwrite"]) == 0
+
+
+SWEEP = [sys.executable, "-m", "jmaml", "sweep", "--algo", "reptile", "--alpha", "0.01,0.03", "--k", "1,2",
+         "--steps", "600", "--log-every", "10", *SMALL]
+
+
+def _run(out, *extra, kill_after=None, sig=signal.SIGKILL):
+    proc = subprocess.Popen([*SWEEP, "--out", str(out), *extra], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if kill_after is not None:
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise(tmp_path):
+    t0 = time.monotonic()
+    code, err = _run(tmp_path / "straight")
+    assert code == 0, err
+    duration = time.monotonic() - t0
+    rng = random.Random(20261204)
+    run, killed = tmp_path / "killed", 0
+    for _ in range(12):  # until three kills landed (a sweep that finished first starts over)
+        if killed >= 3:
+            break
+        mode = "--overwrite" if (run / "sweep.json").exists() else "--resume"
+        code, err = _run(run, mode, kill_after=rng.uniform(0.1, 0.95) * duration)
+        killed += code == -signal.SIGKILL
+        assert code in (0, -signal.SIGKILL), err
+    assert killed >= 3
+    code, err = _run(run, "--resume")
+    assert code == 0, err
+    names = sorted(n for n in os.listdir(tmp_path / "straight") if n.endswith(".ckpt.npz"))
+    assert names == ["sweep-k1.ckpt.npz", "sweep-k2.ckpt.npz"]
+    for name in names:
+        for a, b in zip(checkpoint._load(run / name)[1], checkpoint._load(tmp_path / "straight" / name)[1]):
+            np.testing.assert_array_equal(a, b)
+    assert _rows(run) == _rows(tmp_path / "straight")
+    assert not [n for n in os.listdir(run) if ".tmp-" in n]
+    lines = rundir.read_metrics(str(run / "metrics.jsonl"))
+    for name in ("sweep-k1", "sweep-k2"):  # every chunk's line once, none lost or doubled
+        assert [r["step"] for r in lines if r["phase"] == name] == list(range(10, 601, 10))
+
+
+def test_sigint_stops_a_sweep_with_a_checkpoint_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "s"
+    proc = subprocess.Popen([*SWEEP, "--steps", "100000", "--out", str(run)], env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "sweep-k1.ckpt.npz").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "--resume" in err and "Traceback" not in err
+    step = checkpoint.read_header(run / "sweep-k1.ckpt.npz")["step"]
+    assert 10 <= step < 100000
