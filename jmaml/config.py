@@ -16,7 +16,9 @@ import optax
 
 from jmaml import learners, tasks
 from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
-from jmaml.models import ACTIVATIONS, PRECISIONS
+from jmaml.losses import make_loss
+from jmaml.models import ACTIVATIONS, PRECISIONS, mixed_precision
+from jmaml.types import LossFn, Model
 
 
 def _momentum(learning_rate: float) -> optax.GradientTransformation:
@@ -156,17 +158,24 @@ class TrainConfig:
                              f"got {self.num_inner_steps}")
         # the factory's own checks (e.g. remat where it is not available), on a stand-in loss -- or, for a
         # backend that reads the model (fused), on the real one
-        extra = learners.extra_inputs(self.algo, self.options)
-        loss: Any = lambda params, batch: 0.0
-        if self.options.get("backend", "xla") != "xla":
-            from jmaml import recipes  # recipes imports this module
-
-            loss = recipes.build_model(self)[1]
-        learners.make(self.algo, loss, inner_lr=self.inner_lr,
+        # the family's model must take the learner's extra inputs; a backend that reads the model (fused)
+        # checks it here, before any run starts
+        learners.make(self.algo, self.model_and_loss()[1], inner_lr=self.inner_lr,
                       num_inner_steps=self.num_inner_steps, options=self.options, run_steps=self.steps,
                       remat=self.remat)
-        if extra:  # the family's model must take the learner's extra inputs
-            tasks.family(self.task).model(self, extra)
+
+    def model_and_loss(self, baseline: bool = False) -> tuple[Model, LossFn]:
+        """The model and training loss this config describes: the task family's default model, as the
+        algorithm needs it (CAVIA adds context inputs; the ``baseline`` is the plain model), in the
+        config's precision (``jmaml.recipes.build_model`` by phase)."""
+        family = tasks.family(self.task)
+        if baseline:
+            model = family.model(self, 0)
+        else:
+            extra = learners.extra_inputs(self.algo, self.options)
+            model = learners.wrap_model(self.algo, family.model(self, extra), self.options)
+        model = mixed_precision(model, self.precision)
+        return model, make_loss(model.apply, family.loss(self))
 
     def phases(self) -> tuple[str, ...]:
         """The phases a run trains: the meta-learner (named after its algorithm), and the pretrained
@@ -181,9 +190,7 @@ class TrainConfig:
         opts = learners.resolve_options(self.algo, self.options, self.steps)
         if "rate_meta_lr" in opts and opts["rate_meta_lr"] is None:
             opts["rate_meta_lr"] = self.meta_lr
-        if self.algo == "fomaml":
-            opts["first_order"] = True
-        return {**out, **opts}
+        return {**out, **opts, **learners.spec(self.algo).implied}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -202,9 +209,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
         options = dict(d.get("algo_options") or {})
-        algo = d.get("algo", "maml")
+        algo = d.get("algo", cls.algo)  # checked (type, name) by validate, with the other fields
+        implied = learners.spec(algo).implied if isinstance(algo, str) and algo in learners.REGISTRY else {}
         for k, v in legacy.items():
-            if v != _LEGACY_ALGO_FIELDS[k] and not (k == "first_order" and algo == "fomaml"):
+            if v != _LEGACY_ALGO_FIELDS[k] and implied.get(k, _LEGACY_ALGO_FIELDS[k]) != v:
                 options.setdefault(k, v)
         d["algo_options"] = options
         if "hidden" in d:

@@ -341,6 +341,21 @@ def as_key(key: Any) -> PRNGKey:
     raise TypeError(f"key must be a jax.random.key(...) or an int seed, got {key!r}")
 
 
+def check_lengths(steps: Any, meta_batch_size: Any, log_every: Any,
+                  checkpoint_every: Any) -> tuple[int, int, int, int | None]:
+    """A run's counts, checked (positive ints; checkpoints at a multiple of ``log_every``, since they are
+    written between chunks)."""
+    steps = check_positive_int(steps, "steps")
+    meta_batch_size = check_positive_int(meta_batch_size, "meta_batch_size")
+    log_every = check_positive_int(log_every, "log_every")
+    if checkpoint_every is not None:
+        checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+        if checkpoint_every % log_every:
+            raise ValueError(f"checkpoint_every ({checkpoint_every}) must be a multiple of log_every ({log_every}): "
+                             "checkpoints are written between chunks")
+    return steps, meta_batch_size, log_every, checkpoint_every
+
+
 def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation, params: Params, *,
         steps: int, meta_batch_size: int, key: Any = 0, run_dir: str | None = None, resume: bool = False,
         overwrite: bool = False, allow_changed: bool | Iterable[str] = False,
@@ -427,14 +442,8 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     check_distribution(tasks)
     if not isinstance(optimiser, optax.GradientTransformation):
         raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")
-    steps = check_positive_int(steps, "steps")
-    meta_batch_size = check_positive_int(meta_batch_size, "meta_batch_size")
-    log_every = check_positive_int(log_every, "log_every")
-    if checkpoint_every is not None:
-        checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
-        if checkpoint_every % log_every:
-            raise ValueError(f"checkpoint_every ({checkpoint_every}) must be a multiple of log_every ({log_every}): "
-                             "checkpoints are written between chunks")
+    steps, meta_batch_size, log_every, checkpoint_every = check_lengths(steps, meta_batch_size, log_every,
+                                                                        checkpoint_every)
     if mesh is not None:
         distributed.check_divisible(meta_batch_size, mesh)
     sinks = writers_mod.check_writers(writers)

@@ -46,7 +46,7 @@ from jmaml._checks import (
     check_task_batch,
 )
 from jmaml.diagnostics import hvp
-from jmaml.inner import _sgd_update, adapt, inner_step
+from jmaml.inner import adapt, inner_step
 from jmaml.meta import (  # noqa: F401 - make_estimator_step is re-exported here for existing users
     _check_reduction,
     batched_objective,
@@ -288,14 +288,20 @@ def mamlpp(loss_fn: LossFn, *, num_inner_steps: int, multi_step_loss: bool = Tru
         check_positive_int(msl_anneal_steps, "msl_anneal_steps")
         msl_schedule = lambda t: msl_weights(k, t, msl_anneal_steps)
 
+    # unroll=True: a scan unrolled k times (as MAML++ and iMAML always ran: their trajectories stay
+    # bitwise), not adapt's straight-line code
+    scan_unroll = k if unroll is True else unroll
+
     def task_losses(mp: MAMLPPParams, task: Task, first_order: bool) -> jax.Array:
         """Query losses after steps 1..k (multi-step loss) or after step k only, shape (k,) or (1,)."""
-        def body(phi, rates_t):
-            phi = inner_step(loss_fn, phi, task.support, inner_lr=rates_t, first_order=first_order)
-            return phi, (loss_fn(phi, task.query) if multi_step_loss else jnp.zeros(()))
-
-        phi, losses = jax.lax.scan(body, mp.params, mp.inner_lr, unroll=unroll)
-        return losses if multi_step_loss else loss_fn(phi, task.query)[None]
+        if multi_step_loss:  # the query loss after every step: the one inner loop, observing it
+            _, seen = adapt(loss_fn, mp.params, task.support, inner_lr=mp.inner_lr, num_steps=k, per_step=True,
+                            first_order=first_order, unroll=scan_unroll, observe=lambda phi: loss_fn(phi, task.query),
+                            observe_after=True)
+            return seen
+        phi = adapt(loss_fn, mp.params, task.support, inner_lr=mp.inner_lr, num_steps=k, per_step=True,
+                    first_order=first_order, unroll=scan_unroll)
+        return loss_fn(phi, task.query)[None]
 
     def objective(mp: MAMLPPParams, tasks: Task, weights: jax.Array, first_order: bool):
         per_step = jax.vmap(lambda task: task_losses(mp, task, first_order))(tasks)
@@ -367,10 +373,7 @@ def proximal_step(loss_fn: LossFn, phi: Params, anchor: Params, batch: Batch, *,
 
     ``lam`` is a Python number; ``lam = 0`` is a plain SGD step (no proximal term is added at all).
     ``inner_lr`` is a scalar or a tree like the parameters."""
-    grads = jax.grad(loss_fn)(phi, batch)
-    if lam:
-        grads = jax.tree.map(lambda g, p, a: g + lam * (p - a), grads, phi, anchor)
-    return _sgd_update(phi, grads, inner_lr)
+    return inner_step(loss_fn, phi, batch, inner_lr=inner_lr, prox_lambda=lam, anchor=anchor)
 
 
 def imaml(loss_fn: LossFn, *, num_inner_steps: int, lam: float, cg_iters: int = 5, reduction: str = "mean",
@@ -402,10 +405,9 @@ def imaml(loss_fn: LossFn, *, num_inner_steps: int, lam: float, cg_iters: int = 
     def one(theta: Params, task: Task, inner_lr: Any):
         anchor = jax.lax.stop_gradient(theta)
 
-        def body(phi, _):
-            return proximal_step(loss_fn, phi, anchor, task.support, inner_lr=inner_lr, lam=lam), None
-
-        phi, _ = jax.lax.scan(body, anchor, None, length=k, unroll=unroll)
+        # unroll=True: a scan unrolled k times, as iMAML always ran (bitwise)
+        phi = adapt(loss_fn, anchor, task.support, inner_lr=inner_lr, num_steps=k,
+                    unroll=k if unroll is True else unroll, prox_lambda=lam)
         phi = jax.lax.stop_gradient(phi)
         query_loss, g_query = jax.value_and_grad(loss_fn)(phi, task.query)
         g_support = jax.grad(loss_fn)(phi, task.support)

@@ -27,7 +27,7 @@ from jmaml import recipes, rundir, tasks
 from jmaml._checks import check_num_steps, check_positive_int
 from jmaml.config import BASELINE
 from jmaml.engine import check_distribution, check_learner
-from jmaml.estimators import proximal_step
+from jmaml.inner import adapt
 from jmaml.losses import make_loss
 from jmaml.protocols import MetaLearner, TaskDistribution
 from jmaml.tasks import sinusoid
@@ -67,11 +67,11 @@ def _per_step(inner_lr: Any, num_steps: int) -> Any:
 
 def _curve_one(loss_fn: LossFn, params: Params, support: Batch, query: Batch, step_rates: Any,
                prox_lambda: float):
-    def body(p, rates):
-        return proximal_step(loss_fn, p, params, support, inner_lr=rates, lam=prox_lambda), loss_fn(p, query)
-
-    final, losses = jax.lax.scan(body, params, step_rates)
-    return jnp.concatenate([losses, loss_fn(final, query)[None]])
+    """One task's query loss before each test-time step and after the last: ``jmaml.adapt``, the inner
+    loop training differentiates, observing the query loss."""
+    num_steps = int(jax.tree.leaves(step_rates)[0].shape[0])
+    return adapt(loss_fn, params, support, inner_lr=step_rates, num_steps=num_steps, per_step=True,
+                 prox_lambda=prox_lambda, observe=lambda p: loss_fn(p, query))[1]
 
 
 def adaptation_curve(loss_fn: LossFn, params: Params, support: Batch, query: Batch, *,

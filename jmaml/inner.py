@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,8 +42,30 @@ def _value_and_grad(loss_fn: LossFn, params: Params, batch: Batch, has_aux: bool
     return loss, grads
 
 
+def _step(loss_fn: LossFn, p: Params, batch: Batch, rate: Any, *, first_order: bool, has_aux: bool,
+          prox_lambda: float, anchor: Params, model_state: Any = None, opt: Any = None, opt_state: Any = None):
+    """The inner update, written once: the support loss's gradient at ``p`` (the model state's forward
+    pass updating it, without gradient), optionally stopped (first order), plus the proximal term
+    ``prox_lambda * (p - anchor)``, then an SGD step at ``rate`` (scalar or tree) or the inner
+    optimiser's update. Returns ``(loss, new_p, new_model_state, new_opt_state)``."""
+    if model_state is not None:
+        (loss, new_s), grads = jax.value_and_grad(lambda q: loss_fn(q, batch, model_state), has_aux=True)(p)
+        new_s = jax.lax.stop_gradient(new_s)
+    else:
+        (loss, grads), new_s = _value_and_grad(loss_fn, p, batch, has_aux), None
+    if first_order:
+        grads = jax.lax.stop_gradient(grads)
+    if prox_lambda:
+        grads = jax.tree.map(lambda g, q, a: g + prox_lambda * (q - a), grads, p, anchor)
+    if opt is None:
+        return loss, _sgd_update(p, grads, rate), new_s, None
+    updates, new_o = opt.update(grads, opt_state, p)
+    return loss, jax.tree.map(lambda a, u: (a + u).astype(a.dtype), p, updates), new_s, new_o
+
+
 def inner_step(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any,
-               first_order: bool = False, has_aux: bool = False) -> Params:
+               first_order: bool = False, has_aux: bool = False, prox_lambda: float = 0.0,
+               anchor: Params | None = None) -> Params:
     r"""One SGD step on ``batch``: :math:`\varphi = \theta - \alpha \nabla_\theta \mathcal{L}(\theta)`.
 
     Args:
@@ -53,6 +76,8 @@ def inner_step(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any,
         tree shaped like ``params`` (per-parameter rates, as in Meta-SGD).
       first_order: stop the gradient through the inner gradient (FOMAML).
       has_aux: ``loss_fn`` returns ``(loss, aux)``; aux is discarded.
+      prox_lambda, anchor: add iMAML's proximal term ``prox_lambda * (params - anchor)`` to the
+        gradient (a Python number; 0 adds nothing).
 
     Returns:
       The updated parameters, with the dtypes of ``params``.
@@ -70,10 +95,10 @@ def inner_step(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any,
     """
     check_batch(batch, "batch")
     check_rate(inner_lr, "inner_lr")
-    _, grads = _value_and_grad(loss_fn, params, batch, has_aux)
-    if first_order:
-        grads = jax.lax.stop_gradient(grads)
-    return _sgd_update(params, grads, inner_lr)
+    if prox_lambda and anchor is None:
+        raise ValueError("prox_lambda needs the anchor the proximal term pulls towards")
+    return _step(loss_fn, params, batch, inner_lr, first_order=first_order, has_aux=has_aux,
+                 prox_lambda=prox_lambda, anchor=anchor)[1]
 
 
 def _check_unroll(unroll) -> None:
@@ -86,7 +111,9 @@ def _check_unroll(unroll) -> None:
 def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_steps: Any,
           max_steps: int | None = None, first_order: bool = False, return_losses: bool = False,
           unroll: int | bool = 1, remat: bool = False, has_aux: bool = False, model_state: Any = None,
-          inner_optimiser: optax.GradientTransformation | None = None, inner_hyper: dict[str, Any] | None = None):
+          inner_optimiser: optax.GradientTransformation | None = None, inner_hyper: dict[str, Any] | None = None,
+          per_step: bool = False, prox_lambda: float = 0.0, observe: Callable[[Params], Any] | None = None,
+          observe_after: bool = False):
     r"""Adapts ``params`` to ``batch`` with ``num_steps`` SGD steps (the seed's Eq. 21).
 
     Args:
@@ -123,10 +150,21 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
         (``jmaml.inner_optimisers`` has momentum, Nesterov, Adam and RMSprop with safe second order).
       inner_hyper: hyperparameters to set in the inner optimiser's fresh state (traced, swept or
         meta-learned; see ``jmaml.inner_optimisers.set_hyperparams``).
+      per_step: ``inner_lr`` holds one rate per step: a leading axis of length ``num_steps`` on every
+        leaf (MAML++'s learned per-step rates, a learner's test-time schedule). Its values are not
+        checked (learned rates may be negative).
+      prox_lambda: iMAML's proximal term: each step's gradient adds ``prox_lambda * (φ - θ)`` (a
+        Python number; 0 adds nothing).
+      observe: ``observe(φ) -> values`` (e.g. the query loss): also return it at the parameters before
+        each step and after the last, stacked (leading axis ``num_steps + 1``); it is differentiable
+        (MAML++'s multi-step loss) and used by every learner's test-time curve.
+      observe_after: observe after each step instead (leading axis ``num_steps``: no value at θ), as
+        MAML++'s multi-step loss weighs them.
 
     Returns:
       The adapted parameters φ⁽ᵏ⁾, or ``(φ⁽ᵏ⁾, losses)`` with ``return_losses``; with
-      ``model_state``, ``(φ⁽ᵏ⁾, state)`` (``(φ⁽ᵏ⁾, state, losses)`` with ``return_losses``).
+      ``model_state``, ``(φ⁽ᵏ⁾, state)`` (``(φ⁽ᵏ⁾, state, losses)`` with ``return_losses``); with
+      ``observe``, ``(φ⁽ᵏ⁾, values)``.
 
     Raises:
       TypeError/ValueError: for a malformed batch, k < 0 or not an int, k > max_steps,
@@ -145,8 +183,11 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
       Deep Networks, ICML. The seed document, Eqs. 7 and 21.
     """
     check_batch(batch, "batch")
+    if observe is not None and (return_losses or model_state is not None):
+        raise ValueError("observe returns (params, values); it does not combine with return_losses or model_state")
     if inner_optimiser is None:
-        check_rate(inner_lr, "inner_lr")
+        if not per_step:
+            check_rate(inner_lr, "inner_lr")
         if inner_hyper:
             raise ValueError("inner_hyper sets an inner optimiser's hyperparameters; no inner_optimiser was given")
     else:
@@ -169,8 +210,15 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
         if k is not None and not 0 <= int(k) <= length:
             raise ValueError(f"num_steps must be in [0, max_steps={length}], got {int(k)}")
 
+    if per_step:
+        bad = {jnp.shape(r)[:1] for r in jax.tree.leaves(inner_lr)} - {(length,)}
+        if bad:
+            raise ValueError(f"per-step inner_lr needs a leading axis of num_steps={length} on every leaf; got "
+                             f"leading shapes {sorted(bad)}")
     stateful = model_state is not None
     if length == 0:
+        if observe is not None:
+            return params, jax.tree.map(lambda v: jnp.asarray(v)[None], observe(params))
         out = (params, model_state) if stateful else (params,)
         return (*out, jnp.zeros((0,))) if return_losses else (out if stateful else params)
 
@@ -179,23 +227,15 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
 
     def body(carry, t):
         p, s, o = carry  # parameters, model state, inner-optimiser state (None when unused)
-        if stateful:
-            (loss, new_s), grads = jax.value_and_grad(lambda q: loss_fn(q, batch, s), has_aux=True)(p)
-            new_s = jax.lax.stop_gradient(new_s)
-        else:
-            (loss, grads), new_s = _value_and_grad(loss_fn, p, batch, has_aux), None
-        if first_order:
-            grads = jax.lax.stop_gradient(grads)
-        if opt is None:
-            new, new_o = _sgd_update(p, grads, inner_lr), None
-        else:
-            updates, new_o = opt.update(grads, o, p)
-            new = jax.tree.map(lambda a, u: (a + u).astype(a.dtype), p, updates)
+        rate = jax.tree.map(lambda r: r[t], inner_lr) if per_step else inner_lr
+        loss, new, new_s, new_o = _step(loss_fn, p, batch, rate, first_order=first_order, has_aux=has_aux,
+                                        prox_lambda=prox_lambda, anchor=params, model_state=s, opt=opt,
+                                        opt_state=o)
         if masked or remat:  # remat pads the scan to whole blocks; padded steps are no-ops
             active = t < bound
             keep = lambda new_tree, old_tree: jax.tree.map(lambda a, b: jnp.where(active, a, b), new_tree, old_tree)
             new, new_s, new_o = keep(new, p), keep(new_s, s), keep(new_o, o)
-        return (new, new_s, new_o), loss
+        return (new, new_s, new_o), (loss if observe is None else (loss, observe(new if observe_after else p)))
 
     opt_state = None if opt is None else set_hyperparams(opt.init(params), inner_hyper or {})
     start = (params, model_state, opt_state)
@@ -207,12 +247,18 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
         for t in range(length):
             carry, loss = body(carry, t)
             step_losses.append(loss)
-        losses = jnp.stack(step_losses)
+        losses = jax.tree.map(lambda *v: jnp.stack(v), *step_losses)
     elif not remat:
         carry, losses = jax.lax.scan(body, start, jnp.arange(length), unroll=unroll)
     else:
         carry, losses = _nested_remat_scan(body, start, length, unroll)
     adapted, state, _ = carry
+    if observe is not None:
+        seen = losses[1]
+        if observe_after:
+            return adapted, seen
+        return adapted, jax.tree.map(lambda v, last: jnp.concatenate([v, jnp.asarray(last)[None]]), seen,
+                                     observe(adapted))
     out = (adapted, state) if stateful else (adapted,)
     if return_losses:
         return (*out, losses)
@@ -253,7 +299,7 @@ def _nested_remat_scan(body, params, length: int, unroll):
             return run(q, first_t + i * inner_total, sizes[1:])
 
         q, losses = jax.lax.scan(block, p, jnp.arange(sizes[0]))
-        return q, losses.reshape(-1)
+        return q, jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), losses)
 
     adapted, losses = run(params, 0, sizes)
-    return adapted, losses[:length]
+    return adapted, jax.tree.map(lambda v: v[:length], losses)

@@ -39,7 +39,6 @@ from jax.sharding import Mesh
 from jmaml import distributed, engine, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
-from jmaml._checks import check_positive_int
 from jmaml.engine import DivergenceError, StopFlag
 from jmaml.meta import TrainState
 from jmaml.protocols import MetaLearner, TaskDistribution
@@ -183,14 +182,8 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
     engine.check_distribution(tasks)
     size, values = point_values(points)
     plain, inner = _split_hyper(learner, values)
-    steps = check_positive_int(steps, "steps")
-    meta_batch_size = check_positive_int(meta_batch_size, "meta_batch_size")
-    log_every = check_positive_int(log_every, "log_every")
-    if checkpoint_every is not None:
-        checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
-        if checkpoint_every % log_every:
-            raise ValueError(f"checkpoint_every ({checkpoint_every}) must be a multiple of log_every ({log_every}): "
-                             "checkpoints are written between chunks")
+    steps, meta_batch_size, log_every, checkpoint_every = engine.check_lengths(steps, meta_batch_size, log_every,
+                                                                               checkpoint_every)
     if shard not in SHARD_AXES:
         raise ValueError(f"shard must be one of {SHARD_AXES}, got {shard!r}")
     n_dev = 1 if mesh is None else int(mesh.devices.size)

@@ -13,9 +13,7 @@ import optax
 from jmaml import learners, tasks
 from jmaml.config import BASELINE, OPTIMISERS, TrainConfig
 from jmaml.engine import initial_state as engine_initial_state
-from jmaml.losses import make_loss
 from jmaml.meta import TrainState
-from jmaml.models import mixed_precision
 from jmaml.protocols import MetaLearner, TaskDistribution
 from jmaml.types import LossFn, Model
 
@@ -30,16 +28,9 @@ def effective_unroll(unroll: int | bool | None, num_inner_steps: int) -> int | b
 
 
 def build_model(config: TrainConfig, phase: str | None = None) -> tuple[Model, LossFn]:
-    """The model and training loss a config describes: the task family's default model, as the
-    phase's learner needs it (CAVIA adds context inputs; the baseline is the plain model)."""
-    family = tasks.family(config.task)
-    if phase == BASELINE:
-        model = family.model(config, 0)
-    else:
-        extra = learners.extra_inputs(config.algo, config.options)
-        model = learners.wrap_model(config.algo, family.model(config, extra), config.options)
-    model = mixed_precision(model, config.precision)
-    return model, make_loss(model.apply, family.loss(config))
+    """The model and training loss a config describes for a phase (``TrainConfig.model_and_loss``: the
+    task family's default model, as the phase's learner needs it; the baseline is the plain model)."""
+    return config.model_and_loss(baseline=phase == BASELINE)
 
 
 def build_learner(config: TrainConfig, loss_fn: LossFn | None = None, phase: str | None = None) -> MetaLearner:

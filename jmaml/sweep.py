@@ -288,10 +288,6 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     base.validate()
     grid.validate()
     traced_k = _traced_k(base.algo)
-    if traced_k and base.options.get("backend", "xla") != "xla":
-        raise ValueError(f"run_sweep traces k for algo {base.algo!r}, which backend={base.options['backend']!r} "
-                         "does not take (its k is static); sweep a fixed k with "
-                         "sweep_learner(learners.maml(loss_fn, ..., backend='fused'), ...)")
     dist = recipes.build_tasks(base)
     if dist.heldout is None:
         raise ValueError(f"sweeps evaluate every point on held-out tasks; task {base.task!r} has none")
@@ -312,7 +308,6 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     per_chunk = plan_chunks(len(everything), estimate_point_bytes(base, max(grid.ks), num_params), budget * n_dev)
     if n_dev > 1 and axis == "points":  # whole points per device; padding fills the last population
         per_chunk = max(n_dev, per_chunk - per_chunk % n_dev)
-    per_chunk = _sweep_plan(run_dir if distributed.is_writer() else None, resume, per_chunk)
     stream_key = task_stream_key(dataclasses.replace(base, task_seed=task_seed))
     fingerprint = {"config": run_fingerprint(base), "task_seed": task_seed, "data": data_fingerprint(base)}
 
@@ -325,8 +320,16 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     def build(k: int, alpha: float | None = None) -> MetaLearner:
         cfg = dataclasses.replace(base, num_inner_steps=k, inner_lr=base.inner_lr if alpha is None else alpha)
         extra = {"max_inner_steps": k} if traced_k else {}
-        return learners.make(base.algo, loss_fn, inner_lr=cfg.inner_lr, num_inner_steps=k, options=cfg.options,
-                             run_steps=cfg.steps, remat=cfg.remat, unroll=effective_unroll(cfg.unroll, k), **extra)
+        try:
+            return learners.make(base.algo, loss_fn, inner_lr=cfg.inner_lr, num_inner_steps=k, options=cfg.options,
+                                 run_steps=cfg.steps, remat=cfg.remat, unroll=effective_unroll(cfg.unroll, k),
+                                 **extra)
+        except ValueError as e:
+            if not traced_k:
+                raise
+            raise ValueError(f"run_sweep traces k for algo {base.algo!r} (learners built with max_inner_steps), "
+                             f"which these settings do not take: {e}. Sweep a fixed k with "
+                             "sweep_learner(lambda k: learners.maml(loss_fn, ..., num_inner_steps=k), ...)") from None
 
     groups: list[tuple[str, MetaLearner, list[dict[str, Any]], list[str]]] = []
     if traced_k:
@@ -341,6 +344,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
                 for alpha in sorted(set(grid.alphas)):
                     groups.append((f"sweep-k{k}-alpha{alpha:g}", build(k, alpha),
                                    [p for p in at_k if p["alpha"] == alpha], []))
+    per_chunk = _sweep_plan(run_dir if distributed.is_writer() else None, resume, per_chunk)
     run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, fingerprint=fingerprint,
                log_every=base.log_every, checkpoint_every=base.checkpoint_every if run_dir else None,
                max_loss_ratio=base.max_loss_ratio, mesh=mesh, shard=axis, progress=progress, stream=stream,

@@ -109,7 +109,7 @@ def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
     move it to the algorithm's name before resuming."""
     new = os.path.join(run_dir, f"{config.algo}.ckpt.npz")
     legacy = os.path.join(run_dir, rundir.LEGACY_META_CKPT)
-    if config.algo != "maml" and not os.path.exists(new) and os.path.exists(legacy):
+    if new != legacy and not os.path.exists(new) and os.path.exists(legacy):
         os.replace(legacy, new)
 
 

@@ -10,6 +10,7 @@ dirs and turned into ``jmaml train`` flags. Adding an algorithm is a new module 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -73,6 +74,8 @@ class LearnerSpec(NamedTuple):
       wrap_model: ``wrap_model(model, **options) -> model`` when the algorithm changes the model
         (CAVIA's context inputs); ``extra_inputs(**options)`` says by how many input features.
       traced_k: the factory takes ``max_inner_steps`` and then k per call (a sweep traces k).
+      implied: settings the name implies (FOMAML: ``first_order``), as ``algorithm_settings`` records
+        them and old run dirs stored them.
     """
 
     factory: Callable[..., MetaLearner]
@@ -83,11 +86,13 @@ class LearnerSpec(NamedTuple):
     wrap_model: Callable[..., Model] | None = None
     extra_inputs: Callable[..., int] | None = None
     traced_k: bool = False
+    implied: Mapping[str, Any] = MappingProxyType({})
 
 
 REGISTRY: dict[str, LearnerSpec] = {
     "maml": LearnerSpec(maml, "MAML", _maml.OPTIONS, traced_k=True),
-    "fomaml": LearnerSpec(fomaml, "FOMAML", _maml.INNER_OPTIONS, traced_k=True),
+    "fomaml": LearnerSpec(fomaml, "FOMAML", _maml.INNER_OPTIONS, traced_k=True,
+                          implied=MappingProxyType({"first_order": True})),
     "reptile": LearnerSpec(reptile, "Reptile", _reptile.OPTIONS, min_inner_steps=1),
     "metasgd": LearnerSpec(meta_sgd, "Meta-SGD", _metasgd.OPTIONS, meta_optimiser=_learned_rate_optimiser),
     "anil": LearnerSpec(anil, "ANIL", _anil.OPTIONS),

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jmaml.estimators import proximal_step
+from jmaml.inner import adapt
 from jmaml.types import LossFn, Params
 
 
@@ -53,26 +53,15 @@ def fixed_rates(inner_lr: Any, num_steps: int) -> jax.Array:
 
 def gradient_adapt(loss_fn: LossFn, params: Params, support: Any, step_rates: Any, *, prox_lambda: float = 0.0,
                    observe: Callable[[Params], Any] | None = None):
-    """Adapts one task's ``params`` by one (proximal) gradient step per leading entry of ``step_rates``.
+    """Adapts one task's ``params`` by one (proximal) gradient step per leading entry of ``step_rates``
+    (``jmaml.adapt`` with per-step rates: the one inner loop).
 
     Returns the adapted parameters, or with ``observe`` ``(params, values)``: ``observe`` at the
     parameters before each step and after the last, stacked (leading axis ``num_steps + 1``).
     """
-    step = lambda phi, rates: proximal_step(loss_fn, phi, params, support, inner_lr=rates, lam=prox_lambda)
-    return observed_scan(step, params, step_rates, observe=observe)
-
-
-def observed_scan(step: Callable[[Any, Any], Any], carry: Any, xs: Any = None, *, length: int | None = None,
-                  observe: Callable[[Params], Any] | None = None, params_of: Callable[[Any], Params] = lambda c: c):
-    """``lax.scan`` of ``carry = step(carry, x)``; returns the final carry's parameters (``params_of``), or
-    with ``observe`` ``(params, values)``: ``observe`` before each step and after the last, stacked."""
-    def body(c, x):
-        return step(c, x), (observe(params_of(c)) if observe is not None else None)
-
-    final, seen = jax.lax.scan(body, carry, xs, length=length)
-    if observe is None:
-        return params_of(final)
-    return params_of(final), jax.tree.map(lambda s, v: jnp.concatenate([s, v[None]]), seen, observe(params_of(final)))
+    num_steps = int(jax.tree.leaves(step_rates)[0].shape[0])
+    return adapt(loss_fn, params, support, inner_lr=step_rates, num_steps=num_steps, per_step=True,
+                 prox_lambda=prox_lambda, observe=observe)
 
 
 def rate_rule(loss_fn: LossFn, step_rates: Callable[..., Any], *, prox_lambda: float = 0.0,

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from jmaml import estimators, fused, inner_optimisers
-from jmaml.learners._common import Option, fixed_rates, gradient_adapt, observed_scan, rate_rule
+from jmaml.inner import adapt as adapt_inner
+from jmaml.learners._common import Option, fixed_rates, gradient_adapt, rate_rule
 from jmaml.meta import batched_objective, pre_adapt_loss
 from jmaml.protocols import MetaLearner
 from jmaml.types import LossFn, Params
@@ -229,14 +230,8 @@ def _with_inner_optimiser(loss_fn: LossFn, opt: Any, learn: tuple[str, ...], per
     def adapt(meta_params, support, num_steps, *, observe=None, inner_lr=None, model_state=None, inner_hyper=None):
         params, hyper = split(meta_params, inner_lr, inner_hyper)
         fixed = loss_fn if model_state is None else (lambda p, batch: loss_fn(p, batch, model_state)[0])
-
-        def step(carry, _):
-            p, o = carry
-            updates, o = opt.update(jax.grad(fixed)(p, support), o, p)
-            return jax.tree.map(lambda a, u: (a + u).astype(a.dtype), p, updates), o
-
-        start = (params, inner_optimisers.set_hyperparams(opt.init(params), hyper))
-        return observed_scan(step, start, length=num_steps, observe=observe, params_of=lambda c: c[0])
+        return adapt_inner(fixed, params, support, inner_lr=None, num_steps=num_steps, inner_optimiser=opt,
+                           inner_hyper=hyper, observe=observe)
 
     return MetaLearner(init=init, estimate=estimate, adapt=adapt, name="fomaml" if first_order else "maml",
                        label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,

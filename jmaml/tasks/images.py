@@ -40,7 +40,7 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -575,11 +575,9 @@ NUM_EVAL_EPISODES = 600
 @functools.lru_cache(maxsize=4)
 def _splits(task: str, data_dir: str, image_size: int, num_train_classes: int, min_per_class: int,
             cache_dir: str | None = None) -> dict:
-    if task == "omniglot":
-        return load_omniglot(data_dir, image_size=image_size, num_train_classes=num_train_classes,
-                             min_per_class=min_per_class, cache_dir=cache_dir)
-    loader: Any = LOADERS[task]
-    return loader(data_dir, image_size=image_size, min_per_class=min_per_class, cache_dir=cache_dir)
+    spec = DATASETS[task]
+    extra = {"num_train_classes": num_train_classes} if spec.takes_num_train_classes else {}
+    return spec.loader(data_dir, image_size=image_size, min_per_class=min_per_class, cache_dir=cache_dir, **extra)
 
 
 def _config_splits(config) -> dict:
@@ -595,7 +593,7 @@ def data_fingerprint(config) -> str:
 
 
 def _image_size(config) -> int:
-    return config.image_size or IMAGE_SIZES[config.task]
+    return config.image_size or DATASETS[config.task].image_size
 
 
 def config_split(config, split: str = "train") -> jax.Array:
@@ -618,10 +616,10 @@ def _family_model(config, extra_inputs: int = 0):
     if extra_inputs:
         raise ValueError(f"this algorithm adds {extra_inputs} input features to the model; the image tasks' "
                          f"{config.backbone} takes images only")
-    omniglot = config.task == "omniglot"
+    spec = DATASETS[config.task]
     if config.backbone == "resnet12":
-        return resnet12(config.ways, in_channels=1 if omniglot else 3, image_size=_image_size(config))
-    return conv4(config.ways, in_channels=1 if omniglot else 3, filters=64 if omniglot else 32, strided=omniglot,
+        return resnet12(config.ways, in_channels=spec.channels, image_size=_image_size(config))
+    return conv4(config.ways, in_channels=spec.channels, filters=spec.conv4_filters, strided=spec.conv4_strided,
                  image_size=_image_size(config))
 
 
@@ -668,26 +666,59 @@ def preset(task: str, ways: int = 5, shots: int = 1) -> dict:
       >>> preset("miniimagenet", 5, 1)["inner_lr"], preset("cifarfs", 5, 5)["meta_batch_size"]
       (0.01, 2)
     """
-    if task not in IMAGE_SIZES:
-        raise ValueError(f"presets exist for {', '.join(IMAGE_SIZES)}; got {task!r}")
+    if task not in DATASETS:
+        raise ValueError(f"presets exist for {', '.join(DATASETS)}; got {task!r}")
     common = {"num_query": 15, "pretrain": False, "steps": 60_000, "log_every": 100, "checkpoint_every": 1_000,
               "meta_lr": 1e-3}
-    if task == "omniglot":
-        if ways >= 20:
-            return {**common, "inner_lr": 0.1, "num_inner_steps": 5, "eval_inner_steps": 5, "meta_batch_size": 16}
-        return {**common, "inner_lr": 0.4, "num_inner_steps": 1, "eval_inner_steps": 3, "meta_batch_size": 32}
-    return {**common, "inner_lr": 0.01, "num_inner_steps": 5, "eval_inner_steps": 10,
-            "meta_batch_size": 4 if shots == 1 else 2}
+    return {**common, **DATASETS[task].preset(ways, shots)}
 
 
-LOADERS = {"omniglot": load_omniglot, "miniimagenet": load_miniimagenet, "tieredimagenet": load_tieredimagenet,
-           "cifarfs": load_cifar_fs, "fc100": load_fc100}
-IMAGE_SIZES = {"omniglot": 28, "miniimagenet": 84, "tieredimagenet": 84, "cifarfs": 32, "fc100": 32}
+def _omniglot_preset(ways: int, shots: int) -> dict:
+    if ways >= 20:
+        return {"inner_lr": 0.1, "num_inner_steps": 5, "eval_inner_steps": 5, "meta_batch_size": 16}
+    return {"inner_lr": 0.4, "num_inner_steps": 1, "eval_inner_steps": 3, "meta_batch_size": 32}
+
+
+def _natural_image_preset(ways: int, shots: int) -> dict:
+    return {"inner_lr": 0.01, "num_inner_steps": 5, "eval_inner_steps": 10, "meta_batch_size": 4 if shots == 1 else 2}
+
+
+class Dataset(NamedTuple):
+    """A few-shot image dataset: how to load it and what the paper's models and settings are for it.
+
+    Attributes:
+      loader: ``loader(data_dir, *, image_size, min_per_class, cache_dir[, num_train_classes])``.
+      image_size: the default side length in pixels.
+      channels: 1 (greyscale) or 3 (RGB).
+      conv4_filters, conv4_strided: the MAML paper's Conv-4 for it (Omniglot: 64 filters, strided
+        convolutions; natural images: 32 filters and max-pooling).
+      preset: ``preset(ways, shots)`` -> its literature settings (``preset``).
+      takes_num_train_classes: the loader splits one pool of classes (Omniglot's 1200 / rest).
+    """
+
+    loader: Callable[..., dict]
+    image_size: int
+    channels: int
+    conv4_filters: int
+    conv4_strided: bool
+    preset: Callable[[int, int], dict]
+    takes_num_train_classes: bool = False
+
+
+DATASETS: dict[str, Dataset] = {
+    "omniglot": Dataset(load_omniglot, 28, 1, 64, True, _omniglot_preset, takes_num_train_classes=True),
+    "miniimagenet": Dataset(load_miniimagenet, 84, 3, 32, False, _natural_image_preset),
+    "tieredimagenet": Dataset(load_tieredimagenet, 84, 3, 32, False, _natural_image_preset),
+    "cifarfs": Dataset(load_cifar_fs, 32, 3, 32, False, _natural_image_preset),
+    "fc100": Dataset(load_fc100, 32, 3, 32, False, _natural_image_preset),
+}
+LOADERS = {name: d.loader for name, d in DATASETS.items()}
+IMAGE_SIZES = {name: d.image_size for name, d in DATASETS.items()}
 BACKBONES = ("conv4", "resnet12")
 
 
 def family(task: str):
-    """Few-shot episodes of one dataset (``LOADERS``) for ``TrainConfig``: Conv-4 (the MAML paper's) or
+    """Few-shot episodes of one dataset (``DATASETS``) for ``TrainConfig``: Conv-4 (the MAML paper's) or
     ResNet-12 (``backbone``) with softmax cross-entropy, accuracy over 600 test episodes, presets."""
     from jmaml.tasks.family import TaskFamily
 
