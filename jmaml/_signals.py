@@ -8,6 +8,14 @@ import threading
 import time
 from typing import Any
 
+_ACTIVE: list[StopFlag] = []
+
+
+def active() -> StopFlag | None:
+    """The innermost installed ``StopFlag`` (the ``jmaml`` command installs one before importing JAX),
+    or None: the engine's loop honours it, else installs its own for the run."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
 
 class StopFlag:
     """Catches SIGINT/SIGTERM while installed; the loop checks it between chunks."""
@@ -21,6 +29,7 @@ class StopFlag:
         if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._handle)
+        _ACTIVE.append(self)
         return self
 
     def reinstall(self) -> None:
@@ -39,6 +48,8 @@ class StopFlag:
         self.signum, self._at = signum, now
 
     def __exit__(self, *exc):
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}

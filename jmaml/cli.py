@@ -156,7 +156,7 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
         train.train(config, args.out, resume=args.resume, overwrite=args.overwrite, mesh=mesh,
                     allow=tuple(name for name, on in (("changed-data", args.allow_changed_data),
                                                       ("changed-settings", args.allow_changed_settings)) if on),
-                    stop_flag=flag, writers=writers)
+                    writers=writers)
     except distributed.DistributedError as e:
         print(f"jmaml train: distributed run failed: {e}", file=sys.stderr)
         return 4
@@ -282,7 +282,7 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
     try:
         result = sweep.run_sweep(base, grid, task_seed=args.task_seed, mesh=_mesh(args), shard=args.shard,
                                  run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
-                                 stop_flag=flag, log=lambda m: print(m, file=sys.stderr, flush=True),
+                                 log=lambda m: print(m, file=sys.stderr, flush=True),
                                  on_chunk=lambda rows: sweep.write_rows(rows, args.out))  # partial results
     except engine.Interrupted as e:
         print(f"jmaml sweep: {e}. Resume with: jmaml sweep --out {args.out} --resume (and the same grid)",

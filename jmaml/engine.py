@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jmaml import checkpoint, distributed, runstore
+from jmaml import _signals, checkpoint, distributed, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
 from jmaml._checks import check_positive_int, check_task_batch_tree
@@ -45,12 +45,21 @@ from jmaml.types import Params, PRNGKey
 class DivergenceError(RuntimeError):
     """Meta-training produced a non-finite loss or gradient, or an exploding inner loop.
 
+    ``str(error)`` is what happened and where the last good state is, then advice (by default: smaller
+    rates); a caller with better advice (the CLI names its flags) re-raises with ``error.detail`` and its own.
+
     Attributes:
+      detail: what happened and where the last good state is, without the advice.
       state: the state as training stopped, where the raiser keeps it (a population whose every
         point diverged), else None.
     """
 
     state: Any = None
+    ADVICE = "Try a smaller inner rate or meta rate"
+
+    def __init__(self, detail: str, advice: str | None = None):
+        self.detail = detail
+        super().__init__(f"{detail}. {advice or self.ADVICE}.")
 
 
 class Interrupted(Exception):  # noqa: N818 - it is a control-flow signal, not an error
@@ -363,8 +372,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         checkpoint_every: int | None = None, max_loss_ratio: float = 1000.0, mesh: Mesh | None = None,
         callback: Callable[[dict, TrainState], Any] | None = None, writers: Any = None,
         stream: TextIO | None = None, progress: bool = True, stop_at_step: int | None = None, host_loop: bool = False,
-        divergence_hint: str | None = None, stop_flag: StopFlag | None = None,
-        model_state: Any = None, checkpoint_meta: dict | None = None) -> TrainState:
+                model_state: Any = None, checkpoint_meta: dict | None = None) -> TrainState:
     """Meta-trains ``learner`` on ``tasks``; returns the final ``TrainState``.
 
     Args:
@@ -409,7 +417,6 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
       stream: where progress goes (default stderr); ``progress=False`` silences it.
       stop_at_step: stop with a checkpoint (raising ``Interrupted``) at this step.
       host_loop: a Python loop over a jitted step instead of a compiled scan (see ``make_chunk``).
-      divergence_hint: what to suggest when training diverges (default: smaller rates).
       model_state: the initial state of a model with state (``model.init_state()``), carried in
         ``TrainState.model_state``, updated by the learner at every step and checkpointed; the
         learner's loss must be stateful (``make_loss(..., stateful=True)``).
@@ -461,8 +468,8 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
                           run_dir=run_dir, resume=resume, overwrite=overwrite, allow_changed=allow_changed, name=name,
                           log_every=log_every, checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio,
                           mesh=mesh, callback=callback, sinks=sinks, stream=stream, progress=progress,
-                          stop_at_step=stop_at_step, host_loop=host_loop, divergence_hint=divergence_hint,
-                          stop_flag=stop_flag, checkpoint_meta=checkpoint_meta)
+                          stop_at_step=stop_at_step, host_loop=host_loop,
+                          checkpoint_meta=checkpoint_meta)
 
 
 def run_settings(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation,
@@ -491,7 +498,7 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
                resume: bool, overwrite: bool, allow_changed: bool | Iterable[str], name: str, log_every: int,
                checkpoint_every: int | None, max_loss_ratio: float, mesh: Mesh | None, callback: Any,
                sinks: list[Any], stream: TextIO | None, progress: bool, stop_at_step: int | None, host_loop: bool,
-               divergence_hint: str | None, stop_flag: StopFlag | None, checkpoint_meta: dict | None) -> TrainState:
+               checkpoint_meta: dict | None) -> TrainState:
     writer = distributed.is_writer()
     ckpt, run_record, state = take_run(run_dir, name, state, settings, steps=steps, resume=resume,
                                        overwrite=overwrite, allow_changed=allow_changed)
@@ -507,15 +514,14 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
         if msg is not None:
             saver.keep(state, step)
             kept = f" is kept in {ckpt}" if ckpt is not None else " is the one before this chunk"
-            hint = divergence_hint or "Try a smaller inner rate or meta rate"
             label = learner.label if name == learner.name else name
             raise DivergenceError(f"{label} training diverged: {msg}. The last good state (step {saver.saved_step})"
-                                  f"{kept}. {hint}.")
+                                  f"{kept}")
         return new_state, chunk_record(name, step + length, metrics, seconds, length)
 
     return train_loop(state, int(state.step), steps, name=name, chunk=chunk, finish=finish, saver=saver,
                       run_dir=run_dir, log_every=log_every, checkpoint_every=checkpoint_every,
-                      stop_at_step=stop_at_step, stop_flag=stop_flag, sinks=sinks, stream=stream,
+                      stop_at_step=stop_at_step, sinks=sinks, stream=stream,
                       progress=progress, callback=callback)
 
 
@@ -564,20 +570,22 @@ class Saver:
 
 def train_loop(state: Any, step: int, steps: int, *, name: str, chunk: Callable, finish: Callable, saver: Saver,
                run_dir: str | None, log_every: int, checkpoint_every: int | None, stop_at_step: int | None,
-               stop_flag: StopFlag | None, sinks: list[Any], stream: TextIO | None, progress: bool,
+               sinks: list[Any], stream: TextIO | None, progress: bool,
                callback: Callable | None) -> Any:
     """The one training loop of the engine, for a single run (``fit``) and a population
     (``jmaml.population.fit_population``): chunks of steps aligned to multiples of ``log_every`` from
     step 0 (so an interrupted and resumed run executes the same programs on the same states),
     ``finish(state, new_state, step, metrics, seconds, length) -> (state, record)`` after each (it
     raises on divergence), metrics lines and writers, progress, callback, checkpoints, and
-    SIGINT/SIGTERM or ``stop_at_step`` stopping between chunks with a checkpoint."""
+    SIGINT/SIGTERM (the installed ``StopFlag``, or one of its own) or ``stop_at_step`` stopping between
+    chunks with a checkpoint."""
     writer = distributed.is_writer()
     bar = Progress(name, steps, step, stream) if progress else None
     if run_dir is not None:
         sinks.insert(0, writers_mod.JsonlWriter(os.path.join(run_dir, runstore.METRICS_FILE)))
-    owned_flag = stop_flag is None
-    flag = stop_flag or StopFlag()
+    flag = _signals.active()
+    owned_flag = flag is None
+    flag = flag or StopFlag()
     if owned_flag:
         flag.__enter__()
     try:

@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 from jmaml import distributed, engine, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
-from jmaml.engine import DivergenceError, StopFlag
+from jmaml.engine import DivergenceError
 from jmaml.meta import TrainState
 from jmaml.protocols import MetaLearner, TaskDistribution
 from jmaml.types import PRNGKey
@@ -136,13 +136,13 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
                    max_loss_ratio: float = 1000.0, mesh: Mesh | None = None, shard: str = "points",
                    callback: Callable[[dict, PopulationState], Any] | None = None, writers: Any = None,
                    stream: TextIO | None = None, progress: bool = True, stop_at_step: int | None = None,
-                   stop_flag: StopFlag | None = None, model_state: Any = None) -> PopulationState:
+                   model_state: Any = None) -> PopulationState:
     """Meta-trains a population of runs as one compiled program; returns its ``PopulationState``.
 
     Args:
       learner, tasks, steps, meta_batch_size, key, run_dir, resume, overwrite, allow_changed,
         fingerprint, log_every, checkpoint_every, callback, writers, stream, progress, stop_at_step,
-        stop_flag, model_state: as in ``jmaml.fit`` (the population is checkpointed, fingerprinted and
+        model_state: as in ``jmaml.fit`` (the population is checkpointed, fingerprinted and
         resumed as one run; its points are part of its fingerprint).
       optimiser: the meta-optimiser: an optax ``GradientTransformation``, or -- when ``points`` has
         ``"meta_lr"`` -- a factory ``make(learning_rate) -> GradientTransformation`` such as
@@ -268,15 +268,14 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
             if not now.any():
                 saver.keep(new, step + length)
                 error = DivergenceError(f"{name}: every point of the population diverged (the last at step "
-                                      f"{int(at.max())}); the state is kept"
-                                      f"{' in ' + ckpt if ckpt else ''}. Try smaller inner or meta rates")
+                                        f"{int(at.max())}); the state is kept{' in ' + ckpt if ckpt else ''}")
                 error.state = new  # the population as it stopped (e.g. for a sweep's rows)
                 raise error
             return new, population_record(name, step + length, metrics, now, seconds, length)
 
         return engine.train_loop(state, int(state.step), steps, name=name, chunk=chunk, finish=finish, saver=saver,
                                  run_dir=run_dir, log_every=log_every, checkpoint_every=checkpoint_every,
-                                 stop_at_step=stop_at_step, stop_flag=stop_flag, sinks=sinks, stream=stream,
+                                 stop_at_step=stop_at_step, sinks=sinks, stream=stream,
                                  progress=progress, callback=callback)
 
 

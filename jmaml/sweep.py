@@ -239,8 +239,8 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
               diag_tasks: int = 50, memory_budget_bytes: int | None = None, keep_params: bool = False,
               evaluate: bool = True, log=None, mesh: Mesh | None = None, shard: str = "grid",
               on_chunk: Callable[[list[dict[str, Any]]], Any] | None = None, run_dir: str | None = None,
-              resume: bool = False, overwrite: bool = False, progress: bool = False, stream: Any = None,
-              stop_flag: Any = None) -> dict[str, Any]:
+              resume: bool = False, overwrite: bool = False, progress: bool = False,
+              stream: Any = None) -> dict[str, Any]:
     """Meta-trains every grid point of a ``TrainConfig``'s learner and task family -- populations of
     runs, each one compiled program (``jmaml.population.fit_population``) -- and evaluates each point.
 
@@ -276,7 +276,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
         (``jmaml sweep`` writes them to sweep.csv: a sweep that fails later keeps what it finished).
       run_dir, resume, overwrite: the sweep's run dir (see above); ``overwrite`` starts its populations
         again.
-      progress, stream, stop_flag: as ``jmaml.fit`` (a progress bar per population).
+      progress, stream: as ``jmaml.fit`` (a progress bar per population).
 
     Returns:
       ``{"rows": [one dict per grid point], "meta": {...timings, populations...}}``. A point is
@@ -347,8 +347,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     per_chunk = _sweep_plan(run_dir if distributed.is_writer() else None, resume, per_chunk)
     run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, fingerprint=fingerprint,
                log_every=base.log_every, checkpoint_every=base.checkpoint_every if run_dir else None,
-               max_loss_ratio=base.max_loss_ratio, mesh=mesh, shard=axis, progress=progress, stream=stream,
-               stop_flag=stop_flag)
+               max_loss_ratio=base.max_loss_ratio, mesh=mesh, shard=axis, progress=progress, stream=stream)
     rows: list[dict[str, Any]] = []
     kept: list[Any] = []
     t0 = time.perf_counter()
@@ -444,7 +443,7 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
                   inner_hyper: dict[str, Sequence[float]] | None = None, run_dir: str | None = None,
                   resume: bool = False, overwrite: bool = False, checkpoint_every: int | None = None,
                   max_loss_ratio: float = 1000.0, mesh: Mesh | None = None, shard: str = "grid",
-                  progress: bool = False, stream: Any = None, stop_flag: Any = None) -> dict[str, Any]:
+                  progress: bool = False, stream: Any = None) -> dict[str, Any]:
     """Whole runs of any learner on any task distribution over α × β × seed (× inner-optimiser settings),
     every point on the same training tasks, as populations (``jmaml.population.fit_population``: one
     compiled program per k); then each point evaluated by its learner's own test-time rule at its α.
@@ -459,8 +458,8 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
         point with ``optax.inject_hyperparams``), e.g. ``optax.adam``.
       init_params: ``init_params(key) -> params``; each seed's key is ``jax.random.key(seed)``.
       grid: the α, β, k and seed axes.
-      steps, meta_batch_size, task_key, log_every, checkpoint_every, max_loss_ratio, progress, stream,
-        stop_flag: as in ``jmaml.fit``.
+      steps, meta_batch_size, task_key, log_every, checkpoint_every, max_loss_ratio, progress, stream: as
+        in ``jmaml.fit``.
       evaluate, apply, metric, eval_tasks, eval_steps, eval_key: the evaluation (``jmaml.evaluate.evaluate``).
       log: ``log(str)`` for progress lines.
       inner_hyper: more grid axes, over the inner optimiser's hyperparameters (e.g. ``{"momentum":
@@ -488,7 +487,7 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
     extra = list(itertools.product(*[tuple(inner_hyper[n]) for n in names])) if names else [()]
     run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, log_every=log_every,
                checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio, mesh=mesh, shard=axis,
-               progress=progress, stream=stream, stop_flag=stop_flag)
+               progress=progress, stream=stream)
     rows: list[dict[str, Any]] = []
     kept: list[Any] = []
     for k in sorted(set(grid.ks)):

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import jax
 from jax.sharding import Mesh
 
-from jmaml import distributed, engine, learners, recipes, rundir, tasks
+from jmaml import _signals, distributed, engine, learners, recipes, rundir, tasks
 from jmaml import writers as writers_mod
 from jmaml._util import x64_enabled
 from jmaml.config import BASELINE, OPTIMISERS, TrainConfig  # noqa: F401 - re-exported
@@ -77,13 +77,24 @@ def _divergence_hint(config: TrainConfig, phase: str) -> str:
 
 
 def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, stop_at_step: int | None = None,
-              stream: TextIO | None = None, stop_flag: engine.StopFlag | None = None,
-              mesh: Mesh | None = None, allow: tuple[str, ...] = (), writers: Any = None) -> TrainState:
+              stream: TextIO | None = None, mesh: Mesh | None = None, allow: tuple[str, ...] = (),
+              writers: Any = None) -> TrainState:
     """Trains one phase to ``config.steps`` with checkpoints (``jmaml.fit``); returns the final state."""
     phase = _phase_name(config, phase)
     learner, dist, optimiser = recipes.phase_parts(config, phase)
     ckpt = os.path.join(run_dir, f"{phase}.ckpt.npz")
     resume = resume and os.path.exists(ckpt)
+    try:
+        return _fit_phase(config, run_dir, phase, resume=resume, stop_at_step=stop_at_step, stream=stream, mesh=mesh,
+                          allow=allow, writers=writers, parts=(learner, dist, optimiser))
+    except engine.DivergenceError as e:  # the CLI's advice names its flags
+        raise engine.DivergenceError(e.detail, _divergence_hint(config, phase)) from None
+
+
+def _fit_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, stop_at_step: int | None,
+               stream: TextIO | None, mesh: Mesh | None, allow: tuple[str, ...], writers: Any,
+               parts: tuple) -> TrainState:
+    learner, dist, optimiser = parts
     host_loop = _host_loop(config)
     return engine.fit(learner, dist, optimiser, recipes.initial_params(config, phase), steps=config.steps,
                       meta_batch_size=config.meta_batch_size, key=task_stream_key(config, phase), run_dir=run_dir,
@@ -92,7 +103,7 @@ def run_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, st
                       name=phase, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                       max_loss_ratio=config.max_loss_ratio if phase != BASELINE else float("inf"), mesh=mesh,
                       stream=stream, stop_at_step=stop_at_step, host_loop=host_loop,
-                      divergence_hint=_divergence_hint(config, phase), stop_flag=stop_flag, writers=writers,
+                      writers=writers,
                       checkpoint_meta={"run": rundir.run_fingerprint(config), "algo": config.algo,
                                        "x64": bool(x64_enabled()), "data": rundir.data_fingerprint(config)})
 
@@ -116,7 +127,7 @@ def _adopt_legacy_checkpoint(config: TrainConfig, run_dir: str) -> None:
 def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite: bool = False,
           stop_at_step: int | None = None, stream: TextIO | None = None,
           mesh: Mesh | None = None, allow: tuple[str, ...] = (),
-          stop_flag: engine.StopFlag | None = None, writers: Any = None) -> dict[str, TrainState]:
+          writers: Any = None) -> dict[str, TrainState]:
     """Meta-trains (and trains the pretrained baseline) into ``run_dir``.
 
     Args:
@@ -133,8 +144,6 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
       allow: deliberate exceptions on ``resume``: ``"changed-data"`` (the dataset's files changed since
         the checkpoint) and ``"changed-settings"`` (continue the run with other settings, e.g. a smaller
         meta rate after a divergence stop: config.json records the old settings); refused otherwise.
-      stop_flag: an installed ``engine.StopFlag`` to honour (the CLI installs one before anything else,
-        so a signal during start-up is not lost); by default ``train`` installs its own.
       writers: metric writers given every chunk's record of every phase, beside ``metrics.jsonl``
         (``jmaml.writers``; e.g. ``[TensorBoardWriter(run_dir + "/tensorboard")]``).
 
@@ -161,7 +170,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
         try:
             return _train_locked(config, run_dir, resume=resume, overwrite=overwrite, stop_at_step=stop_at_step,
                                  stream=stream, mesh=mesh, allow=tuple(allow),
-                                 stop_flag=stop_flag, writers=writers_mod.check_writers(writers))
+                                 writers=writers_mod.check_writers(writers))
         except Exception as e:
             # a refused, misconfigured or out-of-memory new run leaves nothing behind in a folder it created
             if writer and created and not [n for n in os.listdir(run_dir) if n.endswith(".ckpt.npz")]:
@@ -174,7 +183,7 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
 
 def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite: bool, stop_at_step: int | None,
                   stream: TextIO | None, mesh: Mesh | None, allow: tuple[str, ...],
-                  stop_flag: engine.StopFlag | None, writers: list[Any]) -> dict[str, TrainState]:
+                  writers: list[Any]) -> dict[str, TrainState]:
     writer = distributed.is_writer()
     mode, refusal = "new", None
     if writer:
@@ -208,10 +217,13 @@ def _train_locked(config: TrainConfig, run_dir: str, *, resume: bool, overwrite:
                 keep.pop(BASELINE, None)
             rundir.trim_metrics(os.path.join(run_dir, "metrics.jsonl"), keep)
     states = {}
-    with contextlib.nullcontext(stop_flag) if stop_flag is not None else engine.StopFlag() as flag:
+    # one flag over both phases (the CLI's, installed before JAX, when there is one): a signal between
+    # them is not lost
+    active = _signals.active()
+    with contextlib.nullcontext(active) if active is not None else engine.StopFlag():
         for phase in config.phases():
             states[phase] = run_phase(config, run_dir, phase, resume=mode != "new", stop_at_step=stop_at_step,
-                                      stream=stream, stop_flag=flag, mesh=mesh, allow=allow, writers=writers)
+                                      stream=stream, mesh=mesh, allow=allow, writers=writers)
     states["maml"] = states[config.algo]
     return states
 
