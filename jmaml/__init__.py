@@ -13,10 +13,12 @@ __version__ = "0.2.0"
 
 # Loaded on first use (PEP 562), so that `import jmaml` and the `jmaml` command start without importing
 # JAX: the command installs its signal handler first, and a signal during start-up is not lost.
-_MODULES = ("analytic", "checkpoint", "diagnostics", "distributed", "engine", "estimators", "evaluate", "fused",
-            "learners", "losses", "models", "recipes", "rundir", "runinfo", "sweep", "tasks", "train", "writers")
+_MODULES = ("adapters", "analytic", "checkpoint", "diagnostics", "distributed", "engine", "estimators", "evaluate",
+            "fingerprint", "fused", "inner_optimisers", "learners", "losses", "models", "population", "recipes",
+            "rundir", "runinfo", "runstore", "sweep", "tasks", "train", "writers")
 _NAMES = {
     "TrainConfig": "config", "DivergenceError": "engine", "Interrupted": "engine", "fit": "engine",
+    "Logging": "engine", "RunDir": "engine", "fit_population": "population",
     "check_meta_gradient": "gradcheck", "adapt": "inner", "inner_step": "inner", "make_loss": "losses",
     "TrainState": "meta", "batched_objective": "meta", "init_state": "meta", "make_estimator_step": "meta",
     "make_step": "meta", "maml_value_and_grad": "meta", "task_objective": "meta",
@@ -42,6 +44,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from jmaml import (  # noqa: F401
+        adapters,
         analytic,
         checkpoint,
         diagnostics,
@@ -49,19 +52,23 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         engine,
         estimators,
         evaluate,
+        fingerprint,
+        inner_optimisers,
         learners,
         losses,
         models,
+        population,
         recipes,
         rundir,
         runinfo,
+        runstore,
         sweep,
         tasks,
         train,
         writers,
     )
     from jmaml.config import TrainConfig  # noqa: F401
-    from jmaml.engine import DivergenceError, Interrupted, fit  # noqa: F401
+    from jmaml.engine import DivergenceError, Interrupted, Logging, RunDir, fit  # noqa: F401
     from jmaml.gradcheck import check_meta_gradient  # noqa: F401
     from jmaml.inner import adapt, inner_step  # noqa: F401
     from jmaml.losses import make_loss  # noqa: F401
@@ -74,14 +81,17 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         maml_value_and_grad,
         task_objective,
     )
+    from jmaml.population import fit_population  # noqa: F401
     from jmaml.protocols import REQUIRED_METRICS, MetaLearner, TaskDistribution  # noqa: F401
     from jmaml.types import Batch, Model, Task  # noqa: F401
 
 __all__ = [
     "REQUIRED_METRICS",
+    "RunDir",
     "Batch",
     "DivergenceError",
     "Interrupted",
+    "Logging",
     "MetaLearner",
     "Model",
     "Task",
@@ -99,6 +109,7 @@ __all__ = [
     "estimators",
     "evaluate",
     "fit",
+    "fit_population",
     "sweep",
     "train",
     "init_state",

@@ -1,12 +1,12 @@
 """The engine: meta-trains any ``MetaLearner`` on any ``TaskDistribution`` with any optax optimiser.
 
-``fit`` runs steps in *chunks* of ``log_every``: one jitted ``lax.scan`` samples the tasks on the
-device and applies ``log_every`` meta-steps; metrics come back to the host once per chunk. Chunks
-are aligned to multiples of ``log_every`` from step 0, so a run that is interrupted and resumed
+``fit`` runs steps in *chunks* of ``Logging.every`` steps: one jitted ``lax.scan`` samples the tasks
+on the device and applies them; metrics come back to the host once per chunk. Chunks are aligned to
+multiples of that length from step 0, so a run that is interrupted and resumed
 executes exactly the same programs on exactly the same states and keys as one that is not: the
 final parameters are bitwise equal on one machine.
 
-With a ``run_dir`` it keeps ``NAME.ckpt.npz`` (the whole state: meta-parameters, optimiser state,
+With a run folder (``RunDir``) it keeps ``NAME.ckpt.npz`` (the whole state: meta-parameters, optimiser state,
 step, key) and appends to ``metrics.jsonl`` every scalar the learner reports, one line per chunk.
 SIGINT/SIGTERM stop it between chunks with a checkpoint; a non-finite or exploding meta-loss stops
 it with the last good state kept. The engine never asks which task, model or algorithm it runs.
@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -365,14 +365,87 @@ def check_lengths(steps: Any, meta_batch_size: Any, log_every: Any,
     return steps, meta_batch_size, log_every, checkpoint_every
 
 
+class RunDir(NamedTuple):
+    """Where a run keeps its files, and how ``fit`` owns the folder: ``fit(..., run=RunDir(path, ...))``
+    (a plain path is ``RunDir(path)``).
+
+    ``fit`` owns the folder while it runs (``jmaml.runstore``): it holds its lock, refuses a folder that
+    already holds the run (finished or not) unless ``resume`` or ``overwrite`` says what to do with it,
+    and never touches files that are not its run's.
+
+    Attributes:
+      path: the folder for ``NAME.ckpt.npz`` and ``metrics.jsonl`` (created if missing).
+      checkpoint_every: meta-steps between checkpoints (a multiple of the log's ``every``; default: the
+        end only; a stop by signal or divergence always writes one).
+      resume: continue from the checkpoint (which must exist; a finished run is returned as it is).
+        Refused when the run's fingerprint differs, naming what changed.
+      overwrite: start over in a folder holding the run: its checkpoint and its metrics lines are
+        replaced (recorded in the new checkpoint's ``history``); nothing else is touched.
+      allow_changed: on ``resume``, continue the state with changed settings on purpose: True, or the
+        names of the settings that may change (as the refusal names them, e.g. ``["optimiser"]``).
+        Recorded in the checkpoint's ``history``.
+      fingerprint: the settings that decide the run, as a JSON-able dict, when they cannot be read from
+        the learner's, the tasks' and the optimiser's functions (a value read from a global or a file):
+        it then replaces their automatic description (``jmaml.fingerprint.describe``). The meta-batch
+        size, key, initial parameters, model state and precision are always included.
+      meta: JSON-able facts recorded in every checkpoint's header beside the run's name and
+        fingerprint (``jmaml inspect`` shows them).
+    """
+
+    path: str
+    checkpoint_every: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    allow_changed: bool | Iterable[str] = False
+    fingerprint: Mapping[str, Any] | None = None
+    meta: Mapping[str, Any] | None = None
+
+
+class Logging(NamedTuple):
+    """How a run reports: ``fit(..., log=Logging(...))``.
+
+    Attributes:
+      every: meta-steps per compiled chunk, metrics line and progress update (the host reads metrics
+        once per chunk).
+      progress: a progress bar on a terminal (steps/s, meta-loss, ETA), throttled plain lines otherwise.
+      stream: where progress goes (default stderr).
+      writers: metric writers (``jmaml.writers``: ``JsonlWriter``, ``TensorBoardWriter``,
+        ``CallbackWriter``, or any object with ``write(record)`` and ``flush()``), given every chunk's
+        record -- the learner's scalars, ``steps_per_s``, ``wall_time`` -- beside the run dir's
+        ``metrics.jsonl``; process 0 alone writes. Flushed when the run ends or stops.
+      callback: ``callback(record, state)`` after every chunk, with the metrics line as a dict (on
+        every process of a multi-process job).
+    """
+
+    every: int = 1000
+    progress: bool = True
+    stream: TextIO | None = None
+    writers: Any = None
+    callback: Callable[[dict, Any], Any] | None = None
+
+
+def as_run_dir(run: Any) -> RunDir | None:
+    """``run=`` as a ``RunDir`` (a path becomes ``RunDir(path)``), or None."""
+    if run is None or isinstance(run, RunDir):
+        return run
+    if isinstance(run, str | os.PathLike):
+        return RunDir(os.fspath(run))
+    raise TypeError(f"run must be a folder (a path) or jmaml.RunDir(path, resume=..., ...), got {run!r}")
+
+
+def as_logging(log: Any) -> Logging:
+    """``log=`` as a ``Logging`` (None: the defaults)."""
+    if log is None:
+        return Logging()
+    if isinstance(log, Logging):
+        return log
+    raise TypeError(f"log must be jmaml.Logging(every=..., progress=..., ...), got {log!r}")
+
+
 def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation, params: Params, *,
-        steps: int, meta_batch_size: int, key: Any = 0, run_dir: str | None = None, resume: bool = False,
-        overwrite: bool = False, allow_changed: bool | Iterable[str] = False,
-        fingerprint: Mapping[str, Any] | None = None, name: str | None = None, log_every: int = 1000,
-        checkpoint_every: int | None = None, max_loss_ratio: float = 1000.0, mesh: Mesh | None = None,
-        callback: Callable[[dict, TrainState], Any] | None = None, writers: Any = None,
-        stream: TextIO | None = None, progress: bool = True, stop_at_step: int | None = None, host_loop: bool = False,
-                model_state: Any = None, checkpoint_meta: dict | None = None) -> TrainState:
+        steps: int, meta_batch_size: int, key: Any = 0, model_state: Any = None, run: RunDir | str | None = None,
+        log: Logging | None = None, name: str | None = None, max_loss_ratio: float = 1000.0,
+        mesh: Mesh | None = None, host_loop: bool = False, stop_at_step: int | None = None) -> TrainState:
     """Meta-trains ``learner`` on ``tasks``; returns the final ``TrainState``.
 
     Args:
@@ -384,61 +457,39 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
       steps: meta-steps to train to (counting those of a resumed run).
       meta_batch_size: tasks per meta-step.
       key: the key (or int seed) the training tasks are drawn from; each step splits it.
-      run_dir: a folder for ``NAME.ckpt.npz`` and ``metrics.jsonl`` (created if missing); None keeps
-        nothing on disk (and ignores ``resume``, ``overwrite`` and ``checkpoint_every``). ``fit`` owns
-        it while it runs (``jmaml.runstore``): it holds its lock, refuses a folder that already holds
-        run ``name`` unless ``resume`` or ``overwrite`` says what to do with it, and never touches
-        files that are not its run's.
-      resume: continue from ``run_dir``'s checkpoint (which must exist; a finished run is returned
-        as it is). Refused when the run's fingerprint differs (see ``fingerprint``).
-      overwrite: start over in a folder holding run ``name``: its checkpoint and its metrics lines
-        are replaced (recorded in the new checkpoint's ``history``); nothing else is touched.
-      allow_changed: on ``resume``, continue the state with changed settings on purpose: True, or
-        the names of the settings that may change (as the refusal names them, e.g.
-        ``["optimiser"]``). Recorded in the checkpoint's ``history``.
-      fingerprint: the settings that decide the run, as a JSON-able dict, when they cannot be read
-        from the learner's, the tasks' and the optimiser's functions (a value read from a global or
-        a file): it then replaces their automatic description (``jmaml.fingerprint.describe``). The
-        meta-batch size, key, initial parameters, model state and precision are always included.
+      model_state: the initial state of a model with state (``model.init_state()``), carried in
+        ``TrainState.model_state``, updated by the learner at every step and checkpointed; the
+        learner's loss must be stateful (``make_loss(..., stateful=True)``).
+      run: where the run keeps its checkpoints and metrics, and how it owns the folder: a path, or
+        ``RunDir(path, checkpoint_every=, resume=, overwrite=, allow_changed=, fingerprint=, meta=)``.
+        None keeps nothing on disk.
+      log: ``Logging(every=1000, progress=True, stream=None, writers=None, callback=None)``.
       name: the run's name in files and messages (default ``learner.name``).
-      log_every: meta-steps per compiled chunk, metrics line and progress update.
-      checkpoint_every: meta-steps between checkpoints (a multiple of ``log_every``; default: the
-        end only).
       max_loss_ratio: stop when the adapted query loss averages more than this many times the
         un-adapted one over a chunk (an exploding inner loop); ``math.inf`` disables.
       mesh: shard each meta-batch's tasks over this mesh (``jmaml.distributed.task_mesh``). In a
         multi-process job every process calls ``fit`` alike; process 0 alone writes files.
-      callback: ``callback(record, state)`` after every chunk, with the metrics line as a dict
-        (on every process of a multi-process job).
-      writers: metric writers (``jmaml.writers``: ``JsonlWriter``, ``TensorBoardWriter``,
-        ``CallbackWriter``, or any object with ``write(record)`` and ``flush()``), given every
-        chunk's record -- the learner's scalars, ``steps_per_s``, ``wall_time`` -- beside
-        ``run_dir``'s ``metrics.jsonl``; process 0 alone writes. Flushed when ``fit`` ends or stops.
-      stream: where progress goes (default stderr); ``progress=False`` silences it.
-      stop_at_step: stop with a checkpoint (raising ``Interrupted``) at this step.
       host_loop: a Python loop over a jitted step instead of a compiled scan (see ``make_chunk``).
-      model_state: the initial state of a model with state (``model.init_state()``), carried in
-        ``TrainState.model_state``, updated by the learner at every step and checkpointed; the
-        learner's loss must be stateful (``make_loss(..., stateful=True)``).
-      checkpoint_meta: JSON-able facts recorded in every checkpoint's header beside the run's
-        ``name`` and fingerprint (``jmaml inspect`` shows them).
+      stop_at_step: stop with a checkpoint (raising ``Interrupted``) at this step: what an
+        interruption does, on purpose (tests use it). SIGINT/SIGTERM do the same between chunks
+        (the ``jmaml`` command's handler, or one ``fit`` installs).
 
     Raises:
       DivergenceError: a non-finite or exploding meta-loss (the last good state is kept).
       Interrupted: SIGINT/SIGTERM or ``stop_at_step``, after writing a checkpoint.
       ValueError/TypeError: bad arguments, a sampler without a task axis, a learner's missing metric,
-        params that do not fit; a ``run_dir`` in use by another process, holding this run without
+        params that do not fit; a run folder in use by another writer, holding this run without
         ``resume``/``overwrite``, or one resumed with other settings (naming them); a missing
         checkpoint on ``resume``.
       checkpoint.CheckpointError: an unreadable or corrupted checkpoint (nothing is overwritten).
 
     Examples:
       >>> import jax, optax
-      >>> from jmaml import fit, learners, make_loss, models, tasks
+      >>> from jmaml import Logging, fit, learners, make_loss, models, tasks
       >>> model = models.mlp([1, 8, 1])
       >>> learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
       >>> state = fit(learner, tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)),
-      ...             steps=20, meta_batch_size=4, log_every=10, progress=False)
+      ...             steps=20, meta_batch_size=4, log=Logging(every=10, progress=False))
       >>> int(state.step)
       20
 
@@ -449,6 +500,12 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     check_distribution(tasks)
     if not isinstance(optimiser, optax.GradientTransformation):
         raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")
+    where, logging = as_run_dir(run), as_logging(log)
+    run_dir = None if where is None else where.path
+    where = where or RunDir("")  # no folder: its settings at their defaults
+    checkpoint_every, resume, overwrite = where.checkpoint_every, where.resume, where.overwrite
+    allow_changed, fingerprint, checkpoint_meta = where.allow_changed, where.fingerprint, where.meta
+    log_every, progress, stream, writers, callback = logging
     steps, meta_batch_size, log_every, checkpoint_every = check_lengths(steps, meta_batch_size, log_every,
                                                                         checkpoint_every)
     if mesh is not None:
@@ -498,7 +555,7 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
                resume: bool, overwrite: bool, allow_changed: bool | Iterable[str], name: str, log_every: int,
                checkpoint_every: int | None, max_loss_ratio: float, mesh: Mesh | None, callback: Any,
                sinks: list[Any], stream: TextIO | None, progress: bool, stop_at_step: int | None, host_loop: bool,
-               checkpoint_meta: dict | None) -> TrainState:
+               checkpoint_meta: Mapping[str, Any] | None) -> TrainState:
     writer = distributed.is_writer()
     ckpt, run_record, state = take_run(run_dir, name, state, settings, steps=steps, resume=resume,
                                        overwrite=overwrite, allow_changed=allow_changed)

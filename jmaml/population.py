@@ -130,20 +130,16 @@ def _as_array(name: str, values: list) -> jax.Array:
 
 def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any, params: Any,
                    points: Mapping[str, Sequence[Any]], *, steps: int, meta_batch_size: int, key: Any = 0,
-                   run_dir: str | None = None, resume: bool = False, overwrite: bool = False,
-                   allow_changed: bool | Iterable[str] = False, fingerprint: Mapping[str, Any] | None = None,
-                   name: str | None = None, log_every: int = 1000, checkpoint_every: int | None = None,
-                   max_loss_ratio: float = 1000.0, mesh: Mesh | None = None, shard: str = "points",
-                   callback: Callable[[dict, PopulationState], Any] | None = None, writers: Any = None,
-                   stream: TextIO | None = None, progress: bool = True, stop_at_step: int | None = None,
-                   model_state: Any = None) -> PopulationState:
+                   model_state: Any = None, run: engine.RunDir | str | None = None,
+                   log: engine.Logging | None = None, name: str | None = None, max_loss_ratio: float = 1000.0,
+                   mesh: Mesh | None = None, shard: str = "points",
+                   stop_at_step: int | None = None) -> PopulationState:
     """Meta-trains a population of runs as one compiled program; returns its ``PopulationState``.
 
     Args:
-      learner, tasks, steps, meta_batch_size, key, run_dir, resume, overwrite, allow_changed,
-        fingerprint, log_every, checkpoint_every, callback, writers, stream, progress, stop_at_step,
-        model_state: as in ``jmaml.fit`` (the population is checkpointed, fingerprinted and
-        resumed as one run; its points are part of its fingerprint).
+      learner, tasks, steps, meta_batch_size, key, model_state, run, log, stop_at_step: as in
+        ``jmaml.fit`` (the population is checkpointed, fingerprinted and resumed as one run; its
+        points are part of its fingerprint; ``log``'s callback gets the ``PopulationState``).
       optimiser: the meta-optimiser: an optax ``GradientTransformation``, or -- when ``points`` has
         ``"meta_lr"`` -- a factory ``make(learning_rate) -> GradientTransformation`` such as
         ``optax.adam`` (each point's rate is injected into its optimiser state).
@@ -168,18 +164,24 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
         (named).
 
     Example:
-      >>> import jax, optax
+      >>> import jax, optax, jmaml
       >>> from jmaml import learners, make_loss, models, tasks
       >>> model = models.mlp([1, 8, 1])
       >>> learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
       >>> pop = fit_population(learner, tasks.sinusoid.distribution(), optax.adam, model.init,
       ...                      {"inner_lr": [0.01, 0.02], "meta_lr": [1e-3, 1e-3], "seed": [0, 1]},
-      ...                      steps=20, meta_batch_size=4, log_every=10, progress=False)
+      ...                      steps=20, meta_batch_size=4, log=jmaml.Logging(every=10, progress=False))
       >>> pop.alive.tolist(), int(pop.step)
       ([True, True], 20)
     """
     engine.check_learner(learner)
     engine.check_distribution(tasks)
+    where, logging = engine.as_run_dir(run), engine.as_logging(log)
+    run_dir = None if where is None else where.path
+    where = where or engine.RunDir("")  # no folder: its settings at their defaults
+    checkpoint_every, resume, overwrite = where.checkpoint_every, where.resume, where.overwrite
+    allow_changed, fingerprint = where.allow_changed, where.fingerprint
+    log_every, progress, stream, writers, callback = logging
     size, values = point_values(points)
     plain, inner = _split_hyper(learner, values)
     steps, meta_batch_size, log_every, checkpoint_every = engine.check_lengths(steps, meta_batch_size, log_every,
@@ -248,7 +250,8 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
             hyper = jax.device_put(hyper, placement)
         chunk = _make_chunk(learner, tasks, opt, meta_batch_size=meta_batch_size, mesh=mesh, shard=shard,
                             max_loss_ratio=float(max_loss_ratio), hyper=hyper, inner=inner)
-        saver = engine.Saver(ckpt if writer else None, name, {"fit": run_record, "points": values}, int(state.step))
+        header = {**(where.meta or {}), "fit": run_record, "points": values}
+        saver = engine.Saver(ckpt if writer else None, name, header, int(state.step))
         labels = [", ".join(f"{n}={values[n][i]:g}" for n in values) for i in range(size)]
 
         def finish(old: PopulationState, new: PopulationState, step: int, metrics: dict, seconds: float,

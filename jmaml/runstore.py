@@ -1,6 +1,6 @@
 """What the engine keeps in a run dir, and the guarantees it gives about it.
 
-``jmaml.fit(..., run_dir=D)`` owns ``D`` while it runs, the same from Python and from the CLI:
+``jmaml.fit(..., run=RunDir(D, ...))`` owns ``D`` while it runs, the same from Python and from the CLI:
 
 * it holds an exclusive lock (``.jmaml.lock``, ``fcntl.flock``): a second writer -- another
   process, or a second ``fit`` -- fails at once, naming the holder's pid;

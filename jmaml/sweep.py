@@ -51,7 +51,14 @@ from jmaml import distributed, learners, recipes
 from jmaml._checks import check_num_steps, check_rate, check_seed
 from jmaml.config import OPTIMISERS, TrainConfig
 from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
-from jmaml.engine import DivergenceError, check_distribution, check_learner, device_memory_bytes
+from jmaml.engine import (
+    DivergenceError,
+    Logging,
+    RunDir,
+    check_distribution,
+    check_learner,
+    device_memory_bytes,
+)
 from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, NUM_EVAL_QUERY, adaptation_curve
 from jmaml.evaluate import evaluate as evaluate_learner
 from jmaml.population import INNER_HYPER, PopulationState, fit_population
@@ -175,7 +182,9 @@ def _shard_axis(shard: str) -> str:
 def _train_population(name: str, learner: MetaLearner, tasks: TaskDistribution, make_optimiser: Callable,
                       init_params: Callable, part: Sequence[dict[str, Any]], traced: Sequence[str], *, steps: int,
                       meta_batch_size: int, key: Any, log: Callable[[str], Any] | None, label: str,
-                      **run: Any) -> PopulationState:
+                      run_dir: str | None, resume: bool, overwrite: bool, checkpoint_every: int | None,
+                      fingerprint: dict | None, log_every: int, progress: bool, stream: Any,
+                      **options: Any) -> PopulationState:
     """One population of the sweep: ``part``'s points (dicts of alpha, beta, k, seed, inner_hyper.NAME),
     with ``traced`` naming the learner's per-call hyperparameters the points set."""
     column = {"inner_lr": "alpha", "num_inner_steps": "k"}
@@ -186,12 +195,15 @@ def _train_population(name: str, learner: MetaLearner, tasks: TaskDistribution, 
     if log is not None:
         callback = lambda record, _: log(f"sweep {label}: step {record['step']}/{steps}, "  # noqa: E731
                                          f"{record['points_alive']} of {len(part)} points alive")
-    if run.get("resume") and not os.path.exists(os.path.join(run["run_dir"], f"{name}.ckpt.npz")):
+    if run_dir is not None and resume and not os.path.exists(os.path.join(run_dir, f"{name}.ckpt.npz")):
         # a resumed sweep's populations not yet checkpointed start (again) now: nothing of theirs to keep
-        run = {**run, "resume": False, "overwrite": True}
+        resume, overwrite = False, True
+    where = None if run_dir is None else RunDir(run_dir, checkpoint_every=checkpoint_every, resume=resume,
+                                                   overwrite=overwrite, fingerprint=fingerprint)
+    logging = Logging(every=log_every, progress=progress, stream=stream, callback=callback)
     try:
         return fit_population(learner, tasks, make_optimiser, init_params, points, steps=steps,
-                              meta_batch_size=meta_batch_size, key=key, name=name, callback=callback, **run)
+                              meta_batch_size=meta_batch_size, key=key, name=name, run=where, log=logging, **options)
     except DivergenceError as e:  # every point diverged: rows say so; the sweep goes on
         if e.state is None:
             raise
@@ -485,7 +497,7 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
         for value in inner_hyper[name]:
             check_rate(value, f"inner_hyper[{name!r}]")
     extra = list(itertools.product(*[tuple(inner_hyper[n]) for n in names])) if names else [()]
-    run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, log_every=log_every,
+    run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, fingerprint=None, log_every=log_every,
                checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio, mesh=mesh, shard=axis,
                progress=progress, stream=stream)
     rows: list[dict[str, Any]] = []

@@ -95,17 +95,17 @@ def _fit_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, s
                stream: TextIO | None, mesh: Mesh | None, allow: tuple[str, ...], writers: Any,
                parts: tuple) -> TrainState:
     learner, dist, optimiser = parts
-    host_loop = _host_loop(config)
+    data = rundir.data_fingerprint(config)
+    where = engine.RunDir(run_dir, checkpoint_every=config.checkpoint_every, resume=resume,
+                          allow_changed=_allow_changed(allow),
+                          fingerprint={"config": rundir.run_fingerprint(config), "data": data},
+                          meta={"run": rundir.run_fingerprint(config), "algo": config.algo,
+                                "x64": bool(x64_enabled()), "data": data})
     return engine.fit(learner, dist, optimiser, recipes.initial_params(config, phase), steps=config.steps,
-                      meta_batch_size=config.meta_batch_size, key=task_stream_key(config, phase), run_dir=run_dir,
-                      resume=resume, allow_changed=_allow_changed(allow),
-                      fingerprint={"config": rundir.run_fingerprint(config), "data": rundir.data_fingerprint(config)},
-                      name=phase, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                      meta_batch_size=config.meta_batch_size, key=task_stream_key(config, phase), run=where,
+                      log=engine.Logging(every=config.log_every, stream=stream, writers=writers), name=phase,
                       max_loss_ratio=config.max_loss_ratio if phase != BASELINE else float("inf"), mesh=mesh,
-                      stream=stream, stop_at_step=stop_at_step, host_loop=host_loop,
-                      writers=writers,
-                      checkpoint_meta={"run": rundir.run_fingerprint(config), "algo": config.algo,
-                                       "x64": bool(x64_enabled()), "data": rundir.data_fingerprint(config)})
+                      stop_at_step=stop_at_step, host_loop=_host_loop(config))
 
 
 def _allow_changed(allow: tuple[str, ...]) -> bool | tuple[str, ...]:

@@ -65,10 +65,11 @@ def plane_loss(p, d):
     return jnp.mean((two_layer_apply(p, d["inputs"]) - d["targets"]) ** 2)
 
 
-def _fit(learner, run_dir=None, **kw):
+def _fit(learner, run_dir=None, *, resume=False, callback=None, **kw):
+    run = None if run_dir is None else jmaml.RunDir(run_dir, checkpoint_every=10, resume=resume)
     return fit(learner, plane_distribution(), optax.adam(3e-3), two_layer_init(jax.random.key(1)),
-               **{"steps": 30, "meta_batch_size": 4, "key": 7, "log_every": 10, "run_dir": run_dir,
-                  "checkpoint_every": 10, "progress": False, **kw})
+               **{"steps": 30, "meta_batch_size": 4, "key": 7, "run": run,
+                  "log": jmaml.Logging(every=10, progress=False, callback=callback), **kw})
 
 
 def test_a_users_tasks_and_model_train_resume_bitwise_and_evaluate(tmp_path):
@@ -223,7 +224,7 @@ def test_a_bad_sampler_is_named(sample, match):
     learner = learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=1)
     with pytest.raises(ValueError, match=match):
         fit(learner, _bad_sampler_dist(sample), optax.adam(1e-3), two_layer_init(jax.random.key(0)), steps=10,
-            meta_batch_size=4, progress=False)
+            meta_batch_size=4, log=jmaml.Logging(progress=False))
 
 
 def test_a_learner_missing_a_metric_params_that_do_not_fit_and_wrong_types_are_named():
@@ -238,7 +239,8 @@ def test_a_learner_missing_a_metric_params_that_do_not_fit_and_wrong_types_are_n
     wrong_params = two_layer_init(jax.random.key(0))
     wrong_params["hidden"]["kernel"] = jnp.zeros((3, 12))  # the data has 2 inputs
     with pytest.raises(TypeError, match="do the params fit the model"):
-        fit(good, plane_distribution(), optax.adam(1e-3), wrong_params, steps=10, meta_batch_size=4, progress=False)
+        fit(good, plane_distribution(), optax.adam(1e-3), wrong_params, steps=10, meta_batch_size=4,
+            log=jmaml.Logging(progress=False))
     with pytest.raises(TypeError, match="learner must be a jmaml.MetaLearner"):
         fit(plane_loss, plane_distribution(), optax.adam(1e-3), wrong_params, steps=10, meta_batch_size=4)
     with pytest.raises(TypeError, match="tasks must be a jmaml.TaskDistribution"):
@@ -272,9 +274,10 @@ def _bn_fit(run_dir, **kw):
     model = models.mlp_batchnorm([1, 16, 16, 1], "relu")
     learner = learners.maml(make_loss(model.apply, "mse", stateful=True), inner_lr=0.01, num_inner_steps=1)
     tasks = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5)
+    stop_at_step = kw.pop("stop_at_step", None)
     return fit(learner, tasks, optax.adam(1e-3), model.init(jax.random.key(0)), model_state=model.init_state(),
-               steps=30, meta_batch_size=4, key=3, run_dir=run_dir, log_every=10, checkpoint_every=10,
-               progress=False, **kw), model, learner
+               steps=30, meta_batch_size=4, key=3, run=jmaml.RunDir(run_dir, checkpoint_every=10, **kw),
+               log=jmaml.Logging(every=10, progress=False), stop_at_step=stop_at_step), model, learner
 
 
 def test_a_batch_norm_model_with_running_statistics_trains_and_resumes(tmp_path):
@@ -324,7 +327,7 @@ def test_a_learner_without_model_state_support_is_named():
     learner = learners.reptile(make_loss(model.apply, "mse", stateful=True), inner_lr=0.01, num_inner_steps=1)
     with pytest.raises(TypeError, match="learner 'reptile'"):
         fit(learner, jmaml.tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)),
-            model_state=model.init_state(), steps=10, meta_batch_size=4, progress=False)
+            model_state=model.init_state(), steps=10, meta_batch_size=4, log=jmaml.Logging(progress=False))
 
 
 # ---- sweeps of a user's learner and tasks ----------------------------------------------------------
@@ -343,7 +346,7 @@ def test_a_users_tasks_and_model_through_a_sweep_equal_single_runs():
         alpha, beta, k, seed = row["alpha"], row["beta"], row["k"], row["seed"]
         single = fit(learners.maml(plane_loss, inner_lr=alpha, num_inner_steps=k), plane_distribution(),
                      optax.adam(beta), two_layer_init(jax.random.key(seed)), steps=20, meta_batch_size=4, key=7,
-                     log_every=10, progress=False)
+                     log=jmaml.Logging(every=10, progress=False))
         for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # injected beta: float32 round-off
         assert len(row["mse_curve"]) == 4 and all(math.isfinite(v) for v in row["mse_curve"])
@@ -359,6 +362,6 @@ def test_a_users_tasks_and_model_through_a_sweep_equal_single_runs():
     for row, params in zip(result["rows"], result["params"]):
         single = fit(learners.meta_sgd(plane_loss, inner_lr=row["alpha"], num_inner_steps=1), plane_distribution(),
                      optax.adam(1e-3), two_layer_init(jax.random.key(0)), steps=10, meta_batch_size=4, key=7,
-                     log_every=10, progress=False)
+                     log=jmaml.Logging(every=10, progress=False))
         for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

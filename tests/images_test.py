@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jmaml import cli, evaluate, models, train
+from jmaml import Logging, cli, evaluate, models, train
 from jmaml.tasks import images
 
 NUM_CHARS = (8, 8, 8)  # characters per alphabet: 2 alphabets in images_background, 1 in images_evaluation
@@ -439,7 +439,7 @@ def test_short_resnet12_meta_training_on_synthetic_cifar_beats_chance(cifar_dir)
     net = models.resnet12(5, widths=(4, 4, 8, 8), image_size=16)
     learner = learners.maml(make_loss(net.apply, "xent"), inner_lr=0.1, num_inner_steps=1)
     state = fit(learner, dist, optax.adam(3e-3), net.init(jax.random.key(0)), steps=20, meta_batch_size=4,
-                log_every=20, progress=False)
+                log=Logging(every=20, progress=False))
     report = evaluate.evaluate(learner, state.params, dist, apply=net.apply, num_tasks=60, num_steps=1, key=1)
     acc, ci = report["all"]["mean"][-1], report["all"]["ci95"][-1]
     print(f"ResNet-12, 5-way 1-shot on held-out synthetic CIFAR-FS classes: {acc:.3f} ± {ci:.3f} (chance 0.2)")

@@ -266,6 +266,6 @@ def test_a_sweep_varies_the_inner_optimisers_settings_and_equals_single_runs():
         single = fit(learners.maml(loss, inner_lr=0.01, num_inner_steps=2, inner_optimiser="momentum",
                                    inner_settings=f"momentum={row['momentum']}"),
                      sinusoid.distribution(num_support=5, num_query=5), optax.adam(1e-3), init(None), steps=10,
-                     meta_batch_size=4, log_every=10, progress=False)
+                     meta_batch_size=4, log=jmaml.Logging(every=10, progress=False))
         for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(swept)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

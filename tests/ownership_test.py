@@ -1,4 +1,4 @@
-"""A run belongs to the engine: ``jmaml.fit(..., run_dir=...)`` itself refuses a finished run, a resume
+"""A run belongs to the engine: ``jmaml.fit(..., run=...)`` itself refuses a finished run, a resume
 with other settings, a second writer and foreign files -- the guarantees the CLI gives, from Python."""
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ LOSS = make_loss(MODEL.apply, "mse")
 
 def _fit(run_dir, *, inner_lr=0.01, k=1, meta_batch_size=4, meta_lr=1e-3, steps=20, **kw):
     learner = learners.maml(LOSS, inner_lr=inner_lr, num_inner_steps=k)
+    run = jmaml.RunDir(str(run_dir), **kw)  # resume, overwrite, allow_changed, fingerprint
     return jmaml.fit(learner, jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5), optax.adam(meta_lr),
-                     MODEL.init(jax.random.key(0)), steps=steps, meta_batch_size=meta_batch_size, key=1,
-                     run_dir=str(run_dir), log_every=10, progress=False, **kw)
+                     MODEL.init(jax.random.key(0)), steps=steps, meta_batch_size=meta_batch_size, key=1, run=run,
+                     log=jmaml.Logging(every=10, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +203,9 @@ def test_the_fingerprint_is_the_same_in_a_new_process(tmp_path):
         resume = sys.argv[2] == "resume"
         try:
             state = jmaml.fit(learner, jmaml.tasks.sinusoid.distribution(), optax.adam(1e-3),
-                              model.init(jax.random.key(0)), steps=20, meta_batch_size=4, key=1, run_dir=sys.argv[1],
-                              log_every=10, progress=False, resume=resume, stop_at_step=None if resume else 10)
+                              model.init(jax.random.key(0)), steps=20, meta_batch_size=4, key=1,
+                              run=jmaml.RunDir(sys.argv[1], resume=resume), log=jmaml.Logging(every=10, progress=False),
+                              stop_at_step=None if resume else 10)
             print("finished", int(state.step))
         except jmaml.Interrupted:
             print("stopped")

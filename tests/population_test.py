@@ -25,11 +25,12 @@ TASKS = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5)
 POINTS = {"inner_lr": [0.01, 0.03, 0.01, 0.03], "meta_lr": [1e-3, 1e-3, 3e-3, 3e-3], "seed": [0, 1, 2, 0]}
 
 
-def _pop(points=POINTS, run_dir=None, steps=30, learner=None, **kw):
+def _pop(points=POINTS, run_dir=None, steps=30, learner=None, stream=None, stop_at_step=None, **kw):
     learner = learner or learners.maml(LOSS, inner_lr=0.01, num_inner_steps=1)
     opt = optax.adam if "meta_lr" in points else optax.adam(1e-3)
-    return fit_population(learner, TASKS, opt, MODEL.init, points, steps=steps, meta_batch_size=4, key=5,
-                          run_dir=None if run_dir is None else str(run_dir), log_every=10, progress=False, **kw)
+    run = None if run_dir is None else jmaml.RunDir(str(run_dir), **kw)  # checkpoint_every, resume, ...
+    return fit_population(learner, TASKS, opt, MODEL.init, points, steps=steps, meta_batch_size=4, key=5, run=run,
+                          log=jmaml.Logging(every=10, progress=False, stream=stream), stop_at_step=stop_at_step)
 
 
 def _leaves(tree):
@@ -41,8 +42,8 @@ def test_each_point_equals_the_single_run_fit_trains():
     for i in range(4):
         a, b, seed = POINTS["inner_lr"][i], POINTS["meta_lr"][i], POINTS["seed"][i]
         single = jmaml.fit(learners.maml(LOSS, inner_lr=a, num_inner_steps=1), TASKS, optax.adam(b),
-                           MODEL.init(jax.random.key(seed)), steps=30, meta_batch_size=4, key=5, log_every=10,
-                           progress=False)
+                           MODEL.init(jax.random.key(seed)), steps=30, meta_batch_size=4, key=5,
+                           log=jmaml.Logging(every=10, progress=False))
         for u, v in zip(_leaves(point(pop, i).params), _leaves(single.params)):
             np.testing.assert_allclose(u, v, rtol=2e-5, atol=1e-7)
     assert pop.alive.all() and (np.asarray(pop.diverged_at) == -1).all() and np.isfinite(pop.last_loss).all()
@@ -56,7 +57,7 @@ def test_every_learner_runs_as_a_population():
         if "inner_lr" in learner.hyper:  # Meta-SGD and MAML++ learn their rates: set when built
             points["inner_lr"] = [0.01, 0.02]
         pop = fit_population(learner, TASKS, optax.adam, model.init, points, steps=10, meta_batch_size=4,
-                             log_every=5, progress=False)
+                             log=jmaml.Logging(every=5, progress=False))
         assert int(pop.step) == 10 and pop.alive.all(), name
         assert all(np.isfinite(leaf).all() for leaf in _leaves(pop.points.params)), name
 
@@ -66,8 +67,8 @@ def test_traced_k_points_equal_single_runs_at_their_k():
     pop = _pop({"num_inner_steps": [1, 3], "seed": [0, 0]}, learner=learner, steps=20)
     for i, k in enumerate((1, 3)):
         single = jmaml.fit(learners.maml(LOSS, inner_lr=0.01, num_inner_steps=k), TASKS, optax.adam(1e-3),
-                           MODEL.init(jax.random.key(0)), steps=20, meta_batch_size=4, key=5, log_every=10,
-                           progress=False)
+                           MODEL.init(jax.random.key(0)), steps=20, meta_batch_size=4, key=5,
+        log=jmaml.Logging(every=10, progress=False))
         for u, v in zip(_leaves(point(pop, i).params), _leaves(single.params)):
             np.testing.assert_allclose(u, v, rtol=2e-5, atol=1e-7)
     with pytest.raises(ValueError, match=r"points\['num_inner_steps'\].*one population per value"):
@@ -141,7 +142,7 @@ def test_a_population_on_four_devices_equals_one_device():
         points = {"inner_lr": [0.01, 0.02, 0.03, 0.04], "seed": [0, 1, 2, 3]}
         run = lambda **kw: checkpoint.host_leaves(fit_population(
             learner, tasks, optax.adam(1e-3), model.init, points, steps=20, meta_batch_size=8, key=3,
-            log_every=10, progress=False, **kw).points.params)
+            log=jmaml.Logging(every=10, progress=False), **kw).points.params)
         one = run()
         assert len(jax.devices()) == 4
         mesh = distributed.task_mesh(4)

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jmaml import checkpoint, evaluate, rundir, train
+from jmaml import Logging, checkpoint, evaluate, rundir, train
 from jmaml.config import TrainConfig
 
 TINY = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=20, log_every=10,
@@ -157,7 +157,7 @@ def test_a_signal_during_the_last_chunk_still_stops_with_its_status(tmp_path):
     kill_at_end = lambda record, state: record["step"] == 20 and os.kill(os.getpid(), signal.SIGTERM)
     with pytest.raises(train.Interrupted, match="SIGTERM received: maml finished its 20 steps") as e:
         fit(learner, tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)), steps=20,
-            meta_batch_size=4, log_every=10, run_dir=str(tmp_path), callback=kill_at_end, progress=False)
+            meta_batch_size=4, run=str(tmp_path), log=Logging(every=10, callback=kill_at_end, progress=False))
     assert e.value.signum == signal.SIGTERM
     assert checkpoint.read_header(tmp_path / "maml.ckpt.npz")["step"] == 20
 

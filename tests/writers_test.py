@@ -9,14 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from jmaml import fit, learners, make_loss, models, tasks, writers
+from jmaml import Logging, fit, learners, make_loss, models, tasks, writers
 
 
-def _fit(tmp_path, **kw):
+def _fit(tmp_path, run_dir=None, writers=None):
     model = models.mlp([1, 8, 1])
     learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
-    return fit(learner, tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)),
-               **{"steps": 30, "meta_batch_size": 4, "log_every": 10, "progress": False, **kw})
+    return fit(learner, tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)), steps=30,
+               meta_batch_size=4, run=run_dir, log=Logging(every=10, progress=False, writers=writers))
 
 
 def _events(path):

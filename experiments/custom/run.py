@@ -80,15 +80,14 @@ loss = mse(apply)
 
 def train_and_evaluate(run_dir: str) -> dict:
     learner = learners.maml(loss, inner_lr=0.02, num_inner_steps=1)
-    common = dict(steps=STEPS, meta_batch_size=META_BATCH, key=1, run_dir=run_dir, log_every=500,
-                  checkpoint_every=1_000)
+    common = dict(steps=STEPS, meta_batch_size=META_BATCH, key=1, log=jmaml.Logging(every=500))
     args = (learner, distribution(), optax.adam(1e-3), init(jax.random.key(0)))
     t0 = time.perf_counter()
     try:
-        jmaml.fit(*args, stop_at_step=STEPS // 2, **common)
+        jmaml.fit(*args, run=jmaml.RunDir(run_dir, checkpoint_every=1_000), stop_at_step=STEPS // 2, **common)
     except jmaml.Interrupted as e:
         print(f"interrupted on purpose: {e}", file=sys.stderr)
-    state = jmaml.fit(*args, resume=True, **common)
+    state = jmaml.fit(*args, run=jmaml.RunDir(run_dir, checkpoint_every=1_000, resume=True), **common)
     seconds = time.perf_counter() - t0
     report = evaluate(learner, state.params, distribution(), apply=apply, num_tasks=600, num_steps=10, key=2026)
     baseline = evaluate(learner, init(jax.random.key(0)), distribution(), apply=apply, num_tasks=600, num_steps=10,
