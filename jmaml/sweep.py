@@ -323,8 +323,13 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     stream_key = task_stream_key(dataclasses.replace(base, task_seed=task_seed))
     fingerprint = {"config": run_fingerprint(base), "task_seed": task_seed, "data": data_fingerprint(base)}
 
-    def make_optimiser(learning_rate):
+    def own_optimiser(learning_rate):  # the learner's combination (learned inner rates at their own rate)
         return learners.meta_optimiser(base.algo, OPTIMISERS[base.optimiser], learning_rate, base.options)
+
+    # a plain meta-optimiser is injected as the factory itself (every numeric setting of optax's becomes a
+    # traced hyperparameter), as sweeps always did: the default sweep's table stays bitwise what it was
+    plain = learners.spec(base.algo).meta_optimiser is None
+    make_optimiser = OPTIMISERS[base.optimiser] if plain else own_optimiser
 
     def init_params(key):
         return model.init(jax.random.split(key)[0])
