@@ -13,7 +13,6 @@ algorithm; they still load (and resume into the new name).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -27,7 +26,14 @@ import optax
 from jmaml import checkpoint
 from jmaml._util import x64_enabled
 from jmaml.config import TrainConfig
-from jmaml.runstore import LOCK_FILE, atomic_write_text, lock, read_metrics, trim_metrics  # noqa: F401
+from jmaml.runstore import (  # noqa: F401
+    LOCK_FILE,
+    atomic_write_text,
+    clean_stale_temporaries,
+    lock,
+    read_metrics,
+    trim_metrics,
+)
 
 LEGACY_META_CKPT = "maml.ckpt.npz"
 # What --overwrite replaces; a folder whose config.json is not a jmaml run's is never touched.
@@ -202,14 +208,6 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
 
 def write_info(config: TrainConfig, run_dir: str) -> None:
     atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(run_info(config), indent=2))
-
-
-def clean_stale_temporaries(run_dir: str) -> None:
-    """Removes ``*.tmp-PID`` files left by a process killed mid-write (the lock says none is writing)."""
-    for name in os.listdir(run_dir):
-        if ".tmp-" in name:
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(run_dir, name))
 
 
 def restore_phase(run_dir: str, config: TrainConfig, phase: str, template: Any, *,

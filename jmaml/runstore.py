@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -88,6 +89,7 @@ def lock(run_dir: str, *, share: bool = False) -> Iterator[None]:
         f.flush()
         with _held_guard:
             _held[real] = (me, share, 1)
+        clean_stale_temporaries(run_dir)
         try:
             yield
         finally:
@@ -95,6 +97,30 @@ def lock(run_dir: str, *, share: bool = False) -> Iterator[None]:
                 _held.pop(real, None)
     finally:
         f.close()  # closing releases the lock
+
+
+_TEMPORARY = re.compile(r".+\.tmp-(\d+)$")
+
+
+def clean_stale_temporaries(run_dir: str) -> None:
+    """Removes the ``FILE.tmp-PID`` files of an atomic write whose process is gone (killed mid-write):
+    ``lock`` does it as it takes a run dir. A temporary of a live process is left alone."""
+    for name in os.listdir(run_dir):
+        m = _TEMPORARY.fullmatch(name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(run_dir, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -5,6 +5,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -91,8 +93,13 @@ def test_stale_temporaries_are_cleaned_and_results_written_atomically(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(train.Interrupted):
         _train(run, stop_at_step=10)
-    (run / "maml.ckpt.npz.tmp-99999").write_bytes(b"half a checkpoint")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a writer that died mid-write: its pid is no longer running
+    (run / f"maml.ckpt.npz.tmp-{gone.pid}").write_bytes(b"half a checkpoint")
+    (run / f"maml.ckpt.npz.tmp-{os.getppid()}").write_bytes(b"a live writer's")  # left alone
     _train(run, resume=True)
+    assert [n for n in os.listdir(run) if ".tmp-" in n] == [f"maml.ckpt.npz.tmp-{os.getppid()}"]
+    os.remove(run / f"maml.ckpt.npz.tmp-{os.getppid()}")
     evaluate.evaluate_run(str(run), num_tasks=10)
     assert not [n for n in os.listdir(run) if ".tmp-" in n]
     assert json.loads((run / "eval.json").read_text())["algo"] == "maml"
