@@ -424,22 +424,20 @@ class Logging(NamedTuple):
     callback: Callable[[dict, Any], Any] | None = None
 
 
-def as_run_dir(run: Any) -> RunDir | None:
-    """``run=`` as a ``RunDir`` (a path becomes ``RunDir(path)``), or None."""
-    if run is None or isinstance(run, RunDir):
-        return run
-    if isinstance(run, str | os.PathLike):
-        return RunDir(os.fspath(run))
-    raise TypeError(f"run must be a folder (a path) or jmaml.RunDir(path, resume=..., ...), got {run!r}")
-
-
-def as_logging(log: Any) -> Logging:
-    """``log=`` as a ``Logging`` (None: the defaults)."""
-    if log is None:
-        return Logging()
-    if isinstance(log, Logging):
-        return log
-    raise TypeError(f"log must be jmaml.Logging(every=..., progress=..., ...), got {log!r}")
+def run_options(run: Any, log: Any, steps: Any, meta_batch_size: Any) -> tuple[str | None, RunDir, Logging, int, int]:
+    """``fit``'s (and a population's) ``run=`` and ``log=``, checked: the folder (None: nothing on disk), its
+    ``RunDir`` (a path becomes ``RunDir(path)``; no folder: the defaults), the ``Logging`` (None: the
+    defaults) and the checked counts (``check_lengths``)."""
+    if run is not None and not isinstance(run, RunDir | str | os.PathLike):
+        raise TypeError(f"run must be a folder (a path) or jmaml.RunDir(path, resume=..., ...), got {run!r}")
+    if log is not None and not isinstance(log, Logging):
+        raise TypeError(f"log must be jmaml.Logging(every=..., progress=..., ...), got {log!r}")
+    where = run if isinstance(run, RunDir) else RunDir(os.fspath(run) if run is not None else "")
+    logging = log or Logging()
+    steps, meta_batch_size, every, checkpoint_every = check_lengths(steps, meta_batch_size, logging.every,
+                                                                    where.checkpoint_every)
+    where, logging = where._replace(checkpoint_every=checkpoint_every), logging._replace(every=every)
+    return (None if run is None else where.path), where, logging, steps, meta_batch_size
 
 
 def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation, params: Params, *,
@@ -500,14 +498,10 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     check_distribution(tasks)
     if not isinstance(optimiser, optax.GradientTransformation):
         raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")
-    where, logging = as_run_dir(run), as_logging(log)
-    run_dir = None if where is None else where.path
-    where = where or RunDir("")  # no folder: its settings at their defaults
+    run_dir, where, logging, steps, meta_batch_size = run_options(run, log, steps, meta_batch_size)
     checkpoint_every, resume, overwrite = where.checkpoint_every, where.resume, where.overwrite
     allow_changed, fingerprint, checkpoint_meta = where.allow_changed, where.fingerprint, where.meta
     log_every, progress, stream, writers, callback = logging
-    steps, meta_batch_size, log_every, checkpoint_every = check_lengths(steps, meta_batch_size, log_every,
-                                                                        checkpoint_every)
     if mesh is not None:
         distributed.check_divisible(meta_batch_size, mesh)
     sinks = writers_mod.check_writers(writers)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -208,6 +208,21 @@ def _check_evaluable(learner: MetaLearner, tasks_: TaskDistribution) -> None:
                          "evaluate needs them")
 
 
+def learner_curves(learner: MetaLearner, meta_params: Any, batch: Any, metric: Callable[[Params, Any], Any],
+                   num_steps: int, *, hyper: dict[str, Any] | None = None, model_state: Any = None) -> jax.Array:
+    """Each task's ``metric`` on its query set before each of ``num_steps`` steps of the learner's own
+    test-time rule (``learner.adapt``) and after the last: shape ``(num_tasks, num_steps + 1)``. Not
+    jitted: ``evaluate`` and sweeps jit it around their own arguments."""
+    extra = {**(hyper or {}), **({} if model_state is None else {"model_state": model_state})}
+
+    def one(task):
+        _, values = learner.adapt(meta_params, task.support, num_steps, observe=lambda p: metric(p, task.query),
+                                  **extra)
+        return values
+
+    return jax.vmap(one)(batch)
+
+
 def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *, apply: Any = None,
              metric: Any = None, num_tasks: int = NUM_EVAL_TASKS, num_steps: int = MAX_EVAL_STEPS,
              shots: Sequence[int] | None = None, key: Any = EVAL_SEED, batch_size: int | None = None,
@@ -262,14 +277,8 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
         metric = tasks.make_metric(apply)
     key = jax.random.key(key) if isinstance(key, int) else key
 
-    @jax.jit
-    def curves(meta_params, batch):
-        def one(task):
-            extra = {**(hyper or {}), **({} if model_state is None else {"model_state": model_state})}
-            _, values = learner.adapt(meta_params, task.support, num_steps, observe=lambda p: metric(p, task.query),
-                                      **extra)
-            return values
-        return jax.vmap(one)(batch)
+    curves = jax.jit(lambda meta_params, batch: learner_curves(learner, meta_params, batch, metric, num_steps,
+                                                               hyper=hyper, model_state=model_state))
 
     def draw(k, n):
         return tasks.heldout(k, n) if tasks.heldout_data is None else tasks.heldout(k, n, tasks.heldout_data)

@@ -176,16 +176,12 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
     """
     engine.check_learner(learner)
     engine.check_distribution(tasks)
-    where, logging = engine.as_run_dir(run), engine.as_logging(log)
-    run_dir = None if where is None else where.path
-    where = where or engine.RunDir("")  # no folder: its settings at their defaults
+    run_dir, where, logging, steps, meta_batch_size = engine.run_options(run, log, steps, meta_batch_size)
     checkpoint_every, resume, overwrite = where.checkpoint_every, where.resume, where.overwrite
     allow_changed, fingerprint = where.allow_changed, where.fingerprint
     log_every, progress, stream, writers, callback = logging
     size, values = point_values(points)
     plain, inner = _split_hyper(learner, values)
-    steps, meta_batch_size, log_every, checkpoint_every = engine.check_lengths(steps, meta_batch_size, log_every,
-                                                                               checkpoint_every)
     if shard not in SHARD_AXES:
         raise ValueError(f"shard must be one of {SHARD_AXES}, got {shard!r}")
     n_dev = 1 if mesh is None else int(mesh.devices.size)

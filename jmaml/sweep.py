@@ -59,7 +59,7 @@ from jmaml.engine import (
     check_learner,
     device_memory_bytes,
 )
-from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, NUM_EVAL_QUERY, adaptation_curve
+from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, NUM_EVAL_QUERY, adaptation_curve, learner_curves
 from jmaml.evaluate import evaluate as evaluate_learner
 from jmaml.population import INNER_HYPER, PopulationState, fit_population
 from jmaml.protocols import MetaLearner, TaskDistribution
@@ -422,14 +422,8 @@ def _evaluate_sweep_points(base: TrainConfig, model: Any, learner: MetaLearner, 
     tasks = _heldout(base, dist, eval_tasks)
     uses_alpha = "inner_lr" in learner.hyper
 
-    @jax.jit
-    def point_curves(meta_params, alpha):  # the learner's own test-time rule, as evaluate() runs it
-        def one(support, query):
-            hyper = {"inner_lr": alpha} if uses_alpha else {}
-            _, values = learner.adapt(meta_params, support, MAX_EVAL_STEPS, observe=lambda p: metric(p, query),
-                                      **hyper)
-            return values
-        return jax.vmap(one)(tasks.support, tasks.query)
+    point_curves = jax.jit(lambda meta_params, alpha: learner_curves(  # the learner's own rule, as evaluate's
+        learner, meta_params, tasks, metric, MAX_EVAL_STEPS, hyper={"inner_lr": alpha} if uses_alpha else None))
 
     curves = [np.asarray(point_curves(jax.tree.map(lambda a, g=g: a[g], params), alphas[g]))
               for g in range(len(part))]
