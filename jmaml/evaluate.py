@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -29,7 +31,7 @@ from jmaml.config import BASELINE
 from jmaml.engine import check_distribution, check_learner
 from jmaml.inner import adapt
 from jmaml.losses import make_loss
-from jmaml.protocols import MetaLearner, TaskDistribution
+from jmaml.protocols import MetaLearner, TaskDistribution, metric_higher_is_better
 from jmaml.tasks import sinusoid
 from jmaml.types import Batch, LossFn, Params
 
@@ -105,31 +107,47 @@ def _take_shots(batch: Batch, k: int) -> Batch:
     return Batch(batch.x[:, :k], batch.y[:, :k])
 
 
+MAX_EVAL_TASKS = 10_000_000  # evaluate() refuses more held-out tasks than this
 DIVERGED_RATIO = 1000.0  # as TrainConfig.max_loss_ratio: an adapted loss this many times the un-adapted one
 
 
-def summarize(losses: np.ndarray, diverged_ratio: float = DIVERGED_RATIO) -> dict[str, Any]:
-    """Per step: mean and 95% CI half-width (1.96 standard errors) over tasks, the median, and
-    how many tasks diverged.
+def summarize(values: np.ndarray, diverged_ratio: float | None = DIVERGED_RATIO, *,
+              higher_is_better: bool = False) -> dict[str, Any]:
+    """Per step: the mean over every task (``mean_all``), and the mean, 95% CI half-width (1.96
+    standard errors) and median over the tasks that did not diverge, with their count (``diverged``).
 
-    ``losses`` has shape ``(num_tasks, num_steps + 1)``, column 0 before adaptation. A task has
-    diverged at a step when its loss there is non-finite or more than ``diverged_ratio`` times its
-    loss before adaptation (an exploding inner loop, like the seed's −1515.48, long before it
-    overflows). Diverged tasks are left out of mean, CI and median and counted in ``diverged``, so
-    one exploding task is reported rather than turning the whole column into NaN or 10²⁰.
+    ``values`` has shape ``(num_tasks, num_steps + 1)``, column 0 before adaptation. A task has
+    diverged at a step when its value there is non-finite, or — for a loss (``higher_is_better``
+    False) — more than ``diverged_ratio`` times its value before adaptation (an exploding inner loop,
+    like the seed's −1515.48, long before it overflows). A score (an accuracy) is never dropped for
+    its size: only a non-finite one is counted, so ``mean`` and ``mean_all`` agree for any finite
+    scores. Reporting both for a loss keeps one exploding task from turning the column into NaN or
+    10²⁰ without hiding it: ``mean_all`` is what every task gives. With one task left the interval
+    is NaN (undefined), never 0.
     """
-    losses = np.asarray(losses, dtype=np.float64)
-    mean, ci, median, diverged = [], [], [], []
-    with np.errstate(invalid="ignore"):
-        exploded = losses > diverged_ratio * np.abs(losses[:, :1])
-    for column, bad in zip(losses.T, exploded.T):
-        ok = column[np.isfinite(column) & ~bad]
-        diverged.append(int(column.size - ok.size))
-        mean.append(float(ok.mean()) if ok.size else float("nan"))
-        median.append(float(np.median(ok)) if ok.size else float("nan"))
-        ci.append(float(1.96 * ok.std(ddof=1) / np.sqrt(ok.size)) if ok.size > 1 else 0.0)
-    return {"mean": mean, "ci95": ci, "median": median, "diverged": diverged,
-            "num_tasks": int(losses.shape[0])}
+    values = np.asarray(values, dtype=np.float64)
+    if higher_is_better:
+        if diverged_ratio is not None and np.isfinite(diverged_ratio):
+            raise ValueError(f"diverged_ratio={diverged_ratio!r} applies to a loss; this metric is a score "
+                             "(higher is better), whose tasks are never dropped: pass None")
+        exploded = np.zeros(values.shape, bool)
+    else:
+        ratio = DIVERGED_RATIO if diverged_ratio is None else float(diverged_ratio)
+        if not ratio > 0:  # also NaN
+            raise ValueError(f"diverged_ratio must be a positive number (inf: never), got {diverged_ratio!r}")
+        with np.errstate(invalid="ignore", over="ignore"):
+            exploded = values > ratio * np.abs(values[:, :1])
+    mean, mean_all, ci, median, diverged = [], [], [], [], []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for column, bad in zip(values.T, exploded.T):
+            ok = column[np.isfinite(column) & ~bad]
+            diverged.append(int(column.size - ok.size))
+            mean_all.append(float(column.mean()))
+            mean.append(float(ok.mean()) if ok.size else float("nan"))
+            median.append(float(np.median(ok)) if ok.size else float("nan"))
+            ci.append(float(1.96 * ok.std(ddof=1) / np.sqrt(ok.size)) if ok.size > 1 else float("nan"))
+    return {"mean": mean, "ci95": ci, "median": median, "diverged": diverged, "mean_all": mean_all,
+            "num_tasks": int(values.shape[0])}
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_steps", "prox_lambda"))
@@ -226,11 +244,17 @@ def learner_curves(learner: MetaLearner, meta_params: Any, batch: Any, metric: C
 def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *, apply: Any = None,
              metric: Any = None, num_tasks: int = NUM_EVAL_TASKS, num_steps: int = MAX_EVAL_STEPS,
              shots: Sequence[int] | None = None, key: Any = EVAL_SEED, batch_size: int | None = None,
-             diverged_ratio: float = DIVERGED_RATIO, label: str = "all", hyper: dict[str, Any] | None = None,
-             model_state: Any = None) -> dict[str, Any]:
+             diverged_ratio: float | None = None, label: str = "all", hyper: dict[str, Any] | None = None,
+             model_state: Any = None, higher_is_better: bool | None = None,
+             progress: bool | None = None) -> dict[str, Any]:
     """The paper's protocol for any learner and task distribution: held-out tasks adapted by the
-    learner's own test-time rule, scored after 0..``num_steps`` steps; mean, 95% CI, median and
-    diverged tasks per step.
+    learner's own test-time rule, scored after 0..``num_steps`` steps; per step the mean over all
+    tasks, and the mean, 95% CI and median over the tasks that did not diverge, with their count.
+
+    The metric's kind decides what "diverged" means (``summarize``): for a loss, non-finite or
+    ``diverged_ratio`` times its un-adapted value; for a score such as an accuracy (the
+    distribution's ``higher_is_better``, or its ``metric_name``), only non-finite — a task is never
+    dropped for scoring 0 before adapting.
 
     Args:
       learner: the ``MetaLearner`` (its ``adapt`` is the test-time rule).
@@ -239,19 +263,25 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
       apply: the model's ``apply``, for the distribution's metric (``tasks.make_metric(apply)``).
       metric: ``metric(params, query) -> scalar`` instead (default: the distribution's metric for
         ``apply``, or without ``apply`` the learner's training loss is not known here: pass one).
-      num_tasks: held-out tasks (the same on every call with the same ``key``).
+      num_tasks: held-out tasks (the same on every call with the same ``key``); at least 2 (a 95%
+        interval needs two), at most ``MAX_EVAL_TASKS``.
       num_steps: the last number of test-time steps.
       shots: evaluate each K on the first K support points of the same tasks (results keyed by K);
         None: the support sets as sampled (results keyed by ``label``).
       key: the held-out tasks' key or int seed.
       batch_size: tasks per compiled call (bounds memory); each chunk's tasks come from
         ``heldout(fold_in(key, i), batch_size)``. None: all tasks in one call.
-      diverged_ratio: see ``summarize`` (``inf`` for accuracies).
+      diverged_ratio: for a loss, see ``summarize`` (None: ``DIVERGED_RATIO``); a score takes None
+        or ``inf`` (its tasks are never dropped).
       hyper: per-call hyperparameters for the learner's ``adapt`` (e.g. a swept ``inner_lr``).
       model_state: a model's state (for a learner of a model with state), passed to ``adapt``.
+      higher_is_better: the metric's kind, when ``metric`` measures something other than the
+        distribution's metric (None: ``protocols.metric_higher_is_better(tasks)``).
+      progress: a progress line with the time left on stderr between chunks (None: when there are
+        more than 10 chunks).
 
     Returns:
-      ``{str(K) or label: summarize(...)}``.
+      ``{str(K) or label: {"metric": name, "higher_is_better": bool, **summarize(...)}}``.
 
     Raises:
       ValueError/TypeError: no metric (neither ``metric`` nor ``apply``), a distribution without
@@ -270,11 +300,23 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
     _check_evaluable(learner, tasks)
     num_steps = check_num_steps(num_steps, "num_steps")
     num_tasks = check_positive_int(num_tasks, "num_tasks")
+    if num_tasks < 2:
+        raise ValueError(f"num_tasks={num_tasks}: a mean with a 95% confidence interval needs at least 2 held-out "
+                         "tasks")
+    if num_tasks > MAX_EVAL_TASKS:
+        raise ValueError(f"num_tasks={num_tasks} is more than MAX_EVAL_TASKS={MAX_EVAL_TASKS:,}: the interval "
+                         "would be far narrower than any difference worth reporting, at hours of compute; "
+                         "evaluate fewer tasks")
+    if higher_is_better is None:
+        higher_is_better = metric_higher_is_better(tasks)
+    elif not isinstance(higher_is_better, bool):
+        raise TypeError(f"higher_is_better must be True, False or None, got {higher_is_better!r}")
     if metric is None:
         if apply is None or tasks.make_metric is None:
             raise ValueError("evaluate needs the metric: pass metric=fn(params, query) -> scalar, or apply= the "
                              "model's apply for a distribution with make_metric")
         metric = tasks.make_metric(apply)
+    summarize(np.zeros((2, 1)), diverged_ratio, higher_is_better=higher_is_better)  # checks the ratio now
     key = jax.random.key(key) if isinstance(key, int) else key
 
     curves = jax.jit(lambda meta_params, batch: learner_curves(learner, meta_params, batch, metric, num_steps,
@@ -284,17 +326,28 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
         return tasks.heldout(k, n) if tasks.heldout_data is None else tasks.heldout(k, n, tasks.heldout_data)
 
     if batch_size is None:
-        chunks = [draw(key, num_tasks)]
+        plan = [(key, num_tasks)]
     else:
         batch_size = check_positive_int(batch_size, "batch_size")
-        chunks = [draw(jax.random.fold_in(key, i), min(batch_size, num_tasks - start))
-                  for i, start in enumerate(range(0, num_tasks, batch_size))]
-    out = {}
-    for k in (shots if shots is not None else [None]):
-        values = [np.asarray(curves(meta_params, c if k is None else c._replace(support=_take(c.support, k))))
-                  for c in chunks]
-        out[label if k is None else str(k)] = summarize(np.concatenate(values), diverged_ratio=diverged_ratio)
-    return out
+        plan = [(jax.random.fold_in(key, i), min(batch_size, num_tasks - start))
+                for i, start in enumerate(range(0, num_tasks, batch_size))]
+    keys = [label] if shots is None else [str(k) for k in shots]
+    values: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    show = len(plan) > 10 if progress is None else bool(progress)
+    start = time.perf_counter()
+    for i, (chunk_key, n) in enumerate(plan):  # one chunk's tasks at a time: memory bounded by batch_size
+        chunk = draw(chunk_key, n)
+        for name, k in zip(keys, [None] if shots is None else shots):
+            values[name].append(np.asarray(curves(meta_params, chunk if k is None else
+                                                  chunk._replace(support=_take(chunk.support, k)))))
+        if show:
+            done, spent = i + 1, time.perf_counter() - start
+            left = spent / done * (len(plan) - done)
+            print(f"\revaluate: {done}/{len(plan)} chunks, {sum(m for _, m in plan[:done])} tasks, "
+                  f"~{left:.0f}s left", end="" if done < len(plan) else "\n", file=sys.stderr, flush=True)
+    kind = {"metric": tasks.metric_name, "higher_is_better": higher_is_better}
+    return {name: {**kind, **summarize(np.concatenate(v), diverged_ratio, higher_is_better=higher_is_better)}
+            for name, v in values.items()}
 
 
 def _rate_label(step_rates: Any) -> float | str:
@@ -368,14 +421,18 @@ def _rate(value: Any) -> str:
 def _cell(r: dict[str, Any], s: int) -> str:
     text = f"{r['mean'][s]:.3f} ± {r['ci95'][s]:.3f}"
     diverged = r.get("diverged", [0] * len(r["mean"]))[s]
-    return text + (f" ({diverged}/{r['num_tasks']} diverged)" if diverged else "")
+    if not diverged:
+        return text
+    every = r.get("mean_all")
+    return text + f" ({diverged}/{r['num_tasks']} diverged" + (f"; all tasks {every[s]:.3g})" if every else ")")
 
 
 def format_table(results: dict[str, Any], steps: Sequence[int] = (0, 1, 5, 10)) -> str:
     """A Markdown table: query MSE (accuracy, for image tasks) ± 95% CI after the given numbers of
     steps (those evaluated, and always the last), per model and K.
 
-    A cell names the number of tasks whose loss diverged (left out of its mean), if any. The
+    A cell names the number of tasks whose loss diverged (left out of its mean), if any, and the
+    mean over all tasks. The
     meta-learned model is named by its algorithm.
     """
     available = len(next(iter(learner_results(results).values()))["mean"])

@@ -44,6 +44,9 @@ class TaskDistribution(NamedTuple):
       name: a short name for messages and result files.
       metric_name: what ``make_metric`` measures (``"mse"``, ``"accuracy"``, ...).
       heldout_data: ``data`` for ``heldout`` (e.g. the test split's images), when it takes one.
+      higher_is_better: whether a larger metric is better (an accuracy, a return) or a smaller one (a
+        loss). None: from ``metric_name`` (``metric_higher_is_better``). Evaluation uses it: a loss can
+        diverge (an exploding inner loop) and such tasks are counted; a score is never dropped.
 
     Example:
       >>> import jax
@@ -65,6 +68,22 @@ class TaskDistribution(NamedTuple):
     name: str = "tasks"
     metric_name: str = "loss"
     heldout_data: Any = None
+    higher_is_better: bool | None = None
+
+
+# metric names that are scores (higher is better) when a distribution does not say
+SCORE_NAMES = frozenset({"accuracy", "acc", "top1", "top5", "f1", "auc", "r2", "return", "reward", "score"})
+
+
+def metric_higher_is_better(tasks: TaskDistribution) -> bool:
+    """Whether ``tasks``' metric is a score (higher is better): its ``higher_is_better``, or when that is
+    None whether its ``metric_name`` is one of ``SCORE_NAMES`` (``"accuracy"``, ``"return"`` ...)."""
+    if tasks.higher_is_better is not None:
+        if not isinstance(tasks.higher_is_better, bool):
+            raise TypeError(f"TaskDistribution.higher_is_better must be True, False or None, got "
+                            f"{tasks.higher_is_better!r}")
+        return tasks.higher_is_better
+    return str(tasks.metric_name).lower() in SCORE_NAMES
 
 
 class MetaLearner(NamedTuple):

@@ -35,6 +35,7 @@ def test_summarize_mean_and_ci():
     s = evaluate.summarize(losses)
     assert s["mean"] == pytest.approx([3.0, 2.0])
     assert s["ci95"] == pytest.approx([1.96 * 2.0 / np.sqrt(3), 0.0])
+    assert s["mean_all"] == pytest.approx([3.0, 2.0])
     assert s["diverged"] == [0, 0] and s["median"] == pytest.approx([3.0, 2.0])
 
 
@@ -45,14 +46,15 @@ def test_summarize_counts_diverged_tasks_instead_of_returning_nan():
     assert s["mean"] == pytest.approx([4.0, 3.0])
     assert s["ci95"][1] == pytest.approx(1.96 * np.std([2.0, 4.0], ddof=1) / np.sqrt(2))
     r = {"maml": {"10": {"inner_lr": 0.01, **s}}}
-    assert "(2/4 diverged)" in evaluate.format_table(r, steps=(1,))
+    assert s["mean_all"][1] != s["mean_all"][1]  # every task's mean is NaN: reported beside the kept ones'
+    assert "(2/4 diverged; all tasks nan)" in evaluate.format_table(r, steps=(1,))
 
 
 def test_summarize_counts_an_exploding_but_finite_task_as_diverged():
     losses = np.array([[1.0, 0.5, 2.0e3], [2.0, 1.0, 1.5], [3.0, 2.0, 1.0]])  # task 0: 2000x its start
     s = evaluate.summarize(losses)
     assert s["diverged"] == [0, 0, 1]
-    assert s["mean"][2] == pytest.approx(1.25)
+    assert s["mean"][2] == pytest.approx(1.25) and s["mean_all"][2] == pytest.approx((2.0e3 + 2.5) / 3)
     assert evaluate.summarize(losses, diverged_ratio=np.inf)["diverged"] == [0, 0, 0]
 
 

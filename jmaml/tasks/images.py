@@ -561,7 +561,7 @@ def distribution(train_images: jax.Array | np.ndarray, *, ways: int, shots: int,
     return TaskDistribution(
         sample=lambda key, n, images: sample_tasks(key, images, n, ways=ways, shots=shots, queries=queries),
         heldout=lambda key, n, images: sample_tasks(key, images, n, ways=ways, shots=shots, queries=queries),
-        make_metric=accuracy_metric, name=name, metric_name="accuracy",
+        make_metric=accuracy_metric, name=name, metric_name="accuracy", higher_is_better=True,
         task_shapes=Task(one(ways * shots), one(ways * queries)),
         data=jnp.asarray(train_images), heldout_data=None if test_images is None else jnp.asarray(test_images))
 

@@ -121,7 +121,7 @@ def distribution(*, num_support: int = 10, num_query: int = 10, eval_support: in
     return TaskDistribution(
         sample=functools.partial(sample_tasks, num_support=num_support, num_query=num_query),
         heldout=functools.partial(heldout, num_support=eval_support, num_query=eval_query),
-        make_metric=mse_metric, name="sinusoid", metric_name="mse",
+        make_metric=mse_metric, name="sinusoid", metric_name="mse", higher_is_better=False,
         task_shapes=Task(Batch((num_support, 1), (num_support, 1)), Batch((num_query, 1), (num_query, 1))))
 
 
