@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 
@@ -13,6 +14,13 @@ import jax
 def x64_enabled() -> bool:
     """Whether JAX runs with 64-bit floats (``jax_enable_x64``)."""
     return bool(jax.config.jax_enable_x64)  # type: ignore[attr-defined]
+
+
+def default_float() -> Any:
+    """The floating dtype of a Python float in JAX right now: float64 under ``jax_enable_x64``, else
+    float32. Constants jmaml builds itself (rates, loss weights, schedules) take it, so a float64 run
+    stays float64 end to end and a float32 run is unchanged."""
+    return jax.dtypes.canonicalize_dtype(jax.numpy.float64)
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ from jmaml._checks import (
     check_rate,
     check_task_batch,
 )
+from jmaml._util import default_float
 from jmaml.diagnostics import hvp
 from jmaml.inner import adapt, inner_step
 from jmaml.meta import (  # noqa: F401 - make_estimator_step is re-exported here for existing users
@@ -235,9 +236,9 @@ def msl_weights(num_inner_steps: int, meta_step: Any, anneal_steps: int) -> jax.
     k = check_positive_int(num_inner_steps, "num_inner_steps")
     anneal_steps = check_positive_int(anneal_steps, "anneal_steps")
     if k == 1:
-        return jnp.ones((1,), jnp.float32)
+        return jnp.ones((1,), default_float())
     decay, floor = 1.0 / k / anneal_steps, 0.03 / k
-    t = jnp.asarray(meta_step, jnp.float32)
+    t = jnp.asarray(meta_step, default_float())
     early = jnp.maximum(1.0 / k - t * decay, floor)
     last = jnp.minimum(1.0 / k + t * (k - 1) * decay, 1.0 - (k - 1) * floor)
     return jnp.concatenate([jnp.full((k - 1,), early), last[None]])
@@ -316,7 +317,7 @@ def mamlpp(loss_fn: LossFn, *, num_inner_steps: int, multi_step_loss: bool = Tru
             raise ValueError(f"meta_params must be MAMLPPParams whose rates have shape ({k},) per tensor "
                              "(see mamlpp_init)" + (f"; got rate shapes {bad}" if bad else ""))
         t = jnp.zeros((), jnp.int32) if meta_step is None else meta_step
-        weights = msl_schedule(t) if multi_step_loss else jnp.ones((1,), jnp.float32)
+        weights = msl_schedule(t) if multi_step_loss else jnp.ones((1,), default_float())
 
         def grad_fn(first_order):
             return lambda mp: jax.value_and_grad(objective, has_aux=True)(mp, tasks, weights, first_order)

@@ -27,6 +27,7 @@ import numpy as np
 
 from jmaml import recipes, rundir, tasks
 from jmaml._checks import check_num_steps, check_positive_int
+from jmaml._util import default_float
 from jmaml.config import BASELINE
 from jmaml.engine import check_distribution, check_learner
 from jmaml.inner import adapt
@@ -165,7 +166,7 @@ def _curves(loss_fn: LossFn, params: Params, support: Batch, query: Batch, step_
 
 
 def _scalar_schedules(rates: Sequence[float], num_steps: int) -> jax.Array:
-    return jnp.broadcast_to(jnp.asarray(rates, jnp.float32)[:, None], (len(rates), num_steps))
+    return jnp.broadcast_to(jnp.asarray(rates, default_float())[:, None], (len(rates), num_steps))
 
 
 def choose_finetune_lr(loss_fn: LossFn, params: Params, *, shots: int,

@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from jmaml import distributed, engine, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
+from jmaml._util import default_float
 from jmaml.engine import DivergenceError
 from jmaml.meta import TrainState
 from jmaml.protocols import MetaLearner, TaskDistribution
@@ -125,7 +126,7 @@ def _as_array(name: str, values: list) -> jax.Array:
         return jnp.asarray(values, jnp.uint32)
     if name == "num_inner_steps":
         return jnp.asarray(values, jnp.int32)
-    return jnp.asarray(values, jnp.float32)
+    return jnp.asarray(values, default_float())  # float64 points in a float64 run
 
 
 def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any, params: Any,
@@ -210,7 +211,7 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
     name = name or f"{learner.name}-population"
     arrays = {n: _as_array(n, v) for n, v in values.items()}
     seeds = arrays.get(SEED, jnp.zeros((size,), jnp.uint32))
-    betas = arrays.get(META_LR, jnp.zeros((size,), jnp.float32))
+    betas = arrays.get(META_LR, jnp.zeros((size,), default_float()))
 
     def init_point(seed, beta):
         p = params(jax.random.key(seed)) if callable(params) else params

@@ -49,6 +49,7 @@ from jax.sharding import Mesh
 
 from jmaml import distributed, learners, recipes
 from jmaml._checks import check_num_steps, check_rate, check_seed
+from jmaml._util import default_float
 from jmaml.config import OPTIMISERS, TrainConfig
 from jmaml.diagnostics import hessian_max_eigenvalue, step_size_bound
 from jmaml.engine import (
@@ -414,7 +415,7 @@ def _evaluate_sweep_points(base: TrainConfig, model: Any, learner: MetaLearner, 
                            part: Sequence[dict[str, Any]], dist: Any, *, eval_tasks: int,
                            diag_tasks: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
     """Each point's held-out curve (tasks, steps + 1) and λ_max per diagnostic task."""
-    alphas = jnp.asarray([p["alpha"] for p in part], jnp.float32)
+    alphas = jnp.asarray([p["alpha"] for p in part], default_float())
     if _sgd_rule(learner):
         return _evaluate_points(base, model, params, alphas, num_tasks=eval_tasks, num_diag_tasks=diag_tasks,
                                 budget_bytes=budget)

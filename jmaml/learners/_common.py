@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jmaml._util import default_float
 from jmaml.inner import adapt
 from jmaml.types import LossFn, Params
 
@@ -48,7 +49,7 @@ class Option:
 
 def fixed_rates(inner_lr: Any, num_steps: int) -> jax.Array:
     """One scalar rate per test step."""
-    return jnp.full((num_steps,), inner_lr, jnp.float32)
+    return jnp.full((num_steps,), inner_lr, default_float())
 
 
 def gradient_adapt(loss_fn: LossFn, params: Params, support: Any, step_rates: Any, *, prox_lambda: float = 0.0,

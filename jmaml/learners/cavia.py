@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jmaml._checks import check_positive_int
+from jmaml._util import default_float
 from jmaml.inner import adapt as sgd_adapt
 from jmaml.learners._common import Option, gradient_adapt
 from jmaml.meta import _check_reduction
@@ -80,7 +81,7 @@ def cavia(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, num_context: 
 
     def init(params):
         network = params.params if isinstance(params, CAVIAParams) else params
-        dtype = jnp.result_type(*jax.tree.leaves(network)) if jax.tree.leaves(network) else jnp.float32
+        dtype = jnp.result_type(*jax.tree.leaves(network)) if jax.tree.leaves(network) else default_float()
         return CAVIAParams(network, jnp.zeros((num_context,), dtype))  # in the network's precision
 
     def check(meta_params):
@@ -115,8 +116,8 @@ def cavia(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, num_context: 
     def adapt(meta_params: CAVIAParams, support, num_steps: int, *, observe=None, inner_lr=inner_lr):
         check(meta_params)
         start = meta_params._replace(context=jnp.zeros_like(meta_params.context))
-        rates = CAVIAParams(jax.tree.map(lambda _: jnp.zeros((num_steps,), jnp.float32), start.params),
-                            jnp.full((num_steps,), inner_lr, jnp.float32))
+        rates = CAVIAParams(jax.tree.map(lambda _: jnp.zeros((num_steps,), default_float()), start.params),
+                            jnp.full((num_steps,), inner_lr, default_float()))
         return gradient_adapt(loss_fn, start, support, rates, observe=observe)
 
     return MetaLearner(init=init, estimate=estimate, adapt=adapt, name="cavia", label="CAVIA",
