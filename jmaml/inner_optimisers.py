@@ -29,9 +29,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jmaml._checks import check_rate
+from jmaml._checks import check_rate, concrete_or_none
 
 
 class InjectableState(NamedTuple):
@@ -96,8 +97,52 @@ def _scale_by_rate(rate: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def _check(name: str, value: Any, *, allow_zero: bool = True) -> None:
+def _check(name: str, value: Any, *, allow_zero: bool = True, below_one: bool = False) -> None:
     check_rate(value, name, allow_zero=allow_zero)
+    if below_one:  # a decay rate (momentum, β₁, β₂, ρ): 1 or more makes the average grow without bound
+        for leaf in jax.tree.leaves(value):
+            arr = concrete_or_none(leaf)
+            if arr is not None and np.any(np.asarray(arr) >= 1):
+                raise ValueError(f"{name} must be in [0, 1) (a decay rate), got {value!r}")
+
+
+def _leafwise(h: Any, updates: Any) -> Any:
+    """``h`` as a tree like ``updates``: itself when it is one (per-parameter values), else broadcast."""
+    return h if jax.tree.structure(h) == jax.tree.structure(updates) else jax.tree.map(lambda _: h, updates)
+
+
+def _is_scalar(h: Any) -> bool:
+    leaves = jax.tree.leaves(h)
+    return len(leaves) == 1 and jnp.ndim(leaves[0]) == 0
+
+
+def _trace(decay: Any, nesterov: bool) -> optax.GradientTransformation:
+    """``optax.trace`` for a decay that may be a tree like the parameters (a per-parameter momentum); the
+    same state, so the two are interchangeable when a learned scalar becomes per-parameter."""
+    def update(updates, state, params=None):
+        mu = _leafwise(decay, updates)
+        velocity = jax.tree.map(lambda g, v, m: g + m * v, updates, state.trace, mu)
+        out = jax.tree.map(lambda g, v, m: g + m * v, updates, velocity, mu) if nesterov else velocity
+        return out, state._replace(trace=velocity)
+
+    return optax.GradientTransformation(optax.trace(decay=0.0, nesterov=nesterov).init, update)
+
+
+def _scale_by_adam(b1: Any, b2: Any, eps: Any, eps_root: Any) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` for hyperparameters that may be trees like the parameters (same state)."""
+    def update(updates, state, params=None):
+        h = [_leafwise(x, updates) for x in (b1, b2, eps, eps_root)]
+        count = state.count + 1
+        mu = jax.tree.map(lambda g, m, a: a * m + (1 - a) * g, updates, state.mu, h[0])
+        nu = jax.tree.map(lambda g, n, b: b * n + (1 - b) * jnp.square(g), updates, state.nu, h[1])
+
+        def step(m, n, a, b, e, r):
+            m_hat, n_hat = m / (1 - a ** count), n / (1 - b ** count)
+            return m_hat / (jnp.sqrt(n_hat + r) + e)
+
+        return jax.tree.map(step, mu, nu, *h), state._replace(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(optax.scale_by_adam().init, update)
 
 
 def sgd(learning_rate: Any, *, per_step: bool = False) -> optax.GradientTransformation:
@@ -115,11 +160,12 @@ def momentum(learning_rate: Any, momentum: float = 0.9, *, nesterov: bool = Fals
              per_step: bool = False) -> optax.GradientTransformation:
     r"""Heavy-ball momentum :math:`v ← g + μv,\ p ← p − αv` (Nesterov's with ``nesterov``)."""
     _check("learning_rate", learning_rate)
-    _check("momentum", momentum)
+    _check("momentum", momentum, below_one=True)
 
     def factory(learning_rate, momentum, count):
-        return optax.chain(optax.trace(decay=momentum, nesterov=nesterov),
-                           _scale_by_rate(_rate(learning_rate, count, per_step)))
+        trace = optax.trace(decay=momentum, nesterov=nesterov) if _is_scalar(momentum) else \
+            _trace(momentum, nesterov)  # per-parameter values (learned per parameter)
+        return optax.chain(trace, _scale_by_rate(_rate(learning_rate, count, per_step)))
 
     return injectable(factory, learning_rate=learning_rate, momentum=momentum)
 
@@ -141,13 +187,16 @@ def adam(learning_rate: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e
       ValueError: ``eps_root`` <= 0 (the second-order meta-gradient would be NaN).
     """
     _check("learning_rate", learning_rate)
-    for name, value in (("b1", b1), ("b2", b2), ("eps", eps)):
-        _check(name, value)
+    _check("b1", b1, below_one=True)
+    _check("b2", b2, below_one=True)
+    _check("eps", eps)
     _check("eps_root", eps_root, allow_zero=False)
 
     def factory(learning_rate, b1, b2, eps, eps_root, count):
-        return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-                           _scale_by_rate(_rate(learning_rate, count, per_step)))
+        scalar = all(_is_scalar(h) for h in (b1, b2, eps, eps_root))
+        scale = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root) if scalar else \
+            _scale_by_adam(b1, b2, eps, eps_root)  # per-parameter values (learned per parameter)
+        return optax.chain(scale, _scale_by_rate(_rate(learning_rate, count, per_step)))
 
     return injectable(factory, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
@@ -157,8 +206,9 @@ def _scale_by_rms(decay: Any, eps: Any) -> optax.GradientTransformation:
         return jax.tree.map(jnp.zeros_like, params)
 
     def update(updates, nu, params=None):
-        nu = jax.tree.map(lambda n, g: decay * n + (1 - decay) * jnp.square(g), nu, updates)
-        return jax.tree.map(lambda g, n: g / jnp.sqrt(n + eps), updates, nu), nu
+        rho, e = _leafwise(decay, updates), _leafwise(eps, updates)
+        nu = jax.tree.map(lambda n, g, r: r * n + (1 - r) * jnp.square(g), nu, updates, rho)
+        return jax.tree.map(lambda g, n, ee: g / jnp.sqrt(n + ee), updates, nu, e), nu
 
     return optax.GradientTransformation(init, update)
 
@@ -171,7 +221,7 @@ def rmsprop(learning_rate: Any, decay: float = 0.9, eps: float = 1e-8, *,
       ValueError: ``eps`` <= 0.
     """
     _check("learning_rate", learning_rate)
-    _check("decay", decay)
+    _check("decay", decay, below_one=True)
     _check("eps", eps, allow_zero=False)
 
     def factory(learning_rate, decay, eps, count):
@@ -190,7 +240,7 @@ REGISTRY: dict[str, tuple[Callable[..., optax.GradientTransformation], dict[str,
 }
 
 
-def make(name: str, learning_rate: Any, **settings: Any) -> optax.GradientTransformation:
+def make(name: str, learning_rate: Any, /, **settings: Any) -> optax.GradientTransformation:
     """The registered inner optimiser ``name`` at ``learning_rate`` with its settings.
 
     Raises:
@@ -199,6 +249,9 @@ def make(name: str, learning_rate: Any, **settings: Any) -> optax.GradientTransf
     if name not in REGISTRY:
         raise ValueError(f"inner_optimiser must be one of {', '.join(REGISTRY)}; got {name!r}")
     factory, defaults = REGISTRY[name]
+    if "learning_rate" in settings:
+        raise ValueError(f"inner optimiser {name!r}: learning_rate is the inner rate, set by inner_lr (--inner-lr), "
+                         "not by its settings")
     unknown = sorted(set(settings) - set(defaults))
     if unknown:
         raise ValueError(f"inner optimiser {name!r} takes settings {sorted(defaults) or 'none'}; got {unknown}")

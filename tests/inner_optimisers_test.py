@@ -182,8 +182,13 @@ def test_second_order_through_adam_is_finite_where_plain_optax_gives_nan():
     params = model.init(jax.random.key(1))
     params[0]["b"] = params[0]["b"].at[0].set(-100.0)
     tasks = sinusoid.sample_tasks(jax.random.key(0), 2, num_support=5, num_query=5)
-    raw = learners.maml(loss, inner_lr=None, num_inner_steps=2, inner_optimiser=optax.adam(0.01))
-    assert np.isnan(np.asarray(raw.estimate(params, tasks)[1][1]["w"])).all()  # the trap, documented
+    task = jax.tree.map(lambda a: a[0], tasks)
+    through = lambda p: loss(jmaml.adapt(loss, p, task.support, inner_lr=None, num_steps=2,
+                                         inner_optimiser=optax.adam(0.01)), task.query)
+    assert np.isnan(np.asarray(jax.grad(through)(params)[1]["w"])).all()  # the trap, documented
+    # a learner refuses it when built, naming the cause and the cure, instead of "diverged at step 1"
+    with pytest.raises(ValueError, match=r"square root at 0.*jmaml.inner_optimisers.adam.*eps_root=1e-12"):
+        learners.maml(loss, inner_lr=None, num_inner_steps=2, inner_optimiser=optax.adam(0.01))
     safe = learners.maml(loss, inner_lr=0.01, num_inner_steps=2, inner_optimiser="adam")
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(safe.estimate(params, tasks)[1]))
 

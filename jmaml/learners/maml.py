@@ -80,6 +80,22 @@ class InnerHyperParams(NamedTuple):
     hyper: dict[str, Any]  # name -> a scalar, or a tree like params (per parameter)
 
 
+def _check_second_order(opt: Any) -> None:
+    """Refuses an inner optimiser whose update has a non-finite derivative where a gradient is zero: plain
+    ``optax.adam``'s √ν at ν = 0 makes every second-order meta-gradient NaN from the first step, which
+    would otherwise be reported as a divergence with advice about rates."""
+    try:
+        probe = jnp.zeros((2,))
+        slope = jax.jacfwd(lambda g: opt.update(g, opt.init(probe), probe)[0])(probe)
+    except Exception:  # an optimiser that cannot update a plain vector: nothing to learn from the probe
+        return
+    if not bool(jnp.all(jnp.isfinite(slope))):
+        raise ValueError("inner_optimiser: its update has a non-finite derivative where a gradient is zero (Adam's "
+                         "and RMSprop's square root at 0, e.g. plain optax.adam), so every second-order "
+                         "meta-gradient would be NaN. Use jmaml.inner_optimisers.adam (eps_root=1e-12 by default) "
+                         "or optax.adam(..., eps_root=1e-12); or first_order=True")
+
+
 def _traced_k(num_inner_steps: int, max_inner_steps: int | None) -> dict[str, int]:
     """k is a per-call hyperparameter (a population's traced k) of a learner built with max_inner_steps."""
     return {} if max_inner_steps is None else {"num_inner_steps": num_inner_steps}
@@ -132,6 +148,12 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
     """
     _check_backend(backend, "backend")
     learn = _names(learn_inner_hyper) if isinstance(learn_inner_hyper, (str, type(None))) else tuple(learn_inner_hyper)
+    if inner_settings and inner_optimiser is None:
+        raise ValueError(f"inner_settings={inner_settings!r} without inner_optimiser: plain SGD has no settings; name "
+                         "the inner optimiser they are for (--inner-optimiser momentum ...)")
+    if per_parameter_hyper and not learn:
+        raise ValueError("per_parameter_hyper=True without learn_inner_hyper: it says how the learned "
+                         "hyperparameters are shaped; name them (--learn-inner-hyper learning_rate ...)")
     if backend == "fused":
         if inner_optimiser is not None or learn:
             raise ValueError("backend='fused' runs plain SGD inner steps; inner_optimiser and learn_inner_hyper "
@@ -145,6 +167,8 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
             opt = inner_optimisers.make(opt or "sgd", inner_lr, **settings)
         elif inner_settings:
             raise ValueError("inner_settings apply to an inner optimiser given by name; this one is already built")
+        if not first_order:
+            _check_second_order(opt)
         return _with_inner_optimiser(loss_fn, opt, learn, per_parameter_hyper, num_inner_steps=num_inner_steps,
                                      first_order=first_order, reduction=reduction, unroll=unroll, remat=remat,
                                      max_inner_steps=max_inner_steps)
