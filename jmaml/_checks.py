@@ -200,3 +200,11 @@ def check_task_batch_tree(tasks, name: str = "tasks", *, num_tasks: int | None =
                              f"behind the task axis; got {got} (leaf shapes {shapes}). A single task where a batch "
                              "is expected, or a batch where a single task is expected?")
     return n
+
+
+def check_max_loss_ratio(value: Any) -> float:
+    """The divergence check's ratio: a number > 0 (``math.inf`` disables the check on purpose); NaN, which
+    would disable it silently (every comparison with NaN is False), is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+        raise ValueError(f"max_loss_ratio must be a number > 0 (math.inf disables the check), got {value!r}")
+    return float(value)

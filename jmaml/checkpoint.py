@@ -211,6 +211,44 @@ def _names(header: dict[str, Any]) -> list[str]:
     return list(header["keys"])
 
 
+def _check_header(path: str, header: Any, num_arrays: int) -> None:
+    """A header's fields have the types and ranges jmaml writes: refused by name, never an AttributeError
+    deep inside or a loop over a forged count."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a jmaml checkpoint (its header is a JSON {type(header).__name__}, "
+                              "not an object)")
+    if header.get("format") not in (FORMAT, _V1):
+        raise CheckpointError(f"{path} is not a jmaml checkpoint (format {header.get('format')!r})")
+    step = header.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its header's step is {step!r}, not a count >= 0")
+    if "extra" in header and not isinstance(header["extra"], dict):
+        raise CheckpointError(f"checkpoint {path} is corrupted: its header's extra is a "
+                              f"{type(header['extra']).__name__}, not an object")
+    if header["format"] == _V1:
+        count = header.get("num_leaves")
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= num_arrays:
+            raise CheckpointError(f"checkpoint {path} is corrupted: its header names {count!r} arrays and the file "
+                                  f"holds {num_arrays}")
+    else:
+        keys = header.get("keys")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(keys) > num_arrays:
+            raise CheckpointError(f"checkpoint {path} is corrupted: its header's keys are not a list of at most "
+                                  f"{num_arrays} names")
+
+
+def check_step(path: str | os.PathLike[str], header: dict[str, Any], tree: Any) -> None:
+    """Refuses a checkpoint whose header's step is not the step its state holds (``tree.step`` or
+    ``tree["step"]``, where the tree has one): a forged or mismatched header would make a resume trim
+    the wrong metrics or skip a phase."""
+    inner = getattr(tree, "step", None) if not isinstance(tree, dict) else tree.get("step")
+    if inner is None or isinstance(inner, (dict, list, tuple)) or np.ndim(inner) != 0:
+        return
+    if int(np.asarray(inner)) != header["step"]:
+        raise CheckpointError(f"checkpoint {os.fspath(path)} is corrupted: its header says step {header['step']} "
+                              f"and its state holds step {int(np.asarray(inner))}; nothing was overwritten")
+
+
 def _load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[np.ndarray]]:
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -218,8 +256,7 @@ def _load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[np.ndarray
     try:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
             header = json.loads(str(data[_HEADER]))
-            if header.get("format") not in (FORMAT, _V1):
-                raise CheckpointError(f"{path} is not a jmaml checkpoint (format {header.get('format')!r})")
+            _check_header(path, header, len(data.files) - 1)
             leaves = [np.array(data[name]) for name in _names(header)]
     except CheckpointError:
         raise
@@ -285,4 +322,6 @@ def restore(path: str | os.PathLike[str], template: Any,
                                   f"expected {want.shape} and {want.dtype} (a different configuration)")
         restored.append(jax.random.wrap_key_data(jnp.asarray(a), impl=jax.random.key_impl(t)) if _is_key(t)
                         else jnp.asarray(a))
-    return jax.tree.unflatten(treedef, restored), header
+    tree = jax.tree.unflatten(treedef, restored)
+    check_step(path, header, tree)
+    return tree, header

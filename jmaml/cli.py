@@ -15,8 +15,10 @@ import tempfile
 import time
 
 from jmaml import learners, tasks, walkthrough
+from jmaml._checks import check_seed
 
 DEFAULT_RUN_DIR = os.path.join("runs", "sinusoid")
+MAX_SWEEP_SEEDS = 1000  # jmaml sweep --seeds: initial-parameter seeds 0..N-1 per grid point
 
 
 def _cmd_seed(args: argparse.Namespace) -> int:
@@ -257,8 +259,12 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
     from jmaml import engine, sweep
     from jmaml.config import TrainConfig
 
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if not 1 <= args.seeds <= MAX_SWEEP_SEEDS:
+        raise ValueError(f"--seeds must be between 1 and {MAX_SWEEP_SEEDS} (seeds 0..N-1 of the initial "
+                         f"parameters), got {args.seeds}")
+    check_seed(args.task_seed, "--task-seed")
+    if args.log_every < 1:
+        raise ValueError(f"--log-every must be >= 1 (steps per compiled chunk), got {args.log_every}")
     if args.first_order and args.algo not in ("maml", "fomaml"):
         raise ValueError(f"--first-order is FOMAML (--algo fomaml); it does not apply to --algo {args.algo}")
     grid = sweep.Grid(args.alpha, args.beta, args.k, tuple(range(args.seeds)))

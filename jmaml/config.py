@@ -216,5 +216,7 @@ class TrainConfig:
                 options.setdefault(k, v)
         d["algo_options"] = options
         if "hidden" in d:
+            if not isinstance(d["hidden"], (list, tuple)):
+                raise ValueError(f"hidden must be a list of layer widths like [40, 40], got {d['hidden']!r}")
             d["hidden"] = tuple(d["hidden"])
         return cls(**d)

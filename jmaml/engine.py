@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from jmaml import _signals, checkpoint, distributed, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
-from jmaml._checks import check_positive_int, check_task_batch_tree
+from jmaml._checks import check_max_loss_ratio, check_positive_int, check_task_batch_tree
 from jmaml._signals import StopFlag  # noqa: F401 - part of the engine's API
 from jmaml.meta import TrainState, init_state, make_estimator_step
 from jmaml.protocols import REQUIRED_METRICS, MetaLearner, TaskDistribution
@@ -283,13 +283,15 @@ class Progress:
 def divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: float) -> str | None:
     """Describes the divergence in a chunk's metrics (naming the step and tasks), or None."""
     loss, gnorm, pre = metrics["meta_loss"], metrics["grad_norm"], metrics["pre_adapt_loss"]
-    bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
-    if bad.any():
+    task_losses = np.asarray(metrics["task_losses"])
+    bad = ~(np.isfinite(loss) & np.isfinite(gnorm) & np.isfinite(pre)
+            & np.all(np.isfinite(task_losses.reshape(len(loss), -1)), axis=1))
+    if bad.any():  # a learner's own metrics count too: NaN task losses beside a finite mean are not ignored
         i = int(np.argmax(bad))
-        tasks = np.flatnonzero(~np.isfinite(metrics["task_losses"][i])).tolist()
+        tasks = np.flatnonzero(~np.isfinite(task_losses[i])).tolist()
         which = f"tasks {tasks} of the meta-batch" if tasks else "the meta-gradient"
-        return (f"non-finite meta-loss or gradient at step {step0 + i + 1} (meta-loss {loss[i]}, "
-                f"gradient norm {gnorm[i]}; non-finite in {which})")
+        return (f"non-finite meta-loss, gradient or task loss at step {step0 + i + 1} (meta-loss {loss[i]}, "
+                f"gradient norm {gnorm[i]}, un-adapted loss {pre[i]}; non-finite in {which})")
     ratio = float(np.mean(loss) / max(float(np.mean(pre)), 1e-30))
     if ratio > max_loss_ratio:
         worst = int(np.argmax(loss / np.maximum(pre, 1e-30)))
@@ -498,6 +500,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     check_distribution(tasks)
     if not isinstance(optimiser, optax.GradientTransformation):
         raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")
+    check_max_loss_ratio(max_loss_ratio)
     run_dir, where, logging, steps, meta_batch_size = run_options(run, log, steps, meta_batch_size)
     checkpoint_every, resume, overwrite = where.checkpoint_every, where.resume, where.overwrite
     allow_changed, fingerprint, checkpoint_meta = where.allow_changed, where.fingerprint, where.meta

@@ -374,9 +374,9 @@ def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool =
     model, train_loss = recipes.build_model(config)
     learner = recipes.build_learner(config, train_loss)
     dist = recipes.build_tasks(config)
-    meta = _load_meta_params(run_dir, config)
+    meta, scored = _load_meta_params(run_dir, config)
     describe = {k: (num_tasks if v is None else v) for k, v in protocol.describe.items()}
-    results: dict[str, Any] = {"protocol": describe, "algo": config.algo}
+    results: dict[str, Any] = {"protocol": describe, "algo": config.algo, "checkpoint": scored}
     summary = evaluate(learner, meta, dist, apply=model.apply, num_tasks=num_tasks, num_steps=protocol.num_steps,
                        shots=protocol.shots, key=EVAL_SEED, batch_size=protocol.batch_size,
                        diverged_ratio=protocol.diverged_ratio, label=protocol.label)
@@ -398,9 +398,23 @@ def evaluate_run(run_dir: str, *, num_tasks: int = NUM_EVAL_TASKS, write: bool =
     return results
 
 
-def _load_meta_params(run_dir: str, config) -> Any:
-    state, _ = rundir.restore_phase(run_dir, config, config.algo, recipes.initial_state(config))
-    return state.params
+def _load_meta_params(run_dir: str, config) -> tuple[Any, dict[str, Any]]:
+    """The meta-learned parameters, and what eval.json records of the checkpoint scored: its step, whether
+    the run had finished, and whether the checkpoint's run fingerprint proves it is this run's. An
+    unfinished run (still training, or stopped) or an unverifiable checkpoint is scored, and said so
+    on stderr and in the record."""
+    state, header = rundir.restore_phase(run_dir, config, config.algo, recipes.initial_state(config))
+    extra = header.get("extra", {})
+    scored = {"step": int(header["step"]), "of_steps": int(config.steps),
+              "finished": int(header["step"]) >= int(config.steps), "verified": "run" in extra}
+    if not scored["finished"]:
+        print(f"jmaml eval: {run_dir} is at step {scored['step']} of {config.steps} (still training, or stopped): "
+              "scoring that checkpoint; eval.json records its step", file=sys.stderr)
+    if not scored["verified"]:
+        print(f"jmaml eval: {rundir.checkpoint_path(run_dir, config.algo)} records no run fingerprint (written by "
+              "jmaml before fingerprints, or edited): it cannot be checked to be this run's own; eval.json says "
+              "so (checkpoint.verified: false)", file=sys.stderr)
+    return state.params, scored
 
 
 def learner_results(results: dict[str, Any]) -> dict[str, Any]:
@@ -412,7 +426,13 @@ def learner_results(results: dict[str, Any]) -> dict[str, Any]:
 
 def _write_results(run_dir: str, results: dict[str, Any]) -> None:
     rundir.atomic_write_text(os.path.join(run_dir, "eval.json"), json.dumps(results, indent=2))
-    rundir.atomic_write_text(os.path.join(run_dir, "eval.md"), format_table(results) + "\n")
+    scored = results.get("checkpoint") or {}
+    notes = ([f"Scored the checkpoint at step {scored['step']} of {scored['of_steps']}: the run had not finished."]
+             if scored and not scored.get("finished", True) else []) + \
+            (["The checkpoint records no run fingerprint: it could not be checked to be this run's own."]
+             if scored and not scored.get("verified", True) else [])
+    rundir.atomic_write_text(os.path.join(run_dir, "eval.md"),
+                             format_table(results) + "\n" + "".join(f"\n{n}\n" for n in notes))
 
 
 def _rate(value: Any) -> str:

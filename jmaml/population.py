@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from jmaml import distributed, engine, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
+from jmaml._checks import check_max_loss_ratio
 from jmaml._util import default_float
 from jmaml.engine import DivergenceError
 from jmaml.meta import TrainState
@@ -191,8 +192,7 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
                          f"multiple of {n_dev} points, or shard='tasks'")
     if mesh is not None and n_dev > 1 and shard == "tasks":
         distributed.check_divisible(meta_batch_size, mesh)
-    if not isinstance(max_loss_ratio, int | float) or math.isnan(max_loss_ratio) or max_loss_ratio <= 0:
-        raise ValueError(f"max_loss_ratio must be a number > 0 (math.inf disables the check), got {max_loss_ratio!r}")
+    check_max_loss_ratio(max_loss_ratio)
     if META_LR in values:
         if not callable(optimiser) or isinstance(optimiser, optax.GradientTransformation):
             raise TypeError("with points['meta_lr'], optimiser must be a factory make(learning_rate) -> "
@@ -329,7 +329,9 @@ def _make_chunk(learner: MetaLearner, tasks: TaskDistribution, opt: optax.Gradie
         points = ps.points if placement is None else jax.lax.with_sharding_constraint(ps.points, placement)
         new, metrics = jax.vmap(call, in_axes=(0, None, 0))(points, batch, hyper)
         loss, gnorm, pre = metrics["meta_loss"], metrics["grad_norm"], metrics["pre_adapt_loss"]
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & ~(loss > max_loss_ratio * jnp.maximum(pre, 1e-30))
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(pre) & \
+            jnp.all(jnp.isfinite(metrics["task_losses"]), axis=-1)
+        ok = finite & ~(loss > max_loss_ratio * jnp.maximum(pre, 1e-30))
         alive = ps.alive & ok
 
         def keep(a, b):

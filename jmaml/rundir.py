@@ -199,9 +199,12 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
             write_info(config, run_dir)
         return "complete" if is_complete(run_dir, config) else "resume"
     os.makedirs(run_dir, exist_ok=True)
-    if [n for n in os.listdir(run_dir) if n != LOCK_FILE] and not overwrite:
-        raise ValueError(f"output dir {run_dir} is not empty and holds no jmaml run; "
-                         "choose an empty or new folder")
+    others = sorted(n for n in os.listdir(run_dir) if n != LOCK_FILE)
+    if others:  # --overwrite replaces a jmaml run; a folder that holds none is never written into
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ValueError(f"output dir {run_dir} is not empty and holds no jmaml run (no config.json; it holds "
+                         f"{shown}){'; --overwrite replaces only a jmaml run' if overwrite else ''}: choose an "
+                         "empty or new folder")
     write_info(config, run_dir)
     return "new"
 
@@ -233,8 +236,9 @@ def check_binding(path: str, header: dict, config: TrainConfig, phase: str, *, a
     extra = header.get("extra", {})
     if extra.get("data") is not None and "changed-data" not in allow and extra["data"] != data_fingerprint(config):
         raise checkpoint.CheckpointError(f"checkpoint {path} was trained on other data than {config.data_dir} holds "
-                                         "now (its files changed); resume on the changed data only on purpose, with "
-                                         "--allow-changed-data")
+                                         "now (its files changed): restore the data it was trained on to evaluate "
+                                         "it; to continue training on the changed data on purpose, jmaml train "
+                                         "--resume --allow-changed-data")
     want_phase = {phase, "maml"} if os.path.basename(path) == LEGACY_META_CKPT else {phase}
     if "phase" in extra and extra["phase"] not in want_phase:
         raise checkpoint.CheckpointError(f"checkpoint {path} holds phase {extra['phase']!r}, not {phase!r}: it "

@@ -44,6 +44,25 @@ def _checkpoint_info(run_dir: str, path: str) -> dict[str, Any]:
             "num_params": int(sum(math.prod(a.shape) for a in params)), "arrays": arrays}
 
 
+def _binding_warning(run_dir: str, ck: dict[str, Any]) -> str | None:
+    """Why a checkpoint in a CLI run dir may not be the run's own (another run's fingerprint, phase, data
+    or precision; or no fingerprint to check), or None."""
+    from jmaml import rundir
+
+    try:
+        config = rundir.load_config(run_dir)
+        file_phase = ck["file"][: -len(_CKPT_SUFFIX)]
+        phase = ck["extra"].get("phase", file_phase) if file_phase == "maml" else file_phase
+        rundir.check_binding(os.path.join(run_dir, ck["file"]), {"extra": ck["extra"], "step": ck["step"]}, config,
+                             phase)
+    except (checkpoint.CheckpointError, ValueError, TypeError) as e:
+        return str(e)
+    if "run" not in ck["extra"]:
+        return ("records no run fingerprint (written by jmaml before fingerprints, or edited): not checked to be "
+                "this run's")
+    return None
+
+
 def _last_metrics(path: str) -> dict[str, dict[str, Any]]:
     from jmaml import rundir
 
@@ -92,6 +111,10 @@ def inspect_run(run_dir: str) -> dict[str, Any]:
         except (OSError, ValueError) as e:
             info["config_error"] = f"{config_path}: {e}"
     info["checkpoints"] = [_checkpoint_info(run_dir, p) for p in ckpts]
+    for ck in info["checkpoints"]:
+        warning = _binding_warning(run_dir, ck) if info["config"] is not None and "error" not in ck else None
+        if warning:
+            ck["warning"] = warning
     metrics = os.path.join(run_dir, "metrics.jsonl")
     info["last_metrics"] = _last_metrics(metrics) if os.path.exists(metrics) else {}
     info["files"] = files
@@ -119,6 +142,8 @@ def format_inspection(info: dict[str, Any]) -> str:
             continue
         lines.append(f"\n{ck['file']}: step {ck['step']}, {ck['num_arrays']} arrays, "
                      f"{ck['num_params']:,} parameters ({ck['format']})")
+        if ck.get("warning"):
+            lines.append(f"  WARNING: {ck['warning']}")
         width = max(len(a["key"]) for a in ck["arrays"]) if ck["arrays"] else 0
         for a in ck["arrays"]:
             shape = "x".join(map(str, a["shape"])) or "scalar"

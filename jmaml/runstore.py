@@ -217,7 +217,9 @@ def open_run(run_dir: str, name: str, *, steps: int, resume: bool, overwrite: bo
             trim_metrics(metrics, {}, only=[name])
         return ckpt, record
     try:
-        header = checkpoint.read_header(ckpt)
+        header, stored = checkpoint.read(ckpt)
+        if "step" in stored:  # the header's step decides what is trimmed below: it must be the state's
+            checkpoint.check_step(ckpt, header, {"step": stored["step"]})
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"{e} (jmaml does not replace a file it cannot read as its own: move it "
                                          "away to start over)") from None
@@ -225,6 +227,11 @@ def open_run(run_dir: str, name: str, *, steps: int, resume: bool, overwrite: bo
     old = extra.get("fit") if isinstance(extra.get("fit"), dict) else None
     done = int(header["step"])
     if overwrite:
+        owner = extra["phase"] if "phase" in extra else (name if old is not None else None)
+        if owner != name:  # overwrite replaces this run's checkpoint, never another's or a stranger's
+            what = f"run {owner!r}'s" if isinstance(owner, str) else "a checkpoint fit did not write (no run record)"
+            raise ValueError(f"overwrite: {ckpt} is {what}, not run {name!r}'s; jmaml will not replace it: move it "
+                             "away, or choose another run_dir")
         os.remove(ckpt)
         trim_metrics(metrics, {}, only=[name])
         record["history"] = [{"event": "overwrite", "previous_step": done, "at": _now()}]

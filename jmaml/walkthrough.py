@@ -49,8 +49,13 @@ def _points(obj: Any, where: str) -> np.ndarray:
                              "(nested or ragged lists are not supported)")
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(f"{where}[{i}] must be a number, got {v!r}")
-        if not math.isfinite(v):
-            raise ValueError(f"{where}[{i}] must be finite, got {v!r}")
+        try:
+            finite = math.isfinite(float(v))
+        except OverflowError:  # an integer beyond float64's range
+            finite = False
+        if not finite:
+            shown = f"an integer of {len(str(v))} digits" if isinstance(v, int) else repr(v)
+            raise ValueError(f"{where}[{i}] must be a finite float64 number, got {shown}")
     return np.asarray(obj, dtype=np.float64)
 
 

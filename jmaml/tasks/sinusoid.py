@@ -148,6 +148,10 @@ def _family_validate(config) -> None:
     if config.data_dir is not None:
         raise ValueError("data_dir applies to the image tasks (omniglot, miniimagenet, tieredimagenet, cifarfs, "
                          "fc100), not sinusoid")
+    if config.cache_dir is not None:
+        raise ValueError("cache_dir applies to the image tasks (their decoded-image cache), not sinusoid")
+    if config.ways != 5:
+        raise ValueError(f"ways applies to the image tasks (N classes per episode), not sinusoid (got {config.ways})")
     if config.backbone != "conv4":
         raise ValueError(f"backbone applies to the image tasks, not sinusoid (got {config.backbone!r}; the "
                          "sinusoid model is the MLP of hidden)")
