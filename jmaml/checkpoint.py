@@ -325,3 +325,78 @@ def restore(path: str | os.PathLike[str], template: Any,
     tree = jax.tree.unflatten(treedef, restored)
     check_step(path, header, tree)
     return tree, header
+
+
+def _nest(flat: dict[str, Any]) -> Any:
+    """Nested dicts from ``/``-joined key paths; a level whose keys are exactly 0..n-1 becomes a list."""
+    if list(flat) == [""]:
+        return flat[""]
+    groups: dict[str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        head, _, rest = name.partition("/")
+        groups.setdefault(head, {})[rest] = value
+    nested = {k: _nest(v) for k, v in groups.items()}
+    if all(k.isdigit() for k in nested) and sorted(int(k) for k in nested) == list(range(len(nested))):
+        return [nested[str(i)] for i in range(len(nested))]
+    return nested
+
+
+def restore_params(path: str | os.PathLike[str], like: Any = None, *, prefix: str = "params") -> Any:
+    """The parameters alone from a checkpoint, without building a whole ``TrainState`` template.
+
+    Args:
+      path: a checkpoint written by ``jmaml.fit`` (or ``save``).
+      like: None: the parameters as nested dicts and lists (a list where a level's keys are 0..n-1),
+        rebuilt from the stored key paths; or a tree of the parameters' structure (e.g.
+        ``model.init(key)`` or ``learner.init(...)``): the arrays restored into it, each one's shape
+        and dtype checked.
+      prefix: the key path of the parameters in the saved tree (``"params"`` in a ``TrainState``;
+        ``"points/params"`` in a population's, with a leading population axis).
+
+    Returns:
+      The parameters (``jax.Array`` leaves).
+
+    Raises:
+      CheckpointError: the file is unreadable, holds nothing under ``prefix``, is a version-1 file
+        (arrays by position, no key paths: use ``jmaml.train.load_params(run_dir)`` for a CLI run), or
+        does not match ``like``.
+
+    Example:
+      >>> import jax.numpy as jnp, tempfile, os
+      >>> path = os.path.join(tempfile.mkdtemp(), "c.npz")
+      >>> save(path, {"params": [{"w": jnp.ones((2, 2))}], "step": jnp.asarray(3)}, step=3)
+      >>> params = restore_params(path)
+      >>> type(params).__name__, params[0]["w"].shape
+      ('list', (2, 2))
+    """
+    header, stored = read(path)
+    if header["format"] == _V1:
+        raise CheckpointError(f"checkpoint {os.fspath(path)} is a version-1 file (arrays by position, no key paths): "
+                              "restore it with a template (checkpoint.restore), or jmaml.train.load_params(run_dir) "
+                              "for a run of jmaml train")
+    head = prefix.strip("/") + "/"
+    flat = {name[len(head):]: jnp.asarray(a) for name, a in stored.items() if name.startswith(head)}
+    if prefix.strip("/") in stored:  # the parameters are one array
+        flat = {"": jnp.asarray(stored[prefix.strip("/")])}
+    if not flat:
+        raise CheckpointError(f"checkpoint {os.fspath(path)} holds no arrays under {prefix!r} (it holds "
+                              f"{', '.join(list(stored)[:6])}...)")
+    if like is None:
+        return _nest(flat)
+    names = key_paths(like)
+    leaves, treedef = jax.tree.flatten(like)
+    names = ["" if n == "." else n for n in names]
+    missing = [n for n in names if n not in flat]
+    if missing or len(names) != len(flat):
+        extra = sorted(set(flat) - set(names))
+        raise CheckpointError(f"checkpoint {os.fspath(path)}: the parameters under {prefix!r} do not match `like` "
+                              f"(missing {missing[:4]}, unexpected {extra[:4]})")
+    out = []
+    for name, t in zip(names, leaves):
+        a = flat[name]
+        if jnp.shape(t) != a.shape or jnp.asarray(t).dtype != a.dtype:
+            raise CheckpointError(f"checkpoint {os.fspath(path)}: {prefix}/{name} has shape {a.shape} and dtype "
+                                  f"{a.dtype}, `like` has {jnp.shape(t)} and {jnp.asarray(t).dtype}")
+        out.append(a)
+    return jax.tree.unflatten(treedef, out)
+

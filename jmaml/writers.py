@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-Record = Mapping[str, Any]
+Record = dict[str, Any]  # a plain dict, so CallbackWriter(records.append) type-checks for a list of dicts
 
 
 @runtime_checkable

@@ -463,3 +463,23 @@ def test_a_tasks_file_with_a_huge_integer_and_a_config_with_an_int_hidden(tmp_pa
     assert "must be a finite float64 number, got an integer of 400 digits" in capsys.readouterr().err
     with pytest.raises(ValueError, match="hidden must be a list of layer widths"):
         TrainConfig.from_dict({"hidden": 40})
+
+
+# ---- 7. friction -----------------------------------------------------------------------------------
+
+def test_restore_params_alone_without_a_train_state_template(tmp_path):
+    from jmaml import checkpoint
+    state = _fit_run(tmp_path / "run")
+    path = str(tmp_path / "run" / "maml.ckpt.npz")
+    plain = checkpoint.restore_params(path)
+    assert isinstance(plain, list) and set(plain[0]) == {"w", "b"}
+    for got, want in zip(jax.tree.leaves(plain), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(got, want)
+    like = models.mlp([1, 8, 1]).init(jax.random.key(5))
+    into = checkpoint.restore_params(path, like)
+    assert jax.tree.structure(into) == jax.tree.structure(like)
+    np.testing.assert_array_equal(into[1]["w"], state.params[1]["w"])
+    with pytest.raises(checkpoint.CheckpointError, match="do not match `like`"):
+        checkpoint.restore_params(path, models.mlp([1, 4, 4, 1]).init(jax.random.key(0)))
+    with pytest.raises(checkpoint.CheckpointError, match="holds no arrays under 'nothing'"):
+        checkpoint.restore_params(path, prefix="nothing")

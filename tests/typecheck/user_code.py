@@ -42,8 +42,10 @@ def main(run_dir: str) -> float:
     other: MetaLearner = learners.make("reptile", loss, inner_lr=0.01, num_inner_steps=2)
     dist = TaskDistribution(sample=my_sample, heldout=my_sample, name="lines")
     seen: list[float] = []
+    records: list[dict[str, object]] = []
     log = jmaml.Logging(every=10, writers=[writers.CallbackWriter(lambda r: seen.append(float(r["meta_loss"]))),
-                                           writers.JsonlWriter(run_dir + "/extra.jsonl")])
+                                           writers.JsonlWriter(run_dir + "/extra.jsonl"),
+                                           writers.CallbackWriter(records.append)])
     state: TrainState = fit(learner, dist, optax.adam(1e-3), model.init(jax.random.key(0)), steps=20,
                             meta_batch_size=4, run=run_dir, log=log)
     adapted = jmaml.adapt(loss, state.params, my_sample(jax.random.key(1), 1).support, inner_lr=0.01,
