@@ -130,7 +130,7 @@ def check_meta_gradient(learner: MetaLearner, meta_params: Any, tasks: Any, *, m
                                       if jnp.issubdtype(leaf.dtype, jnp.floating))))
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(mp)[0]]
         rng = np.random.default_rng(seed)
-        per_leaf = {}
+        per_leaf: dict[str, dict[str, Any]] = {}
         for i, (leaf, g) in enumerate(zip(leaves, grad_np)):
             if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.size == 0:
                 continue

@@ -108,7 +108,8 @@ def _check(name: str, value: Any, *, allow_zero: bool = True, below_one: bool = 
 
 def _leafwise(h: Any, updates: Any) -> Any:
     """``h`` as a tree like ``updates``: itself when it is one (per-parameter values), else broadcast."""
-    return h if jax.tree.structure(h) == jax.tree.structure(updates) else jax.tree.map(lambda _: h, updates)
+    same = jax.tree.structure(h) == jax.tree.structure(updates)  # type: ignore[operator]
+    return h if same else jax.tree.map(lambda _: h, updates)
 
 
 def _is_scalar(h: Any) -> bool:
