@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -320,8 +321,10 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
     summarize(np.zeros((2, 1)), diverged_ratio, higher_is_better=higher_is_better)  # checks the ratio now
     key = jax.random.key(key) if isinstance(key, int) else key
 
-    curves = jax.jit(lambda meta_params, batch: learner_curves(learner, meta_params, batch, metric, num_steps,
-                                                               hyper=hyper, model_state=model_state))
+    # hyperparameters are arguments, not constants: a rate search compiles once for all its candidates
+    curves = jax.jit(lambda meta_params, batch, hyper: learner_curves(learner, meta_params, batch, metric, num_steps,
+                                                                      hyper=hyper, model_state=model_state))
+    hyper = dict(hyper or {})
 
     def draw(k, n):
         return tasks.heldout(k, n) if tasks.heldout_data is None else tasks.heldout(k, n, tasks.heldout_data)
@@ -340,7 +343,7 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
         chunk = draw(chunk_key, n)
         for name, k in zip(keys, [None] if shots is None else shots):
             values[name].append(np.asarray(curves(meta_params, chunk if k is None else
-                                                  chunk._replace(support=_take(chunk.support, k)))))
+                                                  chunk._replace(support=_take(chunk.support, k)), hyper)))
         if show:
             done, spent = i + 1, time.perf_counter() - start
             left = spent / done * (len(plan) - done)
@@ -349,6 +352,66 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
     kind = {"metric": tasks.metric_name, "higher_is_better": higher_is_better}
     return {name: {**kind, **summarize(np.concatenate(v), diverged_ratio, higher_is_better=higher_is_better)}
             for name, v in values.items()}
+
+
+def pretrained_baseline(loss_fn: LossFn, tasks: TaskDistribution, params: Params, *, steps: int,
+                        meta_batch_size: int, optimiser: Any = None, key: Any = 0, apply: Any = None,
+                        metric: Any = None, candidates: Sequence[float] = FINETUNE_LRS,
+                        num_tasks: int = NUM_EVAL_TASKS, num_validation_tasks: int | None = None,
+                        num_steps: int = MAX_EVAL_STEPS, shots: Sequence[int] | None = None,
+                        batch_size: int | None = None, run: Any = None, log: Any = None) -> dict[str, Any]:
+    """The paper's "pretrained" comparison for any task distribution: one model trained on tasks from
+    the whole distribution by plain regression (its loss on each task's query set, no adaptation:
+    MAML with k = 0, trained by ``jmaml.fit``), then fine-tuned at test time by SGD at a step size
+    chosen on validation tasks (a key separate from the test tasks'), and scored by ``evaluate``.
+
+    Args:
+      loss_fn: the model's training loss ``loss_fn(params, batch)``.
+      tasks: the ``TaskDistribution`` (its ``heldout`` gives validation and test tasks).
+      params: the model's initial parameters.
+      steps, meta_batch_size, key: the training run's (``jmaml.fit``).
+      optimiser: its optimiser (default ``optax.adam(1e-3)``).
+      apply, metric: the evaluation metric, as for ``evaluate``.
+      candidates: fine-tuning rates to choose from: the one with the best metric averaged over steps
+        1..``num_steps`` on the validation tasks (lowest for a loss, highest for a score); a rate that
+        diverges on a validation task scores worst.
+      num_tasks: test tasks; num_validation_tasks: validation tasks (default: as many).
+      num_steps, shots, batch_size: as for ``evaluate``.
+      run, log: the training run's ``jmaml.RunDir``/path and ``jmaml.Logging`` (checkpoints, resume).
+
+    Returns:
+      ``{"params", "inner_lr": the chosen rate, "scores": {rate: validation score}, "results":
+      evaluate(...) at the chosen rate}``.
+
+    Raises:
+      ValueError: no candidates, or a non-positive one (named); as ``fit`` and ``evaluate``.
+    """
+    import optax
+
+    from jmaml import learners
+    from jmaml.engine import fit
+
+    candidates = [float(c) for c in candidates]
+    if not candidates or not all(math.isfinite(c) and c > 0 for c in candidates):
+        raise ValueError(f"candidates must be finite rates > 0, got {candidates!r}")
+    learner = learners.maml(loss_fn, inner_lr=candidates[0], num_inner_steps=0)._replace(name=BASELINE,
+                                                                                        label=BASELINE)
+    state = fit(learner, tasks, optax.adam(1e-3) if optimiser is None else optimiser, params, steps=steps,
+                meta_batch_size=meta_batch_size, key=key, run=run, log=log, name=BASELINE)
+    higher = metric_higher_is_better(tasks)
+    common = {"apply": apply, "metric": metric, "num_steps": num_steps, "shots": shots, "batch_size": batch_size}
+    scores = {}
+    for lr in candidates:
+        report = evaluate(learner, state.params, tasks, num_tasks=num_validation_tasks or num_tasks,
+                          key=VALIDATION_SEED, hyper={"inner_lr": lr}, progress=False, **common)
+        values = [v for r in report.values() for v in r["mean_all"][1:]]
+        score = float(np.mean(values))
+        scores[str(lr)] = score if math.isfinite(score) else (-math.inf if higher else math.inf)
+    pick = max if higher else min
+    best = pick(candidates, key=lambda lr: scores[str(lr)])
+    results = evaluate(learner, state.params, tasks, num_tasks=num_tasks, key=EVAL_SEED, hyper={"inner_lr": best},
+                       **common)
+    return {"params": state.params, "inner_lr": best, "scores": scores, "results": results}
 
 
 def _rate_label(step_rates: Any) -> float | str:

@@ -483,3 +483,32 @@ def test_restore_params_alone_without_a_train_state_template(tmp_path):
         checkpoint.restore_params(path, models.mlp([1, 4, 4, 1]).init(jax.random.key(0)))
     with pytest.raises(checkpoint.CheckpointError, match="holds no arrays under 'nothing'"):
         checkpoint.restore_params(path, prefix="nothing")
+
+
+@pytest.mark.parametrize("family", ["halfplanes", "sinusoid"])
+def test_a_pretrained_baseline_for_any_task_distribution(tmp_path, family):
+    if family == "halfplanes":
+        model = models.mlp([2, 8, 2])
+        dist = TaskDistribution(sample=_halfplanes, heldout=_halfplanes, make_metric=_accuracy, name="halfplanes",
+                                metric_name="accuracy")
+        loss = make_loss(model.apply, "xent")
+    else:
+        model = models.mlp([1, 16, 1])
+        dist = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5)
+        loss = make_loss(model.apply, "mse")
+    out = evaluate.pretrained_baseline(loss, dist, model.init(jax.random.key(0)), steps=30, meta_batch_size=8,
+                                       apply=model.apply, candidates=(0.001, 0.05, 0.5), num_tasks=40,
+                                       num_steps=3, run=str(tmp_path / "base"),
+                                       log=jmaml.Logging(every=10, progress=False))
+    higher = family == "halfplanes"
+    pick = max if higher else min
+    assert out["inner_lr"] == pick((0.001, 0.05, 0.5), key=lambda lr: out["scores"][str(lr)])
+    # the scores are the validation tasks' metric (a separate key), and the results are evaluate's own
+    learner = learners.maml(loss, inner_lr=0.5, num_inner_steps=0)
+    val = evaluate.evaluate(learner, out["params"], dist, apply=model.apply, num_tasks=40, num_steps=3,
+                            key=evaluate.VALIDATION_SEED, hyper={"inner_lr": out["inner_lr"]})["all"]
+    assert out["scores"][str(out["inner_lr"])] == pytest.approx(np.mean(val["mean_all"][1:]), rel=1e-6)
+    test = evaluate.evaluate(learner, out["params"], dist, apply=model.apply, num_tasks=40, num_steps=3,
+                             hyper={"inner_lr": out["inner_lr"]})["all"]
+    assert out["results"]["all"]["mean"] == pytest.approx(test["mean"], rel=1e-6)
+    assert (tmp_path / "base" / "pretrained.ckpt.npz").exists()  # trained by the engine: a run like any other
