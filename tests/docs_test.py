@@ -69,3 +69,71 @@ def test_the_api_reference_builds(tmp_path):
         assert f'id="{name}"' in page, name
     assert (tmp_path / "api" / "jmaml" / "writers.html").exists()
     assert "Warn" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+
+
+def _readme_names():
+    """Every dotted ``jmaml.`` name README uses, and each name its module table lists for a module."""
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+              encoding="utf-8") as f:
+        text = f.read()
+    dotted = set(re.findall(r"(?<![\w.])jmaml(?:\.[A-Za-z_]\w*)+", text))
+    for row in re.findall(r"^\| ((?:`jmaml[\w.]*`(?:, )?)+) \| (.*) \|$", text, flags=re.M):
+        modules = re.findall(r"`(jmaml[\w.]*)`", row[0])
+        names = [n for n in re.findall(r"`([A-Za-z_]\w*)(?:\(|`)", row[1])]
+        for name in names:
+            owners = [m for m in modules if name not in _DESCRIPTIVE]
+            if owners:
+                dotted.add(f"{owners[0]}.{name}" if len(owners) == 1 else f"{owners}|{name}")
+    return sorted(dotted)
+
+
+# words the module table uses in backticks that are not names of that module (a learner module's own OPTIONS,
+# keyword arguments of a function named beside them)
+_DESCRIPTIVE = {"OPTIONS", "unroll", "remat", "max_steps", "first_order", "inner_optimiser", "model_state", "observe",
+                "sum", "mean", "backend", "run_dir", "resume", "fit", "TrainConfig"}
+
+
+def test_every_name_readme_uses_is_reachable_after_import_jmaml():
+    """The documented path works as written: a fresh process that only runs ``import jmaml`` reaches every
+    ``jmaml.x.y`` README names and every name its module table lists (``jmaml.adapters.equinox`` raised
+    AttributeError before ``jmaml.learners`` had been imported)."""
+    import json
+    import subprocess
+    import sys
+
+    names = _readme_names()
+    assert "jmaml.adapters" in " ".join(names) and len(names) > 40
+    code = f"""
+import json, jmaml
+missing = []
+for dotted in {json.dumps(names)}:
+    if "|" in dotted:
+        modules, name = dotted.split("|")
+        candidates = [m.strip("[]' ") + "." + name for m in modules.split(",")]
+    else:
+        candidates = [dotted]
+    ok = False
+    for path in candidates:
+        obj, parts = jmaml, path.split(".")[1:]
+        try:
+            for p in parts:
+                obj = getattr(obj, p)
+            ok = True
+        except AttributeError:
+            pass
+    if not ok:
+        missing.append(dotted)
+print(json.dumps(missing))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    missing = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert missing == [], missing
+
+
+def test_every_top_level_name_is_reachable():
+    for name in jmaml.__all__:
+        assert getattr(jmaml, name) is not None, name
