@@ -33,6 +33,7 @@ from jmaml.config import BASELINE
 from jmaml.engine import check_distribution, check_learner
 from jmaml.inner import adapt
 from jmaml.losses import make_loss
+from jmaml.models import batch_norm_label
 from jmaml.protocols import MetaLearner, TaskDistribution, metric_higher_is_better
 from jmaml.tasks import sinusoid
 from jmaml.types import Batch, LossFn, Params
@@ -236,8 +237,11 @@ def learner_curves(learner: MetaLearner, meta_params: Any, batch: Any, metric: C
     extra = {**(hyper or {}), **({} if model_state is None else {"model_state": model_state})}
 
     def one(task):
-        _, values = learner.adapt(meta_params, task.support, num_steps, observe=lambda p: metric(p, task.query),
-                                  **extra)
+        if model_state is None:
+            observe = lambda p: metric(p, task.query)
+        else:  # the metric sees the model state of that step (batch norm's statistics, its mode)
+            observe = lambda p, s: metric(p, task.query, s)
+        _, values = learner.adapt(meta_params, task.support, num_steps, observe=observe, **extra)
         return values
 
     return jax.vmap(one)(batch)
@@ -276,7 +280,11 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
       diverged_ratio: for a loss, see ``summarize`` (None: ``DIVERGED_RATIO``); a score takes None
         or ``inf`` (its tasks are never dropped).
       hyper: per-call hyperparameters for the learner's ``adapt`` (e.g. a swept ``inner_lr``).
-      model_state: a model's state (for a learner of a model with state), passed to ``adapt``.
+      model_state: a model's state (for a learner of a model with state), passed to ``adapt`` and
+        threaded through the test-time steps; a custom ``metric`` is then called ``metric(params,
+        query, state)``. A batch-norm model's test-time mode is the state's
+        (``jmaml.models.batch_norm_mode``: transductive, running or per-step statistics), and each
+        result records it (``"batch_norm"``).
       higher_is_better: the metric's kind, when ``metric`` measures something other than the
         distribution's metric (None: ``protocols.metric_higher_is_better(tasks)``).
       progress: a progress line with the time left on stderr between chunks (None: when there are
@@ -317,7 +325,9 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
         if apply is None or tasks.make_metric is None:
             raise ValueError("evaluate needs the metric: pass metric=fn(params, query) -> scalar, or apply= the "
                              "model's apply for a distribution with make_metric")
-        metric = tasks.make_metric(apply)
+        make = tasks.make_metric
+        metric = make(apply) if model_state is None else \
+            (lambda p, q, s: make(lambda pp, x: apply(pp, x, s)[0])(p, q))  # a stateful apply: (pred, state)
     summarize(np.zeros((2, 1)), diverged_ratio, higher_is_better=higher_is_better)  # checks the ratio now
     key = jax.random.key(key) if isinstance(key, int) else key
 
@@ -349,7 +359,8 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
             left = spent / done * (len(plan) - done)
             print(f"\revaluate: {done}/{len(plan)} chunks, {sum(m for _, m in plan[:done])} tasks, "
                   f"~{left:.0f}s left", end="" if done < len(plan) else "\n", file=sys.stderr, flush=True)
-    kind = {"metric": tasks.metric_name, "higher_is_better": higher_is_better}
+    kind = {"metric": tasks.metric_name, "higher_is_better": higher_is_better,
+            **({} if model_state is None else {"batch_norm": batch_norm_label(model_state)})}
     return {name: {**kind, **summarize(np.concatenate(v), diverged_ratio, higher_is_better=higher_is_better)}
             for name, v in values.items()}
 

@@ -161,6 +161,10 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
       observe_after: observe after each step instead (leading axis ``num_steps``: no value at θ), as
         MAML++'s multi-step loss weighs them.
 
+        With ``model_state``, ``observe(φ, state)`` also receives the model state of that moment (the
+        state the support steps so far have threaded: a batch-norm model's per-step statistics), and
+        the return is ``(φ⁽ᵏ⁾, values)`` (test-time curves keep no state).
+
     Returns:
       The adapted parameters φ⁽ᵏ⁾, or ``(φ⁽ᵏ⁾, losses)`` with ``return_losses``; with
       ``model_state``, ``(φ⁽ᵏ⁾, state)`` (``(φ⁽ᵏ⁾, state, losses)`` with ``return_losses``); with
@@ -183,8 +187,8 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
       Deep Networks, ICML. The seed document, Eqs. 7 and 21.
     """
     check_batch(batch, "batch")
-    if observe is not None and (return_losses or model_state is not None):
-        raise ValueError("observe returns (params, values); it does not combine with return_losses or model_state")
+    if observe is not None and return_losses:
+        raise ValueError("observe returns (params, values); it does not combine with return_losses")
     if inner_optimiser is None:
         if not per_step:
             check_rate(inner_lr, "inner_lr")
@@ -216,9 +220,10 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
             raise ValueError(f"per-step inner_lr needs a leading axis of num_steps={length} on every leaf; got "
                              f"leading shapes {sorted(bad)}")
     stateful = model_state is not None
+    look = (lambda p, s: observe(p, s)) if stateful else (lambda p, s: observe(p))  # type: ignore[misc]
     if length == 0:
         if observe is not None:
-            return params, jax.tree.map(lambda v: jnp.asarray(v)[None], observe(params))
+            return params, jax.tree.map(lambda v: jnp.asarray(v)[None], look(params, model_state))
         out = (params, model_state) if stateful else (params,)
         return (*out, jnp.zeros((0,))) if return_losses else (out if stateful else params)
 
@@ -235,7 +240,8 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
             active = t < bound
             keep = lambda new_tree, old_tree: jax.tree.map(lambda a, b: jnp.where(active, a, b), new_tree, old_tree)
             new, new_s, new_o = keep(new, p), keep(new_s, s), keep(new_o, o)
-        return (new, new_s, new_o), (loss if observe is None else (loss, observe(new if observe_after else p)))
+        seen = None if observe is None else (look(new, new_s) if observe_after else look(p, s))
+        return (new, new_s, new_o), (loss if observe is None else (loss, seen))
 
     opt_state = None if opt is None else set_hyperparams(opt.init(params), inner_hyper or {})
     start = (params, model_state, opt_state)
@@ -258,7 +264,7 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
         if observe_after:
             return adapted, seen
         return adapted, jax.tree.map(lambda v, last: jnp.concatenate([v, jnp.asarray(last)[None]]), seen,
-                                     observe(adapted))
+                                     look(adapted, state))
     out = (adapted, state) if stateful else (adapted,)
     if return_losses:
         return (*out, losses)

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmaml._checks import check_positive_int
 from jmaml.types import Model, Params, PRNGKey
@@ -165,42 +166,152 @@ def mixed_precision(model: Model, precision: str = "bf16") -> Model:
 BATCH_NORM_EPS = 1e-5
 
 
-def mlp_batchnorm(sizes: Sequence[int], activation: str = "relu", *, momentum: float = 0.9) -> Model:
+# Batch norm's test-time modes, held in a model's state as ``bn_mode`` (an int32 scalar), so the mode is
+# chosen at evaluation by the state passed in, without rebuilding the learner or its compiled program.
+BN_MODES = ("transductive", "running")
+
+
+def batch_norm_mode(state: Any, mode: str) -> Any:
+    """A batch-norm model's state set to a test-time mode.
+
+    Args:
+      state: the state of a batch-norm model (``mlp_batchnorm``, ``conv4(running_stats=True)``, or an
+        adapter's batch-norm module), e.g. ``TrainState.model_state`` after training.
+      mode: ``"transductive"``: normalise with the statistics of the batch at hand (the support set
+        while adapting, the query set when scoring; training's mode, and the MAML paper's evaluation),
+        updating the running statistics; ``"running"``: normalise with the running statistics learned in
+        training, not updated (inductive: no task's query set influences another's, or its own,
+        predictions). A model built with ``per_step`` keeps statistics per inner step (MAML++'s BNRS)
+        and uses step t's in either mode.
+
+    Returns:
+      The state with its mode set.
+
+    Raises:
+      ValueError: an unknown mode, or a state without a batch-norm mode (named).
+
+    Example:
+      >>> model = mlp_batchnorm([1, 8, 1])
+      >>> int(batch_norm_mode(model.init_state(), "running")["bn_mode"])
+      1
+    """
+    if mode not in BN_MODES:
+        raise ValueError(f"mode must be one of {', '.join(BN_MODES)}, got {mode!r}")
+    if not isinstance(state, dict) or "bn_mode" not in state:
+        raise ValueError("batch_norm_mode: this state has no batch-norm mode (expected the state of a batch-norm "
+                         f"model, a dict with 'bn_mode'; got {type(state).__name__})")
+    return {**state, "bn_mode": jnp.asarray(BN_MODES.index(mode), jnp.int32)}
+
+
+def batch_norm_label(state: Any) -> str:
+    """What evaluation records of a model state: its batch-norm mode (``"running, per-step"`` ...), or
+    ``"none"`` for a state that is not a batch-norm model's."""
+    if not isinstance(state, dict) or "bn_mode" not in state:
+        return "none"
+    try:
+        label = BN_MODES[int(np.asarray(state["bn_mode"]))]
+    except (TypeError, IndexError, jax.errors.ConcretizationTypeError):
+        return "traced"
+    return label + (", per-step" if "bn_step" in state else "")
+
+
+def _bn_state(widths: Sequence[int], per_step: int | None) -> dict[str, Any]:
+    slots = () if per_step is None else (per_step + 1,)
+    stats = [{"mean": jnp.zeros((*slots, w)), "var": jnp.ones((*slots, w))} for w in widths]
+    state: dict[str, Any] = {"bn_mode": jnp.zeros((), jnp.int32), "stats": stats}
+    if per_step is not None:
+        state["bn_step"] = jnp.zeros((), jnp.int32)
+    return state
+
+
+def _bn(h: jax.Array, axes: tuple[int, ...], stats: dict[str, jax.Array], state: dict[str, Any],
+        momentum: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Batch norm of ``h`` over ``axes`` by the state's mode; returns the normalised ``h`` (before scale
+    and offset) and the statistics to keep. With per-step statistics (a leading slot axis), step
+    ``bn_step`` reads and writes its own slot (the last one beyond)."""
+    running = state["bn_mode"] == 1
+    per_step = "bn_step" in state
+    slot = jnp.minimum(state["bn_step"], stats["mean"].shape[0] - 1) if per_step else None
+    r_mean = stats["mean"][slot] if per_step else stats["mean"]
+    r_var = stats["var"][slot] if per_step else stats["var"]
+    b_mean = jnp.mean(h, axis=axes)
+    b_var = jnp.mean(jnp.square(h - jnp.expand_dims(b_mean, axes)), axis=axes)
+    mean, var = jnp.where(running, r_mean, b_mean), jnp.where(running, r_var, b_var)
+    out = (h - jnp.expand_dims(mean, axes)) * jnp.expand_dims(jax.lax.rsqrt(var + BATCH_NORM_EPS), axes)
+    keep_mean = jnp.where(running, r_mean, momentum * r_mean + (1 - momentum) * jax.lax.stop_gradient(b_mean))
+    keep_var = jnp.where(running, r_var, momentum * r_var + (1 - momentum) * jax.lax.stop_gradient(b_var))
+    if per_step:
+        keep_mean, keep_var = stats["mean"].at[slot].set(keep_mean), stats["var"].at[slot].set(keep_var)
+    return out, {"mean": keep_mean, "var": keep_var}
+
+
+def _bn_next(state: dict[str, Any], stats: list[dict[str, jax.Array]]) -> dict[str, Any]:
+    """The state after a forward pass: new statistics and, with per-step statistics, the next step. In
+    training (transductive) the step wraps after the query pass (k support steps + 1), so every
+    meta-step's tasks start at step 0; in running mode it counts on, the last slot serving beyond k."""
+    new = {**state, "stats": stats}
+    if "bn_step" in state:
+        slots = stats[0]["mean"].shape[0] if stats else 1
+        t = state["bn_step"] + 1
+        new["bn_step"] = jnp.where(state["bn_mode"] == 1, t, t % slots).astype(jnp.int32)
+    return new
+
+
+def mlp_batchnorm(sizes: Sequence[int], activation: str = "relu", *, momentum: float = 0.9,
+                  per_step: int | None = None) -> Model:
     """``mlp`` with batch norm after every hidden layer, keeping running statistics as model state.
 
-    The forward pass normalises with the statistics of the batch at hand (as in training, and as
-    the paper's transductive Conv-4 does) and returns the running mean and variance updated by
-    ``momentum``: ``apply(params, x, state) -> (predictions, new_state)``. The running statistics
-    are the model's state (``Model.init_state``), never parameters: no meta-gradient reaches them.
+    Training normalises with the statistics of the batch at hand and updates the running mean and
+    variance by ``momentum``. At test time the state's mode decides (``batch_norm_mode``):
+    ``"transductive"`` as in training (the MAML paper's evaluation), or ``"running"`` (the learned
+    statistics, not updated). ``apply(params, x, state) -> (predictions, new_state)``. The state is
+    never a parameter: no meta-gradient reaches it.
+
+    Args:
+      sizes: layer widths, as ``mlp``.
+      activation: as ``mlp``.
+      momentum: the running statistics' decay, in [0, 1).
+      per_step: k, to keep statistics per inner step (MAML++'s per-step batch-norm running statistics,
+        BNRS): k + 1 slots, step t of the inner loop using slot t and the query pass after k steps slot
+        k; steps beyond k at test time use the last. None: one set of statistics.
 
     Returns:
       ``Model(init, apply, init_state)``; params are the ``mlp``'s layers plus a ``scale`` and
-      ``offset`` per hidden layer; the state is a list of ``{"mean", "var"}`` per hidden layer.
+      ``offset`` per hidden layer; the state is ``{"bn_mode", "stats": [{"mean", "var"}] per hidden
+      layer}`` (and ``"bn_step"`` with ``per_step``).
+
+    Raises:
+      ValueError: ``momentum`` outside [0, 1), or ``per_step`` not an int >= 1 (named).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = mlp_batchnorm([1, 8, 1])
+      >>> y, state = model.apply(model.init(jax.random.key(0)), jnp.ones((5, 1)), model.init_state())
+      >>> y.shape, sorted(state)
+      ((5, 1), ['bn_mode', 'stats'])
     """
     base = mlp(sizes, activation)
     act = ACTIVATIONS[activation]
     widths = list(sizes)[1:-1]
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if per_step is not None:
+        check_positive_int(per_step, "per_step")
 
     def init(key: PRNGKey) -> dict[str, Any]:
         norm = [{"scale": jnp.ones((w,)), "offset": jnp.zeros((w,))} for w in widths]
         return {"layers": base.init(key), "norm": norm}
 
-    def init_state() -> list[dict[str, jax.Array]]:
-        return [{"mean": jnp.zeros((w,)), "var": jnp.ones((w,))} for w in widths]
+    def init_state() -> dict[str, Any]:
+        return _bn_state(widths, per_step)
 
     def apply(params: Params, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
-        h, new_state = x, []
-        for layer, norm, stats in zip(params["layers"][:-1], params["norm"], state):
-            h = _dense(layer, h)
-            mean = jnp.mean(h, axis=0)
-            var = jnp.mean(jnp.square(h - mean[None, :]), axis=0)
-            h = (h - mean[None, :]) * jax.lax.rsqrt(var + BATCH_NORM_EPS)[None, :]
+        h, kept = x, []
+        for layer, norm, stats in zip(params["layers"][:-1], params["norm"], state["stats"]):
+            h, new = _bn(_dense(layer, h), (0,), stats, state, momentum)
             h = act(h * norm["scale"][None, :] + norm["offset"][None, :])
-            new_state.append({"mean": momentum * stats["mean"] + (1 - momentum) * jax.lax.stop_gradient(mean),
-                              "var": momentum * stats["var"] + (1 - momentum) * jax.lax.stop_gradient(var)})
-        return _dense(params["layers"][-1], h), new_state
+            kept.append(new)
+        return _dense(params["layers"][-1], h), _bn_next(state, kept)
 
     return Model(init, apply, init_state)
 
@@ -245,7 +356,8 @@ def _check_images(x: jax.Array, image_size: int, in_channels: int, name: str) ->
 
 
 def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided: bool = True,
-          image_size: int = 28) -> Model:
+          image_size: int = 28, running_stats: bool = False, momentum: float = 0.9,
+          per_step: int | None = None) -> Model:
     """The MAML paper's 4-block CNN for few-shot classification (Omniglot, miniImageNet).
 
     Each block: 3x3 convolution with ``filters`` channels, batch norm, ReLU, then 2x2 max-pooling —
@@ -257,7 +369,10 @@ def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided:
     Batch norm uses the statistics of the batch at hand — the support set when adapting, the query
     set when scoring — with learnable scale and offset and no running averages carried between
     tasks (transductive, as in the paper and most reproductions). A model evaluated on one example
-    at a time would normalise it by itself; evaluate on whole query sets.
+    at a time would normalise it by itself; evaluate on whole query sets. With ``running_stats`` it
+    also keeps running statistics as model state, and the state's mode chooses at test time between
+    the batch's statistics and the running ones (``batch_norm_mode``; ``per_step``: MAML++'s per-step
+    statistics, as ``mlp_batchnorm``).
 
     Args:
       num_classes: N, the ways.
@@ -265,10 +380,14 @@ def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided:
       filters: channels of every convolution (64 for Omniglot, 32 for miniImageNet).
       strided: stride-2 convolutions instead of max-pooling.
       image_size: input height = width, to size the dense layer.
+      running_stats: keep batch norm's running statistics as model state (``apply(params, x, state)
+        -> (logits, state)``; ``init_state()``), for a test-time mode chosen at evaluation.
+      momentum, per_step: the running statistics' decay and per-step slots (with ``running_stats``).
 
     Returns:
       ``Model(init, apply)``; ``apply(params, x)`` takes images ``(n, image_size, image_size,
-      in_channels)`` and returns logits ``(n, num_classes)``.
+      in_channels)`` and returns logits ``(n, num_classes)`` (with ``running_stats``, ``Model(init,
+      apply, init_state)`` and ``apply(params, x, state) -> (logits, state)``).
 
     Raises:
       ValueError: non-positive sizes, or an image too small for four downsamplings.
@@ -299,15 +418,38 @@ def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided:
                 "b": jnp.zeros((num_classes,))}
         return {"blocks": blocks, "head": head}
 
+    def head(params: Params, h: jax.Array) -> jax.Array:
+        h = jnp.mean(h, axis=(1, 2)) if strided else h.reshape(h.shape[0], -1)
+        return _dense(params["head"], h)
+
     def apply(params: Params, x: jax.Array) -> jax.Array:
         _check_images(x, image_size, in_channels, "conv4")
         h = x
         for block in params["blocks"]:
             h = _conv_block(block, h, strided)
-        h = jnp.mean(h, axis=(1, 2)) if strided else h.reshape(h.shape[0], -1)
-        return _dense(params["head"], h)
+        return head(params, h)
 
-    return Model(init, apply)
+    if not running_stats:
+        if per_step is not None:
+            raise ValueError("per_step keeps per-step running statistics: it needs running_stats=True")
+        return Model(init, apply)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if per_step is not None:
+        check_positive_int(per_step, "per_step")
+
+    def apply_stateful(params: Params, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
+        _check_images(x, image_size, in_channels, "conv4")
+        h, kept = x, []
+        for block, stats in zip(params["blocks"], state["stats"]):
+            h, new = _bn(_conv(h, block["w"], 2 if strided else 1), (0, 1, 2), stats, state, momentum)
+            h = jax.nn.relu(h * block["scale"].reshape(1, 1, 1, -1) + block["offset"].reshape(1, 1, 1, -1))
+            if not strided:
+                h = _max_pool(h)
+            kept.append(new)
+        return head(params, h), _bn_next(state, kept)
+
+    return Model(init, apply_stateful, lambda: _bn_state([filters] * 4, per_step))
 
 
 RESNET12_WIDTHS = (64, 160, 320, 640)  # Oreshkin et al. (2018), Lee et al. (2019)

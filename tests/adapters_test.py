@@ -141,5 +141,14 @@ def test_adapter_errors_are_named():
         def __call__(self, x):
             return nn.BatchNorm(use_running_average=False)(x)
 
-    with pytest.raises(ValueError, match=r"keeps variables \['batch_stats'\]"):
-        adapters.flax_linen(WithStats(), jnp.zeros((2, 1))).init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"has batch norm \(batch_stats\) and its __call__ must take train=True/False"):
+        adapters.flax_linen(WithStats(), jnp.zeros((2, 1)))
+
+    class WithCounter(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            self.variable("counters", "n", lambda: jnp.zeros(()))
+            return nn.Dense(1)(x)
+
+    with pytest.raises(ValueError, match=r"keeps variables \['counters'\] besides params and batch_stats"):
+        adapters.flax_linen(WithCounter(), jnp.zeros((2, 1))).init(jax.random.key(0))

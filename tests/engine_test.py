@@ -284,7 +284,8 @@ def test_a_batch_norm_model_with_running_statistics_trains_and_resumes(tmp_path)
     straight, model, learner = _bn_fit(str(tmp_path / "a"))
     start = model.init_state()
     # the running statistics moved (they are carried and updated), and are not parameters
-    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(straight.model_state))]
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start["stats"]),
+                                                      jax.tree.leaves(straight.model_state["stats"]))]
     assert all(moved) and jax.tree.structure(straight.params) == jax.tree.structure(model.init(jax.random.key(0)))
     with pytest.raises(jmaml.Interrupted):
         _bn_fit(str(tmp_path / "b"), stop_at_step=20)

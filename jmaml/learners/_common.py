@@ -53,16 +53,18 @@ def fixed_rates(inner_lr: Any, num_steps: int) -> jax.Array:
 
 
 def gradient_adapt(loss_fn: LossFn, params: Params, support: Any, step_rates: Any, *, prox_lambda: float = 0.0,
-                   observe: Callable[[Params], Any] | None = None):
+                   observe: Callable[..., Any] | None = None, model_state: Any = None):
     """Adapts one task's ``params`` by one (proximal) gradient step per leading entry of ``step_rates``
     (``jmaml.adapt`` with per-step rates: the one inner loop).
 
     Returns the adapted parameters, or with ``observe`` ``(params, values)``: ``observe`` at the
-    parameters before each step and after the last, stacked (leading axis ``num_steps + 1``).
+    parameters before each step and after the last, stacked (leading axis ``num_steps + 1``). With
+    ``model_state`` (a stateful loss), the state is threaded through the steps as in training and
+    ``observe(params, state)`` sees it; without ``observe`` the return is ``(params, state)``.
     """
     num_steps = int(jax.tree.leaves(step_rates)[0].shape[0])
     return adapt(loss_fn, params, support, inner_lr=step_rates, num_steps=num_steps, per_step=True,
-                 prox_lambda=prox_lambda, observe=observe)
+                 prox_lambda=prox_lambda, observe=observe, model_state=model_state)
 
 
 def rate_rule(loss_fn: LossFn, step_rates: Callable[..., Any], *, prox_lambda: float = 0.0,

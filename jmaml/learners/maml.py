@@ -188,9 +188,11 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
     def adapt(params, support, num_steps, *, observe=None, inner_lr=inner_lr, model_state=None):
         if model_state is None:
             return stateless_adapt(params, support, num_steps, observe=observe, inner_lr=inner_lr)
-        # a model with state: test-time steps use the trained state as it is (no update)
-        frozen = lambda p, batch: loss_fn(p, batch, model_state)[0]
-        return gradient_adapt(frozen, params, support, fixed_rates(inner_lr, num_steps), observe=observe)
+        # a model with state: the state is threaded through the test-time steps as in training (a batch-norm
+        # model's mode, in its state, decides whether its statistics are the batch's or the running ones)
+        out = gradient_adapt(loss_fn, params, support, fixed_rates(inner_lr, num_steps), observe=observe,
+                             model_state=model_state)
+        return out if observe is not None else out[0]
 
     name = "fomaml" if first_order else "maml"
     return MetaLearner(init=lambda params: params, estimate=estimate, adapt=adapt, name=name,
