@@ -112,7 +112,7 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
           max_steps: int | None = None, first_order: bool = False, return_losses: bool = False,
           unroll: int | bool = 1, remat: bool = False, has_aux: bool = False, model_state: Any = None,
           inner_optimiser: optax.GradientTransformation | None = None, inner_hyper: dict[str, Any] | None = None,
-          per_step: bool = False, prox_lambda: float = 0.0, observe: Callable[[Params], Any] | None = None,
+          per_step: bool = False, prox_lambda: float = 0.0, observe: Callable[..., Any] | None = None,
           observe_after: bool = False):
     r"""Adapts ``params`` to ``batch`` with ``num_steps`` SGD steps (the seed's Eq. 21).
 
@@ -220,7 +220,7 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
             raise ValueError(f"per-step inner_lr needs a leading axis of num_steps={length} on every leaf; got "
                              f"leading shapes {sorted(bad)}")
     stateful = model_state is not None
-    look = (lambda p, s: observe(p, s)) if stateful else (lambda p, s: observe(p))  # type: ignore[misc]
+    look = (lambda p, s: observe(p, s)) if stateful else (lambda p, s: observe(p))
     if length == 0:
         if observe is not None:
             return params, jax.tree.map(lambda v: jnp.asarray(v)[None], look(params, model_state))
