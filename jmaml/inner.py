@@ -220,7 +220,7 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
             raise ValueError(f"per-step inner_lr needs a leading axis of num_steps={length} on every leaf; got "
                              f"leading shapes {sorted(bad)}")
     stateful = model_state is not None
-    look = (lambda p, s: observe(p, s)) if stateful else (lambda p, s: observe(p))
+    look = (lambda p, s: observe(p, s)) if stateful else (lambda p, s: observe(p))  # type: ignore[misc]
     if length == 0:
         if observe is not None:
             return params, jax.tree.map(lambda v: jnp.asarray(v)[None], look(params, model_state))
