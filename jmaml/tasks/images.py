@@ -647,7 +647,8 @@ def _family_protocol(config):
                         diverged_ratio=float("inf"), describe={
                             "test_episodes": None, "eval_seed": EVAL_SEED, "task": config.task, "ways": config.ways,
                             "shots": [config.num_support], "query_per_class": config.num_query,
-                            "steps": config.eval_inner_steps, "metric": "query accuracy, mean and 95% CI"})
+                            "steps": config.eval_inner_steps, "metric": "query accuracy, mean and 95% CI",
+                            "batch_norm": "transductive (each support and query set's own statistics)"})
 
 
 def preset(task: str, ways: int = 5, shots: int = 1) -> dict:

@@ -164,7 +164,8 @@ def _family_protocol(config):
 
     return EvalProtocol(shots=SHOTS, num_steps=config.eval_inner_steps, describe={
         "held_out_tasks": None, "eval_seed": EVAL_SEED, "query_points": NUM_EVAL_QUERY, "shots": list(SHOTS),
-        "steps": config.eval_inner_steps, "metric": "query MSE, mean and 95% CI"})
+        "steps": config.eval_inner_steps, "metric": "query MSE, mean and 95% CI",
+        "batch_norm": "none (the MLP has no batch norm)"})
 
 
 def _family_examples(num_tasks: int, shots: int):
