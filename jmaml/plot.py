@@ -63,6 +63,11 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError(f"{eval_path} is not valid JSON (truncated?): run `jmaml eval {run_dir}` to rewrite "
                          "it") from None
+    algo = results.get("algo", "maml") if isinstance(results, dict) else None
+    if not isinstance(results, dict) or not isinstance(results.get(algo), dict) or not all(
+            isinstance(r, dict) and "mean" in r for r in results[algo].values()):
+        raise ValueError(f"{eval_path} is not a jmaml evaluation of this run (no results for {algo!r}): run "
+                         f"`jmaml eval {run_dir}` to rewrite it")
     family = tasks.family(config.task)
     if family.examples is None:  # no ground truth to draw: the metric's curves alone
         return [_accuracy_curves(plt, config, results, run_dir)]

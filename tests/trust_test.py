@@ -432,6 +432,11 @@ def test_eval_says_which_checkpoint_it_scored(tmp_path, capsys):
     assert "records no run fingerprint" in capsys.readouterr().err
     from jmaml import runinfo
     assert "WARNING: records no run fingerprint" in runinfo.format_inspection(runinfo.inspect_run(str(run)))
+    from jmaml import plot
+    for foreign in ('{"foo": 1}', "[1, 2]"):  # a foreign eval.json: named, not a KeyError/AttributeError
+        (run / "eval.json").write_text(foreign)
+        with pytest.raises(ValueError, match="is not a jmaml evaluation of this run"):
+            plot.plot_run(str(run))
 
 
 @pytest.mark.parametrize("argv,match", [
