@@ -257,8 +257,26 @@ def _bn_next(state: dict[str, Any], stats: list[dict[str, jax.Array]]) -> dict[s
     return new
 
 
+def _slot_weights(norm: dict[str, jax.Array], state: dict[str, Any], per_step_weights: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+    """A batch norm's scale and offset: per-step ones (MAML++'s BNWB: a leading slot axis) at the state's
+    step, or the shared ones."""
+    if not per_step_weights:
+        return norm["scale"], norm["offset"]
+    slot = jnp.minimum(state["bn_step"], norm["scale"].shape[0] - 1)
+    return norm["scale"][slot], norm["offset"][slot]
+
+
+def _check_per_step(per_step: int | None, per_step_weights: bool) -> None:
+    if per_step is not None:
+        check_positive_int(per_step, "per_step")
+    if per_step_weights and per_step is None:
+        raise ValueError("per_step_weights (MAML++'s BNWB) keeps a scale and offset per inner step: it needs "
+                         "per_step=k")
+
+
 def mlp_batchnorm(sizes: Sequence[int], activation: str = "relu", *, momentum: float = 0.9,
-                  per_step: int | None = None) -> Model:
+                  per_step: int | None = None, per_step_weights: bool = False) -> Model:
     """``mlp`` with batch norm after every hidden layer, keeping running statistics as model state.
 
     Training normalises with the statistics of the batch at hand and updates the running mean and
@@ -274,6 +292,8 @@ def mlp_batchnorm(sizes: Sequence[int], activation: str = "relu", *, momentum: f
       per_step: k, to keep statistics per inner step (MAML++'s per-step batch-norm running statistics,
         BNRS): k + 1 slots, step t of the inner loop using slot t and the query pass after k steps slot
         k; steps beyond k at test time use the last. None: one set of statistics.
+      per_step_weights: with ``per_step``, also a learnable scale and offset per step (MAML++'s
+        per-step batch-norm weights, BNWB), each slot's trained by the steps that use it.
 
     Returns:
       ``Model(init, apply, init_state)``; params are the ``mlp``'s layers plus a ``scale`` and
@@ -295,11 +315,11 @@ def mlp_batchnorm(sizes: Sequence[int], activation: str = "relu", *, momentum: f
     widths = list(sizes)[1:-1]
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if per_step is not None:
-        check_positive_int(per_step, "per_step")
+    _check_per_step(per_step, per_step_weights)
+    lead = (per_step + 1,) if per_step_weights and per_step is not None else ()
 
     def init(key: PRNGKey) -> dict[str, Any]:
-        norm = [{"scale": jnp.ones((w,)), "offset": jnp.zeros((w,))} for w in widths]
+        norm = [{"scale": jnp.ones((*lead, w)), "offset": jnp.zeros((*lead, w))} for w in widths]
         return {"layers": base.init(key), "norm": norm}
 
     def init_state() -> dict[str, Any]:
@@ -309,7 +329,8 @@ def mlp_batchnorm(sizes: Sequence[int], activation: str = "relu", *, momentum: f
         h, kept = x, []
         for layer, norm, stats in zip(params["layers"][:-1], params["norm"], state["stats"]):
             h, new = _bn(_dense(layer, h), (0,), stats, state, momentum)
-            h = act(h * norm["scale"][None, :] + norm["offset"][None, :])
+            scale, offset = _slot_weights(norm, state, per_step_weights)
+            h = act(h * scale[None, :] + offset[None, :])
             kept.append(new)
         return _dense(params["layers"][-1], h), _bn_next(state, kept)
 
@@ -357,7 +378,7 @@ def _check_images(x: jax.Array, image_size: int, in_channels: int, name: str) ->
 
 def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided: bool = True,
           image_size: int = 28, running_stats: bool = False, momentum: float = 0.9,
-          per_step: int | None = None) -> Model:
+          per_step: int | None = None, per_step_weights: bool = False) -> Model:
     """The MAML paper's 4-block CNN for few-shot classification (Omniglot, miniImageNet).
 
     Each block: 3x3 convolution with ``filters`` channels, batch norm, ReLU, then 2x2 max-pooling —
@@ -382,7 +403,8 @@ def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided:
       image_size: input height = width, to size the dense layer.
       running_stats: keep batch norm's running statistics as model state (``apply(params, x, state)
         -> (logits, state)``; ``init_state()``), for a test-time mode chosen at evaluation.
-      momentum, per_step: the running statistics' decay and per-step slots (with ``running_stats``).
+      momentum, per_step, per_step_weights: the running statistics' decay, per-step slots and per-step
+        scale and offset (with ``running_stats``; as ``mlp_batchnorm``).
 
     Returns:
       ``Model(init, apply)``; ``apply(params, x)`` takes images ``(n, image_size, image_size,
@@ -430,26 +452,34 @@ def conv4(num_classes: int, *, in_channels: int = 1, filters: int = 64, strided:
         return head(params, h)
 
     if not running_stats:
-        if per_step is not None:
+        if per_step is not None or per_step_weights:
             raise ValueError("per_step keeps per-step running statistics: it needs running_stats=True")
         return Model(init, apply)
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if per_step is not None:
-        check_positive_int(per_step, "per_step")
+    _check_per_step(per_step, per_step_weights)
+    lead = (per_step + 1,) if per_step_weights and per_step is not None else ()
+
+    def init_stateful(key: PRNGKey) -> dict[str, Any]:
+        params = init(key)
+        for block in params["blocks"]:
+            block["scale"] = jnp.broadcast_to(block["scale"], (*lead, filters))
+            block["offset"] = jnp.broadcast_to(block["offset"], (*lead, filters))
+        return params
 
     def apply_stateful(params: Params, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
         _check_images(x, image_size, in_channels, "conv4")
         h, kept = x, []
         for block, stats in zip(params["blocks"], state["stats"]):
             h, new = _bn(_conv(h, block["w"], 2 if strided else 1), (0, 1, 2), stats, state, momentum)
-            h = jax.nn.relu(h * block["scale"].reshape(1, 1, 1, -1) + block["offset"].reshape(1, 1, 1, -1))
+            scale, offset = _slot_weights(block, state, per_step_weights)
+            h = jax.nn.relu(h * scale.reshape(1, 1, 1, -1) + offset.reshape(1, 1, 1, -1))
             if not strided:
                 h = _max_pool(h)
             kept.append(new)
         return head(params, h), _bn_next(state, kept)
 
-    return Model(init, apply_stateful, lambda: _bn_state([filters] * 4, per_step))
+    return Model(init_stateful, apply_stateful, lambda: _bn_state([filters] * 4, per_step))
 
 
 RESNET12_WIDTHS = (64, 160, 320, 640)  # Oreshkin et al. (2018), Lee et al. (2019)

@@ -688,3 +688,25 @@ def test_conv4_with_running_statistics_equals_the_transductive_model_in_training
         models.batch_norm_mode(state, "eval")
     with pytest.raises(ValueError, match="this state has no batch-norm mode"):
         models.batch_norm_mode({"mean": 0}, "running")
+
+
+def test_per_step_batch_norm_weights_as_maml_plus_plus():
+    """BNWB: a scale and offset per inner step, each slot trained by the pass that uses it."""
+    k = 2
+    model = models.mlp_batchnorm([1, 8, 1], per_step=k, per_step_weights=True)
+    params = model.init(jax.random.key(0))
+    assert params["norm"][0]["scale"].shape == (k + 1, 8)
+    learner = _bn_learner(model, k, inner_lr=0.05)
+    tasks = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5).sample(jax.random.key(1), 3)
+    _, grads, _, new_state = learner.estimate(params, tasks, None, model_state=model.init_state())
+    slots = np.asarray(grads["norm"][0]["scale"])
+    assert all(np.abs(slots[t]).max() > 0 for t in range(k + 1))  # support steps 0, 1 and the query pass
+    assert not np.allclose(slots[0], slots[2])
+    report = jmaml.check_meta_gradient(learner._replace(
+        estimate=lambda p, t, m=None, **h: learner.estimate(p, t, m, model_state=model.init_state(), **h)[:3]),
+        params, tasks, num_directions=2, max_coordinates=8)
+    assert report["ok"] is True, report["note"]
+    conv = models.conv4(5, filters=4, image_size=28, running_stats=True, per_step=k, per_step_weights=True)
+    assert conv.init(jax.random.key(0))["blocks"][0]["scale"].shape == (k + 1, 4)
+    with pytest.raises(ValueError, match="per_step_weights .* needs per_step=k"):
+        models.mlp_batchnorm([1, 8, 1], per_step_weights=True)
