@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jmaml import _signals, checkpoint, distributed, runstore
+from jmaml import _signals, blocking, checkpoint, distributed, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
 from jmaml._checks import check_max_loss_ratio, check_positive_int, check_task_batch_tree
@@ -445,7 +445,8 @@ def run_options(run: Any, log: Any, steps: Any, meta_batch_size: Any) -> tuple[s
 def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation, params: Params, *,
         steps: int, meta_batch_size: int, key: Any = 0, model_state: Any = None, run: RunDir | str | None = None,
         log: Logging | None = None, name: str | None = None, max_loss_ratio: float = 1000.0,
-        mesh: Mesh | None = None, host_loop: bool = False, stop_at_step: int | None = None) -> TrainState:
+        mesh: Mesh | None = None, host_loop: bool = False, stop_at_step: int | None = None,
+        meta_batch_block: int | str | None = None) -> TrainState:
     """Meta-trains ``learner`` on ``tasks``; returns the final ``TrainState``.
 
     Args:
@@ -467,6 +468,11 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
       name: the run's name in files and messages (default ``learner.name``).
       max_loss_ratio: stop when the adapted query loss averages more than this many times the
         un-adapted one over a chunk (an exploding inner loop); ``math.inf`` disables.
+      meta_batch_block: process each meta-batch in blocks of this many tasks (``jmaml.blocking``: the
+        same gradient to float round-off, a working set that stays in cache); ``"auto"`` times a few
+        block sizes on the first compile and keeps the fastest; None: the whole meta-batch at once. The
+        block is part of the run's fingerprint, and a resumed ``"auto"`` run keeps the block it chose,
+        whatever the machine's load now, so its numbers do not change.
       mesh: shard each meta-batch's tasks over this mesh (``jmaml.distributed.task_mesh``). In a
         multi-process job every process calls ``fit`` alike; process 0 alone writes files.
       host_loop: a Python loop over a jitted step instead of a compiled scan (see ``make_chunk``).
@@ -518,12 +524,82 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         raise type(e)(f"learner {learner.name!r} could not initialise from these params: {e}") from e
     settings = run_settings(learner, tasks, optimiser, state, meta_batch_size, fingerprint)
     with runstore.lock(run_dir) if run_dir is not None and writer else contextlib.nullcontext():
+        block = choose_block(meta_batch_block, learner, tasks, optimiser, state, meta_batch_size, run_dir=run_dir,
+                             name=name, resume=resume, stream=stream)
+        if block is not None:
+            settings["meta_batch_block"] = block
+            learner = blocking.blocked(learner, block)
         return _fit_owned(learner, tasks, optimiser, state, settings, steps=steps, meta_batch_size=meta_batch_size,
                           run_dir=run_dir, resume=resume, overwrite=overwrite, allow_changed=allow_changed, name=name,
                           log_every=log_every, checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio,
                           mesh=mesh, callback=callback, sinks=sinks, stream=stream, progress=progress,
                           stop_at_step=stop_at_step, host_loop=host_loop,
                           checkpoint_meta=checkpoint_meta)
+
+
+BLOCK_CANDIDATES = (8, 16, 25, 32, 50, 64, 100, 125, 128, 200, 250, 256, 500, 512, 1000, 1024, 2000, 2500, 5000)
+
+
+def block_candidates(meta_batch_size: int, limit: int = 5) -> list[int]:
+    """Block sizes worth timing for a meta-batch: the whole batch and up to ``limit - 1`` of its
+    divisors among ``BLOCK_CANDIDATES``, spread geometrically."""
+    divisors = [d for d in BLOCK_CANDIDATES if d < meta_batch_size and meta_batch_size % d == 0]
+    if len(divisors) > limit - 1:
+        picks = np.unique(np.round(np.linspace(0, len(divisors) - 1, limit - 1)).astype(int))
+        divisors = [divisors[i] for i in picks]
+    return [meta_batch_size, *sorted(divisors, reverse=True)]
+
+
+def _previous_block(run_dir: str | None, name: str) -> tuple[bool, int | None]:
+    """Whether ``run_dir`` holds a checkpoint of run ``name`` that records its block, and the block."""
+    if run_dir is None:
+        return False, None
+    path = os.path.join(run_dir, f"{name}.ckpt.npz")
+    try:
+        record = checkpoint.read_header(path).get("extra", {}).get("fit") or {}
+    except checkpoint.CheckpointError:
+        return False, None
+    settings = record.get("settings") if isinstance(record, dict) else None
+    if not isinstance(settings, dict):
+        return False, None
+    return True, settings.get("meta_batch_block")
+
+
+def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistribution,
+                 optimiser: optax.GradientTransformation, state: TrainState, meta_batch_size: int, *,
+                 run_dir: str | None, name: str, resume: bool, stream: TextIO | None) -> int | None:
+    """The block size a run uses (see ``fit``'s ``meta_batch_block``): None, a checked int, or for
+    ``"auto"`` the resumed run's own choice or the fastest of ``block_candidates`` timed now (one
+    compile and three timed meta-steps each; the whole batch wins ties, so blocking must earn its
+    place). Returns None for the whole meta-batch."""
+    if block is None:
+        return None
+    if block == "auto":
+        if resume:
+            found, previous = _previous_block(run_dir, name)
+            if found:
+                return previous
+        timings = {}
+        for size in block_candidates(meta_batch_size):
+            candidate = learner if size == meta_batch_size else blocking.blocked(learner, size)
+            step = jax.jit(make_sampled_step(candidate, tasks, optimiser, meta_batch_size=meta_batch_size))
+            data = tasks.data
+            jax.block_until_ready(step(state, data))
+            best = math.inf
+            for _ in range(3):
+                start = time.perf_counter()
+                jax.block_until_ready(step(state, data))
+                best = min(best, time.perf_counter() - start)
+            timings[size] = best
+        chosen = min(timings, key=lambda size: (timings[size], -size))
+        shown = ", ".join(f"{size}: {1e3 * t:.1f} ms" for size, t in timings.items())
+        print(f"jmaml: meta_batch_block auto: {chosen} tasks per block (one meta-step: {shown})",
+              file=stream or sys.stderr)
+        return None if chosen == meta_batch_size else chosen
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"meta_batch_block must be an int, 'auto' or None, got {block!r}")
+    blocking.block_count(meta_batch_size, block)
+    return None if block == meta_batch_size else block
 
 
 def run_settings(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation,

@@ -109,6 +109,8 @@ class MetaLearner(NamedTuple):
       hyper: the default values of the per-call hyperparameters ``estimate`` and ``adapt`` take.
       model_params: ``model_params(meta_params) -> params``: the model's parameters at the
         meta-learned initialisation (for plots and baselines).
+      reduction: how ``loss`` (and the gradient, ``pre_adapt_loss``) combine the tasks: ``"mean"`` or
+        ``"sum"``; a meta-batch processed in blocks (``jmaml.blocking``) combines its blocks the same way.
 
     Example:
       >>> from jmaml import learners, make_loss, models
@@ -125,5 +127,6 @@ class MetaLearner(NamedTuple):
     exact_gradient: bool = True
     hyper: dict[str, Any] = {}
     model_params: Callable[[Any], Params] = lambda meta_params: meta_params
+    reduction: str = "mean"
 
 

@@ -33,4 +33,4 @@ def anil(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, mask: estimato
         return jax.tree.map(lambda r: jnp.broadcast_to(r, (n,)), estimators.anil_rates(params, inner_lr, mask))
 
     return MetaLearner(init=lambda params: params, estimate=estimate, adapt=rate_rule(loss_fn, rates), name="anil",
-                       label="ANIL", hyper={"inner_lr": inner_lr})
+                       label="ANIL", hyper={"inner_lr": inner_lr}, reduction=reduction)

@@ -120,5 +120,5 @@ def cavia(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, num_context: 
                             jnp.full((num_steps,), inner_lr, default_float()))
         return gradient_adapt(loss_fn, start, support, rates, observe=observe)
 
-    return MetaLearner(init=init, estimate=estimate, adapt=adapt, name="cavia", label="CAVIA",
+    return MetaLearner(reduction=reduction, init=init, estimate=estimate, adapt=adapt, name="cavia", label="CAVIA",
                        hyper={"inner_lr": inner_lr}, model_params=lambda mp: mp)

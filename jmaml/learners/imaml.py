@@ -35,6 +35,6 @@ def imaml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, lam: float = 
         return est(params, tasks, inner_lr=inner_lr, meta_step=meta_step)
 
     rates = lambda _, n, inner_lr=inner_lr: fixed_rates(inner_lr, n)
-    return MetaLearner(init=lambda params: params, estimate=estimate,
+    return MetaLearner(reduction=reduction, init=lambda params: params, estimate=estimate,
                        adapt=rate_rule(loss_fn, rates, prox_lambda=float(lam)), name="imaml", label="iMAML",
                        exact_gradient=False, hyper={"inner_lr": inner_lr})

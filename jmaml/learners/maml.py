@@ -195,7 +195,7 @@ def maml(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, first_order: b
         return out if observe is not None else out[0]
 
     name = "fomaml" if first_order else "maml"
-    return MetaLearner(init=lambda params: params, estimate=estimate, adapt=adapt, name=name,
+    return MetaLearner(reduction=reduction, init=lambda params: params, estimate=estimate, adapt=adapt, name=name,
                        label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,
                        hyper={"inner_lr": inner_lr, **_traced_k(num_inner_steps, max_inner_steps)})
 
@@ -259,7 +259,8 @@ def _with_inner_optimiser(loss_fn: LossFn, opt: Any, learn: tuple[str, ...], per
         return adapt_inner(fixed, params, support, inner_lr=None, num_steps=num_steps, inner_optimiser=opt,
                            inner_hyper=hyper, observe=observe)
 
-    return MetaLearner(init=init, estimate=estimate, adapt=adapt, name="fomaml" if first_order else "maml",
+    return MetaLearner(reduction=reduction, init=init, estimate=estimate, adapt=adapt,
+                       name="fomaml" if first_order else "maml",
                        label="FOMAML" if first_order else "MAML", exact_gradient=not first_order,
                        hyper={"inner_lr": None, "inner_hyper": None, **_traced_k(default_k, max_inner_steps)},
                        model_params=(lambda mp: mp.params) if learn else (lambda mp: mp))

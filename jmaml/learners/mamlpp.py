@@ -54,4 +54,5 @@ def mamlpp(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, multi_step_l
     model_params = lambda mp: mp.params
     return MetaLearner(init=lambda params: estimators.mamlpp_init(params, inner_lr, num_inner_steps),
                        estimate=estimate, adapt=rate_rule(loss_fn, rates, model_params=model_params), name="mamlpp",
-                       label="MAML++", exact_gradient=first_order_steps == 0, model_params=model_params)
+                       label="MAML++", exact_gradient=first_order_steps == 0, model_params=model_params,
+                       reduction=reduction)

@@ -45,4 +45,4 @@ def meta_sgd(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, reduction:
     model_params = lambda mp: mp.params
     return MetaLearner(init=lambda params: estimators.meta_sgd_init(params, inner_lr), estimate=estimate,
                        adapt=rate_rule(loss_fn, rates, model_params=model_params), name="metasgd", label="Meta-SGD",
-                       model_params=model_params)
+                       model_params=model_params, reduction=reduction)

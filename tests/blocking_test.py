@@ -1,0 +1,125 @@
+"""The task axis in blocks (jmaml.blocking, fit(meta_batch_block=)): the blocked estimate equals the whole
+meta-batch's for every learner, in float64; blocked runs resume bitwise; "auto" keeps its choice on resume."""
+
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jmaml
+from jmaml import blocking, checkpoint, learners, make_loss, models
+
+ALGOS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "imaml", "reptile", "cavia")
+
+
+def _learner(name, reduction="mean"):
+    if name == "cavia":
+        model = learners.with_context(models.mlp([3, 8, 1]), 2)
+        return model, learners.cavia(make_loss(model.apply, "mse"), inner_lr=0.1, num_inner_steps=2, num_context=2,
+                                     reduction=reduction)
+    model = models.mlp([1, 8, 8, 1])
+    return model, learners.make(name, make_loss(model.apply, "mse"), inner_lr=0.02, num_inner_steps=2,
+                                reduction=reduction) if name != "reptile" else \
+        learners.make(name, make_loss(model.apply, "mse"), inner_lr=0.02, num_inner_steps=2)
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_the_blocked_gradient_equals_the_whole_batchs_in_float64(x64, name):
+    model, learner = _learner(name)
+    mp = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), learner.init(model.init(jax.random.key(0))))
+    tasks = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                         jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5).sample(jax.random.key(1), 12))
+    whole = learner.estimate(mp, tasks, jnp.asarray(3))
+    for size in (4, 3, 1):
+        parts = blocking.blocked(learner, size).estimate(mp, tasks, jnp.asarray(3))
+        assert float(parts[0]) == pytest.approx(float(whole[0]), rel=1e-13)
+        for a, b in zip(jax.tree.leaves(parts[1]), jax.tree.leaves(whole[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
+        np.testing.assert_allclose(parts[2]["task_losses"], whole[2]["task_losses"], rtol=1e-13)
+        assert float(parts[2]["pre_adapt_loss"]) == pytest.approx(float(whole[2]["pre_adapt_loss"]), rel=1e-13)
+
+
+def test_a_sum_reduction_sums_its_blocks(x64):
+    model, learner = _learner("maml", reduction="sum")
+    assert learner.reduction == "sum"
+    mp = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.key(0)))
+    tasks = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                         jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5).sample(jax.random.key(1), 8))
+    whole, parts = learner.estimate(mp, tasks), blocking.blocked(learner, 2).estimate(mp, tasks)
+    assert float(parts[0]) == pytest.approx(float(whole[0]), rel=1e-13)
+
+
+def test_a_model_with_state_and_traced_k_through_blocks(x64):
+    model = models.mlp_batchnorm([1, 8, 1])
+    learner = learners.maml(make_loss(model.apply, "mse", stateful=True), inner_lr=0.05, num_inner_steps=2,
+                            max_inner_steps=3)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.key(0)))
+    state = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if a.dtype == jnp.float32 else a, model.init_state())
+    tasks = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                         jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5).sample(jax.random.key(1), 8))
+    k = jnp.asarray(3)
+    whole = learner.estimate(params, tasks, None, model_state=state, num_inner_steps=k)
+    parts = blocking.blocked(learner, 4).estimate(params, tasks, None, model_state=state, num_inner_steps=k)
+    assert float(parts[0]) == pytest.approx(float(whole[0]), rel=1e-13)
+    for a, b in zip(jax.tree.leaves(parts[3]), jax.tree.leaves(whole[3])):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_a_block_that_does_not_divide_the_batch_is_named():
+    _, learner = _learner("maml")
+    with pytest.raises(ValueError, match="meta_batch_block=3 must divide the meta-batch of 8 tasks"):
+        blocking.blocked(learner, 3).estimate(models.mlp([1, 8, 8, 1]).init(jax.random.key(0)),
+                                              jmaml.tasks.sinusoid.distribution().sample(jax.random.key(1), 8))
+    with pytest.raises(ValueError, match="meta_batch_block must be"):
+        blocking.blocked(learner, 0)
+
+
+def _fit(run_dir, block, steps=20, **run):
+    model, learner = _learner("maml")
+    return jmaml.fit(learner, jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5), optax.adam(1e-3),
+                     model.init(jax.random.key(0)), steps=steps, meta_batch_size=8, key=2, meta_batch_block=block,
+                     run=jmaml.RunDir(str(run_dir), checkpoint_every=10, **run),
+                     log=jmaml.Logging(every=10, progress=False, stream=io.StringIO()))
+
+
+def test_a_blocked_run_resumes_bitwise_and_its_block_is_part_of_the_fingerprint(tmp_path):
+    straight = _fit(tmp_path / "a", 4)
+    with pytest.raises(jmaml.Interrupted):
+        model, learner = _learner("maml")
+        jmaml.fit(learner, jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5), optax.adam(1e-3),
+                  model.init(jax.random.key(0)), steps=20, meta_batch_size=8, key=2, meta_batch_block=4,
+                  run=jmaml.RunDir(str(tmp_path / "b"), checkpoint_every=10),
+                  log=jmaml.Logging(every=10, progress=False), stop_at_step=10)
+    resumed = _fit(tmp_path / "b", 4, resume=True)
+    for u, v in zip(checkpoint.host_leaves(straight), checkpoint.host_leaves(resumed)):
+        np.testing.assert_array_equal(u, v)
+    with pytest.raises(ValueError, match="meta_batch_block"):
+        _fit(tmp_path / "a", 2, steps=30, resume=True)
+    whole = _fit(tmp_path / "c", None)
+    for u, v in zip(jax.tree.leaves(whole.params), jax.tree.leaves(straight.params)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)  # the same training, to float32 round-off
+
+
+def test_auto_keeps_its_choice_on_resume_whatever_the_load(tmp_path, monkeypatch):
+    from jmaml import engine
+    with pytest.raises(jmaml.Interrupted):
+        model, learner = _learner("maml")
+        jmaml.fit(learner, jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5), optax.adam(1e-3),
+                  model.init(jax.random.key(0)), steps=20, meta_batch_size=8, key=2, meta_batch_block="auto",
+                  run=jmaml.RunDir(str(tmp_path / "run"), checkpoint_every=10),
+                  log=jmaml.Logging(every=10, progress=False, stream=io.StringIO()), stop_at_step=10)
+    header = checkpoint.read_header(os.path.join(tmp_path, "run", "maml.ckpt.npz"))
+    chosen = header["extra"]["fit"]["settings"].get("meta_batch_block")
+
+    def no_timing(*args, **kwargs):  # a resume must not measure again (the load may differ now)
+        raise AssertionError("timed again on resume")
+
+    monkeypatch.setattr(engine, "block_candidates", no_timing)
+    resumed = _fit(tmp_path / "run", "auto", resume=True)
+    assert int(resumed.step) == 20
+    again = checkpoint.read_header(os.path.join(tmp_path, "run", "maml.ckpt.npz"))
+    assert again["extra"]["fit"]["settings"].get("meta_batch_block") == chosen
