@@ -21,6 +21,15 @@ DEFAULT_RUN_DIR = os.path.join("runs", "sinusoid")
 MAX_SWEEP_SEEDS = 1000  # jmaml sweep --seeds: initial-parameter seeds 0..N-1 per grid point
 
 
+def _block_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tasks or auto, got {text!r}") from None
+
+
 def _cmd_seed(args: argparse.Namespace) -> int:
     tasks = conventional = None
     if args.tasks is not None:
@@ -60,7 +69,7 @@ _TRAIN_FLAGS = {
     "log_every": "log_every", "pretrain": "pretrain", "remat": "remat", "algo": "algo",
     "task": "task", "data_dir": "data_dir", "cache_dir": "cache_dir", "ways": "ways", "image_size": "image_size",
     "backbone": "backbone", "precision": "precision", "eval_inner_steps": "eval_inner_steps",
-    "num_train_classes": "num_train_classes",
+    "num_train_classes": "num_train_classes", "meta_batch_block": "meta_batch_block",
 }
 
 
@@ -367,6 +376,10 @@ def _add_train_parser(sub) -> None:
                         "train/CLASS/..., CIFAR-FS and FC100: CIFAR-100's CLASS/*.png folders)")
     g.add_argument("--backbone", default=None, choices=("conv4", "resnet12"),
                    help="image tasks: conv4 (default; the MAML paper's) or resnet12 (64-160-320-640)")
+    g.add_argument("--meta-batch-block", default=None, type=_block_arg, metavar="N|auto",
+                   help="process each meta-batch in blocks of N tasks (the same gradient to float round-off, a "
+                        "working set that stays in cache); auto: time a few sizes on the first compile and keep the "
+                        "fastest (a resume keeps it); default: the whole meta-batch at once")
     g.add_argument("--precision", default=None, choices=("float32", "bf16"),
                    help="bf16: the model's forward and backward passes in bfloat16, parameters, optimiser state and "
                         "meta-gradient in float32 (default float32)")

@@ -96,6 +96,9 @@ class TrainConfig:
     # Stop when, over a chunk, the adapted query loss averages more than this many times the
     # un-adapted one: the inner loop is exploding (the seed's -1515.48, at scale). inf disables.
     max_loss_ratio: float = 1000.0
+    # tasks per block of the meta-batch (jmaml.blocking): an int dividing meta_batch_size, "auto" (timed on the
+    # first compile, kept on resume) or None (the whole meta-batch at once)
+    meta_batch_block: int | str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algo_options", _freeze(self.algo_options))
@@ -145,6 +148,11 @@ class TrainConfig:
         check_seed(self.seed, "seed")
         if self.task_seed is not None:
             check_seed(self.task_seed, "task_seed")
+        if self.meta_batch_block is not None and self.meta_batch_block != "auto":
+            if isinstance(self.meta_batch_block, bool) or not isinstance(self.meta_batch_block, int):
+                raise ValueError(f"meta_batch_block must be an int, 'auto' or None, got {self.meta_batch_block!r}")
+            from jmaml.blocking import block_count
+            block_count(self.meta_batch_size, self.meta_batch_block)
         if self.checkpoint_every % self.log_every:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                              f"log_every ({self.log_every}): checkpoints are written between chunks")

@@ -525,7 +525,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     settings = run_settings(learner, tasks, optimiser, state, meta_batch_size, fingerprint)
     with runstore.lock(run_dir) if run_dir is not None and writer else contextlib.nullcontext():
         block = choose_block(meta_batch_block, learner, tasks, optimiser, state, meta_batch_size, run_dir=run_dir,
-                             name=name, resume=resume, stream=stream)
+                             name=name, resume=resume, stream=stream, mesh=mesh, host_loop=host_loop)
         if block is not None:
             settings["meta_batch_block"] = block
             learner = blocking.blocked(learner, block)
@@ -537,6 +537,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
                           checkpoint_meta=checkpoint_meta)
 
 
+CALIBRATION_STEPS = 3  # meta-steps per timed chunk when meta_batch_block="auto" calibrates
 BLOCK_CANDIDATES = (8, 16, 25, 32, 50, 64, 100, 125, 128, 200, 250, 256, 500, 512, 1000, 1024, 2000, 2500, 5000)
 
 
@@ -567,11 +568,12 @@ def _previous_block(run_dir: str | None, name: str) -> tuple[bool, int | None]:
 
 def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistribution,
                  optimiser: optax.GradientTransformation, state: TrainState, meta_batch_size: int, *,
-                 run_dir: str | None, name: str, resume: bool, stream: TextIO | None) -> int | None:
+                 run_dir: str | None, name: str, resume: bool, stream: TextIO | None, mesh: Mesh | None = None,
+                 host_loop: bool = False) -> int | None:
     """The block size a run uses (see ``fit``'s ``meta_batch_block``): None, a checked int, or for
-    ``"auto"`` the resumed run's own choice or the fastest of ``block_candidates`` timed now (one
-    compile and three timed meta-steps each; the whole batch wins ties, so blocking must earn its
-    place). Returns None for the whole meta-batch."""
+    ``"auto"`` the resumed run's own choice or the fastest of ``block_candidates`` timed now (each a
+    compiled chunk of ``CALIBRATION_STEPS`` meta-steps, the best of three; the whole batch wins ties, so
+    blocking must earn its place). Returns None for the whole meta-batch."""
     if block is None:
         return None
     if block == "auto":
@@ -580,16 +582,16 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
             if found:
                 return previous
         timings = {}
-        for size in block_candidates(meta_batch_size):
+        for size in block_candidates(meta_batch_size):  # each timed as the run will run it: a compiled chunk
             candidate = learner if size == meta_batch_size else blocking.blocked(learner, size)
-            step = jax.jit(make_sampled_step(candidate, tasks, optimiser, meta_batch_size=meta_batch_size))
-            data = tasks.data
-            jax.block_until_ready(step(state, data))
+            chunk = make_chunk(candidate, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh,
+                               host_loop=host_loop)
+            jax.block_until_ready(chunk(state, CALIBRATION_STEPS)[1])
             best = math.inf
             for _ in range(3):
                 start = time.perf_counter()
-                jax.block_until_ready(step(state, data))
-                best = min(best, time.perf_counter() - start)
+                jax.block_until_ready(chunk(state, CALIBRATION_STEPS)[1])
+                best = min(best, (time.perf_counter() - start) / CALIBRATION_STEPS)
             timings[size] = best
         chosen = min(timings, key=lambda size: (timings[size], -size))
         shown = ", ".join(f"{size}: {1e3 * t:.1f} ms" for size, t in timings.items())

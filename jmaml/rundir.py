@@ -41,7 +41,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "eval.md")
 
 
 # Fields added to TrainConfig after runs were written, with the value every older run implicitly had.
-_LATER_FIELDS = {"backbone": "conv4", "precision": "float32"}
+_LATER_FIELDS = {"backbone": "conv4", "precision": "float32", "meta_batch_block": None}
 
 
 # Fields added without an entry above, so runs written before them were fingerprinted without them and

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import jax
 from jax.sharding import Mesh
 
-from jmaml import _signals, distributed, engine, learners, recipes, rundir, tasks
+from jmaml import _signals, blocking, distributed, engine, learners, recipes, rundir, tasks
 from jmaml import writers as writers_mod
 from jmaml._util import x64_enabled
 from jmaml.config import BASELINE, OPTIMISERS, TrainConfig  # noqa: F401 - re-exported
@@ -57,6 +57,12 @@ def make_chunk(config: TrainConfig, phase: str = "maml", mesh: Mesh | None = Non
     phase = _phase_name(config, phase)
     learner, dist, optimiser = recipes.phase_parts(config, phase)
     host_loop = _host_loop(config)
+    if config.meta_batch_block is not None and phase != BASELINE:
+        block = engine.choose_block(config.meta_batch_block, learner, dist, optimiser,
+                                    engine.initial_state(learner, recipes.initial_params(config, phase), optimiser,
+                                                         task_stream_key(config, phase)),
+                                    config.meta_batch_size, run_dir=None, name=phase, resume=False, stream=None)
+        learner = learner if block is None else blocking.blocked(learner, block)
     return engine.make_chunk(learner, dist, optimiser, meta_batch_size=config.meta_batch_size, mesh=mesh,
                              host_loop=host_loop)
 
@@ -105,7 +111,8 @@ def _fit_phase(config: TrainConfig, run_dir: str, phase: str, *, resume: bool, s
                       meta_batch_size=config.meta_batch_size, key=task_stream_key(config, phase), run=where,
                       log=engine.Logging(every=config.log_every, stream=stream, writers=writers), name=phase,
                       max_loss_ratio=config.max_loss_ratio if phase != BASELINE else float("inf"), mesh=mesh,
-                      stop_at_step=stop_at_step, host_loop=_host_loop(config))
+                      stop_at_step=stop_at_step, host_loop=_host_loop(config),
+                      meta_batch_block=config.meta_batch_block if phase != BASELINE else None)
 
 
 def _allow_changed(allow: tuple[str, ...]) -> bool | tuple[str, ...]:
