@@ -12,3 +12,6 @@ python3 -c "import jax, optax, chex; print('jax', jax.__version__, jax.devices()
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q tests 2>&1 | tail -25 | tee "$out/tests.txt"
 timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench.py --device gpu --only steps,breakdown --min-time 1 \
   --out "$out/gpu" 2>&1 | tail -40
+# the task axis in blocks at GPU-sized meta-batches (issue 23): whole batch, auto's block, naive JAX
+timeout "${BLOCKS_TIMEOUT:-240}" python3 scripts/bench/blocks_bench.py --cells 10000x1,10000x5,100000x1,100000x5 \
+  --rounds 1 --min-time 1 --out "$out/blocks_gpu" 2>&1 | tail -12
