@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jmaml import distributed, engine, runstore
+from jmaml import blocking, distributed, engine, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
 from jmaml._checks import check_max_loss_ratio
@@ -135,10 +135,12 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
                    model_state: Any = None, run: engine.RunDir | str | None = None,
                    log: engine.Logging | None = None, name: str | None = None, max_loss_ratio: float = 1000.0,
                    mesh: Mesh | None = None, shard: str = "points",
-                   stop_at_step: int | None = None) -> PopulationState:
+                   stop_at_step: int | None = None, meta_batch_block: int | None = None) -> PopulationState:
     """Meta-trains a population of runs as one compiled program; returns its ``PopulationState``.
 
     Args:
+      meta_batch_block: each point's meta-batch in blocks of this many tasks (``jmaml.blocking``; part of
+        the fingerprint). ``"auto"`` is ``fit``'s alone: time one point with ``fit`` and pass its block.
       learner, tasks, steps, meta_batch_size, key, model_state, run, log, stop_at_step: as in
         ``jmaml.fit`` (the population is checkpointed, fingerprinted and resumed as one run; its
         points are part of its fingerprint; ``log``'s callback gets the ``PopulationState``).
@@ -230,6 +232,13 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
                             alive=jnp.ones((size,), bool), diverged_at=jnp.full((size,), -1, jnp.int32),
                             last_loss=jnp.full((size,), jnp.nan, jnp.float32))
     settings = engine.run_settings(learner, tasks, opt, start, meta_batch_size, fingerprint)
+    if meta_batch_block is not None:
+        if isinstance(meta_batch_block, bool) or not isinstance(meta_batch_block, int):
+            raise TypeError(f"meta_batch_block must be an int or None for a population, got {meta_batch_block!r}")
+        blocking.block_count(meta_batch_size, meta_batch_block)
+        if meta_batch_block != meta_batch_size:
+            settings["meta_batch_block"] = meta_batch_block
+            learner = blocking.blocked(learner, meta_batch_block)
     settings["points"] = values
     settings["key"] = fp.describe(state.key)
     settings["max_loss_ratio"] = fp.describe(float(max_loss_ratio))
