@@ -599,7 +599,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="output prefix (default scripts/bench/results/<device>)")
     parser.add_argument("--quick", action="store_true", help="short measurements, fewer cells")
     parser.add_argument("--only", default="steps,roofline,compile,memory,grid,breakdown",
-                        help="comma-separated parts to run")
+                        help="comma-separated parts to run (also: blocks, the blocked task axis at B = 1000 and "
+                             "10,000; not run by default)")
     parser.add_argument("--grid-steps", type=int, default=None)
     parser.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 2)")
     parser.add_argument("--rounds", type=int, default=None,
@@ -651,15 +652,29 @@ def main(argv=None) -> int:
         result["grid"] = grid_vs_sequential(steps, log, sequential_compiling=args.device == "cpu")
     if "breakdown" in only:
         result["breakdown"] = breakdown(log)
+    if "blocks" in only:  # the task axis in blocks at large meta-batches (scripts/bench/blocks_bench.py)
+        from scripts.bench.blocks_bench import measure as measure_blocks
+
+        block_cells = [(1000, 1), (1000, 5)] if args.quick else [(1000, 1), (1000, 5), (10_000, 1), (10_000, 5)]
+        if args.device == "gpu":
+            block_cells = [(10_000, 1), (10_000, 5), (100_000, 1), (100_000, 5)]
+        result["blocks"] = measure_blocks(block_cells, args.rounds or (2 if args.device == "cpu" else 1), min_time,
+                                          log)
     if os.path.exists(prefix + ".partial.json"):
         os.remove(prefix + ".partial.json")
     if args.merge and os.path.exists(prefix + ".json"):  # keep the parts not rerun this time
         with open(prefix + ".json", encoding="utf-8") as f:
             result = {**json.load(f), **result}
-    result["roofline"] = roofline(result)
+    result["roofline"] = roofline(result) if result.get("ceilings") else result.get("roofline", [])
     with open(prefix + ".json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    md = to_markdown(result) if "steps_per_second" in result else json.dumps(result, indent=2)
+    md = to_markdown(result) if "steps_per_second" in result else json.dumps(
+        {k: v for k, v in result.items() if k != "blocks"}, indent=2)
+    if result.get("blocks"):
+        from scripts.bench.blocks_bench import to_markdown as blocks_markdown
+
+        md += "\n\n" + blocks_markdown({"machine": result["machine"].get("cpu") or result["machine"],
+                                        "date": result["date"], "rounds": args.rounds or 2, "cells": result["blocks"]})
     with open(prefix + ".md", "w", encoding="utf-8") as f:
         f.write(md)
     print(md)
