@@ -15,6 +15,8 @@ remat (they are the learner's own).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +31,17 @@ def block_count(num_tasks: int, block_size: int) -> int:
         raise ValueError(f"meta_batch_block={block_size} must divide the meta-batch of {num_tasks} tasks (blocks of "
                          "equal size keep the combination exact)")
     return num_tasks // block_size
+
+
+def check_block(block: Any, meta_batch_size: int) -> int | None:
+    """A block size as a run uses it: None, or an int dividing the meta-batch (TypeError/ValueError naming
+    it otherwise); a block of the whole meta-batch is None (no blocking)."""
+    if block is None:
+        return None
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"meta_batch_block must be an int, 'auto' or None, got {block!r}")
+    block_count(meta_batch_size, block)
+    return None if block == meta_batch_size else block
 
 
 def _combine(values: jax.Array, reduction: str) -> jax.Array:
@@ -80,12 +93,11 @@ def blocked(learner: MetaLearner, block_size: int) -> MetaLearner:
         out = jax.lax.map(lambda block: learner.estimate(meta_params, block, meta_step, **kw), split)
         loss, grads, metrics = out[0], out[1], out[2]
 
-        def metric(value):
+        def metric(value):  # a leading block axis, from lax.map
             if value.ndim >= 2 and value.shape[1] == block_size:  # one value per task: back in order
                 return value.reshape(num_tasks, *value.shape[2:])
-            return _combine(value, reduction) if value.ndim else value
+            return _combine(value, reduction)
         combined = {name: metric(v) for name, v in metrics.items()}
-        # learner-specific metrics with a dtype that cannot be averaged (counts) keep the blocks' mean too
         result = (_combine(loss, reduction), jax.tree.map(lambda g: _combine(g, reduction).astype(g.dtype), grads),
                   combined)
         if len(out) == 4:  # a model with state: each block updated it from the same start; their mean carries on

@@ -148,11 +148,9 @@ class TrainConfig:
         check_seed(self.seed, "seed")
         if self.task_seed is not None:
             check_seed(self.task_seed, "task_seed")
-        if self.meta_batch_block is not None and self.meta_batch_block != "auto":
-            if isinstance(self.meta_batch_block, bool) or not isinstance(self.meta_batch_block, int):
-                raise ValueError(f"meta_batch_block must be an int, 'auto' or None, got {self.meta_batch_block!r}")
-            from jmaml.blocking import block_count
-            block_count(self.meta_batch_size, self.meta_batch_block)
+        if self.meta_batch_block != "auto":
+            from jmaml.blocking import check_block
+            check_block(self.meta_batch_block, self.meta_batch_size)
         if self.checkpoint_every % self.log_every:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                              f"log_every ({self.log_every}): checkpoints are written between chunks")

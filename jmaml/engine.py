@@ -574,8 +574,6 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
     ``"auto"`` the resumed run's own choice or the fastest of ``block_candidates`` timed now (each a
     compiled chunk of ``CALIBRATION_STEPS`` meta-steps, the best of three; the whole batch wins ties, so
     blocking must earn its place). Returns None for the whole meta-batch."""
-    if block is None:
-        return None
     if block == "auto":
         if resume:
             found, previous = _previous_block(run_dir, name)
@@ -598,10 +596,7 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
         print(f"jmaml: meta_batch_block auto: {chosen} tasks per block (one meta-step: {shown})",
               file=stream or sys.stderr)
         return None if chosen == meta_batch_size else chosen
-    if isinstance(block, bool) or not isinstance(block, int):
-        raise TypeError(f"meta_batch_block must be an int, 'auto' or None, got {block!r}")
-    blocking.block_count(meta_batch_size, block)
-    return None if block == meta_batch_size else block
+    return blocking.check_block(block, meta_batch_size)
 
 
 def run_settings(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation,

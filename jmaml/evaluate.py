@@ -114,6 +114,20 @@ MAX_EVAL_TASKS = 10_000_000  # evaluate() refuses more held-out tasks than this
 DIVERGED_RATIO = 1000.0  # as TrainConfig.max_loss_ratio: an adapted loss this many times the un-adapted one
 
 
+def _diverged_ratio(diverged_ratio: float | None, higher_is_better: bool) -> float:
+    """The ratio past which a task's loss has diverged: ``DIVERGED_RATIO`` by default; a score takes None
+    or inf (its tasks are never dropped). ValueError for a finite ratio with a score, or a ratio <= 0 or NaN."""
+    if higher_is_better:
+        if diverged_ratio is not None and np.isfinite(diverged_ratio):
+            raise ValueError(f"diverged_ratio={diverged_ratio!r} applies to a loss; this metric is a score "
+                             "(higher is better), whose tasks are never dropped: pass None")
+        return float("inf")
+    ratio = DIVERGED_RATIO if diverged_ratio is None else float(diverged_ratio)
+    if not ratio > 0:  # also NaN
+        raise ValueError(f"diverged_ratio must be a positive number (inf: never), got {diverged_ratio!r}")
+    return ratio
+
+
 def summarize(values: np.ndarray, diverged_ratio: float | None = DIVERGED_RATIO, *,
               higher_is_better: bool = False) -> dict[str, Any]:
     """Per step: the mean over every task (``mean_all``), and the mean, 95% CI half-width (1.96
@@ -129,15 +143,10 @@ def summarize(values: np.ndarray, diverged_ratio: float | None = DIVERGED_RATIO,
     is NaN (undefined), never 0.
     """
     values = np.asarray(values, dtype=np.float64)
+    ratio = _diverged_ratio(diverged_ratio, higher_is_better)
     if higher_is_better:
-        if diverged_ratio is not None and np.isfinite(diverged_ratio):
-            raise ValueError(f"diverged_ratio={diverged_ratio!r} applies to a loss; this metric is a score "
-                             "(higher is better), whose tasks are never dropped: pass None")
         exploded = np.zeros(values.shape, bool)
     else:
-        ratio = DIVERGED_RATIO if diverged_ratio is None else float(diverged_ratio)
-        if not ratio > 0:  # also NaN
-            raise ValueError(f"diverged_ratio must be a positive number (inf: never), got {diverged_ratio!r}")
         with np.errstate(invalid="ignore", over="ignore"):
             exploded = values > ratio * np.abs(values[:, :1])
     mean, mean_all, ci, median, diverged = [], [], [], [], []
@@ -328,7 +337,7 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
         make = tasks.make_metric
         metric = make(apply) if model_state is None else \
             (lambda p, q, s: make(lambda pp, x: apply(pp, x, s)[0])(p, q))  # a stateful apply: (pred, state)
-    summarize(np.zeros((2, 1)), diverged_ratio, higher_is_better=higher_is_better)  # checks the ratio now
+    _diverged_ratio(diverged_ratio, higher_is_better)  # refused before anything compiles
     key = jax.random.key(key) if isinstance(key, int) else key
 
     # hyperparameters are arguments, not constants: a rate search compiles once for all its candidates

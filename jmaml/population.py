@@ -232,13 +232,10 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
                             alive=jnp.ones((size,), bool), diverged_at=jnp.full((size,), -1, jnp.int32),
                             last_loss=jnp.full((size,), jnp.nan, jnp.float32))
     settings = engine.run_settings(learner, tasks, opt, start, meta_batch_size, fingerprint)
-    if meta_batch_block is not None:
-        if isinstance(meta_batch_block, bool) or not isinstance(meta_batch_block, int):
-            raise TypeError(f"meta_batch_block must be an int or None for a population, got {meta_batch_block!r}")
-        blocking.block_count(meta_batch_size, meta_batch_block)
-        if meta_batch_block != meta_batch_size:
-            settings["meta_batch_block"] = meta_batch_block
-            learner = blocking.blocked(learner, meta_batch_block)
+    block = blocking.check_block(meta_batch_block, meta_batch_size)
+    if block is not None:
+        settings["meta_batch_block"] = block
+        learner = blocking.blocked(learner, block)
     settings["points"] = values
     settings["key"] = fp.describe(state.key)
     settings["max_loss_ratio"] = fp.describe(float(max_loss_ratio))

@@ -59,9 +59,8 @@ def make_chunk(config: TrainConfig, phase: str = "maml", mesh: Mesh | None = Non
     host_loop = _host_loop(config)
     if config.meta_batch_block is not None and phase != BASELINE:
         block = engine.choose_block(config.meta_batch_block, learner, dist, optimiser,
-                                    engine.initial_state(learner, recipes.initial_params(config, phase), optimiser,
-                                                         task_stream_key(config, phase)),
-                                    config.meta_batch_size, run_dir=None, name=phase, resume=False, stream=None)
+                                    recipes.initial_state(config, phase), config.meta_batch_size, run_dir=None,
+                                    name=phase, resume=False, stream=None, mesh=mesh, host_loop=host_loop)
         learner = learner if block is None else blocking.blocked(learner, block)
     return engine.make_chunk(learner, dist, optimiser, meta_batch_size=config.meta_batch_size, mesh=mesh,
                              host_loop=host_loop)

@@ -94,22 +94,9 @@ def _config(meta_batch: int, k: int, impl: str, chunk_len: int = 1):
 
 
 def bench_jmaml(meta_batch: int, k: int, impl: str, chunk_len: int, min_time: float) -> float:
-    import jax
+    from scripts.bench import chunk_runner
 
-    from jmaml import train
-
-    config = _config(meta_batch, k, impl, chunk_len)
-    chunk = train.make_chunk(config)
-    state = {"s": train.initial_state(config)}
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        s, m = chunk(state["s"], chunk_len)
-        jax.block_until_ready(m["meta_loss"])
-        state["s"] = s
-        return time.perf_counter() - t0
-
-    return _timed(run, chunk_len, min_time)
+    return _timed(chunk_runner(_config(meta_batch, k, impl, chunk_len), chunk_len), chunk_len, min_time)
 
 
 def bench_peer_jax(meta_batch: int, k: int, calls: int, min_time: float) -> float:

@@ -22,23 +22,12 @@ sys.path.insert(0, ROOT)
 
 
 def _jmaml_runner(meta_batch: int, k: int, block, chunk_len: int):
-    import jax
-
     from jmaml import train
+    from scripts.bench import chunk_runner
 
     config = train.TrainConfig(meta_batch_size=meta_batch, num_inner_steps=k, log_every=chunk_len,
                                checkpoint_every=chunk_len, steps=chunk_len, meta_batch_block=block).validate()
-    chunk = train.make_chunk(config)
-    state = {"s": train.initial_state(config)}
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        s, m = chunk(state["s"], chunk_len)
-        jax.block_until_ready(m["meta_loss"])
-        state["s"] = s
-        return time.perf_counter() - t0
-
-    return run
+    return chunk_runner(config, chunk_len)
 
 
 def _naive_runner(meta_batch: int, k: int, calls: int):
