@@ -10,7 +10,8 @@ estimate up to the order of floating-point summation (tested in float64).
 It applies to every learner whose ``estimate`` combines its tasks by a mean or a sum
 (``MetaLearner.reduction``) — all eight built-in ones — and composes with anything that calls a
 learner: ``jmaml.fit``, populations (``fit_population`` vmaps over the blocked estimate), traced k and
-remat (they are the learner's own).
+remat (they are the learner's own), and sharding over a mesh (the blocks are taken within each device's
+shard).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from jmaml import distributed
 from jmaml._checks import check_positive_int
 from jmaml.protocols import MetaLearner
 
@@ -33,15 +36,22 @@ def block_count(num_tasks: int, block_size: int) -> int:
     return num_tasks // block_size
 
 
-def check_block(block: Any, meta_batch_size: int) -> int | None:
-    """A block size as a run uses it: None, or an int dividing the meta-batch (TypeError/ValueError naming
-    it otherwise); a block of the whole meta-batch is None (no blocking)."""
+def shard_count(mesh: Mesh | None) -> int:
+    """The devices a meta-batch is split over (1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.devices.size)
+
+
+def check_block(block: Any, meta_batch_size: int, mesh: Mesh | None = None) -> int | None:
+    """A block size as a run uses it: None, or an int dividing the meta-batch -- each device's shard of it,
+    with a ``mesh`` (TypeError/ValueError naming it otherwise); a block of the whole shard is None (no
+    blocking)."""
     if block is None:
         return None
     if isinstance(block, bool) or not isinstance(block, int):
         raise TypeError(f"meta_batch_block must be an int, 'auto' or None, got {block!r}")
-    block_count(meta_batch_size, block)
-    return None if block == meta_batch_size else block
+    shard = meta_batch_size // shard_count(mesh)
+    block_count(shard, block)
+    return None if block == shard else block
 
 
 def _combine(values: jax.Array, reduction: str) -> jax.Array:
@@ -49,13 +59,17 @@ def _combine(values: jax.Array, reduction: str) -> jax.Array:
     return jnp.sum(values, axis=0) if reduction == "sum" else jnp.mean(values, axis=0)
 
 
-def blocked(learner: MetaLearner, block_size: int) -> MetaLearner:
+def blocked(learner: MetaLearner, block_size: int, mesh: Mesh | None = None) -> MetaLearner:
     """``learner`` whose ``estimate`` processes the meta-batch in blocks of ``block_size`` tasks.
 
     Args:
       learner: any ``MetaLearner`` whose ``estimate`` combines its tasks by ``learner.reduction``.
       block_size: tasks per block; it must divide the meta-batch (a ValueError names both otherwise).
         A block as large as the meta-batch calls ``learner.estimate`` unchanged.
+      mesh: the meta-batch is sharded over this mesh's devices (``jmaml.distributed.task_mesh``): the blocks
+        are then taken within each device's shard -- ``block_size`` tasks of every device per block, so
+        each device walks its own tasks in blocks and no task crosses devices -- and ``block_size`` must
+        divide the shard.
 
     Returns:
       The learner with a blocked ``estimate`` (everything else unchanged). Its loss, gradient,
@@ -84,18 +98,31 @@ def blocked(learner: MetaLearner, block_size: int) -> MetaLearner:
         raise ValueError(f"learner {learner.name!r}: reduction must be 'mean' or 'sum' to combine blocks, got "
                          f"{reduction!r}")
 
+    shards = shard_count(mesh)
+
     def estimate(meta_params, tasks, meta_step=None, **kw):
         num_tasks = jax.tree.leaves(tasks)[0].shape[0]
-        blocks = block_count(num_tasks, block_size)
+        if num_tasks % shards:
+            raise ValueError(f"a meta-batch of {num_tasks} tasks does not split over the mesh's {shards} devices")
+        blocks = block_count(num_tasks // shards, block_size)
         if blocks == 1:
             return learner.estimate(meta_params, tasks, meta_step, **kw)
-        split = jax.tree.map(lambda a: a.reshape(blocks, block_size, *a.shape[1:]), tasks)
-        out = jax.lax.map(lambda block: learner.estimate(meta_params, block, meta_step, **kw), split)
+        width = shards * block_size  # tasks per block: block_size of every device's shard
+
+        def split(a):  # (shards * blocks * block_size, ...) -> (blocks, shards * block_size, ...)
+            a = a.reshape(shards, blocks, block_size, *a.shape[1:]).swapaxes(0, 1)
+            return a.reshape(blocks, width, *a.shape[3:])
+
+        def one_block(block):
+            return learner.estimate(meta_params, distributed.shard_tasks(block, mesh), meta_step, **kw)
+
+        out = jax.lax.map(one_block, jax.tree.map(split, tasks))
         loss, grads, metrics = out[0], out[1], out[2]
 
         def metric(value):  # a leading block axis, from lax.map
-            if value.ndim >= 2 and value.shape[1] == block_size:  # one value per task: back in order
-                return value.reshape(num_tasks, *value.shape[2:])
+            if value.ndim >= 2 and value.shape[1] == width:  # one value per task: back in the batch's order
+                value = value.reshape(blocks, shards, block_size, *value.shape[2:]).swapaxes(0, 1)
+                return value.reshape(num_tasks, *value.shape[3:])
             return _combine(value, reduction)
         combined = {name: metric(v) for name, v in metrics.items()}
         result = (_combine(loss, reduction), jax.tree.map(lambda g: _combine(g, reduction).astype(g.dtype), grads),

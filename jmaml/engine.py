@@ -472,7 +472,8 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         same gradient to float round-off, a working set that stays in cache); ``"auto"`` times a few
         block sizes on the first compile and keeps the fastest; None: the whole meta-batch at once. The
         block is part of the run's fingerprint, and a resumed ``"auto"`` run keeps the block it chose,
-        whatever the machine's load now, so its numbers do not change.
+        whatever the machine's load now, so its numbers do not change. With a ``mesh``: tasks per block
+        within each device's shard.
       mesh: shard each meta-batch's tasks over this mesh (``jmaml.distributed.task_mesh``). In a
         multi-process job every process calls ``fit`` alike; process 0 alone writes files.
       host_loop: a Python loop over a jitted step instead of a compiled scan (see ``make_chunk``).
@@ -528,7 +529,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
                              name=name, resume=resume, stream=stream, mesh=mesh, host_loop=host_loop)
         if block is not None:
             settings["meta_batch_block"] = block
-            learner = blocking.blocked(learner, block)
+            learner = blocking.blocked(learner, block, mesh)
         return _fit_owned(learner, tasks, optimiser, state, settings, steps=steps, meta_batch_size=meta_batch_size,
                           run_dir=run_dir, resume=resume, overwrite=overwrite, allow_changed=allow_changed, name=name,
                           log_every=log_every, checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio,
@@ -538,6 +539,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
 
 
 CALIBRATION_STEPS = 3  # meta-steps per timed chunk when meta_batch_block="auto" calibrates
+CALIBRATION_ROUNDS = 3  # timed chunks per candidate, interleaved; the best is kept
 BLOCK_CANDIDATES = (8, 16, 25, 32, 50, 64, 100, 125, 128, 200, 250, 256, 500, 512, 1000, 1024, 2000, 2500, 5000)
 
 
@@ -572,31 +574,34 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
                  host_loop: bool = False) -> int | None:
     """The block size a run uses (see ``fit``'s ``meta_batch_block``): None, a checked int, or for
     ``"auto"`` the resumed run's own choice or the fastest of ``block_candidates`` timed now (each a
-    compiled chunk of ``CALIBRATION_STEPS`` meta-steps, the best of three; the whole batch wins ties, so
-    blocking must earn its place). Returns None for the whole meta-batch."""
+    compiled chunk of ``CALIBRATION_STEPS`` meta-steps, the best of ``CALIBRATION_ROUNDS`` rounds that time
+    every candidate in turn; the whole batch wins ties, so blocking must earn its place). With a ``mesh`` the
+    block is within each device's shard. Returns None for the whole meta-batch (shard)."""
     if block == "auto":
         if resume:
             found, previous = _previous_block(run_dir, name)
             if found:
                 return previous
-        timings = {}
-        for size in block_candidates(meta_batch_size):  # each timed as the run will run it: a compiled chunk
-            candidate = learner if size == meta_batch_size else blocking.blocked(learner, size)
-            chunk = make_chunk(candidate, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh,
-                               host_loop=host_loop)
-            jax.block_until_ready(chunk(state, CALIBRATION_STEPS)[1])
-            best = math.inf
-            for _ in range(3):
+        shard = meta_batch_size // blocking.shard_count(mesh)
+        chunks = {}
+        for size in block_candidates(shard):  # each timed as the run will run it: a compiled chunk
+            candidate = learner if size == shard else blocking.blocked(learner, size, mesh)
+            chunks[size] = make_chunk(candidate, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh,
+                                      host_loop=host_loop)
+            jax.block_until_ready(chunks[size](state, CALIBRATION_STEPS)[1])  # compiled and warm
+        timings = dict.fromkeys(chunks, math.inf)
+        for _ in range(CALIBRATION_ROUNDS):  # round-robin, so a change of load mid-way touches every candidate
+            for size, chunk in chunks.items():
                 start = time.perf_counter()
                 jax.block_until_ready(chunk(state, CALIBRATION_STEPS)[1])
-                best = min(best, (time.perf_counter() - start) / CALIBRATION_STEPS)
-            timings[size] = best
+                timings[size] = min(timings[size], (time.perf_counter() - start) / CALIBRATION_STEPS)
         chosen = min(timings, key=lambda size: (timings[size], -size))
+        chosen = distributed.broadcast_int(chosen)  # every process runs one program: process 0's timing decides
         shown = ", ".join(f"{size}: {1e3 * t:.1f} ms" for size, t in timings.items())
-        print(f"jmaml: meta_batch_block auto: {chosen} tasks per block (one meta-step: {shown})",
-              file=stream or sys.stderr)
-        return None if chosen == meta_batch_size else chosen
-    return blocking.check_block(block, meta_batch_size)
+        print(f"jmaml: meta_batch_block auto: {chosen} tasks per block{' per device' if mesh is not None else ''} "
+              f"(one meta-step: {shown})", file=stream or sys.stderr)
+        return None if chosen == shard else chosen
+    return blocking.check_block(block, meta_batch_size, mesh)
 
 
 def run_settings(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation,

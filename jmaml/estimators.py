@@ -95,11 +95,12 @@ def reptile(loss_fn: LossFn, *, num_inner_steps: int, **adapt_kwargs) -> Estimat
         def one(task):
             data = _all_data(task)
             phi = adapt(loss_fn, params, data, inner_lr=inner_lr, num_steps=num_inner_steps, **adapt_kwargs)
-            return phi, loss_fn(phi, data), loss_fn(params, data)
+            return phi, loss_fn(phi, data)
 
-        phis, per_task, pre = jax.vmap(one)(tasks)
+        phis, per_task = jax.vmap(one)(tasks)
         direction = jax.tree.map(lambda p, f: p - jnp.mean(f, axis=0), params, phis)
-        return jnp.mean(per_task), direction, {"task_losses": per_task, "pre_adapt_loss": jnp.mean(pre)}
+        return jnp.mean(per_task), direction, {"task_losses": per_task,
+                                               "pre_adapt_loss": pre_adapt_loss(loss_fn, params, tasks, data=_all_data)}
 
     return estimate
 
@@ -415,15 +416,16 @@ def imaml(loss_fn: LossFn, *, num_inner_steps: int, lam: float, cg_iters: int = 
         matvec = lambda v: jax.tree.map(lambda vi, hv: vi + hv / lam, v, hvp(loss_fn, phi, task.support, v))
         v, residual = conjugate_gradient(matvec, g_query, cg_iters)
         prox_grad = jax.tree.map(lambda g, p, a: g + lam * (p - a), g_support, phi, anchor)
-        return query_loss, v, residual, tree_norm(prox_grad), loss_fn(theta, task.query)
+        return query_loss, v, residual, tree_norm(prox_grad)
 
     def estimate(params: Params, tasks: Task, *, inner_lr: Any, meta_step: Any = None):
         check_task_batch(tasks, "tasks")
         check_rate(inner_lr, "inner_lr")
-        per_task, grads, residual, inner_norm, pre = jax.vmap(lambda task: one(params, task, inner_lr))(tasks)
+        per_task, grads, residual, inner_norm = jax.vmap(lambda task: one(params, task, inner_lr))(tasks)
         reduce = jnp.sum if reduction == "sum" else jnp.mean
         grads = jax.tree.map(lambda g: reduce(g, axis=0), grads)
-        return reduce(per_task), grads, {"task_losses": per_task, "pre_adapt_loss": reduce(pre),
+        return reduce(per_task), grads, {"task_losses": per_task,
+                                         "pre_adapt_loss": pre_adapt_loss(loss_fn, params, tasks, reduction),
                                          "cg_residual": residual, "inner_grad_norm": inner_norm}
 
     return estimate

@@ -277,15 +277,38 @@ def maml_estimator(loss_fn: LossFn, *, num_inner_steps: Any, first_order: bool =
     return estimate
 
 
+PRE_ADAPT_TASKS = 8  # at least this many tasks of a meta-batch (or block) have their un-adapted loss measured
+
+
+def pre_adapt_stride(num_tasks: int) -> int:
+    """Every how many tasks of a meta-batch of ``num_tasks`` the un-adapted loss is measured."""
+    return max(1, num_tasks // PRE_ADAPT_TASKS)
+
+
 def pre_adapt_loss(loss_fn: LossFn, params: Params, tasks: Task, reduction: str = "mean",
-                   model_state: Any = None) -> jax.Array:
+                   model_state: Any = None, data: Callable[[Task], Any] | None = None) -> jax.Array:
     """The query loss at the un-adapted parameters, reduced over tasks: the reference against which
-    an exploding inner loop shows (adapted loss >> un-adapted loss)."""
+    an exploding inner loop shows (adapted loss >> un-adapted loss).
+
+    It is measured on every ``pre_adapt_stride(n)``-th task of a meta-batch of n -- between
+    ``PRE_ADAPT_TASKS`` and twice as many, all of them in a small batch. The tasks are independent draws,
+    so this is an unbiased estimate of the whole batch's value (a sum is scaled by the batch's size over
+    the subsample's), at a fixed cost however large the meta-batch: a metric the host reads once per chunk
+    does not deserve a forward pass of every task on every step. Evenly spaced tasks stay on their devices
+    when the batch is sharded. The divergence check loses nothing by it: the adapted loss it compares
+    against covers every task, and a non-finite value anywhere shows in the per-task losses.
+    ``data(task)`` picks the batch measured (default: the query set)."""
+    num_tasks = jax.tree.leaves(tasks)[0].shape[0]
+    stride = pre_adapt_stride(num_tasks)
+    sub = tasks if stride == 1 else jax.tree.map(lambda a: a[::stride], tasks)
+    batches = jax.vmap(data)(sub) if data is not None else sub.query
     if model_state is not None:
-        pre = jax.vmap(lambda query: loss_fn(params, query, model_state)[0])(tasks.query)
+        pre = jax.vmap(lambda batch: loss_fn(params, batch, model_state)[0])(batches)
     else:
-        pre = jax.vmap(loss_fn, in_axes=(None, 0))(params, tasks.query)
-    return jnp.sum(pre) if reduction == "sum" else jnp.mean(pre)
+        pre = jax.vmap(loss_fn, in_axes=(None, 0))(params, batches)
+    if reduction != "sum":
+        return jnp.mean(pre)
+    return jnp.sum(pre) if stride == 1 else jnp.sum(pre) * (num_tasks / pre.shape[0])
 
 
 def make_estimator_step(optimiser: optax.GradientTransformation, estimator: Callable[..., Any], **default_hyper):

@@ -61,7 +61,7 @@ def make_chunk(config: TrainConfig, phase: str = "maml", mesh: Mesh | None = Non
         block = engine.choose_block(config.meta_batch_block, learner, dist, optimiser,
                                     recipes.initial_state(config, phase), config.meta_batch_size, run_dir=None,
                                     name=phase, resume=False, stream=None, mesh=mesh, host_loop=host_loop)
-        learner = learner if block is None else blocking.blocked(learner, block)
+        learner = learner if block is None else blocking.blocked(learner, block, mesh)
     return engine.make_chunk(learner, dist, optimiser, meta_batch_size=config.meta_batch_size, mesh=mesh,
                              host_loop=host_loop)
 

@@ -41,6 +41,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from scripts.bench.roofline import ceilings, peak_rates, point, program_cost  # noqa: E402
+
 
 def _device_setup(device: str) -> None:
     if device == "cpu":
@@ -283,88 +285,6 @@ def grid_vs_sequential(steps: int, log, sequential_compiling: bool = True) -> di
     return out
 
 
-# Datasheet peaks (dense FP32 without tensor cores, and memory bandwidth) of the cards measured.
-GPU_PEAKS = {
-    "H200": (67e12, 4.8e12, "NVIDIA H200 SXM datasheet: 67 TFLOPS FP32, 4.8 TB/s HBM3e"),
-    "H100 PCIe": (51e12, 2.0e12, "NVIDIA H100 PCIe datasheet: 51 TFLOPS FP32, 2.0 TB/s HBM2e"),
-    "H100": (67e12, 3.35e12, "NVIDIA H100 SXM datasheet: 67 TFLOPS FP32, 3.35 TB/s HBM3"),
-}
-
-
-def _cpu_nominal_peak() -> tuple[float | None, str]:
-    """cores x clock x FP32 FLOP per cycle, from /proc/cpuinfo (x86 only): 2 FMA pipes x 8 lanes (AVX2;
-    AMD Zen 4 runs AVX-512 on 256-bit pipes) or x 16 lanes (Intel AVX-512) x 2 FLOP per FMA."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
-        return None, "no /proc/cpuinfo"
-    mhz = [float(line.split(":")[1]) for line in text.splitlines() if line.startswith("cpu MHz")]
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    if not mhz or " fma" not in flags:
-        return None, "clock or FMA support unknown"
-    intel512 = "GenuineIntel" in text and "avx512f" in flags
-    per_cycle = 64 if intel512 else 32
-    cores = os.cpu_count() or 1
-    return cores * mhz[0] * 1e6 * per_cycle, (f"nominal: {cores} cores x {mhz[0] / 1000:.2f} GHz (cpuinfo) x "
-                                              f"{per_cycle} FP32 FLOP/cycle (2 FMA pipes x {per_cycle // 4} lanes "
-                                              "x 2); no datasheet bandwidth for this VM's share of the host")
-
-
-def ceilings(log) -> dict:
-    """The device's peaks: datasheet (GPU) or nominal (CPU) where known, and ceilings measured here with
-    XLA -- a large float32 matmul (FLOP/s) and a large elementwise add (read + write bytes/s)."""
-    import jax
-    import jax.numpy as jnp
-
-    def best(f, *args, repeats=5):
-        jax.block_until_ready(f(*args))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    gpu = jax.devices()[0].platform == "gpu"
-    n = 8192 if gpu else 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x: jnp.dot(x, x, precision=jax.lax.Precision.HIGHEST))
-    flops = 2 * n**3 / best(matmul, a)
-    m = (1 << 28) if gpu else (1 << 25)  # elements: 1 GiB / 128 MiB per array
-    # in place (the input buffer donated): a fresh output buffer each call would time the allocator's page
-    # faults, not the memory (measured on the CPU here: 6.5 GB/s that way, against NumPy's 33 GB/s)
-    add = jax.jit(lambda v: v + 1.0, donate_argnums=0)
-    state = {"x": jnp.ones((m,), jnp.float32)}
-
-    def add_in_place():
-        state["x"] = add(state["x"])
-        return state["x"]
-
-    bandwidth = 2 * 4 * m / best(add_in_place, repeats=30)
-    out = {"measured_flops": flops, "measured_bytes_per_s": bandwidth,
-           "measured_how": f"{n}x{n} float32 matmul (HIGHEST precision); {4 * m >> 20} MiB elementwise add in "
-                           "place (read + write)"}
-    kind = jax.devices()[0].device_kind
-    if gpu:
-        for name, (pf, pb, source) in GPU_PEAKS.items():
-            if name in kind:
-                out.update({"peak_flops": pf, "peak_bytes_per_s": pb, "peak_source": source})
-                break
-    else:
-        pf, source = _cpu_nominal_peak()
-        out.update({"peak_flops": pf, "peak_bytes_per_s": None, "peak_source": source})
-    log(f"ceilings: measured {flops / 1e9:.1f} GFLOP/s, {bandwidth / 1e9:.1f} GB/s; peak {out.get('peak_source')}")
-    return out
-
-
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
-        cost = cost[0]
-    return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
-
-
 def step_costs(cells, log) -> list[dict]:
     """XLA's cost analysis of one compiled meta-step per cell and implementation: FLOPs and bytes
     accessed (the sum over the program's operations of what each reads and writes; fused operations
@@ -391,7 +311,7 @@ def step_costs(cells, log) -> list[dict]:
                     p, t, inner_lr=kw.get("inner_lr", config.inner_lr)))
             one = engine.make_sampled_step(learner, dist, opt, meta_batch_size=meta_batch)
             try:
-                row[impl] = _cost(jax.jit(one).lower(train.initial_state(config), dist.data).compile())
+                row[impl] = program_cost(jax.jit(one).lower(train.initial_state(config), dist.data).compile())
                 if impl == "jmaml_fused":  # the kernel's own reads and writes: task data, θ, outputs
                     tasks = jax.eval_shape(lambda key: engine.sample_tasks(dist, key, meta_batch), jax.random.key(0))
                     params = recipes.initial_params(config)
@@ -401,7 +321,7 @@ def step_costs(cells, log) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - a variant that does not compile here is recorded
                 row[impl] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         _, naive_step, args = jax_naive.setup(common.sample_numpy_tasks(meta_batch), k)
-        row["jax_naive"] = _cost(naive_step.lower(*args).compile())
+        row["jax_naive"] = program_cost(naive_step.lower(*args).compile())
         out.append(row)
         log(f"cost B={meta_batch} k={k}: " + ", ".join(
             f"{n} {c['flops'] / 1e6:.1f} MFLOP {c['bytes'] / 1e6:.1f} MB" for n, c in row.items()
@@ -409,22 +329,11 @@ def step_costs(cells, log) -> list[dict]:
     return out
 
 
-def _peaks(ceil: dict) -> tuple[float, float]:
-    """The FLOP/s and bytes/s that fractions are taken of: a GPU's datasheet peaks; on a CPU the larger of
-    the nominal and the measured FLOP/s (a VM's cores may boost above the clock cpuinfo reports) and the
-    measured bandwidth (no datasheet figure for a VM's share of the host's memory)."""
-    flops = max(ceil.get("peak_flops") or 0.0, ceil.get("measured_flops") or 0.0)
-    if ceil.get("peak_flops") and ceil.get("peak_bytes_per_s"):  # a datasheet pair
-        return ceil["peak_flops"], ceil["peak_bytes_per_s"]
-    return flops, ceil.get("peak_bytes_per_s") or ceil["measured_bytes_per_s"]
-
-
 def roofline(result: dict) -> list[dict]:
     """Per cell and implementation: the achieved FLOP/s and bytes/s (cost x measured steps/s), their
     fractions of the device's peak, and what bounds it."""
     peaks = result.get("ceilings", {})
     steps = {(c["meta_batch"], c["k"]): c for c in result.get("steps_per_second", [])}
-    pf, pb = _peaks(peaks)
     rows = []
     for cost in result.get("costs", []):
         measured = steps.get((cost["meta_batch"], cost["k"]))
@@ -434,20 +343,8 @@ def roofline(result: dict) -> list[dict]:
             c, rate = cost.get(impl), measured.get(impl)
             if not isinstance(c, dict) or "flops" not in c or not isinstance(rate, float):
                 continue
-            flops_s, bytes_s = c["flops"] * rate, c["bytes"] * rate
-            intensity = c["flops"] / c["bytes"] if c["bytes"] else float("inf")
-            fp, fb = flops_s / pf, bytes_s / pb
-            roof = "memory" if intensity < pf / pb else "compute"  # the roof the intensity points at
-            if fb > 1:
-                bound = "cache (more bytes/s than memory gives)"
-            elif max(fp, fb) < 0.5:
-                bound = f"neither roof: under half of both ({roof} roof nearer)"
-            else:
-                bound = roof
             rows.append({"meta_batch": cost["meta_batch"], "k": cost["k"], "impl": impl, "steps_per_s": rate,
-                         "flops": c["flops"], "bytes": c["bytes"], "flops_per_s": flops_s, "bytes_per_s": bytes_s,
-                         "intensity": intensity, "fraction_peak_flops": fp, "fraction_peak_bytes": fb,
-                         "bound": bound})
+                         "flops": c["flops"], "bytes": c["bytes"], **point(c["flops"], c["bytes"], rate, peaks)})
     return rows
 
 
@@ -521,7 +418,7 @@ def to_markdown(r: dict) -> str:
                      f"{c['ratio_vs_best_peer']:.2f}x |")
     if r.get("ceilings") and r.get("costs"):
         p = r["ceilings"]
-        pf, pb = _peaks(p)
+        pf, pb = peak_rates(p)
         peak = (f"FP32 {p['peak_flops'] / 1e9:,.0f} GFLOP/s" if p.get("peak_flops") else "FP32 not known") \
             + (f", {p['peak_bytes_per_s'] / 1e9:,.0f} GB/s" if p.get("peak_bytes_per_s") else "")
         lines += ["", "**Roofline** (XLA's `cost_analysis()` of one compiled meta-step x the measured steps/s)", "",

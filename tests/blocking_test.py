@@ -40,7 +40,42 @@ def test_the_blocked_gradient_equals_the_whole_batchs_in_float64(x64, name):
         for a, b in zip(jax.tree.leaves(parts[1]), jax.tree.leaves(whole[1])):
             np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
         np.testing.assert_allclose(parts[2]["task_losses"], whole[2]["task_losses"], rtol=1e-13)
-        assert float(parts[2]["pre_adapt_loss"]) == pytest.approx(float(whole[2]["pre_adapt_loss"]), rel=1e-13)
+        # the un-adapted loss is measured on evenly spaced tasks of each block: the mean of the whole-batch
+        # learner's value on those subsets
+        stride = jmaml.meta.pre_adapt_stride(size)
+        per_block = [learner.estimate(mp, jax.tree.map(lambda a: a[b * size:(b + 1) * size:stride], tasks),
+                                      jnp.asarray(3))[2]["pre_adapt_loss"] for b in range(12 // size)]
+        assert float(parts[2]["pre_adapt_loss"]) == pytest.approx(float(np.mean(per_block)), rel=1e-13)
+
+
+@pytest.mark.parametrize("name", ALGOS)
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+def test_the_un_adapted_loss_is_measured_on_a_subsample_of_the_batch(x64, name, reduction):
+    """Every other task of a meta-batch of 20 (PRE_ADAPT_TASKS = 8), against a loop over tasks at the
+    un-adapted parameters (CAVIA: a zero context; Reptile: all of a task's data), scaled to the batch for a
+    sum."""
+    if name == "reptile" and reduction == "sum":
+        pytest.skip("Reptile's estimate is a mean")
+    model, learner = _learner(name, reduction)
+    loss_fn = make_loss(model.apply, "mse")
+    mp = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), learner.init(model.init(jax.random.key(0))))
+    theta = mp.params if hasattr(mp, "params") else mp
+    if name == "cavia":
+        theta = mp._replace(context=jnp.zeros_like(mp.context))
+    n, measured = 20, range(0, 20, 2)
+    assert jmaml.meta.pre_adapt_stride(n) == 2 and jmaml.meta.pre_adapt_stride(15) == 1
+    tasks = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                         jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5).sample(jax.random.key(2), n))
+    losses = []
+    for i in measured:
+        q = jax.tree.map(lambda a: a[i], tasks.query)
+        if name == "reptile":
+            s = jax.tree.map(lambda a: a[i], tasks.support)
+            q = type(q)(jnp.concatenate([s.x, q.x]), jnp.concatenate([s.y, q.y]))
+        losses.append(float(loss_fn(theta, q)))
+    expected = np.mean(losses) if reduction == "mean" else np.sum(losses) * n / len(losses)
+    got = learner.estimate(mp, tasks, jnp.asarray(0))[2]["pre_adapt_loss"]
+    assert float(got) == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_sum_reduction_sums_its_blocks(x64):

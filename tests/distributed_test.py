@@ -118,6 +118,54 @@ def test_sharded_over_four_devices_equals_one_device():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_blocks_are_taken_within_each_devices_shard():
+    """blocked(learner, b, mesh): each device walks its own shard in blocks of b (float64, against the
+    whole batch on one device); fit with a mesh and a block, and 'auto' choosing per device."""
+    script = textwrap.dedent("""
+        import io, jax, jax.numpy as jnp, numpy as np, optax
+        jax.config.update("jax_enable_x64", True)
+        import jmaml
+        from jmaml import blocking, distributed, learners, make_loss, models
+        mesh = distributed.task_mesh()
+        model = models.mlp([1, 8, 1])
+        learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.05, num_inner_steps=2)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.key(0)))
+        dist = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5)
+        tasks = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), dist.sample(jax.random.key(1), 24))
+        whole = jax.jit(learner.estimate)(params, tasks)
+        sharded = jax.device_put(tasks, distributed.task_sharding(mesh))
+        for size in (1, 2, 3, 6):  # shards of 6 tasks (6: the whole shard)
+            est = jax.jit(blocking.blocked(learner, size, mesh).estimate)
+            got = est(params, sharded)
+            np.testing.assert_allclose(got[0], whole[0], rtol=1e-13)
+            for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(whole[1])):
+                np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
+            np.testing.assert_allclose(got[2]["task_losses"], whole[2]["task_losses"], rtol=1e-13)  # same order
+            text = est.lower(params, sharded).compile().as_text()
+            assert "all-to-all" not in text and "collective-permute" not in text, "tasks moved between devices"
+        try:
+            blocking.blocked(learner, 4, mesh).estimate(params, tasks)
+        except ValueError as e:
+            assert "meta_batch_block=4 must divide the meta-batch of 6 tasks" in str(e), e
+        else:
+            raise AssertionError("no error for blocks of 4 in shards of 6")
+        opt = optax.adam(1e-3)
+        runs = [jmaml.fit(learner, dist, opt, params, steps=4, meta_batch_size=24, mesh=mesh, meta_batch_block=b,
+                          log=jmaml.Logging(every=2, progress=False, stream=io.StringIO())) for b in (None, 2)]
+        for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
+        err = io.StringIO()
+        jmaml.fit(learner, dist, opt, params, steps=2, meta_batch_size=24, mesh=mesh, meta_batch_block="auto",
+                  log=jmaml.Logging(every=2, progress=False, stream=err))
+        assert "tasks per block per device" in err.getvalue(), err.getvalue()
+        print("ok")
+    """)
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_two_processes_over_gloo_equal_one_process(tmp_path):
     port = _free_port()
     common = ["--steps", "20", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",

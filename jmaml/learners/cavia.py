@@ -28,7 +28,7 @@ from jmaml._checks import check_positive_int
 from jmaml._util import default_float
 from jmaml.inner import adapt as sgd_adapt
 from jmaml.learners._common import Option, gradient_adapt
-from jmaml.meta import _check_reduction
+from jmaml.meta import _check_reduction, pre_adapt_loss
 from jmaml.protocols import MetaLearner
 from jmaml.types import LossFn, Model, Params
 
@@ -102,16 +102,17 @@ def cavia(loss_fn: LossFn, *, inner_lr: Any, num_inner_steps: int, num_context: 
 
             def one(task):
                 context = adapt_context(mp, task.support, num_inner_steps, inner_lr)
-                return loss_fn(mp._replace(context=context), task.query), loss_fn(
-                    mp._replace(context=jnp.zeros_like(mp.context)), task.query)
+                return loss_fn(mp._replace(context=context), task.query)
 
-            per_task, pre = jax.vmap(one)(tasks)
+            per_task = jax.vmap(one)(tasks)
             reduce = jnp.sum if reduction == "sum" else jnp.mean
-            return reduce(per_task), (per_task, reduce(pre))
+            return reduce(per_task), per_task
 
-        (loss, (per_task, pre)), grads = jax.value_and_grad(objective, has_aux=True)(meta_params.params)
+        (loss, per_task), grads = jax.value_and_grad(objective, has_aux=True)(meta_params.params)
         grads = CAVIAParams(grads, jnp.zeros_like(meta_params.context))
-        return loss, grads, {"task_losses": per_task, "pre_adapt_loss": pre}
+        start = meta_params._replace(context=jnp.zeros_like(meta_params.context))
+        return loss, grads, {"task_losses": per_task, "pre_adapt_loss": pre_adapt_loss(loss_fn, start, tasks,
+                                                                                       reduction)}
 
     def adapt(meta_params: CAVIAParams, support, num_steps: int, *, observe=None, inner_lr=inner_lr):
         check(meta_params)
