@@ -15,8 +15,8 @@ __version__ = "0.2.0"
 # JAX: the command installs its signal handler first, and a signal during start-up is not lost.
 _MODULES = ("adapters", "analytic", "blocking", "checkpoint", "config", "diagnostics", "distributed", "engine",
             "estimators", "evaluate", "fingerprint", "fused", "gradcheck", "inner", "inner_optimisers", "learners",
-            "losses", "meta", "models", "plot", "population", "protocols", "recipes", "rundir", "runinfo", "runstore",
-            "sweep", "tasks", "train", "types", "walkthrough", "writers")
+            "losses", "meta", "models", "plot", "population", "protocols", "recipes", "rl", "rundir", "runinfo",
+            "runstore", "sweep", "tasks", "train", "types", "walkthrough", "writers")
 _NAMES = {
     "TrainConfig": "config", "DivergenceError": "engine", "Interrupted": "engine", "fit": "engine",
     "Logging": "engine", "RunDir": "engine", "fit_population": "population",

@@ -583,6 +583,8 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
             if found:
                 return previous
         shard = meta_batch_size // blocking.shard_count(mesh)
+        if len(block_candidates(shard)) == 1:  # nothing to choose between: no timing
+            return None
         chunks = {}
         for size in block_candidates(shard):  # each timed as the run will run it: a compiled chunk
             candidate = learner if size == shard else blocking.blocked(learner, size, mesh)

@@ -7,14 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 
-def chunk_runner(config: Any, chunk_len: int) -> Callable[[], float]:
+def chunk_runner(config: Any, chunk_len: int, chunk: Callable | None = None) -> Callable[[], float]:
     """``run() -> seconds`` for one compiled chunk of ``chunk_len`` meta-steps of a ``TrainConfig``'s
-    meta-learner (``jmaml.train.make_chunk``), each call continuing from the last call's state."""
+    meta-learner (``jmaml.train.make_chunk``, or ``chunk`` built for it), each call continuing from the
+    last call's state."""
     import jax
 
     from jmaml import train
 
-    chunk = train.make_chunk(config)
+    chunk = chunk or train.make_chunk(config)
     state = {"s": train.initial_state(config)}
 
     def run() -> float:

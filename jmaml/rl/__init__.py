@@ -1,0 +1,22 @@
+"""Meta-reinforcement learning on the device: environment families as pure functions, rollouts as a
+``lax.scan`` vmapped over episodes and tasks, and MAML with a policy-gradient inner loop (``maml_rl``) as a
+``MetaLearner`` that ``jmaml.fit`` trains like any other.
+
+    >>> import jax, optax, jmaml
+    >>> from jmaml import rl
+    >>> env = rl.envs.navigation2d(horizon=10)
+    >>> policy = rl.policies.gaussian_mlp(2, 2, hidden=(16,))
+    >>> learner = rl.maml_rl(env, policy, inner_lr=0.1, inner_episodes=4, outer_episodes=4)
+    >>> state = jmaml.fit(learner, rl.task_distribution(env), optax.adam(1e-2), policy.init(jax.random.key(0)),
+    ...                   steps=2, meta_batch_size=4, log=jmaml.Logging(every=1, progress=False))
+    >>> int(state.step)
+    2
+"""
+
+from jmaml.rl import envs, policies, rollouts
+from jmaml.rl.envs import Env
+from jmaml.rl.learner import RLTask, check_policy, maml_rl, task_distribution
+from jmaml.rl.policies import Policy
+
+__all__ = ["Env", "Policy", "RLTask", "check_policy", "envs", "maml_rl", "policies", "rollouts",
+           "task_distribution"]

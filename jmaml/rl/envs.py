@@ -1,0 +1,140 @@
+r"""Environment families as pure functions: a task is a setting of the environment's parameters.
+
+An ``Env`` is gymnax-style -- ``reset(key, task) -> (obs, state)`` and ``step(key, state, action, task) ->
+(obs, state, reward, done)`` -- plus ``sample_task(key) -> task``, the distribution over task parameters
+(goals, physical constants). Everything is a pure JAX function, so rollouts are a ``lax.scan`` over time,
+vmapped over episodes and tasks, inside the compiled training loop.
+
+Families:
+
+* ``navigation2d`` -- the MAML paper's 2D navigation (§5.3): a point agent starts at the origin, the goal
+  is uniform in ``[-0.5, 0.5]^2``, the reward is minus the distance to the goal, actions are clipped to
+  ``±0.1``, horizon 100.
+* ``pendulum`` -- gymnax's ``Pendulum-v1`` dynamics with a sampled mass and length per task (swing up
+  and hold; reward ``-(θ^2 + 0.1 θ'^2 + 0.001 u^2)``).
+* ``bandit`` -- a two-armed (``num_arms``) bandit played for ``horizon`` pulls, arm rewards a task's own
+  (deterministic, so every expectation is a finite sum): the exact oracle of the meta-gradient tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jmaml._checks import check_positive_int
+
+
+class Env(NamedTuple):
+    """A family of environments (a task: one setting of its parameters), as pure functions.
+
+    Attributes:
+      reset: ``reset(key, task) -> (obs, state)``.
+      step: ``step(key, state, action, task) -> (obs, state, reward, done)``; ``reward`` a scalar, ``done``
+        a bool (an episode that is done stops counting: later rewards and actions are masked).
+      sample_task: ``sample_task(key) -> task``: one task's parameters (a pytree of arrays).
+      observation_shape: the shape of one observation.
+      action_shape: the shape of one action (``()`` for a discrete action).
+      num_actions: the number of actions of a discrete environment; None for continuous actions.
+      horizon: the steps of an episode.
+      name: a short name for messages and result files.
+    """
+
+    reset: Callable[..., Any]
+    step: Callable[..., Any]
+    sample_task: Callable[..., Any]
+    observation_shape: tuple[int, ...]
+    action_shape: tuple[int, ...]
+    num_actions: int | None
+    horizon: int
+    name: str
+
+
+def navigation2d(horizon: int = 100, max_action: float = 0.1, goal_range: float = 0.5) -> Env:
+    """The MAML paper's 2D navigation: observation the position, action a velocity clipped to
+    ``±max_action``, reward ``-‖position - goal‖`` after each move, goals uniform in
+    ``[-goal_range, goal_range]^2``; the episode never ends early."""
+    horizon = check_positive_int(horizon, "horizon")
+
+    def reset(key, goal):
+        pos = jnp.zeros((2,), goal.dtype)
+        return pos, pos
+
+    def step(key, pos, action, goal):
+        pos = pos + jnp.clip(action, -max_action, max_action).astype(pos.dtype)
+        reward = -jnp.sqrt(jnp.sum(jnp.square(pos - goal)))
+        return pos, pos, reward, jnp.zeros((), bool)
+
+    def sample_task(key):
+        return jax.random.uniform(key, (2,), minval=-goal_range, maxval=goal_range)
+
+    return Env(reset, step, sample_task, (2,), (2,), None, horizon, "navigation2d")
+
+
+class PendulumTask(NamedTuple):
+    """A pendulum's physical constants."""
+
+    mass: jax.Array
+    length: jax.Array
+
+
+def pendulum(horizon: int = 100, mass_range: tuple[float, float] = (0.5, 1.5),
+             length_range: tuple[float, float] = (0.5, 1.5)) -> Env:
+    """gymnax's ``Pendulum-v1`` (max speed 8, max torque 2, dt 0.05, g 10) with the mass and the length
+    drawn uniformly per task; it starts at a uniform angle in ``[-π, π]`` and speed in ``[-1, 1]``.
+    Observation ``(cos θ, sin θ, θ')``, action a torque clipped to ``±2``."""
+    horizon = check_positive_int(horizon, "horizon")
+    max_speed, max_torque, dt, g = 8.0, 2.0, 0.05, 10.0
+
+    def obs_of(state):
+        theta, speed = state[0], state[1]
+        return jnp.stack([jnp.cos(theta), jnp.sin(theta), speed])
+
+    def reset(key, task):
+        high = jnp.asarray([jnp.pi, 1.0])
+        state = jax.random.uniform(key, (2,), minval=-high, maxval=high)
+        return obs_of(state), state
+
+    def step(key, state, action, task):
+        theta, speed = state[0], state[1]
+        u = jnp.clip(jnp.reshape(action, ()), -max_torque, max_torque)
+        angle = ((theta + jnp.pi) % (2 * jnp.pi)) - jnp.pi
+        reward = -(angle ** 2 + 0.1 * speed ** 2 + 0.001 * u ** 2)
+        m, length = task.mass, task.length
+        speed = speed + (3 * g / (2 * length) * jnp.sin(theta) + 3.0 / (m * length ** 2) * u) * dt
+        speed = jnp.clip(speed, -max_speed, max_speed)
+        state = jnp.stack([theta + speed * dt, speed])
+        return obs_of(state), state, reward, jnp.zeros((), bool)
+
+    def sample_task(key):
+        k1, k2 = jax.random.split(key)
+        return PendulumTask(jax.random.uniform(k1, (), minval=mass_range[0], maxval=mass_range[1]),
+                            jax.random.uniform(k2, (), minval=length_range[0], maxval=length_range[1]))
+
+    return Env(reset, step, sample_task, (3,), (1,), None, horizon, "pendulum")
+
+
+def bandit(num_arms: int = 2, horizon: int = 2) -> Env:
+    """A ``num_arms``-armed bandit pulled ``horizon`` times; a task is the arms' rewards (uniform in
+    [0, 1], deterministic). The observation is the pull's index as a one-hot vector, so a tabular policy
+    has a row per pull."""
+    num_arms = check_positive_int(num_arms, "num_arms")
+    horizon = check_positive_int(horizon, "horizon")
+
+    def reset(key, rewards):
+        return jax.nn.one_hot(0, horizon, dtype=rewards.dtype), jnp.zeros((), jnp.int32)
+
+    def step(key, t, action, rewards):
+        reward = rewards[action]
+        t = t + 1
+        return jax.nn.one_hot(t, horizon, dtype=rewards.dtype), t, reward, jnp.zeros((), bool)
+
+    def sample_task(key):
+        return jax.random.uniform(key, (num_arms,))
+
+    return Env(reset, step, sample_task, (horizon,), (), num_arms, horizon, "bandit")
+
+
+ENVS: dict[str, Callable[..., Env]] = {"navigation2d": navigation2d, "pendulum": pendulum, "bandit": bandit}
