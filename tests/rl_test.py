@@ -13,15 +13,16 @@ import pytest
 import jmaml
 from jmaml import rl
 
-ALPHA = 0.7
+ALPHA = 1.4
 REWARDS = np.array([0.2, 0.9])
 THETA = np.array([[0.3, -0.2], [-0.4, 0.5]])  # logits: a row per pull
 
 
-def _exact(theta, alpha, rewards, inner_episodes, horizon=2, naive=False):
+def _exact(theta, alpha, rewards, inner_episodes, horizon=2, naive=False, lvc=False):
     """E_τ[J_out(θ + α ĝ(θ, τ))] by enumerating every inner sample τ (inner_episodes episodes of `horizon`
     pulls), written without jmaml.rl: log-softmax of a table, returns-to-go by hand. ``naive``: the inner
-    samples' probabilities held constant (what the naive estimator's expectation differentiates)."""
+    samples' probabilities held constant (what the naive estimator's expectation differentiates); ``lvc``: also
+    the inner gradient through each step's likelihood ratio (ProMP's LVC estimator's expectation)."""
     seqs = list(itertools.product(range(2), repeat=horizon))
     r = jnp.asarray(rewards)
 
@@ -36,22 +37,24 @@ def _exact(theta, alpha, rewards, inner_episodes, horizon=2, naive=False):
             total = 0.0
             for s in episodes:
                 for t in range(horizon):
-                    total = total + jax.nn.log_softmax(p[t])[s[t]] * sum(r[a] for a in s[t:])
-            return total / len(episodes)
+                    lp = jax.nn.log_softmax(p[t])[s[t]]
+                    weight = jnp.exp(lp - jax.lax.stop_gradient(lp)) if lvc else lp
+                    total = total + weight * sum(r[a] for a in s[t:])
+            return total / (len(episodes) * horizon)  # a mean over the episodes' steps
         return jax.grad(objective)(th)
 
     def value(th):
         total = 0.0
         for episodes in itertools.product(seqs, repeat=inner_episodes):
             p = jnp.exp(sum(logp(th, s) for s in episodes))
-            p = jax.lax.stop_gradient(p) if naive else p
+            p = jax.lax.stop_gradient(p) if naive or lvc else p
             total = total + p * j_out(th + alpha * inner_grad(th, episodes))
         return total
 
     return value
 
 
-def _mc(estimator, num_tasks=40_000, groups=40, inner_episodes=2):
+def _mc(estimator, num_tasks=80_000, groups=80, inner_episodes=2):
     env = rl.envs.bandit(2, 2)
     policy = rl.policies.tabular_softmax(2, 2)
     learner = rl.maml_rl(env, policy, inner_lr=ALPHA, inner_episodes=inner_episodes, outer_episodes=1, gamma=1.0,
@@ -78,6 +81,16 @@ def test_the_dice_estimator_matches_the_exact_meta_gradient_and_the_naive_one_is
     bias = naive_expected - exact
     assert np.max(np.abs(bias)) > 0.05
     assert np.max(np.abs(naive - exact) / naive_se) > 8, (naive, exact, naive_se)
+
+
+def test_the_lvc_estimator_has_the_expectation_promp_gives_it(x64):
+    """LVC: the inner step through per-step likelihood ratios, inner samples' probabilities held fixed."""
+    lvc_expected = np.asarray(jax.grad(_exact(jnp.asarray(THETA), ALPHA, REWARDS, 2, lvc=True))(jnp.asarray(THETA)))
+    naive_expected = np.asarray(jax.grad(_exact(jnp.asarray(THETA), ALPHA, REWARDS, 2, naive=True))(
+        jnp.asarray(THETA)))
+    lvc, se = _mc("lvc")
+    assert np.all(np.abs(lvc - lvc_expected) < 4 * se), (lvc, lvc_expected, se)
+    assert np.max(np.abs(lvc_expected - naive_expected)) > 0.01  # the curvature term it adds
 
 
 def test_the_exact_objective_is_the_adapted_return(x64):

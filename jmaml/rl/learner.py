@@ -17,7 +17,10 @@ DiCE objective's first derivative does: the surrogate adds
 :math:`-\mathrm{sg}(\hat F - b)\sum_j \log p_{\phi_j(\theta)}(\tau_j)`, where :math:`\hat F` is the outer
 episodes' discounted return and :math:`b` is a baseline that does not depend on the task's own samples (the
 mean of the other tasks' :math:`\hat F` in the meta-batch, which keeps it unbiased).
-``estimator="naive"`` drops it, for comparison. ``first_order=True`` also stops the gradient through
+``estimator="lvc"`` is ProMP's low-variance curvature estimator: the inner step differentiated through each
+step's likelihood ratio, which keeps the per-step part of that term and drops its cross-step part -- biased,
+with far less variance than DiCE's sum over whole episodes; what training uses by default.
+``estimator="naive"`` drops the term, for comparison. ``first_order=True`` also stops the gradient through
 :math:`\hat g` (first-order MAML). ``tests/rl_test.py`` checks both estimators against the exact
 meta-gradient of a bandit, enumerated in float64.
 """
@@ -30,12 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from jmaml import protocols
-from jmaml._checks import check_positive_int
+from jmaml._checks import check_num_steps, check_positive_int
 from jmaml.rl import rollouts
 from jmaml.rl.envs import Env
 from jmaml.rl.policies import Policy
 
-ESTIMATORS = ("dice", "naive")
+ESTIMATORS = ("dice", "lvc", "naive")
 
 
 class RLTask(NamedTuple):
@@ -73,7 +76,7 @@ def check_policy(env: Env, policy: Policy) -> None:
 
 def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps: int = 1, inner_episodes: int = 20,
             outer_episodes: int = 20, gamma: float = 0.99, gae_lambda: float = 1.0, baseline: str | None = "linear",
-            normalize_advantages: bool = True, estimator: str = "dice", first_order: bool = False,
+            normalize_advantages: bool = True, estimator: str = "lvc", first_order: bool = False,
             score_baseline: bool = True) -> protocols.MetaLearner:
     """MAML with a policy-gradient inner loop, as a ``MetaLearner`` for ``jmaml.fit`` on
     ``task_distribution(env)``.
@@ -81,12 +84,14 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
     Args:
       env, policy: the environment family and the policy (``check_policy`` says whether they fit).
       inner_lr: α of the inner REINFORCE step (a per-call hyperparameter, so sweeps vmap over it).
-      num_inner_steps: inner policy-gradient steps, each on ``inner_episodes`` fresh episodes.
+      num_inner_steps: inner policy-gradient steps, each on ``inner_episodes`` fresh episodes; 0 trains the
+        policy itself on every task (multi-task policy gradient: the "pretrained" baseline).
       outer_episodes: episodes of the adapted policy per task for the meta-objective.
       gamma, gae_lambda, baseline, normalize_advantages: the advantages (``rollouts.advantages``) of
         both loops; the paper's: γ = 0.99, the linear feature baseline, λ = 1.
-      estimator: ``"dice"`` (the exact gradient of the expected adapted return, with the term through the
-        inner sampling distribution) or ``"naive"`` (without it).
+      estimator: ``"lvc"`` (ProMP's low-variance curvature estimator), ``"dice"`` (unbiased: the gradient of
+        the expected adapted return with the whole term through the inner sampling distribution) or
+        ``"naive"`` (without it).
       first_order: no gradient through the inner policy gradient.
       score_baseline: centre the sampling-distribution term on the other tasks' mean return (it stays
         unbiased; False: no baseline).
@@ -101,7 +106,7 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
       ValueError: a policy that does not fit, counts < 1, γ or λ outside [0, 1], an unknown estimator.
     """
     check_policy(env, policy)
-    k = check_positive_int(num_inner_steps, "num_inner_steps")
+    k = check_num_steps(num_inner_steps, "num_inner_steps")
     n_in = check_positive_int(inner_episodes, "inner_episodes")
     n_out = check_positive_int(outer_episodes, "outer_episodes")
     for value, name in ((gamma, "gamma"), (gae_lambda, "gae_lambda")):
@@ -117,11 +122,25 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
                                    normalize=normalize_advantages)
 
     def pg_loss(params, traj, a):
-        """The REINFORCE surrogate: minus the mean over episodes of Σ_t log π(a_t|s_t) A_t."""
-        return -jnp.mean(jnp.sum(rollouts.log_probs(policy, params, traj) * a, axis=1))
+        """The REINFORCE surrogate of minus the return: minus the mean over episodes of Σ_t log π(a_t|s_t) A_t
+        (its gradient estimates minus the return's)."""
+        return -jnp.sum(rollouts.log_probs(policy, params, traj) * a) / traj.rewards.shape[0]
+
+    def inner_loss(params, traj, a):
+        """The inner step's surrogate: ``pg_loss`` over the horizon -- a mean over the episodes' steps, as
+        pytorch-maml-rl's, so that α does not scale with the horizon."""
+        return pg_loss(params, traj, a) / traj.rewards.shape[1]
+
+    def lvc_loss(params, traj, a):
+        """ProMP's low-variance curvature surrogate: ``inner_loss`` with each step's likelihood ratio
+        π/sg(π) in place of log π -- the same gradient, and a Hessian with each step's own score
+        outer product (the term through the sampling distribution, without its cross-step terms)."""
+        lp = rollouts.log_probs(policy, params, traj)
+        ratio = jnp.exp(lp - jax.lax.stop_gradient(lp)) * traj.mask
+        return -jnp.sum(ratio * a) / (traj.rewards.shape[0] * traj.rewards.shape[1])
 
     def inner_step(params, traj, alpha):
-        g = jax.grad(pg_loss)(params, traj, adv(traj))
+        g = jax.grad(lvc_loss if estimator == "lvc" else inner_loss)(params, traj, adv(traj))
         if first_order:
             g = jax.lax.stop_gradient(g)
         return jax.tree.map(lambda p, gi: p - alpha * gi, params, g)
@@ -138,7 +157,8 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         traj = rollouts.rollout(env, policy, phi, task.params, keys[k], n_out)
         outer = pg_loss(phi, traj, adv(traj))
         value = jnp.mean(rollouts.discounted_return(traj.rewards, gamma))
-        return outer, score, value, jnp.mean(jnp.sum(traj.rewards, axis=1)), ret_pre
+        ret_post = jnp.mean(jnp.sum(traj.rewards, axis=1))
+        return outer, score, value, ret_post, ret_post if ret_pre is None else ret_pre
 
     def estimate(params, tasks, meta_step=None, *, inner_lr=inner_lr):
         def surrogate(p):
@@ -171,7 +191,7 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         seen.append(observe(phi))
         return phi, jax.tree.map(lambda *v: jnp.stack(v), *seen)
 
-    name = "maml_rl" if estimator == "dice" else "maml_rl_naive"
+    name = ("maml_rl" if estimator == "lvc" else f"maml_rl_{estimator}") if k else "pretrained_rl"
     return protocols.MetaLearner(init=lambda p: p, estimate=estimate, adapt=adapt, name=name,
                                  label=f"MAML-RL ({estimator})", exact_gradient=False, hyper={"inner_lr": inner_lr},
                                  reduction="mean")
