@@ -143,3 +143,35 @@ def test_navigation_trains_through_fit_and_resumes_bitwise(tmp_path):
         np.testing.assert_array_equal(a, b)
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and '"return_post"' in lines[-1]
+
+
+def test_a_sweep_over_the_inner_rate_and_seed_of_an_rl_learner_is_one_program():
+    env = rl.envs.navigation2d(horizon=10)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
+    learner = rl.maml_rl(env, policy, inner_lr=0.1, inner_episodes=3, outer_episodes=3)
+    points = {"inner_lr": [0.05, 0.2, 0.05, 0.2], "seed": [0, 0, 1, 1]}
+    pop = jmaml.fit_population(learner, rl.task_distribution(env), optax.adam(1e-2), policy.init, points, steps=4,
+                               meta_batch_size=4, log=jmaml.Logging(every=2, progress=False, stream=io.StringIO()))
+    assert pop.alive.tolist() == [True] * 4 and int(pop.step) == 4
+    # each point equals its own run with fit (the population's points share its task stream, key 0)
+    alone = jmaml.fit(rl.maml_rl(env, policy, inner_lr=0.2, inner_episodes=3, outer_episodes=3),
+                      rl.task_distribution(env), optax.adam(1e-2), policy.init(jax.random.key(1)), steps=4,
+                      meta_batch_size=4, key=0, log=jmaml.Logging(every=2, progress=False, stream=io.StringIO()))
+    got = jax.tree.map(lambda a: a[3], pop.points.params)
+    for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_a_non_finite_reward_stops_the_run_naming_it(tmp_path):
+    base = rl.envs.navigation2d(horizon=5)
+
+    def step(key, state, action, goal):
+        obs, state, reward, done = base.step(key, state, action, goal)
+        return obs, state, jnp.where(goal[0] > 0, jnp.nan, reward), done
+
+    env = base._replace(step=step)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
+    learner = rl.maml_rl(env, policy, inner_episodes=2, outer_episodes=2)
+    with pytest.raises(jmaml.DivergenceError, match=r"non-finite .*tasks \[.*\] of the meta-batch"):
+        jmaml.fit(learner, rl.task_distribution(env), optax.adam(1e-2), policy.init(jax.random.key(0)), steps=2,
+                  meta_batch_size=4, log=jmaml.Logging(every=1, progress=False, stream=io.StringIO()))
