@@ -175,3 +175,21 @@ def test_a_non_finite_reward_stops_the_run_naming_it(tmp_path):
     with pytest.raises(jmaml.DivergenceError, match=r"non-finite .*tasks \[.*\] of the meta-batch"):
         jmaml.fit(learner, rl.task_distribution(env), optax.adam(1e-2), policy.init(jax.random.key(0)), steps=2,
                   meta_batch_size=4, log=jmaml.Logging(every=1, progress=False, stream=io.StringIO()))
+
+
+def test_the_linear_baseline_is_least_squares_even_with_collinear_features(x64):
+    """Pendulum observations make cos^2 + sin^2 = 1 the constant feature: a least-squares fit (NumPy's, on
+    the same features) and no NaN."""
+    env = rl.envs.pendulum(horizon=12)
+    policy = rl.policies.gaussian_mlp(3, 1, hidden=(8,))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), policy.init(jax.random.key(0)))
+    task = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), env.sample_task(jax.random.key(1)))
+    traj = rl.rollouts.rollout(env, policy, params, task, jax.random.key(2), 5)
+    returns = rl.rollouts.returns_to_go(traj.rewards, 0.99)
+    got = np.asarray(rl.rollouts.linear_baseline(traj, returns, reg=0.0))
+    obs = np.clip(np.asarray(traj.obs), -10, 10)
+    t = np.broadcast_to(np.arange(12)[None, :, None] / 100.0, (5, 12, 1))
+    feats = np.concatenate([obs, obs ** 2, t, t ** 2, t ** 3, np.ones_like(t)], -1).reshape(-1, 10)
+    w = np.linalg.lstsq(feats, np.asarray(returns).reshape(-1), rcond=None)[0]
+    np.testing.assert_allclose(got.reshape(-1), feats @ w, rtol=1e-8, atol=1e-8)
+    assert np.isfinite(got).all()

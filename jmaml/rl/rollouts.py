@@ -91,8 +91,11 @@ def linear_baseline(traj: Trajectories, returns: jax.Array, reg: float = 1e-5) -
     task's own episodes (ridge ``reg``), evaluated at every step."""
     feats = _features(traj) * traj.mask[..., None]
     f = feats.reshape(-1, feats.shape[-1])
-    gram = f.T @ f + reg * jnp.eye(f.shape[-1], dtype=f.dtype)
-    weights = jnp.linalg.solve(gram, f.T @ (returns * traj.mask).reshape(-1))
+    # least squares of [f; √reg I] w ≈ [G; 0] (an SVD): the features can be collinear (cos² + sin² = 1 for a
+    # pendulum), where the normal equations' solve in float32 returns NaN
+    eye = jnp.sqrt(jnp.asarray(reg, f.dtype)) * jnp.eye(f.shape[-1], dtype=f.dtype)
+    target = jnp.concatenate([(returns * traj.mask).reshape(-1), jnp.zeros((f.shape[-1],), f.dtype)])
+    weights = jnp.linalg.lstsq(jnp.concatenate([f, eye]), target)[0]
     return (feats @ weights) * traj.mask
 
 
