@@ -193,3 +193,27 @@ def test_the_linear_baseline_is_least_squares_even_with_collinear_features(x64):
     w = np.linalg.lstsq(feats, np.asarray(returns).reshape(-1), rcond=None)[0]
     np.testing.assert_allclose(got.reshape(-1), feats @ w, rtol=1e-8, atol=1e-8)
     assert np.isfinite(got).all()
+
+
+def test_trpo_takes_a_step_inside_its_trust_region():
+    """outer='trpo': the step is the natural gradient scaled to the trust region and backtracked; here the
+    line search accepts a step and the estimate's KL of the new adapted policies stays within max_kl."""
+    env = rl.envs.navigation2d(horizon=10)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
+    learner = rl.maml_rl(env, policy, inner_episodes=4, outer_episodes=4, outer="trpo", max_kl=0.01)
+    assert learner.name == "maml_rl_trpo"
+    params = policy.init(jax.random.key(0))
+    tasks = rl.task_distribution(env).sample(jax.random.key(1), 4)
+    loss, step, metrics = jax.jit(learner.estimate)(params, tasks)
+    assert int(metrics["line_search_steps"]) >= 1
+    new = jax.tree.map(lambda p, s: p - s, params, step)
+    assert float(optax.global_norm(step)) > 0
+    # the same samples, evaluated at the new parameters by a second estimate with a zero trust region: the
+    # line search then accepts nothing, so its step is zero
+    frozen = rl.maml_rl(env, policy, inner_episodes=4, outer_episodes=4, outer="trpo", max_kl=0.0)
+    assert float(optax.global_norm(jax.jit(frozen.estimate)(new, tasks)[1])) == 0.0
+    state = jmaml.fit(learner, rl.task_distribution(env), rl.trpo_optimiser(), params, steps=2, meta_batch_size=4,
+                      log=jmaml.Logging(every=1, progress=False, stream=io.StringIO()))
+    assert int(state.step) == 2
+    with pytest.raises(ValueError, match="outer='trpo' takes estimator 'lvc' or 'naive'"):
+        rl.maml_rl(env, policy, outer="trpo", estimator="dice")

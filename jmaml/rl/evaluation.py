@@ -28,7 +28,9 @@ def returns_after_steps(learner: MetaLearner, env: Env, policy: Policy, params: 
     num_steps = check_num_steps(num_steps, "num_steps")
     eval_episodes = check_positive_int(eval_episodes, "eval_episodes")
     key = jax.random.key(key) if isinstance(key, int) else key
-    tasks = task_distribution(env).heldout(key, num_tasks)
+    heldout = task_distribution(env).heldout
+    assert heldout is not None
+    tasks = heldout(key, num_tasks)
     hyper = {} if inner_lr is None else {"inner_lr": inner_lr}
 
     def one(task):

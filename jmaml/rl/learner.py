@@ -34,11 +34,19 @@ import jax.numpy as jnp
 
 from jmaml import protocols
 from jmaml._checks import check_num_steps, check_positive_int
+from jmaml.estimators import _tree_vdot, conjugate_gradient
 from jmaml.rl import rollouts
 from jmaml.rl.envs import Env
 from jmaml.rl.policies import Policy
 
 ESTIMATORS = ("dice", "lvc", "naive")
+
+
+def trpo_optimiser() -> Any:
+    """The meta-optimiser of ``maml_rl(..., outer="trpo")``, whose estimate is the step itself: SGD at rate 1."""
+    import optax
+
+    return optax.sgd(1.0)
 
 
 class RLTask(NamedTuple):
@@ -77,7 +85,9 @@ def check_policy(env: Env, policy: Policy) -> None:
 def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps: int = 1, inner_episodes: int = 20,
             outer_episodes: int = 20, gamma: float = 0.99, gae_lambda: float = 1.0, baseline: str | None = "linear",
             normalize_advantages: bool = True, estimator: str = "lvc", first_order: bool = False,
-            score_baseline: bool = True) -> protocols.MetaLearner:
+            score_baseline: bool = True, outer: str = "gradient", max_kl: float = 0.01, cg_iters: int = 10,
+            cg_damping: float = 1e-5, line_search_steps: int = 15,
+            backtrack_ratio: float = 0.8) -> protocols.MetaLearner:
     """MAML with a policy-gradient inner loop, as a ``MetaLearner`` for ``jmaml.fit`` on
     ``task_distribution(env)``.
 
@@ -95,6 +105,15 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
       first_order: no gradient through the inner policy gradient.
       score_baseline: centre the sampling-distribution term on the other tasks' mean return (it stays
         unbiased; False: no baseline).
+      outer: ``"gradient"``: ``estimate`` returns the meta-gradient for any optax optimiser (Adam ...).
+        ``"trpo"``: the paper's outer step, all on the device -- the natural gradient by ``cg_iters`` steps
+        of conjugate gradient on Fisher-vector products (the Hessian of the mean KL between the old and the
+        new adapted policies over the outer episodes' states, a sample estimate, damped by ``cg_damping``),
+        scaled to the trust region ``max_kl`` and backtracked (``backtrack_ratio``, at most
+        ``line_search_steps`` times) until the importance-weighted surrogate improves within the region;
+        ``estimate`` then returns the step itself (``θ_old - θ_new``) as its "gradient": train with
+        ``optax.sgd(1.0)`` (``trpo_optimiser()``). Uses the ``estimator``'s inner surrogate ("dice" is not
+        available: TRPO's surrogate has no score term).
 
     Returns:
       A ``MetaLearner`` whose loss is minus the adapted policy's mean (undiscounted) return over the
@@ -114,6 +133,14 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if outer not in ("gradient", "trpo"):
+        raise ValueError(f"outer must be 'gradient' or 'trpo', got {outer!r}")
+    if outer == "trpo" and estimator == "dice":
+        raise ValueError("outer='trpo' takes estimator 'lvc' or 'naive' (the DiCE score term has no importance-"
+                         "weighted surrogate to line-search)")
+    if outer == "trpo" and k == 0:
+        raise ValueError("outer='trpo' needs num_inner_steps >= 1 here; train the pretrained policy with outer="
+                         "'gradient'")
     if baseline not in ("linear", None):
         raise ValueError(f"baseline must be 'linear' or None, got {baseline!r}")
 
@@ -139,11 +166,77 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         ratio = jnp.exp(lp - jax.lax.stop_gradient(lp)) * traj.mask
         return -jnp.sum(ratio * a) / (traj.rewards.shape[0] * traj.rewards.shape[1])
 
-    def inner_step(params, traj, alpha):
-        g = jax.grad(lvc_loss if estimator == "lvc" else inner_loss)(params, traj, adv(traj))
+    def inner_step(params, traj, alpha, a=None):
+        a = adv(traj) if a is None else a
+        g = jax.grad(lvc_loss if estimator == "lvc" else inner_loss)(params, traj, a)
         if first_order:
             g = jax.lax.stop_gradient(g)
         return jax.tree.map(lambda p, gi: p - alpha * gi, params, g)
+
+    def trpo_estimate(params, tasks, alpha):
+        """The paper's TRPO outer step on a meta-batch (see ``outer``); returns (loss, θ_old - θ_new, metrics)."""
+        def sample(task):  # every episode at θ_old: the data the step and its line search reuse
+            keys = jax.random.split(task.key, k + 1)
+            phi, inner = params, []
+            for j in range(k):
+                traj = rollouts.rollout(env, policy, phi, task.params, keys[j], n_in)
+                a = adv(traj)
+                inner.append((traj, a))
+                phi = inner_step(phi, traj, alpha, a)
+            traj = rollouts.rollout(env, policy, phi, task.params, keys[k], n_out)
+            old = jax.lax.stop_gradient(rollouts.log_probs(policy, phi, traj))
+            ret_pre = jnp.mean(jnp.sum(inner[0][0].rewards, axis=1))
+            return inner, (traj, adv(traj), old), ret_pre, jnp.mean(jnp.sum(traj.rewards, axis=1))
+
+        inner, (traj, a_out, old_lp), ret_pre, ret_post = jax.vmap(sample)(tasks)
+
+        def adapted_log_probs(p, inner_i, traj_i):
+            phi = p
+            for t_j, a_j in inner_i:
+                phi = inner_step(phi, t_j, alpha, a_j)
+            return rollouts.log_probs(policy, phi, traj_i)
+
+        def loss_and_kl(p):
+            lp = jax.vmap(adapted_log_probs, (None, 0, 0))(p, inner, traj)
+            ratio = jnp.exp(lp - old_lp) * traj.mask
+            loss = -jnp.mean(jnp.sum(ratio * a_out, axis=(1, 2)) / traj.rewards.shape[1])
+            kl = jnp.sum((old_lp - lp) * traj.mask) / jnp.maximum(jnp.sum(traj.mask), 1.0)
+            return loss, kl
+
+        (loss0, _), g = jax.value_and_grad(loss_and_kl, has_aux=True)(params)
+        kl_grad = jax.grad(lambda p: loss_and_kl(p)[1])
+
+        def fisher(v):
+            hv = jax.jvp(kl_grad, (params,), (v,))[1]
+            return jax.tree.map(lambda h, vi: h + cg_damping * vi, hv, v)
+
+        neg_g = jax.tree.map(jnp.negative, g)
+        s, residual = conjugate_gradient(fisher, neg_g, cg_iters)
+        shs = _tree_vdot(s, fisher(s))
+        scale = jnp.sqrt(2 * max_kl / jnp.maximum(shs, 1e-12))
+        full = jax.tree.map(lambda si: scale * si, s)
+
+        def candidate(j):
+            frac = backtrack_ratio ** j.astype(loss0.dtype)
+            return jax.tree.map(lambda p, f: p + frac * f, params, full)
+
+        def not_done(carry):
+            j, ok = carry
+            return (j < line_search_steps) & ~ok
+
+        def try_step(carry):
+            j, _ = carry
+            loss, kl = loss_and_kl(candidate(j))
+            ok = (loss < loss0) & (kl <= max_kl) & jnp.isfinite(loss)
+            return jnp.where(ok, j, j + 1), ok
+
+        j, ok = jax.lax.while_loop(not_done, try_step, (jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
+        new = jax.tree.map(lambda c, p: jnp.where(ok, c, p), candidate(j), params)
+        step = jax.tree.map(lambda p, n: p - n, params, new)
+        metrics = {"task_losses": -ret_post, "pre_adapt_loss": -jnp.mean(ret_pre), "return_pre": jnp.mean(ret_pre),
+                   "return_post": jnp.mean(ret_post), "line_search_steps": jnp.where(ok, j + 1, 0),
+                   "cg_residual": residual}
+        return -jnp.mean(ret_post), step, metrics
 
     def per_task(params, task, alpha):
         keys = jax.random.split(task.key, k + 1)
@@ -161,6 +254,9 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         return outer, score, value, ret_post, ret_post if ret_pre is None else ret_pre
 
     def estimate(params, tasks, meta_step=None, *, inner_lr=inner_lr):
+        if outer == "trpo":
+            return trpo_estimate(params, tasks, inner_lr)
+
         def surrogate(p):
             outer, score, value, ret_post, ret_pre = jax.vmap(per_task, (None, 0, None))(p, tasks, inner_lr)
             total = outer
@@ -192,6 +288,8 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         return phi, jax.tree.map(lambda *v: jnp.stack(v), *seen)
 
     name = ("maml_rl" if estimator == "lvc" else f"maml_rl_{estimator}") if k else "pretrained_rl"
-    return protocols.MetaLearner(init=lambda p: p, estimate=estimate, adapt=adapt, name=name,
-                                 label=f"MAML-RL ({estimator})", exact_gradient=False, hyper={"inner_lr": inner_lr},
+    name += "_trpo" if outer == "trpo" else ""
+    label = f"MAML-RL ({estimator}{', TRPO' if outer == 'trpo' else ''})"
+    return protocols.MetaLearner(init=lambda p: p, estimate=estimate, adapt=adapt, name=name, label=label,
+                                 exact_gradient=False, hyper={"inner_lr": inner_lr},
                                  reduction="mean")
