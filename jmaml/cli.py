@@ -500,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  jmaml eval runs/sinusoid                     adaptation curves on 600 held-out tasks\n"
                "  jmaml inspect runs/sinusoid                  what a run dir holds\n"
                "  jmaml sweep --alpha 0.001,0.01 --beta 0.001,0.003 --out runs/sweep\n"
+               "  jmaml rl --env navigation2d --out runs/nav  meta-RL: MAML-TRPO on 2D navigation\n"
                "\nLibrary use, your own model, tasks and algorithm: see README.md and the API reference\n"
                "(bash scripts/docs.sh).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -519,7 +520,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_seed)
     _add_train_parser(sub)
     _add_sweep_parser(sub)
+    _add_rl_parser(sub)
     return parser
+
+
+def _add_rl_parser(sub) -> None:
+    from jmaml.rl.recipe import RLConfig
+
+    d = RLConfig()
+    p = sub.add_parser("rl", help="meta-reinforcement learning: MAML with a policy-gradient inner loop on 2D "
+                                  "navigation (the MAML paper's) or Pendulum with varied physics",
+                       description="Trains MAML (and the multi-task pretrained policy) through jmaml.fit in --out "
+                                   "(progress, checkpoints, --resume bitwise), then evaluates the return after 0-3 "
+                                   "policy-gradient steps on held-out tasks (eval.json, eval.md).")
+    p.add_argument("--env", default=d.env, choices=("navigation2d", "pendulum"))
+    p.add_argument("--out", default="runs/rl", help="run folder (default runs/rl)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"meta-steps (default {d.steps})")
+    p.add_argument("--meta-batch-size", type=int, default=d.meta_batch_size)
+    p.add_argument("--inner-lr", type=float, default=d.inner_lr)
+    p.add_argument("--episodes", type=int, default=d.inner_episodes, help="episodes per task, inner and outer")
+    p.add_argument("--horizon", type=int, default=d.horizon)
+    p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="policy widths (default 100,100)")
+    p.add_argument("--outer", default=d.outer, choices=("trpo", "adam"), help="MAML's outer step (default trpo)")
+    p.add_argument("--estimator", default=d.estimator, choices=("lvc", "dice", "naive"))
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=int, default=d.log_every, help="meta-steps per chunk and checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in --out")
+    p.add_argument("--no-pretrain", action="store_true", help="skip the pretrained baseline")
+    p.add_argument("--no-eval", action="store_true")
+    p.set_defaults(func=_cmd_rl)
+
+
+def _cmd_rl(args: argparse.Namespace) -> int:
+    from jmaml._signals import StopFlag
+
+    early = getattr(args, "early_flag", None)
+    # fit reads the installed flag: a signal stops it between chunks with a checkpoint
+    with contextlib.nullcontext(early) if early is not None else StopFlag():
+        from jmaml.engine import DivergenceError, Interrupted
+        from jmaml.rl import recipe
+
+        try:
+            hidden = tuple(int(h) for h in args.hidden.split(","))
+        except ValueError:
+            raise ValueError(f"--hidden must be comma-separated widths like 100,100, got {args.hidden!r}") from None
+        config = recipe.RLConfig(env=args.env, horizon=args.horizon, steps=args.steps,
+                                 meta_batch_size=args.meta_batch_size, inner_lr=args.inner_lr,
+                                 inner_episodes=args.episodes, outer_episodes=args.episodes, hidden=hidden,
+                                 outer=args.outer, estimator=args.estimator, seed=args.seed, log_every=args.log_every,
+                                 pretrain=not args.no_pretrain).validate()
+        try:
+            trained = recipe.train(config, args.out, resume=args.resume, overwrite=args.overwrite)
+        except Interrupted as e:
+            print(f"jmaml rl: {e}. Resume with: jmaml rl --out {args.out} --resume (and the same settings)",
+                  file=sys.stderr)
+            return 128 + (e.signum or signal.SIGINT)
+        except DivergenceError as e:
+            print(f"jmaml rl: {e}", file=sys.stderr)
+            return 3
+        if not args.no_eval:
+            print(recipe.format_table(config.env, recipe.evaluate(config, trained, args.out)))
+    return 0
 
 
 _WORKER_ENV = "JMAML_DISTRIBUTED_WORKER"
@@ -582,7 +644,7 @@ def main(argv: list[str] | None = None, early_flag=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.early_flag = early_flag
-    if early_flag is not None and (args.command not in ("train", "sweep") or (getattr(args, "distributed", False)
+    if early_flag is not None and (args.command not in ("train", "sweep", "rl") or (getattr(args, "distributed", False)
                                                                and os.environ.get(_WORKER_ENV) != "1")):
         early_flag.__exit__(None, None, None)  # only train and sweep checkpoint on a signal; the rest: default
         if early_flag.signum is not None:

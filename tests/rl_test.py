@@ -217,3 +217,59 @@ def test_trpo_takes_a_step_inside_its_trust_region():
     assert int(state.step) == 2
     with pytest.raises(ValueError, match="outer='trpo' takes estimator 'lvc' or 'naive'"):
         rl.maml_rl(env, policy, outer="trpo", estimator="dice")
+
+
+def _rl_cli(out, *extra):
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
+    cmd = [sys.executable, "-m", "jmaml", "rl", "--out", str(out), "--steps", "30", "--log-every", "2",
+           "--episodes", "3", "--horizon", "8", "--hidden", "8", "--meta-batch-size", "4", "--no-pretrain",
+           "--outer", "trpo", *extra]
+    return cmd, env, root
+
+
+def test_an_rl_run_killed_by_sigkill_resumes_bitwise(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from jmaml import checkpoint
+
+    cmd, env, root = _rl_cli(tmp_path / "straight", "--no-eval")
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cmd, env, root = _rl_cli(tmp_path / "killed", "--no-eval")
+    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "maml_rl_trpo.ckpt.npz"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists() and 0 < checkpoint.read_header(ckpt)["step"] < 30:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = subprocess.run(cmd + ["--resume"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = checkpoint.arrays(tmp_path / "straight" / "maml_rl_trpo.ckpt.npz")
+    b = checkpoint.arrays(ckpt)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # evaluation: eval.json and the table
+    cmd = [c for c in cmd if c != "--no-eval"]
+    out = subprocess.run(cmd + ["--resume"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "| maml |" in out.stdout and "| random |" in out.stdout, out.stderr[-2000:]
+    assert (tmp_path / "killed" / "eval.json").exists()
+
+
+def test_the_rl_command_names_bad_settings(tmp_path):
+    import subprocess
+
+    cmd, env, root = _rl_cli(tmp_path / "x", "--horizon", "0")
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "horizon must be" in out.stderr, out.stderr[-1000:]

@@ -7,14 +7,16 @@ Environments (``jmaml.rl.envs``): ``navigation2d`` (the paper's 2D navigation: g
 (gymnax's Pendulum-v1 with mass and length drawn per task, horizon 100). Policy: a Gaussian MLP (2 x 100
 ReLU, the paper's). Inner loop: one REINFORCE step (α = 0.1, 20 episodes, the linear feature baseline,
 γ = 0.99); meta-gradient: ProMP's low-variance curvature estimator through the inner step, 20 episodes of
-the adapted policy, Adam (the paper used TRPO); meta-batch 20 tasks. Evaluation: 40 held-out tasks per
-seed, 20 episodes per step.
+the adapted policy; outer step TRPO as the paper's (KL 0.01, 10 CG iterations, line search; ``--outer adam``
+for Adam at 0.01); meta-batch 20 tasks. The pretrained policy: multi-task policy gradient (Adam at 0.01) on
+the same tasks. Evaluation: 40 held-out tasks per seed, 20 episodes per step.
 
 Every run goes through ``jmaml.fit`` with a run folder (checkpoints, resume: rerunning continues or
 reuses finished runs). Writes ``RESULTS.md``, ``results.json`` and ``results/curves_<env>.png`` beside this
 file. Run from the repository root:
 
-    .venv/bin/python experiments/rl/run.py [--envs navigation2d,pendulum] [--steps 200] [--seeds 0,1,2]
+    .venv/bin/python experiments/rl/run.py [--envs navigation2d,pendulum] [--steps 100] [--seeds 0,1,2]
+        [--outer trpo|adam]
 """
 
 from __future__ import annotations
@@ -43,24 +45,26 @@ ENVS = {"navigation2d": lambda: rl.envs.navigation2d(horizon=100), "pendulum": l
 METHODS = ("maml", "pretrained", "random")
 
 
-def parts(env_name: str):
+def parts(env_name: str, outer: str = "trpo"):
     env = ENVS[env_name]()
     obs, act = env.observation_shape[0], env.action_shape[0]
     policy = rl.policies.gaussian_mlp(obs, act, hidden=SETTINGS["hidden"])
     common = dict(inner_lr=SETTINGS["inner_lr"], inner_episodes=SETTINGS["inner_episodes"],
                   outer_episodes=SETTINGS["outer_episodes"], gamma=SETTINGS["gamma"])
-    return env, policy, rl.maml_rl(env, policy, **common), rl.maml_rl(env, policy, num_inner_steps=0, **common)
+    maml = rl.maml_rl(env, policy, outer="trpo" if outer == "trpo" else "gradient", **common)
+    return env, policy, maml, rl.maml_rl(env, policy, num_inner_steps=0, **common)
 
 
-def train(env_name: str, method: str, seed: int, steps: int, out: str):
-    env, policy, maml, pretrained = parts(env_name)
+def train(env_name: str, method: str, seed: int, steps: int, out: str, outer: str):
+    env, policy, maml, pretrained = parts(env_name, outer)
     params = policy.init(jax.random.key(seed))
     if method == "random":
         return params
     learner = maml if method == "maml" else pretrained
     run_dir = os.path.join(out, env_name, f"seed{seed}", method)
     resume = os.path.exists(os.path.join(run_dir, f"{learner.name}.ckpt.npz"))
-    state = jmaml.fit(learner, rl.task_distribution(env), optax.adam(SETTINGS["meta_lr"]), params, steps=steps,
+    optimiser = rl.trpo_optimiser() if method == "maml" and outer == "trpo" else optax.adam(SETTINGS["meta_lr"])
+    state = jmaml.fit(learner, rl.task_distribution(env), optimiser, params, steps=steps,
                       meta_batch_size=SETTINGS["meta_batch"], key=seed, run=jmaml.RunDir(run_dir, resume=resume),
                       log=jmaml.Logging(every=max(1, steps // 20), progress=True))
     return state.params
@@ -110,7 +114,8 @@ def plot(env_name: str, result: dict, path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--envs", default="navigation2d,pendulum")
-    parser.add_argument("--steps", type=int, default=200, help="meta-steps per run")
+    parser.add_argument("--steps", type=int, default=100, help="meta-steps per run")
+    parser.add_argument("--outer", default="trpo", choices=("trpo", "adam"), help="MAML's outer step")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default=os.path.join(HERE, "runs"), help="run folders (checkpoints)")
     args = parser.parse_args(argv)
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
             returns = []
             for seed in seeds:
                 t0 = time.perf_counter()
-                params = train(env_name, method, seed, args.steps, args.out)
+                params = train(env_name, method, seed, args.steps, os.path.join(args.out, args.outer), args.outer)
                 timings[f"{env_name}/{method}/seed{seed}"] = time.perf_counter() - t0
                 returns.append(evaluate(env_name, params, seed))
             pooled = np.concatenate(returns)  # (seeds x tasks, steps + 1)
@@ -137,15 +142,16 @@ def main(argv=None) -> int:
         plot(env_name, per_method, os.path.join(HERE, "results", f"curves_{env_name}.png"))
         print(table(env_name, per_method), flush=True)
     record = {"settings": {**SETTINGS, "hidden": list(SETTINGS["hidden"]), "steps": args.steps, "seeds": seeds,
-                           "estimator": "lvc", "meta_optimiser": "adam"},
+                           "estimator": "lvc", "maml_outer": args.outer, "pretrained_outer": "adam"},
               "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
               "results": results, "train_seconds": timings}
     with open(os.path.join(HERE, "results.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     md = ["# Meta-RL: average return after policy-gradient steps on held-out tasks", "",
-          f"`python experiments/rl/run.py --steps {args.steps}`; {len(seeds)} seeds x {SETTINGS['eval_tasks']} "
-          f"held-out tasks each, {SETTINGS['eval_episodes']} episodes per evaluation; mean ± 95% CI over the "
-          f"{len(seeds) * SETTINGS['eval_tasks']} tasks. {record['machine']}, {record['date']}.", "",
+          f"`python experiments/rl/run.py --steps {args.steps} --outer {args.outer}`; {len(seeds)} seeds x "
+          f"{SETTINGS['eval_tasks']} held-out tasks each, {SETTINGS['eval_episodes']} episodes per evaluation; "
+          f"mean ± 95% CI over the {len(seeds) * SETTINGS['eval_tasks']} tasks. {record['machine']}, "
+          f"{record['date']}.", "",
           "Settings: " + ", ".join(f"{k} {v}" for k, v in record["settings"].items()) + ".", ""]
     for env_name in envs:
         md += [table(env_name, results[env_name]), "", f"![{env_name}](results/curves_{env_name}.png)", ""]
