@@ -22,71 +22,42 @@ file. Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 
-import jax
 import numpy as np
-import optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import jmaml  # noqa: E402
 from jmaml import rl  # noqa: E402
 from jmaml._util import machine_description  # noqa: E402
+from jmaml.rl import recipe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SETTINGS = {"inner_lr": 0.1, "inner_episodes": 20, "outer_episodes": 20, "gamma": 0.99, "meta_batch": 20,
-            "meta_lr": 0.01, "hidden": (100, 100), "eval_tasks": 40, "eval_episodes": 20, "eval_steps": 3}
-ENVS = {"navigation2d": lambda: rl.envs.navigation2d(horizon=100), "pendulum": lambda: rl.envs.pendulum(horizon=100)}
-METHODS = ("maml", "pretrained", "random")
+METHODS = recipe.METHODS
 
 
-def parts(env_name: str, outer: str = "trpo"):
-    env = ENVS[env_name]()
-    obs, act = env.observation_shape[0], env.action_shape[0]
-    policy = rl.policies.gaussian_mlp(obs, act, hidden=SETTINGS["hidden"])
-    common = dict(inner_lr=SETTINGS["inner_lr"], inner_episodes=SETTINGS["inner_episodes"],
-                  outer_episodes=SETTINGS["outer_episodes"], gamma=SETTINGS["gamma"])
-    maml = rl.maml_rl(env, policy, outer="trpo" if outer == "trpo" else "gradient", **common)
-    return env, policy, maml, rl.maml_rl(env, policy, num_inner_steps=0, **common)
+def config(env_name: str, seed: int, steps: int, outer: str) -> recipe.RLConfig:
+    """The paper's settings (``RLConfig``'s defaults) for an environment, seed, length and outer step."""
+    return recipe.RLConfig(env=env_name, seed=seed, steps=steps, outer=outer).validate()
 
 
-def train(env_name: str, method: str, seed: int, steps: int, out: str, outer: str):
-    env, policy, maml, pretrained = parts(env_name, outer)
-    params = policy.init(jax.random.key(seed))
-    if method == "random":
-        return params
-    learner = maml if method == "maml" else pretrained
-    run_dir = os.path.join(out, env_name, f"seed{seed}", method)
-    resume = os.path.exists(os.path.join(run_dir, f"{learner.name}.ckpt.npz"))
-    optimiser = rl.trpo_optimiser() if method == "maml" and outer == "trpo" else optax.adam(SETTINGS["meta_lr"])
-    state = jmaml.fit(learner, rl.task_distribution(env), optimiser, params, steps=steps,
-                      meta_batch_size=SETTINGS["meta_batch"], key=seed, run=jmaml.RunDir(run_dir, resume=resume),
-                      log=jmaml.Logging(every=max(1, steps // 20), progress=True))
-    return state.params
-
-
-def evaluate(env_name: str, params, seed: int) -> np.ndarray:
-    env, policy, maml, _ = parts(env_name)
-    return rl.returns_after_steps(maml, env, policy, params, key=10_000 + seed, num_tasks=SETTINGS["eval_tasks"],
-                                  num_steps=SETTINGS["eval_steps"], eval_episodes=SETTINGS["eval_episodes"])
+def run_seed(cfg: recipe.RLConfig, out: str) -> tuple[dict, float]:
+    """Trains (or resumes, or reuses) one seed's runs in ``out`` and returns every method's per-task returns."""
+    t0 = time.perf_counter()
+    resume = os.path.exists(os.path.join(out, "rl_config.json"))
+    trained = recipe.train(cfg, out, resume=resume)
+    results = recipe.evaluate(cfg, trained, out)
+    return {m: np.asarray(r["per_task"]) for m, r in results.items()}, time.perf_counter() - t0
 
 
 def table(env_name: str, result: dict) -> str:
-    steps = SETTINGS["eval_steps"]
-    lines = [f"| {env_name} | " + " | ".join(f"after {s} step{'s' if s != 1 else ''}" for s in range(steps + 1)) + " |",
-             "|" + " --- |" * (steps + 2)]
-    for method in METHODS:
-        r = result[method]
-        cells = [f"{m:.2f} ± {c:.2f}" for m, c in zip(r["mean"], r["ci95"])]
-        if method == "maml":
-            cells = [f"**{c}**" for c in cells]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    lines = recipe.format_table(env_name, result).splitlines()
+    return "\n".join(line.replace("| maml |", "| **maml** |") for line in lines)
 
 
 def plot(env_name: str, result: dict, path: str) -> None:
@@ -103,7 +74,7 @@ def plot(env_name: str, result: dict, path: str) -> None:
         ax.fill_between(x, mean - ci, mean + ci, alpha=0.2)
     ax.set_xlabel("policy-gradient steps on the held-out task")
     ax.set_ylabel("average return")
-    ax.set_xticks(range(SETTINGS["eval_steps"] + 1))
+    ax.set_xticks(range(len(result["maml"]["mean"])))
     ax.set_title(f"{env_name}: MAML vs pretrained vs random (95% CI)")
     ax.legend()
     fig.tight_layout()
@@ -122,39 +93,47 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     envs = args.envs.split(",")
     for name in envs:
-        if name not in ENVS:
-            raise SystemExit(f"--envs: {name!r} is not one of {sorted(ENVS)}")
+        if name not in ("navigation2d", "pendulum"):
+            raise SystemExit(f"--envs: {name!r} is not navigation2d or pendulum")
     results, timings = {}, {}
+    path = os.path.join(HERE, "results.json")
+    if os.path.exists(path):  # environments run before (with their own settings) stay in the table
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+        results = {k: v for k, v in before.get("results", {}).items() if k not in envs}
+        timings = {k: v for k, v in before.get("train_seconds", {}).items() if k.split("/")[0] not in envs}
     for env_name in envs:
+        runs = {}
+        for seed in seeds:
+            cfg = config(env_name, seed, args.steps, args.outer)
+            runs[seed], timings[f"{env_name}/seed{seed}"] = run_seed(
+                cfg, os.path.join(args.out, args.outer, env_name, f"seed{seed}"))
         per_method = {}
         for method in METHODS:
-            returns = []
-            for seed in seeds:
-                t0 = time.perf_counter()
-                params = train(env_name, method, seed, args.steps, os.path.join(args.out, args.outer), args.outer)
-                timings[f"{env_name}/{method}/seed{seed}"] = time.perf_counter() - t0
-                returns.append(evaluate(env_name, params, seed))
-            pooled = np.concatenate(returns)  # (seeds x tasks, steps + 1)
+            pooled = np.concatenate([runs[seed][method] for seed in seeds])  # (seeds x tasks, steps + 1)
             per_method[method] = {**rl.evaluation.summarize(pooled),
-                                  "per_seed_mean": [r.mean(axis=0).tolist() for r in returns]}
-        results[env_name] = per_method
+                                  "per_seed_mean": [runs[seed][method].mean(axis=0).tolist() for seed in seeds]}
+        results[env_name] = {**per_method, "steps": args.steps, "outer": args.outer, "seeds": seeds}
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         plot(env_name, per_method, os.path.join(HERE, "results", f"curves_{env_name}.png"))
         print(table(env_name, per_method), flush=True)
-    record = {"settings": {**SETTINGS, "hidden": list(SETTINGS["hidden"]), "steps": args.steps, "seeds": seeds,
-                           "estimator": "lvc", "maml_outer": args.outer, "pretrained_outer": "adam"},
+    settings = {k: v for k, v in dataclasses.asdict(config(envs[0], 0, args.steps, args.outer)).items()
+                if k not in ("env", "seed")}
+    record = {"settings": {**settings, "seeds": seeds, "pretrained_outer": "adam"},
               "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
               "results": results, "train_seconds": timings}
-    with open(os.path.join(HERE, "results.json"), "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     md = ["# Meta-RL: average return after policy-gradient steps on held-out tasks", "",
-          f"`python experiments/rl/run.py --steps {args.steps} --outer {args.outer}`; {len(seeds)} seeds x "
-          f"{SETTINGS['eval_tasks']} held-out tasks each, {SETTINGS['eval_episodes']} episodes per evaluation; "
-          f"mean ± 95% CI over the {len(seeds) * SETTINGS['eval_tasks']} tasks. {record['machine']}, "
+          f"`python experiments/rl/run.py --envs ENV --steps STEPS --outer {args.outer}`; {len(seeds)} seeds x "
+          f"{settings['eval_tasks']} held-out tasks each, {settings['eval_episodes']} episodes per evaluation; "
+          f"mean ± 95% CI over the {len(seeds) * settings['eval_tasks']} tasks. {record['machine']}, "
           f"{record['date']}.", "",
-          "Settings: " + ", ".join(f"{k} {v}" for k, v in record["settings"].items()) + ".", ""]
-    for env_name in envs:
-        md += [table(env_name, results[env_name]), "", f"![{env_name}](results/curves_{env_name}.png)", ""]
+          "Settings: " + ", ".join(f"{k} {v}" for k, v in record["settings"].items() if k != "steps") + ".", ""]
+    for env_name in sorted(results):
+        md += [f"**{env_name}**, {results[env_name].get('steps')} meta-steps ({results[env_name].get('outer')} outer "
+               "step):", "", table(env_name, results[env_name]), "", f"![{env_name}](results/curves_{env_name}.png)",
+               ""]
         one = {m: (results[env_name][m]["mean"][1], results[env_name][m]["ci95"][1]) for m in METHODS}
         beats = all(one["maml"][0] - one["maml"][1] > one[m][0] + one[m][1] for m in ("pretrained", "random"))
         md.append(f"After one step MAML's return {'is' if beats else 'is not'} above both baselines' beyond the "

@@ -113,10 +113,11 @@ def evaluate(config: RLConfig, trained: dict[str, Any], run_dir: str | None = No
 
 def format_table(env_name: str, results: dict) -> str:
     """A Markdown table: average return (± 95% CI) after each number of policy-gradient steps."""
-    steps = len(next(iter(results.values()))["mean"])
+    methods = [m for m in METHODS if m in results]
+    steps = len(results[methods[0]]["mean"])
     lines = [f"| {env_name} | " + " | ".join(f"after {s} step{'s' if s != 1 else ''}" for s in range(steps)) + " |",
              "|" + " --- |" * (steps + 1)]
-    for method in [m for m in METHODS if m in results]:
+    for method in methods:
         r = results[method]
         lines.append(f"| {method} | " + " | ".join(f"{m:.2f} ± {c:.2f}" for m, c in zip(r["mean"], r["ci95"])) + " |")
     return "\n".join(lines)

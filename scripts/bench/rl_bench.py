@@ -51,8 +51,8 @@ def measure(rounds: int, min_time: float, log) -> dict:
     try:
         from scripts.bench.peers import torch_maml_rl
 
-        run, _ = torch_maml_rl.setup(META_BATCH, EPISODES, HORIZON, HIDDEN)
-        runners["torch"] = (lambda: run(1), 1)
+        torch_run, _ = torch_maml_rl.setup(META_BATCH, EPISODES, HORIZON, HIDDEN)
+        runners["torch"] = (lambda: torch_run(1), 1)
     except ImportError:
         log("torch is not installed: the peer's column stays empty")
     for run, _ in runners.values():

@@ -1,6 +1,7 @@
 """Peer: MAML-RL on 2D navigation in PyTorch with the usual Python rollout loop (learn2learn's MAML-TRPO
-example and pytorch-maml-rl style): per task, a Python loop over the horizon stepping a NumPy environment
-vectorised over the task's episodes, the Gaussian MLP policy run on each step's batch; the inner
+example and pytorch-maml-rl style): per task, a Python loop over the horizon, the Gaussian MLP policy run
+on the batch of the task's episodes, each episode's gym-style environment stepped in Python (no worker
+processes: their inter-process traffic would only slow it further); the inner
 REINFORCE step with the linear feature baseline and ``torch.autograd.grad(create_graph=True)``, the outer
 loss on the adapted policy's episodes through ProMP's per-step likelihood ratios, ``.backward()`` and Adam
 (the same algorithm and batch sizes as ``jmaml.rl.maml_rl``; the outer step is Adam on both sides).
@@ -45,20 +46,39 @@ def setup(meta_batch: int = 20, episodes: int = 20, horizon: int = 100, hidden=(
         z = (act - mean) * torch.exp(-ls)
         return (-0.5 * z ** 2 - ls - 0.5 * np.log(2 * np.pi)).sum(-1)
 
+    class Navigation2D:
+        """One environment, gym-style (pytorch-maml-rl's ``Navigation2DEnv``, stepped one at a time by a
+        synchronous vector environment, as its sampler does)."""
+
+        def __init__(self, goal):
+            self.goal, self.pos = goal, np.zeros(2, np.float32)
+
+        def reset(self):
+            self.pos = np.zeros(2, np.float32)
+            return self.pos.copy()
+
+        def step(self, action):
+            self.pos = self.pos + np.clip(action, -0.1, 0.1)
+            return self.pos.copy(), -float(np.sqrt(np.sum((self.pos - self.goal) ** 2)))
+
     def rollout(p, goal):
-        """A Python loop over the horizon; the environment (NumPy) vectorised over the episodes."""
-        pos = np.zeros((episodes, 2), np.float32)
+        """The usual Python rollout loop: per step, the policy on the batch of observations, then each of the
+        task's ``episodes`` environments stepped in Python."""
+        envs = [Navigation2D(goal) for _ in range(episodes)]
+        obs_np = np.stack([e.reset() for e in envs])
         obs_l, act_l, rew_l = [], [], []
         with torch.no_grad():
             for _ in range(horizon):
-                obs = torch.from_numpy(pos.copy())
+                obs = torch.from_numpy(obs_np)
                 mean = forward([q.detach() for q in p[:-1]], obs)
                 act = mean + torch.exp(p[-1].detach()) * torch.randn_like(mean)
-                pos = pos + np.clip(act.numpy(), -0.1, 0.1)
+                steps = [e.step(a) for e, a in zip(envs, act.numpy())]
                 obs_l.append(obs)
                 act_l.append(act)
-                rew_l.append(-np.linalg.norm(pos - goal, axis=-1))
-        return torch.stack(obs_l, 1), torch.stack(act_l, 1), torch.from_numpy(np.stack(rew_l, 1).astype(np.float32))
+                rew_l.append([r for _, r in steps])
+                obs_np = np.stack([o for o, _ in steps])
+        return (torch.stack(obs_l, 1), torch.stack(act_l, 1),
+                torch.tensor(np.asarray(rew_l, np.float32).T.copy()))
 
     def advantages(obs, rewards):
         returns = torch.zeros_like(rewards)
