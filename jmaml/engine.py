@@ -267,7 +267,8 @@ class Progress:
         rate = done / elapsed if elapsed > 0 else steps_per_s
         eta = str(datetime.timedelta(seconds=round(left / rate))) if rate > 0 else "?"
         frac = step / self.total
-        text = (f"{self.label} {step}/{self.total} ({100 * frac:.0f}%) | {rate:,.0f} steps/s | "
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"  # a slow run (meta-RL, images): not "0 steps/s"
+        text = (f"{self.label} {step}/{self.total} ({100 * frac:.0f}%) | {shown} steps/s | "
                 f"meta-loss {loss:.4f} | ETA {eta}")
         if self.tty:
             width = 24

@@ -140,7 +140,8 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
 
     Args:
       meta_batch_block: each point's meta-batch in blocks of this many tasks (``jmaml.blocking``; part of
-        the fingerprint). ``"auto"`` is ``fit``'s alone: time one point with ``fit`` and pass its block.
+        the fingerprint; with ``shard="tasks"`` over a mesh, within each device's shard). ``"auto"`` is
+        ``fit``'s alone: time one point with ``fit`` and pass its block.
       learner, tasks, steps, meta_batch_size, key, model_state, run, log, stop_at_step: as in
         ``jmaml.fit`` (the population is checkpointed, fingerprinted and resumed as one run; its
         points are part of its fingerprint; ``log``'s callback gets the ``PopulationState``).
@@ -232,10 +233,11 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
                             alive=jnp.ones((size,), bool), diverged_at=jnp.full((size,), -1, jnp.int32),
                             last_loss=jnp.full((size,), jnp.nan, jnp.float32))
     settings = engine.run_settings(learner, tasks, opt, start, meta_batch_size, fingerprint)
-    block = blocking.check_block(meta_batch_block, meta_batch_size)
+    task_mesh = mesh if shard == "tasks" and n_dev > 1 else None  # blocks within each device's shard of tasks
+    block = blocking.check_block(meta_batch_block, meta_batch_size, task_mesh)
     if block is not None:
         settings["meta_batch_block"] = block
-        learner = blocking.blocked(learner, block)
+        learner = blocking.blocked(learner, block, task_mesh)
     settings["points"] = values
     settings["key"] = fp.describe(state.key)
     settings["max_loss_ratio"] = fp.describe(float(max_loss_ratio))

@@ -483,8 +483,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="output prefix (default scripts/bench/results/<device>)")
     parser.add_argument("--quick", action="store_true", help="short measurements, fewer cells")
     parser.add_argument("--only", default="steps,roofline,compile,memory,grid,breakdown",
-                        help="comma-separated parts to run (also: blocks, the blocked task axis at B = 1000 and "
-                             "10,000; not run by default)")
+                        help="comma-separated parts to run (also, not run by default: blocks, the blocked task "
+                             "axis at B = 1000 and 10,000; rl, meta-RL environment steps/s against a PyTorch peer)")
     parser.add_argument("--grid-steps", type=int, default=None)
     parser.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 2)")
     parser.add_argument("--rounds", type=int, default=None,
@@ -543,7 +543,11 @@ def main(argv=None) -> int:
         if args.device == "gpu":
             block_cells = [(10_000, 1), (10_000, 5), (100_000, 1), (100_000, 5)]
         result["blocks"] = measure_blocks(block_cells, args.rounds or (2 if args.device == "cpu" else 1), min_time,
-                                          log)
+                                          log, result.get("ceilings"))
+    if "rl" in only:  # meta-RL environment steps/s against the PyTorch peer (scripts/bench/rl_bench.py)
+        from scripts.bench.rl_bench import measure as measure_rl
+
+        result["rl"] = measure_rl(args.rounds or 2, max(min_time, 2.0), log)
     if os.path.exists(prefix + ".partial.json"):
         os.remove(prefix + ".partial.json")
     if args.merge and os.path.exists(prefix + ".json"):  # keep the parts not rerun this time
@@ -553,12 +557,17 @@ def main(argv=None) -> int:
     with open(prefix + ".json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     md = to_markdown(result) if "steps_per_second" in result else json.dumps(
-        {k: v for k, v in result.items() if k != "blocks"}, indent=2)
+        {k: v for k, v in result.items() if k not in ("blocks", "rl")}, indent=2)
     if result.get("blocks"):
         from scripts.bench.blocks_bench import to_markdown as blocks_markdown
 
         md += "\n\n" + blocks_markdown({"machine": result["machine"].get("cpu") or result["machine"],
                                         "date": result["date"], "rounds": args.rounds or 2, "cells": result["blocks"]})
+    if result.get("rl"):
+        from scripts.bench.rl_bench import to_markdown as rl_markdown
+
+        md += "\n\n" + rl_markdown({"machine": result["machine"].get("cpu") or result["machine"],
+                                    "date": result["date"], "rl": result["rl"]})
     with open(prefix + ".md", "w", encoding="utf-8") as f:
         f.write(md)
     print(md)

@@ -15,3 +15,8 @@ timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench.py --device gpu --only ste
 # the task axis in blocks at GPU-sized meta-batches (issue 23): whole batch, auto's block, naive JAX
 timeout "${BLOCKS_TIMEOUT:-240}" python3 scripts/bench/blocks_bench.py --cells 10000x1,10000x5,100000x1,100000x5 \
   --rounds 1 --min-time 1 --out "$out/blocks_gpu" 2>&1 | tail -12
+# the Conv-4 image step at its meta-batch, as before and blocked (issue 23)
+timeout "${IMAGES_TIMEOUT:-240}" python3 scripts/bench/blocks_bench.py --cells conv4-omniglot,conv4-miniimagenet \
+  --rounds 1 --min-time 1 --out "$out/blocks_images_gpu" 2>&1 | tail -8
+# meta-RL environment steps/s, jmaml on the GPU against the PyTorch peer (issue 24)
+timeout "${RL_TIMEOUT:-180}" python3 scripts/bench/rl_bench.py --rounds 1 --min-time 3 --out "$out/rl_gpu" 2>&1 | tail -10

@@ -158,6 +158,13 @@ def test_blocks_are_taken_within_each_devices_shard():
         jmaml.fit(learner, dist, opt, params, steps=2, meta_batch_size=24, mesh=mesh, meta_batch_block="auto",
                   log=jmaml.Logging(every=2, progress=False, stream=err))
         assert "tasks per block per device" in err.getvalue(), err.getvalue()
+        # a population whose tasks are sharded: its blocks too are within each device's shard
+        pops = [jmaml.fit_population(learner, dist, opt, params, {"inner_lr": [0.02, 0.05]}, steps=2,
+                                     meta_batch_size=24, mesh=m, shard="tasks", meta_batch_block=b,
+                                     log=jmaml.Logging(every=2, progress=False, stream=io.StringIO()))
+                for m, b in ((None, None), (mesh, 3))]
+        for a, b in zip(jax.tree.leaves(pops[0].points.params), jax.tree.leaves(pops[1].points.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
         print("ok")
     """)
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
