@@ -273,3 +273,24 @@ def test_the_rl_command_names_bad_settings(tmp_path):
     cmd, env, root = _rl_cli(tmp_path / "x", "--horizon", "0")
     out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "horizon must be" in out.stderr, out.stderr[-1000:]
+
+
+def test_gae_against_its_definition(x64):
+    """GAE(λ): Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γ V(s_{t+1}) − V(s_t), V the linear baseline (0 after the end);
+    λ = 1 is the returns-to-go minus the baseline."""
+    env = rl.envs.navigation2d(horizon=6)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), policy.init(jax.random.key(0)))
+    traj = rl.rollouts.rollout(env, policy, params, jnp.asarray([0.2, -0.3]), jax.random.key(1), 4)
+    gamma, lam = 0.9, 0.7
+    values = np.asarray(rl.rollouts.linear_baseline(traj, rl.rollouts.returns_to_go(traj.rewards, gamma)))
+    r = np.asarray(traj.rewards)
+    nxt = np.concatenate([values[:, 1:], np.zeros((4, 1))], axis=1)
+    delta = r + gamma * nxt - values
+    expected = np.zeros_like(r)
+    for t in range(6):
+        expected[:, t] = sum((gamma * lam) ** i * delta[:, t + i] for i in range(6 - t))
+    got = rl.rollouts.advantages(traj, gamma, gae_lambda=lam)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    one = rl.rollouts.advantages(traj, gamma, gae_lambda=1.0)
+    np.testing.assert_allclose(one, np.asarray(rl.rollouts.returns_to_go(traj.rewards, gamma)) - values, atol=1e-12)

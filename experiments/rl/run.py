@@ -75,7 +75,7 @@ def plot(env_name: str, result: dict, path: str) -> None:
     ax.set_xlabel("policy-gradient steps on the held-out task")
     ax.set_ylabel("average return")
     ax.set_xticks(range(len(result["maml"]["mean"])))
-    ax.set_title(f"{env_name}: MAML vs pretrained vs random (95% CI)")
+    ax.set_title(f"{env_name}, mean and 95% CI over tasks")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

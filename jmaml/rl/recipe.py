@@ -77,8 +77,10 @@ def train(config: RLConfig, run_dir: str | None, *, resume: bool = False, overwr
     out = {"random": params}
     if run_dir is not None:
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "rl_config.json"), "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        path = os.path.join(run_dir, "rl_config.json")
+        if overwrite or not os.path.exists(path):  # a resume with other settings is refused by fit, not recorded
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(dataclasses.asdict(config), f, indent=2)
     phases = [("maml", maml)] + ([("pretrained", pretrained)] if config.pretrain else [])
     for method, learner in phases:
         optimiser = trpo_optimiser() if method == "maml" and config.outer == "trpo" else optax.adam(config.meta_lr)
