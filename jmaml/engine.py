@@ -585,6 +585,9 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
                 return previous
         shard = meta_batch_size // blocking.shard_count(mesh)
         if len(block_candidates(shard)) == 1:  # nothing to choose between: no timing
+            print(f"jmaml: meta_batch_block auto: {shard} tasks per block{' per device' if mesh is not None else ''}"
+                  f" (the whole {'shard' if mesh is not None else 'batch'}: no smaller candidate divides it)",
+                  file=stream or sys.stderr)
             return None
         chunks = {}
         for size in block_candidates(shard):  # each timed as the run will run it: a compiled chunk
