@@ -255,6 +255,7 @@ def main(argv=None) -> int:
     import jax
 
     from jmaml._util import machine_description
+    from scripts.bench import write_result
     from scripts.bench.roofline import ceilings
 
     cells = list(CELLS)
@@ -268,12 +269,8 @@ def main(argv=None) -> int:
               "rounds": args.rounds, "min_time": args.min_time,
               "ceilings": None if args.no_roofline else ceilings(log)}
     result["cells"] = measure(cells, args.rounds, args.min_time, log, result["ceilings"])
-    prefix = args.out or os.path.join(ROOT, "scripts", "bench", "results", f"blocks_{device}")
-    with open(prefix + ".json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    with open(prefix + ".md", "w", encoding="utf-8") as f:
-        f.write(to_markdown(result))
-    print(to_markdown(result))
+    write_result(result, args.out or os.path.join(ROOT, "scripts", "bench", "results", f"blocks_{device}"),
+                 to_markdown(result))
     return 0
 
 

@@ -11,7 +11,6 @@ Writes ``scripts/bench/results/rl_<device>.json`` and ``.md``. A benchmark, not 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,22 +26,15 @@ def jmaml_runner(chunk_len: int = 5):
     import optax
 
     from jmaml import engine, rl
+    from scripts.bench import timed_chunk
 
     env = rl.envs.navigation2d(horizon=HORIZON)
     policy = rl.policies.gaussian_mlp(2, 2, hidden=HIDDEN)
     learner = rl.maml_rl(env, policy, inner_lr=0.1, inner_episodes=EPISODES, outer_episodes=EPISODES)
     opt = optax.adam(1e-2)
     chunk = engine.make_chunk(learner, rl.task_distribution(env), opt, meta_batch_size=META_BATCH)
-    state = {"s": engine.initial_state(learner, policy.init(jax.random.key(0)), opt, jax.random.key(1))}
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        s, m = chunk(state["s"], chunk_len)
-        jax.block_until_ready(m["meta_loss"])
-        state["s"] = s
-        return time.perf_counter() - t0
-
-    return run, chunk_len
+    state = engine.initial_state(learner, policy.init(jax.random.key(0)), opt, jax.random.key(1))
+    return timed_chunk(chunk, state, chunk_len), chunk_len
 
 
 def measure(rounds: int, min_time: float, log) -> dict:
@@ -96,6 +88,7 @@ def main(argv=None) -> int:
     import jax
 
     from jmaml._util import machine_description
+    from scripts.bench import write_result
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     device = jax.devices()[0].platform
@@ -107,12 +100,8 @@ def main(argv=None) -> int:
         result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
     except ImportError:
         pass
-    prefix = args.out or os.path.join(ROOT, "scripts", "bench", "results", f"rl_{device}")
-    with open(prefix + ".json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    with open(prefix + ".md", "w", encoding="utf-8") as f:
-        f.write(to_markdown(result))
-    print(to_markdown(result))
+    write_result(result, args.out or os.path.join(ROOT, "scripts", "bench", "results", f"rl_{device}"),
+                 to_markdown(result))
     return 0
 
 
