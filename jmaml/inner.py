@@ -116,6 +116,10 @@ def adapt(loss_fn: LossFn, params: Params, batch: Batch, *, inner_lr: Any, num_s
           observe_after: bool = False):
     r"""Adapts ``params`` to ``batch`` with ``num_steps`` SGD steps (the seed's Eq. 21).
 
+    Called eagerly (outside ``jax.jit``), every call traces and compiles its loop anew, and each compiled
+    program holds memory until ``jax.clear_caches()``; over many tasks, ``jax.vmap`` it over a task axis, or
+    wrap the per-task computation in ``jax.jit`` once and call that.
+
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
       params: the initial parameters θ.

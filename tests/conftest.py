@@ -13,3 +13,12 @@ def x64():
     """Runs a test with float64 enabled, restoring the previous setting afterwards."""
     with enable_x64():
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Frees every compiled executable after each test file. Each executable holds its own memory mappings,
+    and one worker process running hundreds of files' programs passed the kernel's limit of 65,530 mappings
+    (vm.max_map_count): XLA's compiler then crashed with a segmentation fault (seen twice, in CI and here)."""
+    yield
+    jax.clear_caches()
