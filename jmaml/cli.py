@@ -541,7 +541,8 @@ def _add_rl_parser(sub) -> None:
     p.add_argument("--episodes", type=int, default=d.inner_episodes, help="episodes per task, inner and outer")
     p.add_argument("--horizon", type=int, default=d.horizon)
     p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="policy widths (default 100,100)")
-    p.add_argument("--outer", default=d.outer, choices=("trpo", "adam"), help="MAML's outer step (default trpo)")
+    p.add_argument("--outer", default=d.outer, choices=("trpo", "ppo", "adam"),
+                   help="MAML's outer step: TRPO (the paper's, default), PPO-clip, or Adam on the meta-gradient")
     p.add_argument("--estimator", default=d.estimator, choices=("lvc", "dice", "naive"))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every, help="meta-steps per chunk and checkpoint")

@@ -291,9 +291,15 @@ def divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: float
         i = int(np.argmax(bad))
         tasks = np.flatnonzero(~np.isfinite(task_losses[i])).tolist()
         which = f"tasks {tasks} of the meta-batch" if tasks else "the meta-gradient"
+        own = [k for k, v in metrics.items()  # the learner's own metrics name the cause (a return, a reward ...)
+               if k not in ("meta_loss", "grad_norm", "pre_adapt_loss", "task_losses")
+               and np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(np.asarray(v)[i]))]
+        also = f"; the learner's metrics non-finite there: {', '.join(sorted(own))}" if own else ""
         return (f"non-finite meta-loss, gradient or task loss at step {step0 + i + 1} (meta-loss {loss[i]}, "
-                f"gradient norm {gnorm[i]}, un-adapted loss {pre[i]}; non-finite in {which})")
-    ratio = float(np.mean(loss) / max(float(np.mean(pre)), 1e-30))
+                f"gradient norm {gnorm[i]}, un-adapted loss {pre[i]}; non-finite in {which}{also})")
+    # The explosion test compares with the un-adapted loss, a scale only for a loss that is not negative (minus
+    # a return can be either sign: there a ratio means nothing, and only non-finite values stop the run).
+    ratio = float(np.mean(loss) / max(float(np.mean(pre)), 1e-30)) if float(np.mean(pre)) >= 0 else 0.0
     if ratio > max_loss_ratio:
         worst = int(np.argmax(loss / np.maximum(pre, 1e-30)))
         tasks = metrics["task_losses"][worst]

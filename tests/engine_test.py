@@ -366,3 +366,21 @@ def test_a_users_tasks_and_model_through_a_sweep_equal_single_runs():
                      log=jmaml.Logging(every=10, progress=False))
         for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_explosion_rule_needs_a_loss_that_is_not_negative():
+    """The adapted/un-adapted ratio is a scale only for a non-negative loss: minus a return (meta-RL) that
+    goes from -1 to +5 is a worse policy, not an exploding inner loop; a positive loss that grows 1e4-fold is."""
+    from jmaml.engine import divergence
+
+    def chunk(pre, post):
+        return {"meta_loss": np.array([post]), "grad_norm": np.array([1.0]), "pre_adapt_loss": np.array([pre]),
+                "task_losses": np.array([[post, post]])}
+
+    assert divergence(0, chunk(-1.0, 5.0), max_loss_ratio=1e3) is None
+    assert "exploding inner loop over steps 1-1" in divergence(0, chunk(1e-3, 10.0), max_loss_ratio=1e3)
+    assert divergence(0, chunk(1e-3, 0.5), max_loss_ratio=1e3) is None
+    nan = divergence(4, {**chunk(-1.0, np.nan), "return_post": np.array([np.nan]), "return_pre": np.array([1.0])},
+                     max_loss_ratio=1e3)
+    assert "at step 5" in nan and nan.endswith("non-finite in tasks [0, 1] of the meta-batch; the learner's metrics "
+                                                "non-finite there: return_post)")

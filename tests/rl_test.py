@@ -4,6 +4,7 @@ in float64; environments, policies and their checks; training through jmaml.fit.
 import io
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,7 +173,9 @@ def test_a_non_finite_reward_stops_the_run_naming_it(tmp_path):
     env = base._replace(step=step)
     policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
     learner = rl.maml_rl(env, policy, inner_episodes=2, outer_episodes=2)
-    with pytest.raises(jmaml.DivergenceError, match=r"non-finite .*tasks \[.*\] of the meta-batch"):
+    # named: the tasks whose returns are not finite, and the return metrics that carry the reward
+    with pytest.raises(jmaml.DivergenceError, match=r"non-finite .*tasks \[.*\] of the meta-batch; the learner's "
+                                                    r"metrics non-finite there: return_post, return_pre"):
         jmaml.fit(learner, rl.task_distribution(env), optax.adam(1e-2), policy.init(jax.random.key(0)), steps=2,
                   meta_batch_size=4, log=jmaml.Logging(every=1, progress=False, stream=io.StringIO()))
 
@@ -205,7 +208,7 @@ def test_trpo_takes_a_step_inside_its_trust_region():
     params = policy.init(jax.random.key(0))
     tasks = rl.task_distribution(env).sample(jax.random.key(1), 4)
     loss, step, metrics = jax.jit(learner.estimate)(params, tasks)
-    assert int(metrics["line_search_steps"]) >= 1
+    assert int(metrics["line_search_steps"]) >= 1 and 0 < float(metrics["kl"]) <= 0.01
     new = jax.tree.map(lambda p, s: p - s, params, step)
     assert float(optax.global_norm(step)) > 0
     # the same samples, evaluated at the new parameters by a second estimate with a zero trust region: the
@@ -294,3 +297,39 @@ def test_gae_against_its_definition(x64):
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
     one = rl.rollouts.advantages(traj, gamma, gae_lambda=1.0)
     np.testing.assert_allclose(one, np.asarray(rl.rollouts.returns_to_go(traj.rewards, gamma)) - values, atol=1e-12)
+
+
+def test_ppo_first_epoch_is_adams_first_step_on_the_meta_gradient(x64):
+    """outer='ppo' with one epoch: at θ_old every ratio is 1, the clip is inactive, and the clipped surrogate's
+    gradient is the MAML-RL meta-gradient (outer='gradient', the same samples) over the horizon; the step is
+    then Adam's first update of it -- computed here from the gradient learner's estimate and Adam's formula."""
+    env = rl.envs.navigation2d(horizon=6)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(5,))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), policy.init(jax.random.key(0)))
+    tasks = rl.task_distribution(env).sample(jax.random.key(1), 3)
+    common = dict(inner_episodes=4, outer_episodes=5, inner_lr=0.3)
+    ppo = rl.maml_rl(env, policy, outer="ppo", ppo_epochs=1, ppo_lr=0.01, **common)
+    assert ppo.name == "maml_rl_ppo"
+    _, grads, _ = rl.maml_rl(env, policy, **common).estimate(params, tasks)
+    loss, step, metrics = ppo.estimate(params, tasks)
+    eps, horizon = 1e-8, 6  # optax.adam's default eps; the surrogate is a mean over the horizon's steps too
+    expected = jax.tree.map(lambda g: 0.01 * g / (jnp.abs(g) + horizon * eps), grads)
+    chex.assert_trees_all_close(step, expected, rtol=1e-9, atol=1e-12)
+    assert float(metrics["kl"]) > 0 and np.isfinite(float(loss))
+
+
+def test_ppo_trains_through_fit_and_names_bad_settings():
+    env = rl.envs.navigation2d(horizon=10)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
+    learner = rl.maml_rl(env, policy, inner_episodes=4, outer_episodes=4, outer="ppo")
+    state = jmaml.fit(learner, rl.task_distribution(env), rl.trpo_optimiser(), policy.init(jax.random.key(0)),
+                      steps=2, meta_batch_size=4, log=jmaml.Logging(every=1, progress=False, stream=io.StringIO()))
+    assert int(state.step) == 2
+    with pytest.raises(ValueError, match="outer='ppo' takes estimator 'lvc' or 'naive'"):
+        rl.maml_rl(env, policy, outer="ppo", estimator="dice")
+    with pytest.raises(ValueError, match="ppo_clip must be a positive number, got 0"):
+        rl.maml_rl(env, policy, outer="ppo", ppo_clip=0)
+    with pytest.raises(ValueError, match="ppo_epochs"):
+        rl.maml_rl(env, policy, outer="ppo", ppo_epochs=0)
+    with pytest.raises(ValueError, match=r"outer must be one of \('gradient', 'trpo', 'ppo'\), got 'sgd'"):
+        rl.maml_rl(env, policy, outer="sgd")

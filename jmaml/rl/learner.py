@@ -12,7 +12,7 @@ turn). Its gradient has two terms:
 
 Differentiating through the inner policy-gradient step gives the first. The second one, which comes through
 the sampling distribution of the inner episodes, is what naive MAML-RL implementations drop (Foerster et
-al., DiCE, 2018; Rothfuss et al., ProMP, 2019). ``estimator="dice"`` (the default) keeps it exactly as the
+al., DiCE, 2018; Rothfuss et al., ProMP, 2019). ``estimator="dice"`` keeps it exactly as the
 DiCE objective's first derivative does: the surrogate adds
 :math:`-\mathrm{sg}(\hat F - b)\sum_j \log p_{\phi_j(\theta)}(\tau_j)`, where :math:`\hat F` is the outer
 episodes' discounted return and :math:`b` is a baseline that does not depend on the task's own samples (the
@@ -40,10 +40,12 @@ from jmaml.rl.envs import Env
 from jmaml.rl.policies import Policy
 
 ESTIMATORS = ("dice", "lvc", "naive")
+OUTERS = ("gradient", "trpo", "ppo")
 
 
 def trpo_optimiser() -> Any:
-    """The meta-optimiser of ``maml_rl(..., outer="trpo")``, whose estimate is the step itself: SGD at rate 1."""
+    """The meta-optimiser of ``maml_rl(..., outer="trpo")`` (and ``"ppo"``), whose estimate is the step
+    itself: SGD at rate 1."""
     import optax
 
     return optax.sgd(1.0)
@@ -86,8 +88,8 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             outer_episodes: int = 20, gamma: float = 0.99, gae_lambda: float = 1.0, baseline: str | None = "linear",
             normalize_advantages: bool = True, estimator: str = "lvc", first_order: bool = False,
             score_baseline: bool = True, outer: str = "gradient", max_kl: float = 0.01, cg_iters: int = 10,
-            cg_damping: float = 1e-5, line_search_steps: int = 15,
-            backtrack_ratio: float = 0.8) -> protocols.MetaLearner:
+            cg_damping: float = 1e-5, line_search_steps: int = 15, backtrack_ratio: float = 0.8,
+            ppo_clip: float = 0.2, ppo_epochs: int = 5, ppo_lr: float = 1e-3) -> protocols.MetaLearner:
     """MAML with a policy-gradient inner loop, as a ``MetaLearner`` for ``jmaml.fit`` on
     ``task_distribution(env)``.
 
@@ -112,8 +114,15 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         scaled to the trust region ``max_kl`` and backtracked (``backtrack_ratio``, at most
         ``line_search_steps`` times) until the importance-weighted surrogate improves within the region;
         ``estimate`` then returns the step itself (``θ_old - θ_new``) as its "gradient": train with
-        ``optax.sgd(1.0)`` (``trpo_optimiser()``). Uses the ``estimator``'s inner surrogate ("dice" is not
+        ``optax.sgd(1.0)`` (``trpo_optimiser()``); ``kl`` among its metrics is the new adapted policies'
+        sample KL from the old. Uses the ``estimator``'s inner surrogate ("dice" is not
         available: TRPO's surrogate has no score term).
+        ``"ppo"``: PPO-clip (Schulman et al., 2017) as ProMP uses it for meta-RL -- ``ppo_epochs`` steps of
+        Adam at ``ppo_lr`` (its state fresh at every meta-step) on the clipped surrogate
+        ``min(r A, clip(r, 1 - ppo_clip, 1 + ppo_clip) A)``, r the ratio of the re-adapted policy to the
+        sampling one on the outer episodes, all on the samples drawn at θ_old and inside one compiled step;
+        like ``"trpo"``, ``estimate`` returns the step itself (train with ``trpo_optimiser()``), and ``kl``
+        (the sample KL from the old adapted policy) is among its metrics. Takes "lvc" or "naive".
 
     Returns:
       A ``MetaLearner`` whose loss is minus the adapted policy's mean (undiscounted) return over the
@@ -133,14 +142,19 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if outer not in ("gradient", "trpo"):
-        raise ValueError(f"outer must be 'gradient' or 'trpo', got {outer!r}")
-    if outer == "trpo" and estimator == "dice":
-        raise ValueError("outer='trpo' takes estimator 'lvc' or 'naive' (the DiCE score term has no importance-"
-                         "weighted surrogate to line-search)")
-    if outer == "trpo" and k == 0:
-        raise ValueError("outer='trpo' needs num_inner_steps >= 1 here; train the pretrained policy with outer="
-                         "'gradient'")
+    if outer not in OUTERS:
+        raise ValueError(f"outer must be one of {OUTERS}, got {outer!r}")
+    if outer != "gradient" and estimator == "dice":
+        raise ValueError(f"outer={outer!r} takes estimator 'lvc' or 'naive' (the DiCE score term has no "
+                         "importance-weighted surrogate)")
+    if outer != "gradient" and k == 0:
+        raise ValueError(f"outer={outer!r} needs num_inner_steps >= 1 here; train the pretrained policy with "
+                         "outer='gradient'")
+    if outer == "ppo":
+        check_positive_int(ppo_epochs, "ppo_epochs")
+        for value, name in ((ppo_clip, "ppo_clip"), (ppo_lr, "ppo_lr")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
     if baseline not in ("linear", None):
         raise ValueError(f"baseline must be 'linear' or None, got {baseline!r}")
 
@@ -173,9 +187,11 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             g = jax.lax.stop_gradient(g)
         return jax.tree.map(lambda p, gi: p - alpha * gi, params, g)
 
-    def trpo_estimate(params, tasks, alpha):
-        """The paper's TRPO outer step on a meta-batch (see ``outer``); returns (loss, θ_old - θ_new, metrics)."""
-        def sample(task):  # every episode at θ_old: the data the step and its line search reuse
+    def sample(params, tasks, alpha):
+        """Every task's episodes at θ_old, the data an outer step that reuses its samples (TRPO's line search,
+        PPO's epochs) works on: the inner batches with their advantages, the outer episodes with theirs and
+        their log-probabilities under the old adapted policy, and the returns before and after adaptation."""
+        def one(task):
             keys = jax.random.split(task.key, k + 1)
             phi, inner = params, []
             for j in range(k):
@@ -188,19 +204,32 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             ret_pre = jnp.mean(jnp.sum(inner[0][0].rewards, axis=1))
             return inner, (traj, adv(traj), old), ret_pre, jnp.mean(jnp.sum(traj.rewards, axis=1))
 
-        inner, (traj, a_out, old_lp), ret_pre, ret_post = jax.vmap(sample)(tasks)
+        return jax.vmap(one)(tasks)
 
-        def adapted_log_probs(p, inner_i, traj_i):
+    def log_ratios(p, inner, traj, old_lp, alpha):
+        """log π_{φ(p)}(a|s) - log π_{φ(θ_old)}(a|s) on every outer step, φ(p) re-adapted from p on the
+        inner batches sampled at θ_old (through ``inner_step``, so the estimator's curvature term is kept)."""
+        def one(inner_i, traj_i):
             phi = p
             for t_j, a_j in inner_i:
                 phi = inner_step(phi, t_j, alpha, a_j)
             return rollouts.log_probs(policy, phi, traj_i)
 
+        return jax.vmap(one)(inner, traj) - old_lp
+
+    def sampled_metrics(ret_pre, ret_post):
+        return {"task_losses": -ret_post, "pre_adapt_loss": -jnp.mean(ret_pre), "return_pre": jnp.mean(ret_pre),
+                "return_post": jnp.mean(ret_post)}
+
+    def trpo_estimate(params, tasks, alpha):
+        """The paper's TRPO outer step on a meta-batch (see ``outer``); returns (loss, θ_old - θ_new, metrics)."""
+        inner, (traj, a_out, old_lp), ret_pre, ret_post = sample(params, tasks, alpha)
+
         def loss_and_kl(p):
-            lp = jax.vmap(adapted_log_probs, (None, 0, 0))(p, inner, traj)
-            ratio = jnp.exp(lp - old_lp) * traj.mask
+            log_r = log_ratios(p, inner, traj, old_lp, alpha)
+            ratio = jnp.exp(log_r) * traj.mask
             loss = -jnp.mean(jnp.sum(ratio * a_out, axis=(1, 2)) / traj.rewards.shape[1])
-            kl = jnp.sum((old_lp - lp) * traj.mask) / jnp.maximum(jnp.sum(traj.mask), 1.0)
+            kl = jnp.sum(-log_r * traj.mask) / jnp.maximum(jnp.sum(traj.mask), 1.0)
             return loss, kl
 
         (loss0, _), g = jax.value_and_grad(loss_and_kl, has_aux=True)(params)
@@ -233,10 +262,35 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         j, ok = jax.lax.while_loop(not_done, try_step, (jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
         new = jax.tree.map(lambda c, p: jnp.where(ok, c, p), candidate(j), params)
         step = jax.tree.map(lambda p, n: p - n, params, new)
-        metrics = {"task_losses": -ret_post, "pre_adapt_loss": -jnp.mean(ret_pre), "return_pre": jnp.mean(ret_pre),
-                   "return_post": jnp.mean(ret_post), "line_search_steps": jnp.where(ok, j + 1, 0),
-                   "cg_residual": residual}
+        metrics = {**sampled_metrics(ret_pre, ret_post), "line_search_steps": jnp.where(ok, j + 1, 0),
+                   "cg_residual": residual, "kl": loss_and_kl(new)[1]}
         return -jnp.mean(ret_post), step, metrics
+
+    def ppo_estimate(params, tasks, alpha):
+        """The PPO-clip outer step (see ``outer``); returns (loss, θ_old - θ_new, metrics)."""
+        import optax
+
+        inner, (traj, a_out, old_lp), ret_pre, ret_post = sample(params, tasks, alpha)
+        count = jnp.maximum(jnp.sum(traj.mask), 1.0)
+
+        def clipped(p):
+            log_r = log_ratios(p, inner, traj, old_lp, alpha)
+            ratio = jnp.exp(log_r)
+            surrogate = jnp.minimum(ratio * a_out, jnp.clip(ratio, 1 - ppo_clip, 1 + ppo_clip) * a_out)
+            return -jnp.sum(surrogate * traj.mask) / count, jnp.sum(-log_r * traj.mask) / count
+
+        opt = optax.adam(ppo_lr)
+
+        def epoch(_, carry):
+            p, opt_state = carry
+            g, _ = jax.grad(clipped, has_aux=True)(p)
+            updates, opt_state = opt.update(g, opt_state, p)
+            return optax.apply_updates(p, updates), opt_state
+
+        new, _ = jax.lax.fori_loop(0, ppo_epochs, epoch, (params, opt.init(params)))
+        _, kl = clipped(new)
+        step = jax.tree.map(lambda p, n: p - n, params, new)
+        return -jnp.mean(ret_post), step, {**sampled_metrics(ret_pre, ret_post), "kl": kl}
 
     def per_task(params, task, alpha):
         keys = jax.random.split(task.key, k + 1)
@@ -256,6 +310,8 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
     def estimate(params, tasks, meta_step=None, *, inner_lr=inner_lr):
         if outer == "trpo":
             return trpo_estimate(params, tasks, inner_lr)
+        if outer == "ppo":
+            return ppo_estimate(params, tasks, inner_lr)
 
         def surrogate(p):
             outer, score, value, ret_post, ret_pre = jax.vmap(per_task, (None, 0, None))(p, tasks, inner_lr)
@@ -268,9 +324,7 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             return jnp.mean(total), (ret_post, ret_pre)
 
         (_, (ret_post, ret_pre)), grads = jax.value_and_grad(surrogate, has_aux=True)(params)
-        metrics = {"task_losses": -ret_post, "pre_adapt_loss": -jnp.mean(ret_pre),
-                   "return_pre": jnp.mean(ret_pre), "return_post": jnp.mean(ret_post)}
-        return -jnp.mean(ret_post), grads, metrics
+        return -jnp.mean(ret_post), grads, sampled_metrics(ret_pre, ret_post)
 
     def adapt(params, task, num_steps, *, observe=None, inner_lr=inner_lr):
         """``num_steps`` inner policy-gradient steps on one ``RLTask`` (each on ``inner_episodes`` episodes)."""
@@ -288,8 +342,8 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         return phi, jax.tree.map(lambda *v: jnp.stack(v), *seen)
 
     name = ("maml_rl" if estimator == "lvc" else f"maml_rl_{estimator}") if k else "pretrained_rl"
-    name += "_trpo" if outer == "trpo" else ""
-    label = f"MAML-RL ({estimator}{', TRPO' if outer == 'trpo' else ''})"
+    name += "" if outer == "gradient" else f"_{outer}"
+    label = f"MAML-RL ({estimator}{'' if outer == 'gradient' else ', ' + outer.upper()})"
     return protocols.MetaLearner(init=lambda p: p, estimate=estimate, adapt=adapt, name=name, label=label,
                                  exact_gradient=False, hyper={"inner_lr": inner_lr},
                                  reduction="mean")

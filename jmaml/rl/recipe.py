@@ -33,7 +33,7 @@ class RLConfig:
     outer_episodes: int = 20
     gamma: float = 0.99
     hidden: tuple[int, ...] = (100, 100)
-    outer: str = "trpo"  # MAML's outer step: "trpo" or "adam"
+    outer: str = "trpo"  # MAML's outer step: "trpo", "ppo" (PPO-clip) or "adam"
     meta_lr: float = 0.01  # Adam's rate (the pretrained policy's, and MAML's with outer="adam")
     estimator: str = "lvc"
     seed: int = 0
@@ -49,8 +49,8 @@ class RLConfig:
         for name in ("horizon", "steps", "meta_batch_size", "inner_episodes", "outer_episodes", "log_every",
                      "eval_tasks", "eval_episodes"):
             check_positive_int(getattr(self, name), name)
-        if self.outer not in ("trpo", "adam"):
-            raise ValueError(f"outer must be 'trpo' or 'adam', got {self.outer!r}")
+        if self.outer not in ("trpo", "ppo", "adam"):
+            raise ValueError(f"outer must be 'trpo', 'ppo' or 'adam', got {self.outer!r}")
         return self
 
     def parts(self):
@@ -59,7 +59,7 @@ class RLConfig:
         policy = gaussian_mlp(env.observation_shape[0], env.action_shape[0], hidden=self.hidden)
         common = dict(inner_lr=self.inner_lr, inner_episodes=self.inner_episodes, outer_episodes=self.outer_episodes,
                       gamma=self.gamma)
-        maml = maml_rl(env, policy, estimator=self.estimator, outer="trpo" if self.outer == "trpo" else "gradient",
+        maml = maml_rl(env, policy, estimator=self.estimator, outer="gradient" if self.outer == "adam" else self.outer,
                        **common)
         return env, policy, maml, maml_rl(env, policy, num_inner_steps=0, **common)
 
@@ -83,7 +83,7 @@ def train(config: RLConfig, run_dir: str | None, *, resume: bool = False, overwr
                 json.dump(dataclasses.asdict(config), f, indent=2)
     phases = [("maml", maml)] + ([("pretrained", pretrained)] if config.pretrain else [])
     for method, learner in phases:
-        optimiser = trpo_optimiser() if method == "maml" and config.outer == "trpo" else optax.adam(config.meta_lr)
+        optimiser = trpo_optimiser() if method == "maml" and config.outer != "adam" else optax.adam(config.meta_lr)
         exists = run_dir is not None and os.path.exists(os.path.join(run_dir, f"{learner.name}.ckpt.npz"))
         where = None if run_dir is None else RunDir(run_dir, checkpoint_every=config.log_every,
                                                     resume=resume and exists, overwrite=overwrite)
