@@ -333,3 +333,33 @@ def test_ppo_trains_through_fit_and_names_bad_settings():
         rl.maml_rl(env, policy, outer="ppo", ppo_epochs=0)
     with pytest.raises(ValueError, match=r"outer must be one of \('gradient', 'trpo', 'ppo'\), got 'sgd'"):
         rl.maml_rl(env, policy, outer="sgd")
+
+
+def test_jmaml_evaluate_scores_an_rl_learner_as_the_paper_reports():
+    """One evaluation path: ``jmaml.evaluate.evaluate`` on an RL task distribution with ``rl.return_metric``.
+    Oracle: each held-out task by hand -- its key split into the adaptation's and the scoring's, the policies
+    after 0, 1, 2 steps taken from the learner's own adapt, each scored by rollouts, summarised by NumPy."""
+    env = rl.envs.navigation2d(horizon=5)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
+    learner = rl.maml_rl(env, policy, inner_lr=0.5, inner_episodes=3, outer_episodes=3)
+    params = policy.init(jax.random.key(0))
+    report = jmaml.evaluate.evaluate(learner, params, rl.task_distribution(env),
+                                     metric=rl.return_metric(env, policy, episodes=4), num_tasks=6, num_steps=2,
+                                     key=7)["all"]
+    assert report["higher_is_better"] is True and report["metric"] == "return" and report["diverged"] == [0, 0, 0]
+    tasks = rl.task_distribution(env).heldout(jax.random.key(7), 6)
+
+    @jax.jit
+    def by_hand(task_params, key):
+        k_adapt, k_score = jax.random.split(key)
+        _, policies = learner.adapt(params, rl.RLTask(task_params, k_adapt), 2, observe=lambda phi: phi)
+        score = lambda phi: jnp.mean(jnp.sum(  # noqa: E731
+            rl.rollouts.rollout(env, policy, phi, task_params, k_score, 4).rewards, axis=1))
+        return jax.vmap(score)(policies)
+
+    returns = np.array([by_hand(jax.tree.map(lambda a: a[j], tasks.params), tasks.key[j]) for j in range(6)])
+    np.testing.assert_allclose(report["mean"], returns.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(report["ci95"], 1.96 * returns.std(axis=0, ddof=1) / np.sqrt(6), rtol=1e-4)
+    assert returns[:, 1].mean() != returns[:, 0].mean()  # the steps change the policy
+    np.testing.assert_allclose(rl.returns_after_steps(learner, env, policy, params, key=7, num_tasks=6, num_steps=2,
+                                                      eval_episodes=4), returns, rtol=1e-5)

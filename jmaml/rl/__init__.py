@@ -15,9 +15,9 @@
 
 from jmaml.rl import envs, evaluation, policies, recipe, rollouts
 from jmaml.rl.envs import Env
-from jmaml.rl.evaluation import returns_after_steps
+from jmaml.rl.evaluation import return_metric, returns_after_steps
 from jmaml.rl.learner import RLTask, check_policy, maml_rl, task_distribution, trpo_optimiser
 from jmaml.rl.policies import Policy
 
 __all__ = ["Env", "Policy", "RLTask", "check_policy", "envs", "evaluation", "maml_rl", "policies", "recipe",
-           "returns_after_steps", "rollouts", "task_distribution", "trpo_optimiser"]
+           "return_metric", "returns_after_steps", "rollouts", "task_distribution", "trpo_optimiser"]

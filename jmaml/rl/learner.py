@@ -53,10 +53,22 @@ def trpo_optimiser() -> Any:
 
 class RLTask(NamedTuple):
     """One task (or a batch, with a leading task axis): the environment's parameters and the key its
-    episodes are drawn with, so a run's rollouts are a function of the run's key alone."""
+    episodes are drawn with, so a run's rollouts are a function of the run's key alone.
+
+    For evaluation a single task has a ``support`` (the task with the key its adaptation's episodes are
+    drawn with) and a ``query`` (the task with the key of the episodes that score the adapted policy):
+    ``jmaml.evaluate.evaluate`` treats it as it treats a supervised task (see ``return_metric``)."""
 
     params: Any
     key: jax.Array
+
+    @property
+    def support(self) -> RLTask:
+        return RLTask(self.params, jax.random.split(self.key)[0])
+
+    @property
+    def query(self) -> RLTask:
+        return RLTask(self.params, jax.random.split(self.key)[1])
 
 
 def task_distribution(env: Env, name: str | None = None) -> protocols.TaskDistribution:
