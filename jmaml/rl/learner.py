@@ -199,22 +199,34 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             g = jax.lax.stop_gradient(g)
         return jax.tree.map(lambda p, gi: p - alpha * gi, params, g)
 
+    def inner_loop(params, task, alpha, num_steps, observe=None):
+        """The one inner loop of training and test time: ``num_steps`` policy-gradient steps on one task, each
+        on ``inner_episodes`` fresh episodes of the current policy (the j-th drawn with the j-th of
+        ``num_steps + 1`` keys split from the task's). Returns the adapted policy, each step's
+        ``(policy, episodes, advantages)``, the last key (the outer episodes') and ``observe`` of each policy
+        before a step."""
+        keys = jax.random.split(task.key, num_steps + 1)
+        phi, batches, seen = params, [], []
+        for j in range(num_steps):
+            if observe is not None:
+                seen.append(observe(phi))
+            traj = rollouts.rollout(env, policy, phi, task.params, keys[j], n_in)
+            a = adv(traj)
+            batches.append((phi, traj, a))
+            phi = inner_step(phi, traj, alpha, a)
+        return phi, batches, keys[num_steps], seen
+
     def sample(params, tasks, alpha):
         """Every task's episodes at θ_old, the data an outer step that reuses its samples (TRPO's line search,
         PPO's epochs) works on: the inner batches with their advantages, the outer episodes with theirs and
         their log-probabilities under the old adapted policy, and the returns before and after adaptation."""
         def one(task):
-            keys = jax.random.split(task.key, k + 1)
-            phi, inner = params, []
-            for j in range(k):
-                traj = rollouts.rollout(env, policy, phi, task.params, keys[j], n_in)
-                a = adv(traj)
-                inner.append((traj, a))
-                phi = inner_step(phi, traj, alpha, a)
-            traj = rollouts.rollout(env, policy, phi, task.params, keys[k], n_out)
+            phi, batches, key_out, _ = inner_loop(params, task, alpha, k)
+            traj = rollouts.rollout(env, policy, phi, task.params, key_out, n_out)
             old = jax.lax.stop_gradient(rollouts.log_probs(policy, phi, traj))
-            ret_pre = jnp.mean(jnp.sum(inner[0][0].rewards, axis=1))
-            return inner, (traj, adv(traj), old), ret_pre, jnp.mean(jnp.sum(traj.rewards, axis=1))
+            ret_pre = jnp.mean(jnp.sum(batches[0][1].rewards, axis=1))
+            return [(t, a) for _, t, a in batches], (traj, adv(traj), old), ret_pre, \
+                jnp.mean(jnp.sum(traj.rewards, axis=1))
 
         return jax.vmap(one)(tasks)
 
@@ -305,19 +317,14 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         return -jnp.mean(ret_post), step, {**sampled_metrics(ret_pre, ret_post), "kl": kl}
 
     def per_task(params, task, alpha):
-        keys = jax.random.split(task.key, k + 1)
-        phi, score, ret_pre = params, 0.0, None
-        for j in range(k):
-            traj = rollouts.rollout(env, policy, phi, task.params, keys[j], n_in)
-            if j == 0:
-                ret_pre = jnp.mean(jnp.sum(traj.rewards, axis=1))
-            score = score + jnp.sum(rollouts.log_probs(policy, phi, traj))  # log p_{φ_j(θ)}(τ_j)
-            phi = inner_step(phi, traj, alpha)
-        traj = rollouts.rollout(env, policy, phi, task.params, keys[k], n_out)
+        phi, batches, key_out, _ = inner_loop(params, task, alpha, k)
+        score = sum(jnp.sum(rollouts.log_probs(policy, phi_j, t)) for phi_j, t, _ in batches)  # Σ log p_{φ_j(θ)}(τ_j)
+        traj = rollouts.rollout(env, policy, phi, task.params, key_out, n_out)
         outer = pg_loss(phi, traj, adv(traj))
         value = jnp.mean(rollouts.discounted_return(traj.rewards, gamma))
         ret_post = jnp.mean(jnp.sum(traj.rewards, axis=1))
-        return outer, score, value, ret_post, ret_post if ret_pre is None else ret_pre
+        ret_pre = jnp.mean(jnp.sum(batches[0][1].rewards, axis=1)) if batches else ret_post
+        return outer, score, value, ret_post, ret_pre
 
     def estimate(params, tasks, meta_step=None, *, inner_lr=inner_lr):
         if outer == "trpo":
@@ -340,18 +347,10 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
 
     def adapt(params, task, num_steps, *, observe=None, inner_lr=inner_lr):
         """``num_steps`` inner policy-gradient steps on one ``RLTask`` (each on ``inner_episodes`` episodes)."""
-        keys = jax.random.split(task.key, num_steps + 1)
-        seen = []
-        phi = params
-        for j in range(num_steps):
-            if observe is not None:
-                seen.append(observe(phi))
-            traj = rollouts.rollout(env, policy, phi, task.params, keys[j], n_in)
-            phi = inner_step(phi, traj, inner_lr)
+        phi, _, _, seen = inner_loop(params, task, inner_lr, num_steps, observe)
         if observe is None:
             return phi
-        seen.append(observe(phi))
-        return phi, jax.tree.map(lambda *v: jnp.stack(v), *seen)
+        return phi, jax.tree.map(lambda *v: jnp.stack(v), *seen, observe(phi))
 
     name = ("maml_rl" if estimator == "lvc" else f"maml_rl_{estimator}") if k else "pretrained_rl"
     name += "" if outer == "gradient" else f"_{outer}"
