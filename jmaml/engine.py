@@ -546,7 +546,17 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
 
 
 CALIBRATION_STEPS = 3  # meta-steps per timed chunk when meta_batch_block="auto" calibrates
-CALIBRATION_ROUNDS = 3  # timed chunks per candidate, interleaved; the best is kept
+CALIBRATION_ROUNDS = 3  # timed rounds per candidate, interleaved; the best is kept
+CALIBRATION_SECONDS = 0.1  # a round repeats a candidate's chunk until this long: a 40 ms chunk is mostly noise
+CALIBRATION_MARGIN = 1.05  # a block must be this much faster than the whole batch to be chosen
+
+
+def pick_block(timings: Mapping[int, float], whole: int, margin: float = CALIBRATION_MARGIN) -> int:
+    """The block ``"auto"`` keeps from measured seconds per meta-step: the fastest, but the whole batch
+    (``whole``) unless that one is at least ``margin`` times faster -- a block must earn its place, and a
+    difference within the timing noise must not make a run take the slower program."""
+    fastest = min(timings, key=lambda size: (timings[size], -size))
+    return fastest if timings[fastest] * margin <= timings[whole] else whole
 BLOCK_CANDIDATES = (8, 16, 25, 32, 50, 64, 100, 125, 128, 200, 250, 256, 500, 512, 1000, 1024, 2000, 2500, 5000)
 
 
@@ -581,8 +591,9 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
                  host_loop: bool = False) -> int | None:
     """The block size a run uses (see ``fit``'s ``meta_batch_block``): None, a checked int, or for
     ``"auto"`` the resumed run's own choice or the fastest of ``block_candidates`` timed now (each a
-    compiled chunk of ``CALIBRATION_STEPS`` meta-steps, the best of ``CALIBRATION_ROUNDS`` rounds that time
-    every candidate in turn; the whole batch wins ties, so blocking must earn its place). With a ``mesh`` the
+    compiled chunk of ``CALIBRATION_STEPS`` meta-steps, repeated for at least ``CALIBRATION_SECONDS`` per
+    round, the best of ``CALIBRATION_ROUNDS`` rounds that time every candidate in turn; ``pick_block`` keeps
+    the whole batch unless a block is ``CALIBRATION_MARGIN`` times faster). With a ``mesh`` the
     block is within each device's shard. Returns None for the whole meta-batch (shard)."""
     if block == "auto":
         if resume:
@@ -604,10 +615,12 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
         timings = dict.fromkeys(chunks, math.inf)
         for _ in range(CALIBRATION_ROUNDS):  # round-robin, so a change of load mid-way touches every candidate
             for size, chunk in chunks.items():
-                start = time.perf_counter()
-                jax.block_until_ready(chunk(state, CALIBRATION_STEPS)[1])
-                timings[size] = min(timings[size], (time.perf_counter() - start) / CALIBRATION_STEPS)
-        chosen = min(timings, key=lambda size: (timings[size], -size))
+                start, calls = time.perf_counter(), 0
+                while calls == 0 or time.perf_counter() - start < CALIBRATION_SECONDS:
+                    jax.block_until_ready(chunk(state, CALIBRATION_STEPS)[1])
+                    calls += 1
+                timings[size] = min(timings[size], (time.perf_counter() - start) / (calls * CALIBRATION_STEPS))
+        chosen = pick_block(timings, shard)
         chosen = distributed.broadcast_int(chosen)  # every process runs one program: process 0's timing decides
         shown = ", ".join(f"{size}: {1e3 * t:.1f} ms" for size, t in timings.items())
         print(f"jmaml: meta_batch_block auto: {chosen} tasks per block{' per device' if mesh is not None else ''} "
