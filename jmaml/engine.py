@@ -549,6 +549,7 @@ CALIBRATION_STEPS = 3  # meta-steps per timed chunk when meta_batch_block="auto"
 CALIBRATION_ROUNDS = 3  # timed rounds per candidate, interleaved; the best is kept
 CALIBRATION_SECONDS = 0.1  # a round repeats a candidate's chunk until this long: a 40 ms chunk is mostly noise
 CALIBRATION_MARGIN = 1.05  # a block must be this much faster than the whole batch to be chosen
+CALIBRATION_BUDGET = 30.0  # seconds of timing after which no further round starts (a slow image step: one round)
 
 
 def pick_block(timings: Mapping[int, float], whole: int, margin: float = CALIBRATION_MARGIN) -> int:
@@ -592,7 +593,8 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
     """The block size a run uses (see ``fit``'s ``meta_batch_block``): None, a checked int, or for
     ``"auto"`` the resumed run's own choice or the fastest of ``block_candidates`` timed now (each a
     compiled chunk of ``CALIBRATION_STEPS`` meta-steps, repeated for at least ``CALIBRATION_SECONDS`` per
-    round, the best of ``CALIBRATION_ROUNDS`` rounds that time every candidate in turn; ``pick_block`` keeps
+    round, the best of ``CALIBRATION_ROUNDS`` rounds that time every candidate in turn -- no round starts
+    after ``CALIBRATION_BUDGET`` seconds, so a slow step is timed once; ``pick_block`` keeps
     the whole batch unless a block is ``CALIBRATION_MARGIN`` times faster). With a ``mesh`` the
     block is within each device's shard. Returns None for the whole meta-batch (shard)."""
     if block == "auto":
@@ -613,7 +615,10 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
                                       host_loop=host_loop)
             jax.block_until_ready(chunks[size](state, CALIBRATION_STEPS)[1])  # compiled and warm
         timings = dict.fromkeys(chunks, math.inf)
-        for _ in range(CALIBRATION_ROUNDS):  # round-robin, so a change of load mid-way touches every candidate
+        began = time.perf_counter()
+        for round_ in range(CALIBRATION_ROUNDS):  # round-robin, so a change of load mid-way touches every one
+            if round_ and time.perf_counter() - began > CALIBRATION_BUDGET:
+                break
             for size, chunk in chunks.items():
                 start, calls = time.perf_counter(), 0
                 while calls == 0 or time.perf_counter() - start < CALIBRATION_SECONDS:
