@@ -339,7 +339,8 @@ def _make_chunk(learner: MetaLearner, tasks: TaskDistribution, opt: optax.Gradie
         loss, gnorm, pre = metrics["meta_loss"], metrics["grad_norm"], metrics["pre_adapt_loss"]
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(pre) & \
             jnp.all(jnp.isfinite(metrics["task_losses"]), axis=-1)
-        ok = finite & ~(loss > max_loss_ratio * jnp.maximum(pre, 1e-30))
+        # as engine.divergence: the ratio is a scale only for an un-adapted loss that is not negative
+        ok = finite & ~((pre >= 0) & (loss > max_loss_ratio * jnp.maximum(pre, 1e-30)))
         alive = ps.alive & ok
 
         def keep(a, b):

@@ -3,6 +3,7 @@ single run's guarantees (checkpoints, resume, ownership) and per-point divergenc
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -162,3 +164,22 @@ def test_a_population_on_four_devices_equals_one_device():
     assert set(lines) == {"points", "tasks"}
     # not bitwise: one point per device is a vmap of width 1, which XLA lowers to other kernels than a
     # vmap of width 4 (measured: 7.5e-9 apart after 20 steps)
+
+
+def test_a_loss_that_can_be_negative_does_not_freeze_a_point():
+    """The population's explosion rule is engine.divergence's: a ratio to the un-adapted loss only when that
+    is not negative (minus a return, in meta-RL). A learner whose un-adapted loss is -1 and whose adapted loss
+    is positive is not exploding; every point stays alive (before the fix: every point frozen at step 1)."""
+    model = models.mlp([1, 8, 1])
+    base = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
+
+    def estimate(params, tasks, meta_step=None, **hyper):
+        loss, grads, metrics = base.estimate(params, tasks, meta_step, **hyper)
+        return loss, grads, {**metrics, "pre_adapt_loss": -jnp.ones_like(metrics["pre_adapt_loss"])}
+
+    dist = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5)
+    pop = fit_population(base._replace(estimate=estimate), dist, optax.adam(1e-3), model.init(jax.random.key(0)),
+                         {"inner_lr": [0.01, 0.02]}, steps=4, meta_batch_size=4, key=0,
+                         log=jmaml.Logging(every=2, progress=False, stream=io.StringIO()))
+    assert np.asarray(pop.alive).tolist() == [True, True] and (np.asarray(pop.diverged_at) == -1).all()
+    assert (np.asarray(pop.last_loss) > 0).all()  # the adapted loss is positive: the old rule's ratio was huge
