@@ -525,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_rl_parser(sub) -> None:
-    from jmaml.rl.recipe import RLConfig
+    from jmaml.rl.learner import ESTIMATORS
+    from jmaml.rl.recipe import OUTER_STEPS, RLConfig
 
     d = RLConfig()
     p = sub.add_parser("rl", help="meta-reinforcement learning: MAML with a policy-gradient inner loop on 2D "
@@ -541,9 +542,9 @@ def _add_rl_parser(sub) -> None:
     p.add_argument("--episodes", type=int, default=d.inner_episodes, help="episodes per task, inner and outer")
     p.add_argument("--horizon", type=int, default=d.horizon)
     p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="policy widths (default 100,100)")
-    p.add_argument("--outer", default=d.outer, choices=("trpo", "ppo", "adam"),
+    p.add_argument("--outer", default=d.outer, choices=OUTER_STEPS,
                    help="MAML's outer step: TRPO (the paper's, default), PPO-clip, or Adam on the meta-gradient")
-    p.add_argument("--estimator", default=d.estimator, choices=("lvc", "dice", "naive"))
+    p.add_argument("--estimator", default=d.estimator, choices=ESTIMATORS)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every, help="meta-steps per chunk and checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -299,7 +299,8 @@ def divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: float
                 f"gradient norm {gnorm[i]}, un-adapted loss {pre[i]}; non-finite in {which}{also})")
     # The explosion test compares with the un-adapted loss, a scale only for a loss that is not negative (minus
     # a return can be either sign: there a ratio means nothing, and only non-finite values stop the run).
-    ratio = float(np.mean(loss) / max(float(np.mean(pre)), 1e-30)) if float(np.mean(pre)) >= 0 else 0.0
+    pre_mean = float(np.mean(pre))
+    ratio = float(np.mean(loss)) / max(pre_mean, 1e-30) if pre_mean >= 0 else 0.0
     if ratio > max_loss_ratio:
         worst = int(np.argmax(loss / np.maximum(pre, 1e-30)))
         tasks = metrics["task_losses"][worst]
@@ -550,6 +551,7 @@ CALIBRATION_ROUNDS = 3  # timed rounds per candidate, interleaved; the best is k
 CALIBRATION_SECONDS = 0.1  # a round repeats a candidate's chunk until this long: a 40 ms chunk is mostly noise
 CALIBRATION_MARGIN = 1.05  # a block must be this much faster than the whole batch to be chosen
 CALIBRATION_BUDGET = 30.0  # seconds of timing after which no further round starts (a slow image step: one round)
+BLOCK_CANDIDATES = (8, 16, 25, 32, 50, 64, 100, 125, 128, 200, 250, 256, 500, 512, 1000, 1024, 2000, 2500, 5000)
 
 
 def pick_block(timings: Mapping[int, float], whole: int, margin: float = CALIBRATION_MARGIN) -> int:
@@ -558,7 +560,6 @@ def pick_block(timings: Mapping[int, float], whole: int, margin: float = CALIBRA
     difference within the timing noise must not make a run take the slower program."""
     fastest = min(timings, key=lambda size: (timings[size], -size))
     return fastest if timings[fastest] * margin <= timings[whole] else whole
-BLOCK_CANDIDATES = (8, 16, 25, 32, 50, 64, 100, 125, 128, 200, 250, 256, 500, 512, 1000, 1024, 2000, 2500, 5000)
 
 
 def block_candidates(meta_batch_size: int, limit: int = 5) -> list[int]:

@@ -18,6 +18,7 @@ from jmaml.rl.learner import maml_rl, task_distribution, trpo_optimiser
 from jmaml.rl.policies import gaussian_mlp
 
 METHODS = ("maml", "pretrained", "random")
+OUTER_STEPS = ("trpo", "ppo", "adam")  # MAML's outer step: maml_rl's outer, "adam" its "gradient"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +50,8 @@ class RLConfig:
         for name in ("horizon", "steps", "meta_batch_size", "inner_episodes", "outer_episodes", "log_every",
                      "eval_tasks", "eval_episodes"):
             check_positive_int(getattr(self, name), name)
-        if self.outer not in ("trpo", "ppo", "adam"):
-            raise ValueError(f"outer must be 'trpo', 'ppo' or 'adam', got {self.outer!r}")
+        if self.outer not in OUTER_STEPS:
+            raise ValueError(f"outer must be one of {OUTER_STEPS}, got {self.outer!r}")
         return self
 
     def parts(self):
