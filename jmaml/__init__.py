@@ -24,6 +24,7 @@ _NAMES = {
     "TrainState": "meta", "batched_objective": "meta", "init_state": "meta", "make_estimator_step": "meta",
     "make_step": "meta", "maml_value_and_grad": "meta", "task_objective": "meta",
     "REQUIRED_METRICS": "protocols", "MetaLearner": "protocols", "TaskDistribution": "protocols",
+    "ApplyStep": "protocols", "apply_step": "protocols",
     "Batch": "types", "Model": "types", "Task": "types",
 }
 
@@ -83,11 +84,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         task_objective,
     )
     from jmaml.population import fit_population  # noqa: F401
-    from jmaml.protocols import REQUIRED_METRICS, MetaLearner, TaskDistribution  # noqa: F401
+    from jmaml.protocols import REQUIRED_METRICS, ApplyStep, MetaLearner, TaskDistribution, apply_step  # noqa: F401
     from jmaml.types import Batch, Model, Task  # noqa: F401
 
 __all__ = [
     "REQUIRED_METRICS",
+    "ApplyStep",
     "RunDir",
     "Batch",
     "DivergenceError",
@@ -101,6 +103,7 @@ __all__ = [
     "TrainState",
     "adapt",
     "analytic",
+    "apply_step",
     "batched_objective",
     "check_meta_gradient",
     "checkpoint",

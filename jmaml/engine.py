@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jmaml import _signals, blocking, checkpoint, distributed, runstore
+from jmaml import _signals, blocking, checkpoint, distributed, protocols, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
 from jmaml._checks import check_max_loss_ratio, check_positive_int, check_task_batch_tree
@@ -515,6 +515,7 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
     check_distribution(tasks)
     if not isinstance(optimiser, optax.GradientTransformation):
         raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")
+    protocols.check_optimiser_fits(learner, optimiser)
     check_max_loss_ratio(max_loss_ratio)
     run_dir, where, logging, steps, meta_batch_size = run_options(run, log, steps, meta_batch_size)
     checkpoint_every, resume, overwrite = where.checkpoint_every, where.resume, where.overwrite

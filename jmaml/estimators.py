@@ -30,6 +30,7 @@ Every ``estimate`` accepts ``meta_step`` (the state's step count, passed by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -340,18 +341,23 @@ def _tree_vdot(a: Params, b: Params) -> jax.Array:
     return optax.tree_utils.tree_vdot(a, b)
 
 
-def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, num_iters: int) -> tuple[Params, jax.Array]:
-    """``num_iters`` iterations of conjugate gradient for ``A x = b`` from x = 0 (A symmetric positive
+def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, num_iters: int,
+                       tol: float = 0.0) -> tuple[Params, jax.Array]:
+    """At most ``num_iters`` iterations of conjugate gradient for ``A x = b`` from x = 0 (A symmetric positive
     definite, given as ``matvec``; x and b are trees). Returns ``(x, ‖b − A x‖ / ‖b‖)``.
 
-    A fixed number of iterations (a ``lax.fori_loop``), so it vmaps over tasks; an exactly solved
-    system (zero residual) stops moving instead of dividing 0 by 0.
+    ``tol = 0``: exactly ``num_iters`` iterations (a ``lax.fori_loop``, differentiable and vmapped at a fixed
+    cost); an exactly solved system (zero residual) stops moving instead of dividing 0 by 0. ``tol > 0``:
+    also stops once the relative residual ``‖r‖ / ‖b‖`` is at most ``tol`` (a ``lax.while_loop``, as the
+    TRPO references' CG stops on a residual tolerance; not reverse-differentiable).
     """
     num_iters = check_positive_int(num_iters, "cg_iters")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"cg tol must be a finite number >= 0, got {tol!r}")
     zeros = jax.tree.map(jnp.zeros_like, b)
     rs0 = _tree_vdot(b, b)
 
-    def body(_, carry):
+    def body(carry):
         x, r, p, rs = carry
         ap = matvec(p)
         pap = _tree_vdot(p, ap)
@@ -363,7 +369,17 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, num_iters:
         p = jax.tree.map(lambda ri, pi: ri + beta * pi, r, p)
         return x, r, p, rs_new
 
-    x, _, _, _ = jax.lax.fori_loop(0, num_iters, body, (zeros, b, b, rs0))
+    if tol == 0:
+        x, _, _, _ = jax.lax.fori_loop(0, num_iters, lambda _, c: body(c), (zeros, b, b, rs0))
+    else:
+        bound = tol ** 2 * rs0
+
+        def running(carry):
+            i, (_, _, _, rs) = carry
+            return (i < num_iters) & (rs > bound)
+
+        _, (x, _, _, _) = jax.lax.while_loop(running, lambda c: (c[0] + 1, body(c[1])),
+                                             (jnp.zeros((), jnp.int32), (zeros, b, b, rs0)))
     residual = jax.tree.map(lambda bi, ai: bi - ai, b, matvec(x))
     return x, jnp.sqrt(_tree_vdot(residual, residual) / jnp.where(rs0 > 0, rs0, 1.0))
 

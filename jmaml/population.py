@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jmaml import blocking, distributed, engine, runstore
+from jmaml import blocking, distributed, engine, protocols, runstore
 from jmaml import fingerprint as fp
 from jmaml import writers as writers_mod
 from jmaml._checks import check_max_loss_ratio
@@ -197,12 +197,16 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
         distributed.check_divisible(meta_batch_size, mesh)
     check_max_loss_ratio(max_loss_ratio)
     if META_LR in values:
+        if learner.returns_step:
+            raise ValueError(f"points['meta_lr'] has no meaning for learner {learner.name!r}: it returns its "
+                             "update itself (returns_step=True) and trains with jmaml.apply_step()")
         if not callable(optimiser) or isinstance(optimiser, optax.GradientTransformation):
             raise TypeError("with points['meta_lr'], optimiser must be a factory make(learning_rate) -> "
                             f"GradientTransformation (e.g. optax.adam), got {optimiser!r}")
         opt = optax.inject_hyperparams(optimiser)(learning_rate=values[META_LR][0])
     elif isinstance(optimiser, optax.GradientTransformation):
         opt = optimiser
+        protocols.check_optimiser_fits(learner, opt)
     else:
         raise TypeError(f"optimiser must be an optax.GradientTransformation (or, with points['meta_lr'], a factory "
                         f"make(learning_rate)), got {optimiser!r}")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import optax
 
 from jmaml.types import Params
 
@@ -111,6 +112,9 @@ class MetaLearner(NamedTuple):
         meta-learned initialisation (for plots and baselines).
       reduction: how ``loss`` (and the gradient, ``pre_adapt_loss``) combine the tasks: ``"mean"`` or
         ``"sum"``; a meta-batch processed in blocks (``jmaml.blocking``) combines its blocks the same way.
+      returns_step: ``estimate`` returns the update itself (``θ_old − θ_new``, e.g. TRPO's or PPO's outer
+        step) in place of a gradient: it must be trained with an ``ApplyStep`` optimiser
+        (``apply_step()``), and ``fit`` refuses any other (Adam on such a "gradient" is silently wrong).
 
     Example:
       >>> from jmaml import learners, make_loss, models
@@ -128,5 +132,36 @@ class MetaLearner(NamedTuple):
     hyper: dict[str, Any] = {}
     model_params: Callable[[Any], Params] = lambda meta_params: meta_params
     reduction: str = "mean"
+    returns_step: bool = False
+
+
+class ApplyStep(optax.GradientTransformation):
+    """The meta-optimiser of a learner whose ``estimate`` returns the step itself (``returns_step``): it
+    subtracts that step, as SGD at rate 1 does, and is the only optimiser ``fit`` accepts for such a
+    learner (and refuses for any other). Made by ``apply_step()``."""
+
+
+def apply_step() -> ApplyStep:
+    """``ApplyStep``: ``θ ← θ − step`` (SGD at rate 1, with SGD's empty state).
+
+    >>> import jax.numpy as jnp, optax
+    >>> opt = apply_step()
+    >>> updates, _ = opt.update(jnp.asarray([0.5]), opt.init(jnp.zeros(1)))
+    >>> optax.apply_updates(jnp.asarray([1.0]), updates).tolist()
+    [0.5]
+    """
+    return ApplyStep(*optax.sgd(1.0))
+
+
+def check_optimiser_fits(learner: MetaLearner, optimiser: Any) -> None:
+    """A ValueError when a ``returns_step`` learner is given any optimiser but ``apply_step()``, or
+    another learner is given ``apply_step()``."""
+    if learner.returns_step and not isinstance(optimiser, ApplyStep):
+        raise ValueError(f"learner {learner.name!r} returns its update itself from estimate (returns_step=True): "
+                         "train it with jmaml.apply_step() (jmaml.rl.trpo_optimiser()), not "
+                         f"{type(optimiser).__name__} {optimiser!r:.80}")
+    if isinstance(optimiser, ApplyStep) and not learner.returns_step:
+        raise ValueError(f"apply_step() (trpo_optimiser()) applies a learner's own step; learner {learner.name!r} "
+                         "returns a gradient: give it a meta-optimiser such as optax.adam(1e-3)")
 
 

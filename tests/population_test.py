@@ -112,7 +112,8 @@ def test_a_diverging_point_is_frozen_reported_and_leaves_the_others_alone(capsys
     ref = _pop()
     for i in range(4):
         for u, v in zip(_leaves(point(pop, i).params), _leaves(point(ref, i).params)):
-            np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-8)
+            # float32 training, 30 steps: ~2 ulps per step of the same program compiled for another batch width
+            np.testing.assert_allclose(u, v, rtol=2e-5, atol=1e-7)
 
 
 def test_every_point_diverging_stops_the_run():

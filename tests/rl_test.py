@@ -19,11 +19,38 @@ REWARDS = np.array([0.2, 0.9])
 THETA = np.array([[0.3, -0.2], [-0.4, 0.5]])  # logits: a row per pull
 
 
-def _exact(theta, alpha, rewards, inner_episodes, horizon=2, naive=False, lvc=False):
+def _bandit_advantages(episodes, rewards, horizon, gamma, baseline, normalize, reg=1e-5):
+    """The inner step's advantages of a bandit batch, in NumPy from their definitions: γ-returns-to-go, minus
+    rllab's linear feature baseline (ridge least squares on [one-hot t, its square, t/100, (t/100)^2,
+    (t/100)^3, 1]) when asked, then normalised to mean 0 and standard deviation 1 over the batch's steps."""
+    r = np.asarray(rewards)
+    g = np.zeros((len(episodes), horizon))
+    for i, s in enumerate(episodes):
+        acc = 0.0
+        for t in reversed(range(horizon)):
+            acc = r[s[t]] + gamma * acc
+            g[i, t] = acc
+    adv = g.copy()
+    if baseline:
+        t = np.arange(horizon) / 100.0
+        one = np.eye(horizon)
+        f = np.concatenate([one, one ** 2, t[:, None], t[:, None] ** 2, t[:, None] ** 3, np.ones((horizon, 1))], 1)
+        feats = np.tile(f, (len(episodes), 1))
+        a = np.concatenate([feats, np.sqrt(reg) * np.eye(f.shape[1])])
+        w = np.linalg.lstsq(a, np.concatenate([g.reshape(-1), np.zeros(f.shape[1])]), rcond=None)[0]
+        adv = g - (feats @ w).reshape(g.shape)
+    if normalize:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    return adv
+
+
+def _exact(theta, alpha, rewards, inner_episodes, horizon=2, naive=False, lvc=False, gamma=1.0, baseline=False,
+           normalize=False):
     """E_τ[J_out(θ + α ĝ(θ, τ))] by enumerating every inner sample τ (inner_episodes episodes of `horizon`
-    pulls), written without jmaml.rl: log-softmax of a table, returns-to-go by hand. ``naive``: the inner
-    samples' probabilities held constant (what the naive estimator's expectation differentiates); ``lvc``: also
-    the inner gradient through each step's likelihood ratio (ProMP's LVC estimator's expectation)."""
+    pulls), written without jmaml.rl: log-softmax of a table, the inner advantages by ``_bandit_advantages``,
+    J_out the adapted policy's expected γ-discounted return. ``naive``: the inner samples' probabilities held
+    constant (what the naive estimator's expectation differentiates); ``lvc``: also the inner gradient
+    through each step's likelihood ratio (ProMP's LVC estimator's expectation)."""
     seqs = list(itertools.product(range(2), repeat=horizon))
     r = jnp.asarray(rewards)
 
@@ -31,16 +58,18 @@ def _exact(theta, alpha, rewards, inner_episodes, horizon=2, naive=False, lvc=Fa
         return sum(jax.nn.log_softmax(th[t])[a] for t, a in enumerate(seq))
 
     def j_out(phi):
-        return sum(jnp.exp(logp(phi, s)) * sum(r[a] for a in s) for s in seqs)
+        return sum(jnp.exp(logp(phi, s)) * sum(gamma ** t * r[a] for t, a in enumerate(s)) for s in seqs)
 
     def inner_grad(th, episodes):
+        adv = _bandit_advantages(episodes, rewards, horizon, gamma, baseline, normalize)
+
         def objective(p):
             total = 0.0
-            for s in episodes:
+            for i, s in enumerate(episodes):
                 for t in range(horizon):
                     lp = jax.nn.log_softmax(p[t])[s[t]]
                     weight = jnp.exp(lp - jax.lax.stop_gradient(lp)) if lvc else lp
-                    total = total + weight * sum(r[a] for a in s[t:])
+                    total = total + weight * adv[i, t]
             return total / (len(episodes) * horizon)  # a mean over the episodes' steps
         return jax.grad(objective)(th)
 
@@ -55,17 +84,40 @@ def _exact(theta, alpha, rewards, inner_episodes, horizon=2, naive=False, lvc=Fa
     return value
 
 
-def _mc(estimator, num_tasks=80_000, groups=80, inner_episodes=2):
+def _mc(estimator, num_tasks=80_000, groups=80, inner_episodes=2, settings=None):
+    """The estimator's Monte-Carlo mean and standard error on the bandit; ``settings``: maml_rl's keywords
+    (None: γ = 1, no baseline, no normalisation; {}: maml_rl's own defaults)."""
     env = rl.envs.bandit(2, 2)
     policy = rl.policies.tabular_softmax(2, 2)
-    learner = rl.maml_rl(env, policy, inner_lr=ALPHA, inner_episodes=inner_episodes, outer_episodes=1, gamma=1.0,
-                         baseline=None, normalize_advantages=False, estimator=estimator)
+    if settings is None:
+        settings = {"gamma": 1.0, "baseline": None, "normalize_advantages": False}
+    learner = rl.maml_rl(env, policy, inner_lr=ALPHA, inner_episodes=inner_episodes, outer_episodes=1,
+                         estimator=estimator, **settings)
     per = num_tasks // groups
     keys = jax.random.split(jax.random.key(7), num_tasks).reshape(groups, per)
     tasks = rl.RLTask(jnp.broadcast_to(jnp.asarray(REWARDS), (groups, per, 2)), keys)
     grads = jax.jit(jax.vmap(lambda t: learner.estimate(jnp.asarray(THETA), t)[1]))(tasks)
     grads = -np.asarray(grads)  # the learner minimises minus the return
     return grads.mean(0), grads.std(0, ddof=1) / np.sqrt(groups)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [
+    {},  # maml_rl's defaults: γ = 0.99, the linear baseline, normalised inner advantages
+    {"gamma": 0.5, "baseline": "linear", "normalize_advantages": False},
+    {"gamma": 0.5, "baseline": None, "normalize_advantages": True},
+], ids=["defaults", "gamma-baseline", "gamma-normalised"])
+def test_dice_is_unbiased_with_the_settings_it_accepts(x64, settings):
+    """DiCE's Monte-Carlo mean against the exact gradient of E_τ[J_γ(φ(θ, τ))], φ the inner rule with the
+    same γ, baseline and normalisation: within 4 standard errors in every component."""
+    gamma = settings.get("gamma", 0.99)
+    baseline = settings.get("baseline", "linear") == "linear"
+    normalize = settings.get("normalize_advantages", True)
+    theta = jnp.asarray(THETA)
+    exact = np.asarray(jax.grad(_exact(theta, ALPHA, REWARDS, 2, gamma=gamma, baseline=baseline,
+                                       normalize=normalize))(theta))
+    dice, se = _mc("dice", settings=settings)
+    assert np.all(np.abs(dice - exact) < 4 * se), (dice, exact, se)
 
 
 def test_the_dice_estimator_matches_the_exact_meta_gradient_and_the_naive_one_is_biased(x64):
@@ -209,12 +261,7 @@ def test_trpo_takes_a_step_inside_its_trust_region():
     tasks = rl.task_distribution(env).sample(jax.random.key(1), 4)
     loss, step, metrics = jax.jit(learner.estimate)(params, tasks)
     assert int(metrics["line_search_steps"]) >= 1 and 0 < float(metrics["kl"]) <= 0.01
-    new = jax.tree.map(lambda p, s: p - s, params, step)
     assert float(optax.global_norm(step)) > 0
-    # the same samples, evaluated at the new parameters by a second estimate with a zero trust region: the
-    # line search then accepts nothing, so its step is zero
-    frozen = rl.maml_rl(env, policy, inner_episodes=4, outer_episodes=4, outer="trpo", max_kl=0.0)
-    assert float(optax.global_norm(jax.jit(frozen.estimate)(new, tasks)[1])) == 0.0
     state = jmaml.fit(learner, rl.task_distribution(env), rl.trpo_optimiser(), params, steps=2, meta_batch_size=4,
                       log=jmaml.Logging(every=1, progress=False, stream=io.StringIO()))
     assert int(state.step) == 2
@@ -327,7 +374,7 @@ def test_ppo_trains_through_fit_and_names_bad_settings():
     assert int(state.step) == 2
     with pytest.raises(ValueError, match="outer='ppo' takes estimator 'lvc' or 'naive'"):
         rl.maml_rl(env, policy, outer="ppo", estimator="dice")
-    with pytest.raises(ValueError, match="ppo_clip must be a positive number, got 0"):
+    with pytest.raises(ValueError, match="ppo_clip must be a finite number > 0, got 0"):
         rl.maml_rl(env, policy, outer="ppo", ppo_clip=0)
     with pytest.raises(ValueError, match="ppo_epochs"):
         rl.maml_rl(env, policy, outer="ppo", ppo_epochs=0)
@@ -363,3 +410,196 @@ def test_jmaml_evaluate_scores_an_rl_learner_as_the_paper_reports():
     assert returns[:, 1].mean() != returns[:, 0].mean()  # the steps change the policy
     np.testing.assert_allclose(rl.returns_after_steps(learner, env, policy, params, key=7, num_tasks=6, num_steps=2,
                                                       eval_episodes=4), returns, rtol=1e-5)
+
+
+def _gauss_mean(params, obs):
+    """The Gaussian MLP policy's mean, written out: ReLU layers of ``{"w", "b"}`` dicts, linear last layer."""
+    h = obs.reshape(-1, obs.shape[-1])
+    layers = params["mean"]
+    for i, layer in enumerate(layers):
+        h = h @ layer["w"] + layer["b"][None, :]
+        h = jnp.maximum(h, 0.0) if i < len(layers) - 1 else h
+    return h  # (steps, action_dim), the steps flattened
+
+
+def _gauss_logp(params, obs, act):
+    z = (act.reshape(-1, act.shape[-1]) - _gauss_mean(params, obs)) / jnp.exp(params["log_std"])[None, :]
+    lp = jnp.sum(-0.5 * z ** 2 - params["log_std"][None, :] - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+    return lp.reshape(act.shape[:-1])
+
+
+def _gauss_kl(old, new, obs):
+    """KL(N(μ0, σ0²) ‖ N(μ1, σ1²)) summed over action dimensions, per observation (the textbook formula)."""
+    m0, m1 = _gauss_mean(old, obs), _gauss_mean(new, obs)
+    s0, s1 = jnp.exp(old["log_std"])[None, :], jnp.exp(new["log_std"])[None, :]
+    return jnp.sum(jnp.log(s1 / s0) + (s0 ** 2 + (m0 - m1) ** 2) / (2 * s1 ** 2) - 0.5, axis=-1)
+
+
+def _reference_trpo_step(env, policy, theta, tasks, *, alpha, n_in, n_out, gamma, max_kl, damping, ls_steps, ratio):
+    """One MAML-TRPO meta-step from its definition (Finn et al. 2017 with rllab's TRPO), without jmaml's
+    learner: per task the inner LVC policy-gradient step (returns-to-go, no baseline, a mean over the
+    episodes' steps), the outer surrogate mean_i Σ_t ρ_t A_t / H with ρ the new/old adapted policies' ratio;
+    the constraint the mean over outer states of the analytic KL between the old and new adapted Gaussians;
+    the natural gradient by a dense solve of (Hessian of that KL at θ_old + damping I) s = -g; the step
+    scaled to sqrt(2 max_kl / sᵀ F s) and backtracked. Episodes come from jmaml.rl.rollouts (the
+    environment), with the task keys split as the learner documents (inner, then outer)."""
+    from jax.flatten_util import ravel_pytree
+
+    flat0, unravel = ravel_pytree(theta)
+    num_tasks = tasks.key.shape[0]
+
+    def returns_to_go(r):
+        out = np.zeros_like(r)
+        acc = np.zeros(r.shape[0])
+        for t in reversed(range(r.shape[1])):
+            acc = r[:, t] + gamma * acc
+            out[:, t] = acc
+        return out
+
+    def adapt(th, traj_in, adv_in):
+        def lvc(p):
+            lp = _gauss_logp(p, traj_in.obs, traj_in.actions)
+            return -jnp.sum(jnp.exp(lp - jax.lax.stop_gradient(lp)) * adv_in) / adv_in.size
+        g = jax.grad(lvc)(th)
+        return jax.tree.map(lambda p, gi: p - alpha * gi, th, g)
+
+    data = []
+    for i in range(num_tasks):
+        goal = tasks.params[i]
+        k_in, k_out = jax.random.split(tasks.key[i])
+        traj_in = rl.rollouts.rollout(env, policy, theta, goal, k_in, n_in)
+        adv_in = jnp.asarray(returns_to_go(np.asarray(traj_in.rewards)))
+        phi_old = adapt(theta, traj_in, adv_in)
+        traj_out = rl.rollouts.rollout(env, policy, phi_old, goal, k_out, n_out)
+        adv_out = jnp.asarray(returns_to_go(np.asarray(traj_out.rewards)))
+        data.append((traj_in, adv_in, phi_old, traj_out, adv_out,
+                     _gauss_logp(phi_old, traj_out.obs, traj_out.actions)))
+
+    def loss(flat):
+        total = 0.0
+        for traj_in, adv_in, _, traj_out, adv_out, lp_old in data:
+            phi = adapt(unravel(flat), traj_in, adv_in)
+            rho = jnp.exp(_gauss_logp(phi, traj_out.obs, traj_out.actions) - lp_old)
+            total = total + jnp.sum(rho * adv_out) / (n_out * env.horizon)
+        return -total / num_tasks
+
+    def mean_kl(flat):
+        kls = [_gauss_kl(phi_old, adapt(unravel(flat), traj_in, adv_in), traj_out.obs)
+               for traj_in, adv_in, phi_old, traj_out, _, _ in data]
+        return jnp.mean(jnp.stack(kls))
+
+    fisher = np.asarray(jax.hessian(mean_kl)(flat0)) + damping * np.eye(flat0.size)
+    g = np.asarray(jax.grad(loss)(flat0))
+    s = np.linalg.solve(fisher, -g)
+    full = np.sqrt(2 * max_kl / (s @ fisher @ s)) * s
+    loss0 = float(loss(flat0))
+    for j in range(ls_steps):
+        cand = flat0 + ratio ** j * full
+        if float(loss(cand)) < loss0 and float(mean_kl(cand)) <= max_kl:
+            return unravel(flat0 - cand), fisher, float(mean_kl(cand)), j + 1
+    return unravel(flat0 * 0), fisher, 0.0, 0
+
+
+def test_trpo_is_the_references_step_with_the_analytic_kl(x64):
+    """outer='trpo' equals a TRPO step written from the definition above (float64): the analytic KL's
+    Hessian as the Fisher metric, a converged natural gradient, the same trust region and line search."""
+    env = rl.envs.navigation2d(horizon=6)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(4,))
+    theta = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), policy.init(jax.random.key(0)))
+    tasks = rl.task_distribution(env).sample(jax.random.key(1), 3)
+    tasks = rl.RLTask(jnp.asarray(tasks.params, jnp.float64), tasks.key)
+    settings = dict(alpha=0.3, n_in=3, n_out=4, gamma=0.9, max_kl=0.01, damping=1e-5, ls_steps=15, ratio=0.8)
+    want, fisher, want_kl, want_j = _reference_trpo_step(env, policy, theta, tasks, **settings)
+    assert want_j >= 1 and np.linalg.eigvalsh(fisher).min() > 0  # the analytic KL's Hessian: PSD (+ damping)
+    learner = rl.maml_rl(env, policy, inner_lr=0.3, inner_episodes=3, outer_episodes=4, gamma=0.9, baseline=None,
+                         normalize_advantages=False, outer="trpo", max_kl=0.01, cg_damping=1e-5, cg_iters=200,
+                         cg_tol=1e-13, line_search_steps=15, backtrack_ratio=0.8)
+    _, step, metrics = learner.estimate(theta, tasks)
+    assert int(metrics["line_search_steps"]) == want_j
+    np.testing.assert_allclose(float(metrics["kl"]), want_kl, rtol=1e-7)
+    for a, b in zip(jax.tree.leaves(step), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_trpo_steps_where_the_sample_kl_stood_still():
+    """The case where the sample-KL TRPO met negative curvature and took exactly zero steps (navigation2d,
+    4 tasks x 5+5 episodes, horizon 20, a 2-32-32-2 policy): the analytic-KL step is accepted in the region."""
+    env = rl.envs.navigation2d(horizon=20)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(32, 32))
+    learner = rl.maml_rl(env, policy, inner_episodes=5, outer_episodes=5, outer="trpo", max_kl=0.01)
+    params = policy.init(jax.random.key(0))
+    _, step, metrics = jax.jit(learner.estimate)(params, rl.task_distribution(env).sample(jax.random.key(1), 4))
+    assert int(metrics["line_search_steps"]) >= 1 and 0 < float(metrics["kl"]) <= 0.01
+    assert float(optax.global_norm(step)) > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"outer": "trpo", "max_kl": -1.0}, r"max_kl must be a finite number > 0, got -1.0"),
+    ({"outer": "trpo", "max_kl": 0}, r"max_kl must be a finite number > 0, got 0"),
+    ({"outer": "trpo", "line_search_steps": 0}, r"line_search_steps must be >= 1, got 0"),
+    ({"outer": "trpo", "backtrack_ratio": 1.5}, r"backtrack_ratio must be a number in \(0, 1\), got 1.5"),
+    ({"outer": "trpo", "cg_iters": 0}, r"cg_iters must be >= 1, got 0"),
+    ({"cg_damping": -1}, r"cg_damping must be a finite number >= 0, got -1"),
+    ({"cg_tol": float("nan")}, r"cg_tol must be a finite number >= 0, got nan"),
+    ({"inner_lr": -0.1}, r"inner_lr must be > 0"),
+    ({"inner_lr": 0.0}, r"inner_lr must be > 0"),
+    ({"inner_lr": float("inf")}, r"inner_lr must be finite"),
+    ({"ppo_clip": -0.2}, r"ppo_clip must be a finite number > 0, got -0.2"),
+    ({"ppo_lr": float("inf")}, r"ppo_lr must be a finite number > 0, got inf"),
+    ({"gamma": float("nan")}, r"gamma must be a number in \[0, 1\], got nan"),
+    ({"normalize_advantages": "yes"}, r"normalize_advantages must be True or False"),
+])
+def test_every_setting_that_would_make_training_a_silent_no_op_is_named(kwargs, message):
+    env, policy = rl.envs.navigation2d(horizon=5), rl.policies.gaussian_mlp(2, 2, hidden=(4,))
+    with pytest.raises((ValueError, TypeError), match=message):
+        rl.maml_rl(env, policy, **kwargs)
+
+
+def test_environment_families_name_bad_settings():
+    with pytest.raises(ValueError, match=r"mass_range must be a pair \(low, high\) .*0 < low <= high, got \(-1, 0\)"):
+        rl.envs.pendulum(mass_range=(-1, 0))
+    with pytest.raises(ValueError, match=r"length_range must be a pair"):
+        rl.envs.pendulum(length_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match=r"max_action must be a finite number > 0"):
+        rl.envs.navigation2d(max_action=0)
+    with pytest.raises(ValueError, match=r"goal_tolerance must be a finite number > 0"):
+        rl.envs.navigation2d(goal_tolerance=-0.01)
+    with pytest.raises(ValueError, match=r"init_std must be a finite number > 0, got inf"):
+        rl.policies.gaussian_mlp(2, 2, init_std=float("inf"))
+
+
+def test_a_step_returning_learner_refuses_any_optimiser_but_its_own():
+    env, policy = rl.envs.navigation2d(horizon=5), rl.policies.gaussian_mlp(2, 2, hidden=(4,))
+    dist, params = rl.task_distribution(env), policy.init(jax.random.key(0))
+    log = jmaml.Logging(every=1, progress=False, stream=io.StringIO())
+    trpo = rl.maml_rl(env, policy, inner_episodes=2, outer_episodes=2, outer="trpo")
+    assert trpo.returns_step
+    with pytest.raises(ValueError, match=r"learner 'maml_rl_trpo' returns its update itself .* jmaml.apply_step\(\)"):
+        jmaml.fit(trpo, dist, optax.adam(1e-3), params, steps=1, meta_batch_size=2, log=log)
+    with pytest.raises(ValueError, match=r"learner 'maml_rl_trpo' returns its update itself"):
+        jmaml.fit(trpo, dist, optax.sgd(1.0), params, steps=1, meta_batch_size=2, log=log)
+    gradient = rl.maml_rl(env, policy, inner_episodes=2, outer_episodes=2)
+    with pytest.raises(ValueError, match=r"learner 'maml_rl' returns a gradient"):
+        jmaml.fit(gradient, dist, rl.trpo_optimiser(), params, steps=1, meta_batch_size=2, log=log)
+    with pytest.raises(ValueError, match=r"learner 'maml_rl_trpo' returns its update itself"):
+        jmaml.fit_population(trpo, dist, optax.adam(1e-3), params, {"inner_lr": [0.1, 0.2]}, steps=1,
+                             meta_batch_size=2, log=log)
+
+
+def test_navigation_ends_an_episode_at_the_goal_as_the_reference_environment(x64):
+    """goal_tolerance=0.01: done once |x - gx| < 0.01 and |y - gy| < 0.01; the step that arrives counts,
+    the rest of the episode is masked (zero reward and mask)."""
+    env = rl.envs.navigation2d(horizon=8, goal_tolerance=0.01)
+    goal = jnp.asarray([0.25, 0.0])
+
+    def step_policy(params, obs, key):  # a deterministic policy: 0.1 along x
+        return jnp.asarray([0.1, 0.0])
+
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(4,))._replace(sample=step_policy)
+    goal_near = jnp.asarray([0.3, 0.005])  # reached at the third step (0.3, 0): |dx| < 0.01, |dy| < 0.01
+    traj = rl.rollouts.rollout(env, policy, policy.init(jax.random.key(0)), goal_near, jax.random.key(1), 1)
+    np.testing.assert_array_equal(traj.mask[0], [1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(traj.rewards[0, :3], [-np.hypot(0.2, 0.005), -np.hypot(0.1, 0.005), -0.005])
+    np.testing.assert_array_equal(traj.rewards[0, 3:], 0.0)
+    far = rl.rollouts.rollout(env, policy, policy.init(jax.random.key(0)), goal, jax.random.key(1), 1)
+    assert float(far.mask.sum()) == 8  # passes 0.25 between steps, never within 0.01 on x: never done

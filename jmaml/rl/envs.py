@@ -9,7 +9,7 @@ Families:
 
 * ``navigation2d`` -- the MAML paper's 2D navigation (§5.3): a point agent starts at the origin, the goal
   is uniform in ``[-0.5, 0.5]^2``, the reward is minus the distance to the goal, actions are clipped to
-  ``±0.1``, horizon 100.
+  ``±0.1``, horizon 100; with ``goal_tolerance=0.01`` an episode ends at the goal, as in the reference code.
 * ``pendulum`` -- gymnax's ``Pendulum-v1`` dynamics with a sampled mass and length per task (swing up
   and hold; reward ``-(θ^2 + 0.1 θ'^2 + 0.001 u^2)``).
 * ``bandit`` -- a two-armed (``num_arms``) bandit played for ``horizon`` pulls, arm rewards a task's own
@@ -18,13 +18,15 @@ Families:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jmaml._checks import check_positive_int
+from jmaml._checks import check_positive_finite, check_positive_int
 
 
 class Env(NamedTuple):
@@ -52,11 +54,31 @@ class Env(NamedTuple):
     name: str
 
 
-def navigation2d(horizon: int = 100, max_action: float = 0.1, goal_range: float = 0.5) -> Env:
+def _check_range(value: Any, name: str, *, positive: bool = True) -> tuple[float, float]:
+    """A ``(low, high)`` pair of finite numbers, ``low <= high`` (and ``low > 0`` where ``positive``)."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) for v in value)
+    if not ok or value[0] > value[1] or (positive and value[0] <= 0):
+        bound = "0 < low <= high" if positive else "low <= high"
+        raise ValueError(f"{name} must be a pair (low, high) of finite numbers with {bound}, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def navigation2d(horizon: int = 100, max_action: float = 0.1, goal_range: float = 0.5,
+                 goal_tolerance: float | None = None) -> Env:
     """The MAML paper's 2D navigation: observation the position, action a velocity clipped to
     ``±max_action``, reward ``-‖position - goal‖`` after each move, goals uniform in
-    ``[-goal_range, goal_range]^2``; the episode never ends early."""
+    ``[-goal_range, goal_range]^2``.
+
+    ``goal_tolerance``: the episode ends once both coordinates are within this distance of the goal's
+    (cbfinn/maml_rl's point environment: ``|x - gx| < 0.01 and |y - gy| < 0.01``); the step that reaches it
+    still counts, later steps are masked, so returns, baselines and gradients stay exact. None: the episode
+    never ends early."""
     horizon = check_positive_int(horizon, "horizon")
+    max_action = check_positive_finite(max_action, "max_action")
+    goal_range = check_positive_finite(goal_range, "goal_range")
+    if goal_tolerance is not None:
+        goal_tolerance = check_positive_finite(goal_tolerance, "goal_tolerance")
 
     def reset(key, goal):
         pos = jnp.zeros((2,), goal.dtype)
@@ -64,8 +86,9 @@ def navigation2d(horizon: int = 100, max_action: float = 0.1, goal_range: float 
 
     def step(key, pos, action, goal):
         pos = pos + jnp.clip(action, -max_action, max_action).astype(pos.dtype)
-        reward = -jnp.sqrt(jnp.sum(jnp.square(pos - goal)))
-        return pos, pos, reward, jnp.zeros((), bool)
+        distance = jnp.sqrt(jnp.sum(jnp.square(pos - goal)))
+        done = jnp.zeros((), bool) if goal_tolerance is None else jnp.all(jnp.abs(pos - goal) < goal_tolerance)
+        return pos, pos, -distance, done
 
     def sample_task(key):
         return jax.random.uniform(key, (2,), minval=-goal_range, maxval=goal_range)
@@ -86,6 +109,8 @@ def pendulum(horizon: int = 100, mass_range: tuple[float, float] = (0.5, 1.5),
     drawn uniformly per task; it starts at a uniform angle in ``[-π, π]`` and speed in ``[-1, 1]``.
     Observation ``(cos θ, sin θ, θ')``, action a torque clipped to ``±2``."""
     horizon = check_positive_int(horizon, "horizon")
+    mass_range = _check_range(mass_range, "mass_range")
+    length_range = _check_range(length_range, "length_range")
     max_speed, max_torque, dt, g = 8.0, 2.0, 0.05, 10.0
 
     def obs_of(state):

@@ -27,13 +27,15 @@ meta-gradient of a bandit, enumerated in float64.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jmaml import protocols
-from jmaml._checks import check_num_steps, check_positive_int
+from jmaml._checks import check_num_steps, check_positive_finite, check_positive_int, check_rate
 from jmaml.estimators import _tree_vdot, conjugate_gradient
 from jmaml.rl import rollouts
 from jmaml.rl.envs import Env
@@ -43,12 +45,10 @@ ESTIMATORS = ("dice", "lvc", "naive")
 OUTERS = ("gradient", "trpo", "ppo")
 
 
-def trpo_optimiser() -> Any:
+def trpo_optimiser() -> protocols.ApplyStep:
     """The meta-optimiser of ``maml_rl(..., outer="trpo")`` (and ``"ppo"``), whose estimate is the step
-    itself: SGD at rate 1."""
-    import optax
-
-    return optax.sgd(1.0)
+    itself: ``jmaml.apply_step()`` (SGD at rate 1), the only optimiser ``fit`` accepts for them."""
+    return protocols.apply_step()
 
 
 class RLTask(NamedTuple):
@@ -96,45 +96,94 @@ def check_policy(env: Env, policy: Policy) -> None:
                          f"{env.name!r} gives {tuple(env.observation_shape)}")
 
 
+def _check_unit(value: Any, name: str, *, low_open: bool = False, high_open: bool = False) -> float:
+    """A Python real number in [0, 1] (an end excluded where asked); a ValueError naming it otherwise."""
+    low, high = "(" if low_open else "[", ")" if high_open else "]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number in {low}0, 1{high}, got {value!r}")
+    v = float(value)
+    if not (0 < v if low_open else 0 <= v) or not (v < 1 if high_open else v <= 1):
+        raise ValueError(f"{name} must be a number in {low}0, 1{high}, got {value!r}")
+    return v
+
+
+def _check_nonnegative_finite(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _rate_at(alpha: Any, j: int, num_steps: int) -> Any:
+    """Step ``j``'s inner rate: ``alpha`` itself, or its j-th entry for a schedule (a 1-D array of
+    ``num_steps`` rates, one per step, e.g. the paper's test-time α then α/2)."""
+    if jnp.ndim(alpha) == 0:
+        return alpha
+    if jnp.ndim(alpha) != 1 or jnp.shape(alpha)[0] != num_steps:
+        raise ValueError(f"inner_lr must be a number or a schedule of one rate per step (shape ({num_steps},)), "
+                         f"got shape {jnp.shape(alpha)}")
+    return alpha[j]
+
+
 def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps: int = 1, inner_episodes: int = 20,
             outer_episodes: int = 20, gamma: float = 0.99, gae_lambda: float = 1.0, baseline: str | None = "linear",
             normalize_advantages: bool = True, estimator: str = "lvc", first_order: bool = False,
             score_baseline: bool = True, outer: str = "gradient", max_kl: float = 0.01, cg_iters: int = 10,
-            cg_damping: float = 1e-5, line_search_steps: int = 15, backtrack_ratio: float = 0.8,
-            ppo_clip: float = 0.2, ppo_epochs: int = 5, ppo_lr: float = 1e-3) -> protocols.MetaLearner:
-    """MAML with a policy-gradient inner loop, as a ``MetaLearner`` for ``jmaml.fit`` on
+            cg_damping: float = 1e-5, cg_tol: float = 1e-10, line_search_steps: int = 15,
+            backtrack_ratio: float = 0.8, ppo_clip: float = 0.2, ppo_epochs: int = 5,
+            ppo_lr: float = 1e-3) -> protocols.MetaLearner:
+    r"""MAML with a policy-gradient inner loop, as a ``MetaLearner`` for ``jmaml.fit`` on
     ``task_distribution(env)``.
+
+    What each estimator is unbiased for. The adaptation φ(θ, τ) is the inner rule as configured (its
+    advantages with the fitted baseline, normalised or not, γ-discounted returns-to-go): a fixed function of
+    θ and the inner episodes τ, so every setting of it defines a valid meta-objective.
+
+    * ``"dice"``: unbiased for :math:`\nabla_\theta E_{\tau \sim p_\theta}[J_\gamma(\varphi(\theta, \tau))]`,
+      :math:`J_\gamma` the adapted policy's expected discounted return :math:`E[\sum_t \gamma^t r_t]`, with
+      every setting ``maml_rl`` accepts. Its outer term is the policy gradient of :math:`J_\gamma` itself:
+      :math:`\gamma^t (G_t - b_t)` with a baseline that does not depend on the outer episodes (the linear
+      feature baseline fitted to the last inner batch's episodes; none when ``num_inner_steps=0``), never
+      normalised (``normalize_advantages`` normalises the inner steps' advantages, part of φ's definition);
+      its score term weighs the inner episodes' log-likelihoods by the outer episodes' discounted return, so
+      both terms estimate the gradient of one objective.
+    * ``"lvc"`` (ProMP's low-variance curvature estimator, the default) and ``"naive"``: biased for that
+      gradient. Both hold the inner samples' probabilities fixed (``"lvc"`` keeps each step's own likelihood
+      ratio curvature, ``"naive"`` none), and their outer term is the usual practical policy gradient:
+      γ-discounted returns-to-go without the :math:`\gamma^t` factor, the baseline fitted to the outer
+      episodes themselves, normalised with ``normalize_advantages``. Their expectations are checked exactly
+      on a bandit in ``tests/rl_test.py``.
 
     Args:
       env, policy: the environment family and the policy (``check_policy`` says whether they fit).
-      inner_lr: α of the inner REINFORCE step (a per-call hyperparameter, so sweeps vmap over it).
+      inner_lr: α of the inner REINFORCE step, finite and > 0 (a per-call hyperparameter, so sweeps vmap over
+        it; at test time ``adapt`` also takes a schedule, one rate per step).
       num_inner_steps: inner policy-gradient steps, each on ``inner_episodes`` fresh episodes; 0 trains the
         policy itself on every task (multi-task policy gradient: the "pretrained" baseline).
       outer_episodes: episodes of the adapted policy per task for the meta-objective.
       gamma, gae_lambda, baseline, normalize_advantages: the advantages (``rollouts.advantages``) of
-        both loops; the paper's: γ = 0.99, the linear feature baseline, λ = 1.
-      estimator: ``"lvc"`` (ProMP's low-variance curvature estimator), ``"dice"`` (unbiased: the gradient of
-        the expected adapted return with the whole term through the inner sampling distribution) or
-        ``"naive"`` (without it).
+        both loops (DiCE's outer term: see above); the paper's: γ = 0.99, the linear feature baseline, λ = 1.
+      estimator: ``"lvc"``, ``"dice"`` or ``"naive"`` (see above).
       first_order: no gradient through the inner policy gradient.
-      score_baseline: centre the sampling-distribution term on the other tasks' mean return (it stays
-        unbiased; False: no baseline).
+      score_baseline: centre DiCE's score term on the other tasks' mean return (it stays unbiased; False: no
+        baseline).
       outer: ``"gradient"``: ``estimate`` returns the meta-gradient for any optax optimiser (Adam ...).
-        ``"trpo"``: the paper's outer step, all on the device -- the natural gradient by ``cg_iters`` steps
-        of conjugate gradient on Fisher-vector products (the Hessian of the mean KL between the old and the
-        new adapted policies over the outer episodes' states, a sample estimate, damped by ``cg_damping``),
-        scaled to the trust region ``max_kl`` and backtracked (``backtrack_ratio``, at most
-        ``line_search_steps`` times) until the importance-weighted surrogate improves within the region;
-        ``estimate`` then returns the step itself (``θ_old - θ_new``) as its "gradient": train with
-        ``optax.sgd(1.0)`` (``trpo_optimiser()``); ``kl`` among its metrics is the new adapted policies'
-        sample KL from the old. Uses the ``estimator``'s inner surrogate ("dice" is not
-        available: TRPO's surrogate has no score term).
+        ``"trpo"``: the paper's outer step (as cbfinn/maml_rl, rllab, garage, ProMP and pytorch-maml-rl
+        define it), all on the device: the trust region is the mean over the outer episodes' states of the
+        analytic ``KL(π_{φ(θ_old)} ‖ π_{φ(θ)})`` between the old and new adapted policies (``policy.kl``);
+        the natural gradient comes from conjugate gradient (at most ``cg_iters`` iterations, stopping at the
+        relative residual ``cg_tol``) on that KL's Hessian at θ_old -- positive semi-definite (Gauss-Newton
+        form), damped by ``cg_damping`` -- as Fisher-vector products; it is scaled to ``max_kl`` and
+        backtracked (``backtrack_ratio``, at most ``line_search_steps`` times) until the importance-weighted
+        surrogate improves with the KL within ``max_kl``. ``estimate`` returns the step itself
+        (``θ_old - θ_new``, ``returns_step``): train with ``trpo_optimiser()`` (``jmaml.apply_step()``; fit
+        refuses any other). ``kl`` among its metrics is the accepted step's analytic KL, ``cg_residual`` and
+        ``line_search_steps`` (0: no step was accepted) the solver's.
         ``"ppo"``: PPO-clip (Schulman et al., 2017) as ProMP uses it for meta-RL -- ``ppo_epochs`` steps of
         Adam at ``ppo_lr`` (its state fresh at every meta-step) on the clipped surrogate
         ``min(r A, clip(r, 1 - ppo_clip, 1 + ppo_clip) A)``, r the ratio of the re-adapted policy to the
         sampling one on the outer episodes, all on the samples drawn at θ_old and inside one compiled step;
-        like ``"trpo"``, ``estimate`` returns the step itself (train with ``trpo_optimiser()``), and ``kl``
-        (the sample KL from the old adapted policy) is among its metrics. Takes "lvc" or "naive".
+        like ``"trpo"``, ``estimate`` returns the step itself; ``kl`` (analytic where the policy has one) is
+        among its metrics. Both take "lvc" or "naive".
 
     Returns:
       A ``MetaLearner`` whose loss is minus the adapted policy's mean (undiscounted) return over the
@@ -143,32 +192,47 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
       (``exact_gradient`` is False: an estimate).
 
     Raises:
-      ValueError: a policy that does not fit, counts < 1, γ or λ outside [0, 1], an unknown estimator.
+      ValueError: a policy that does not fit; any setting out of range, each named (counts < 1, γ or λ
+        outside [0, 1], a rate, trust region, clip or learning rate that is not finite and > 0, a damping or
+        tolerance < 0, a backtrack ratio outside (0, 1)); an unknown estimator or outer step; TRPO with a
+        policy that has no analytic KL.
     """
     check_policy(env, policy)
     k = check_num_steps(num_inner_steps, "num_inner_steps")
     n_in = check_positive_int(inner_episodes, "inner_episodes")
     n_out = check_positive_int(outer_episodes, "outer_episodes")
-    for value, name in ((gamma, "gamma"), (gae_lambda, "gae_lambda")):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    gamma, gae_lambda = _check_unit(gamma, "gamma"), _check_unit(gae_lambda, "gae_lambda")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if outer not in OUTERS:
         raise ValueError(f"outer must be one of {OUTERS}, got {outer!r}")
+    if baseline not in ("linear", None):
+        raise ValueError(f"baseline must be 'linear' or None, got {baseline!r}")
+    for value, name in ((normalize_advantages, "normalize_advantages"), (first_order, "first_order"),
+                        (score_baseline, "score_baseline")):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    check_rate(inner_lr, "inner_lr", allow_zero=False)
+    if jnp.ndim(inner_lr) != 0:
+        raise ValueError(f"inner_lr must be one number here (a per-step schedule goes to adapt), got {inner_lr!r}")
+    max_kl = check_positive_finite(max_kl, "max_kl")
+    cg_iters = check_positive_int(cg_iters, "cg_iters")
+    cg_damping = _check_nonnegative_finite(cg_damping, "cg_damping")
+    cg_tol = _check_nonnegative_finite(cg_tol, "cg_tol")
+    line_search_steps = check_positive_int(line_search_steps, "line_search_steps")
+    backtrack_ratio = _check_unit(backtrack_ratio, "backtrack_ratio", low_open=True, high_open=True)
+    ppo_clip = check_positive_finite(ppo_clip, "ppo_clip")
+    ppo_epochs = check_positive_int(ppo_epochs, "ppo_epochs")
+    ppo_lr = check_positive_finite(ppo_lr, "ppo_lr")
     if outer != "gradient" and estimator == "dice":
         raise ValueError(f"outer={outer!r} takes estimator 'lvc' or 'naive' (the DiCE score term has no "
                          "importance-weighted surrogate)")
     if outer != "gradient" and k == 0:
         raise ValueError(f"outer={outer!r} needs num_inner_steps >= 1 here; train the pretrained policy with "
                          "outer='gradient'")
-    if outer == "ppo":
-        check_positive_int(ppo_epochs, "ppo_epochs")
-        for value, name in ((ppo_clip, "ppo_clip"), (ppo_lr, "ppo_lr")):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if baseline not in ("linear", None):
-        raise ValueError(f"baseline must be 'linear' or None, got {baseline!r}")
+    if outer == "trpo" and policy.kl is None:
+        raise ValueError("outer='trpo' constrains the analytic KL between the old and new policies: this policy "
+                         "has no kl(old_params, new_params, obs) (Policy.kl)")
 
     def adv(traj):
         return rollouts.advantages(traj, gamma, baseline=baseline, gae_lambda=gae_lambda,
@@ -202,9 +266,9 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
     def inner_loop(params, task, alpha, num_steps, observe=None):
         """The one inner loop of training and test time: ``num_steps`` policy-gradient steps on one task, each
         on ``inner_episodes`` fresh episodes of the current policy (the j-th drawn with the j-th of
-        ``num_steps + 1`` keys split from the task's). Returns the adapted policy, each step's
-        ``(policy, episodes, advantages)``, the last key (the outer episodes') and ``observe`` of each policy
-        before a step."""
+        ``num_steps + 1`` keys split from the task's; step j at rate ``_rate_at(alpha, j)``). Returns the
+        adapted policy, each step's ``(policy, episodes, advantages)``, the last key (the outer episodes')
+        and ``observe`` of each policy before a step."""
         keys = jax.random.split(task.key, num_steps + 1)
         phi, batches, seen = params, [], []
         for j in range(num_steps):
@@ -213,33 +277,41 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             traj = rollouts.rollout(env, policy, phi, task.params, keys[j], n_in)
             a = adv(traj)
             batches.append((phi, traj, a))
-            phi = inner_step(phi, traj, alpha, a)
+            phi = inner_step(phi, traj, _rate_at(alpha, j, num_steps), a)
         return phi, batches, keys[num_steps], seen
 
     def sample(params, tasks, alpha):
         """Every task's episodes at θ_old, the data an outer step that reuses its samples (TRPO's line search,
-        PPO's epochs) works on: the inner batches with their advantages, the outer episodes with theirs and
-        their log-probabilities under the old adapted policy, and the returns before and after adaptation."""
+        PPO's epochs) works on: the inner batches with their advantages, the outer episodes with theirs, their
+        log-probabilities under the old adapted policy and that policy, and the returns before and after
+        adaptation."""
         def one(task):
             phi, batches, key_out, _ = inner_loop(params, task, alpha, k)
             traj = rollouts.rollout(env, policy, phi, task.params, key_out, n_out)
             old = jax.lax.stop_gradient(rollouts.log_probs(policy, phi, traj))
             ret_pre = jnp.mean(jnp.sum(batches[0][1].rewards, axis=1))
-            return [(t, a) for _, t, a in batches], (traj, adv(traj), old), ret_pre, \
+            return [(t, a) for _, t, a in batches], (traj, adv(traj), old, jax.lax.stop_gradient(phi)), ret_pre, \
                 jnp.mean(jnp.sum(traj.rewards, axis=1))
 
         return jax.vmap(one)(tasks)
 
-    def log_ratios(p, inner, traj, old_lp, alpha):
-        """log π_{φ(p)}(a|s) - log π_{φ(θ_old)}(a|s) on every outer step, φ(p) re-adapted from p on the
-        inner batches sampled at θ_old (through ``inner_step``, so the estimator's curvature term is kept)."""
-        def one(inner_i, traj_i):
+    def readapted(p, inner, traj, old_lp, old_phi, alpha):
+        """On every outer step: ``log π_{φ(p)}(a|s) - log π_{φ(θ_old)}(a|s)`` and, where the policy has one,
+        the analytic ``KL(π_{φ(θ_old)}(·|s) ‖ π_{φ(p)}(·|s))`` (masked; else None), φ(p) re-adapted from p
+        on the inner batches sampled at θ_old (through ``inner_step``, so the estimator's curvature term is
+        kept)."""
+        def one(inner_i, traj_i, old_i):
             phi = p
-            for t_j, a_j in inner_i:
-                phi = inner_step(phi, t_j, alpha, a_j)
-            return rollouts.log_probs(policy, phi, traj_i)
+            for j, (t_j, a_j) in enumerate(inner_i):
+                phi = inner_step(phi, t_j, _rate_at(alpha, j, k), a_j)
+            lp = rollouts.log_probs(policy, phi, traj_i)
+            if policy.kl is None:
+                return lp, None
+            kl = jax.vmap(jax.vmap(policy.kl, (None, None, 0)), (None, None, 0))(old_i, phi, traj_i.obs)
+            return lp, kl * traj_i.mask
 
-        return jax.vmap(one)(inner, traj) - old_lp
+        lp, kl = jax.vmap(one)(inner, traj, old_phi)
+        return lp - old_lp, kl
 
     def sampled_metrics(ret_pre, ret_post):
         return {"task_losses": -ret_post, "pre_adapt_loss": -jnp.mean(ret_pre), "return_pre": jnp.mean(ret_pre),
@@ -247,24 +319,24 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
 
     def trpo_estimate(params, tasks, alpha):
         """The paper's TRPO outer step on a meta-batch (see ``outer``); returns (loss, θ_old - θ_new, metrics)."""
-        inner, (traj, a_out, old_lp), ret_pre, ret_post = sample(params, tasks, alpha)
+        inner, (traj, a_out, old_lp, old_phi), ret_pre, ret_post = sample(params, tasks, alpha)
+        count = jnp.maximum(jnp.sum(traj.mask), 1.0)
 
         def loss_and_kl(p):
-            log_r = log_ratios(p, inner, traj, old_lp, alpha)
+            log_r, kl = readapted(p, inner, traj, old_lp, old_phi, alpha)
             ratio = jnp.exp(log_r) * traj.mask
             loss = -jnp.mean(jnp.sum(ratio * a_out, axis=(1, 2)) / traj.rewards.shape[1])
-            kl = jnp.sum(-log_r * traj.mask) / jnp.maximum(jnp.sum(traj.mask), 1.0)
-            return loss, kl
+            return loss, jnp.sum(kl) / count
 
         (loss0, _), g = jax.value_and_grad(loss_and_kl, has_aux=True)(params)
-        kl_grad = jax.grad(lambda p: loss_and_kl(p)[1])
+        # the Fisher-vector product: the analytic KL's Hessian at θ_old (forward over reverse), linearised once
+        _, hvp = jax.linearize(jax.grad(lambda p: loss_and_kl(p)[1]), params)
 
         def fisher(v):
-            hv = jax.jvp(kl_grad, (params,), (v,))[1]
-            return jax.tree.map(lambda h, vi: h + cg_damping * vi, hv, v)
+            return jax.tree.map(lambda h, vi: h + cg_damping * vi, hvp(v), v)
 
         neg_g = jax.tree.map(jnp.negative, g)
-        s, residual = conjugate_gradient(fisher, neg_g, cg_iters)
+        s, residual = conjugate_gradient(fisher, neg_g, cg_iters, cg_tol)
         shs = _tree_vdot(s, fisher(s))
         scale = jnp.sqrt(2 * max_kl / jnp.maximum(shs, 1e-12))
         full = jax.tree.map(lambda si: scale * si, s)
@@ -274,34 +346,36 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             return jax.tree.map(lambda p, f: p + frac * f, params, full)
 
         def not_done(carry):
-            j, ok = carry
+            j, ok, _ = carry
             return (j < line_search_steps) & ~ok
 
         def try_step(carry):
-            j, _ = carry
+            j, _, _ = carry
             loss, kl = loss_and_kl(candidate(j))
-            ok = (loss < loss0) & (kl <= max_kl) & jnp.isfinite(loss)
-            return jnp.where(ok, j, j + 1), ok
+            ok = (loss < loss0) & (kl <= max_kl) & jnp.isfinite(loss) & jnp.isfinite(kl)
+            return jnp.where(ok, j, j + 1), ok, jnp.where(ok, kl, 0.0)
 
-        j, ok = jax.lax.while_loop(not_done, try_step, (jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
+        zero = jnp.zeros((), loss0.dtype)
+        j, ok, kl = jax.lax.while_loop(not_done, try_step, (jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero))
         new = jax.tree.map(lambda c, p: jnp.where(ok, c, p), candidate(j), params)
         step = jax.tree.map(lambda p, n: p - n, params, new)
         metrics = {**sampled_metrics(ret_pre, ret_post), "line_search_steps": jnp.where(ok, j + 1, 0),
-                   "cg_residual": residual, "kl": loss_and_kl(new)[1]}
+                   "cg_residual": residual, "kl": kl}
         return -jnp.mean(ret_post), step, metrics
 
     def ppo_estimate(params, tasks, alpha):
         """The PPO-clip outer step (see ``outer``); returns (loss, θ_old - θ_new, metrics)."""
         import optax
 
-        inner, (traj, a_out, old_lp), ret_pre, ret_post = sample(params, tasks, alpha)
+        inner, (traj, a_out, old_lp, old_phi), ret_pre, ret_post = sample(params, tasks, alpha)
         count = jnp.maximum(jnp.sum(traj.mask), 1.0)
 
         def clipped(p):
-            log_r = log_ratios(p, inner, traj, old_lp, alpha)
+            log_r, kl = readapted(p, inner, traj, old_lp, old_phi, alpha)
             ratio = jnp.exp(log_r)
             surrogate = jnp.minimum(ratio * a_out, jnp.clip(ratio, 1 - ppo_clip, 1 + ppo_clip) * a_out)
-            return -jnp.sum(surrogate * traj.mask) / count, jnp.sum(-log_r * traj.mask) / count
+            kl = jnp.sum(-log_r * traj.mask) if kl is None else jnp.sum(kl)
+            return -jnp.sum(surrogate * traj.mask) / count, kl / count
 
         opt = optax.adam(ppo_lr)
 
@@ -316,11 +390,22 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         step = jax.tree.map(lambda p, n: p - n, params, new)
         return -jnp.mean(ret_post), step, {**sampled_metrics(ret_pre, ret_post), "kl": kl}
 
+    def dice_outer_weights(traj, batches):
+        """DiCE's outer term's weights: γ^t (G_t − b_t), b the linear baseline fitted to the last inner batch
+        (independent of these episodes given it, so the term stays unbiased) or 0."""
+        returns = rollouts.returns_to_go(traj.rewards, gamma)
+        if baseline == "linear" and batches:
+            _, t_in, _ = batches[-1]
+            weights = rollouts.fit_linear_baseline(t_in, rollouts.returns_to_go(t_in.rewards, gamma))
+            returns = returns - rollouts.predict_linear_baseline(traj, weights)
+        discount = gamma ** jnp.arange(traj.rewards.shape[1], dtype=traj.rewards.dtype)
+        return jax.lax.stop_gradient(returns * discount[None, :] * traj.mask)
+
     def per_task(params, task, alpha):
         phi, batches, key_out, _ = inner_loop(params, task, alpha, k)
         score = sum(jnp.sum(rollouts.log_probs(policy, phi_j, t)) for phi_j, t, _ in batches)  # Σ log p_{φ_j(θ)}(τ_j)
         traj = rollouts.rollout(env, policy, phi, task.params, key_out, n_out)
-        outer = pg_loss(phi, traj, adv(traj))
+        outer = pg_loss(phi, traj, dice_outer_weights(traj, batches) if estimator == "dice" else adv(traj))
         value = jnp.mean(rollouts.discounted_return(traj.rewards, gamma))
         ret_post = jnp.mean(jnp.sum(traj.rewards, axis=1))
         ret_pre = jnp.mean(jnp.sum(batches[0][1].rewards, axis=1)) if batches else ret_post
@@ -346,7 +431,8 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         return -jnp.mean(ret_post), grads, sampled_metrics(ret_pre, ret_post)
 
     def adapt(params, task, num_steps, *, observe=None, inner_lr=inner_lr):
-        """``num_steps`` inner policy-gradient steps on one ``RLTask`` (each on ``inner_episodes`` episodes)."""
+        """``num_steps`` inner policy-gradient steps on one ``RLTask`` (each on ``inner_episodes`` episodes),
+        at ``inner_lr``: one rate, or a schedule of ``num_steps`` rates (the paper's test-time α, α/2, ...)."""
         phi, _, _, seen = inner_loop(params, task, inner_lr, num_steps, observe)
         if observe is None:
             return phi
@@ -357,4 +443,4 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
     label = f"MAML-RL ({estimator}{'' if outer == 'gradient' else ', ' + outer.upper()})"
     return protocols.MetaLearner(init=lambda p: p, estimate=estimate, adapt=adapt, name=name, label=label,
                                  exact_gradient=False, hyper={"inner_lr": inner_lr},
-                                 reduction="mean")
+                                 reduction="mean", returns_step=outer != "gradient")

@@ -1,8 +1,10 @@
-"""Policies as pure functions: ``Policy(init, sample, log_prob)``.
+"""Policies as pure functions: ``Policy(init, sample, log_prob, ..., kl)``.
 
 ``log_prob(params, obs, action)`` is what every gradient goes through (the policy-gradient losses,
 the score of the sampled trajectories); ``sample`` draws the actions of a rollout, whose data carries no
-gradient.
+gradient; ``kl(old, new, obs)`` is the analytic KL divergence between the action distributions of two
+parameter settings at one observation, the trust region of TRPO (as rllab, garage, ProMP and
+pytorch-maml-rl define it).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jmaml import models
-from jmaml._checks import check_positive_int
+from jmaml._checks import check_positive_finite, check_positive_int
 from jmaml._util import default_float
 
 
@@ -28,6 +30,8 @@ class Policy(NamedTuple):
       action_shape: the shape of one action (``()`` for a discrete one).
       num_actions: a discrete policy's number of actions; None for a continuous one.
       observation_shape: the observation shape it reads.
+      kl: ``kl(old_params, new_params, obs) -> scalar``: the analytic ``KL(π_old(·|obs) ‖ π_new(·|obs))``
+        (TRPO's constraint and Fisher metric); None for a policy without one (TRPO then refuses it).
     """
 
     init: Callable[..., Any]
@@ -36,6 +40,7 @@ class Policy(NamedTuple):
     action_shape: tuple[int, ...]
     num_actions: int | None
     observation_shape: tuple[int, ...]
+    kl: Callable[..., Any] | None = None
 
 
 def gaussian_mlp(obs_dim: int, action_dim: int, hidden: Sequence[int] = (100, 100), activation: str = "relu",
@@ -43,8 +48,7 @@ def gaussian_mlp(obs_dim: int, action_dim: int, hidden: Sequence[int] = (100, 10
     """A diagonal Gaussian whose mean is an MLP of the observation and whose log standard deviation is a
     learned vector (the MAML paper's policy: two hidden layers of 100 ReLU units)."""
     obs_dim, action_dim = check_positive_int(obs_dim, "obs_dim"), check_positive_int(action_dim, "action_dim")
-    if not init_std > 0:
-        raise ValueError(f"init_std must be > 0, got {init_std!r}")
+    init_std = check_positive_finite(init_std, "init_std")
     net = models.mlp([obs_dim, *hidden, action_dim], activation)
 
     def init(key):
@@ -62,7 +66,13 @@ def gaussian_mlp(obs_dim: int, action_dim: int, hidden: Sequence[int] = (100, 10
         z = (action - mean(params, obs)) * jnp.exp(-log_std)
         return jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi))
 
-    return Policy(init, sample, log_prob, (action_dim,), None, (obs_dim,))
+    def kl(old, new, obs):
+        """Σ_i log(σ1/σ0) + (σ0² + (μ0 − μ1)²) / (2 σ1²) − 1/2, the diagonal Gaussians' KL."""
+        ls0, ls1 = old["log_std"], new["log_std"]
+        diff = mean(old, obs) - mean(new, obs)
+        return jnp.sum(ls1 - ls0 + (jnp.exp(2 * ls0) + diff ** 2) * jnp.exp(-2 * ls1) / 2 - 0.5)
+
+    return Policy(init, sample, log_prob, (action_dim,), None, (obs_dim,), kl)
 
 
 def tabular_softmax(num_states: int, num_actions: int) -> Policy:
@@ -83,4 +93,9 @@ def tabular_softmax(num_states: int, num_actions: int) -> Policy:
     def log_prob(params, obs, action):
         return jax.nn.log_softmax(logits(params, obs))[action]
 
-    return Policy(init, sample, log_prob, (), num_actions, (num_states,))
+    def kl(old, new, obs):
+        """Σ_a p_old(a) (log p_old(a) − log p_new(a))."""
+        lp0, lp1 = jax.nn.log_softmax(logits(old, obs)), jax.nn.log_softmax(logits(new, obs))
+        return jnp.sum(jnp.exp(lp0) * (lp0 - lp1))
+
+    return Policy(init, sample, log_prob, (), num_actions, (num_states,), kl)

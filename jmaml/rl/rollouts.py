@@ -86,17 +86,27 @@ def _features(traj: Trajectories) -> jax.Array:
     return jnp.concatenate([obs, obs ** 2, t, t ** 2, t ** 3, jnp.ones_like(t)], axis=-1)
 
 
-def linear_baseline(traj: Trajectories, returns: jax.Array, reg: float = 1e-5) -> jax.Array:
-    """The MAML paper's baseline: a linear regression of the returns-to-go on ``_features``, fitted to the
-    task's own episodes (ridge ``reg``), evaluated at every step."""
+def fit_linear_baseline(traj: Trajectories, returns: jax.Array, reg: float = 1e-5) -> jax.Array:
+    """The weights of the linear feature baseline: a ridge (``reg``) least-squares regression of the
+    returns-to-go on ``_features`` over the episodes' live steps."""
     feats = _features(traj) * traj.mask[..., None]
     f = feats.reshape(-1, feats.shape[-1])
     # least squares of [f; √reg I] w ≈ [G; 0] (an SVD): the features can be collinear (cos² + sin² = 1 for a
     # pendulum), where the normal equations' solve in float32 returns NaN
     eye = jnp.sqrt(jnp.asarray(reg, f.dtype)) * jnp.eye(f.shape[-1], dtype=f.dtype)
     target = jnp.concatenate([(returns * traj.mask).reshape(-1), jnp.zeros((f.shape[-1],), f.dtype)])
-    weights = jnp.linalg.lstsq(jnp.concatenate([f, eye]), target)[0]
-    return (feats @ weights) * traj.mask
+    return jnp.linalg.lstsq(jnp.concatenate([f, eye]), target)[0]
+
+
+def predict_linear_baseline(traj: Trajectories, weights: jax.Array) -> jax.Array:
+    """The fitted baseline's value at every step of ``traj`` (0 after an episode ends)."""
+    return (_features(traj) @ weights) * traj.mask
+
+
+def linear_baseline(traj: Trajectories, returns: jax.Array, reg: float = 1e-5) -> jax.Array:
+    """The MAML paper's baseline: a linear regression of the returns-to-go on ``_features``, fitted to the
+    task's own episodes (ridge ``reg``), evaluated at every step."""
+    return predict_linear_baseline(traj, fit_linear_baseline(traj, returns, reg))
 
 
 def advantages(traj: Trajectories, gamma: float, *, baseline: str | None = "linear", gae_lambda: float = 1.0,
