@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from jmaml import learners, tasks, walkthrough
 from jmaml._checks import check_seed
@@ -524,34 +525,115 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_rl_parser(sub) -> None:
+# jmaml rl's flags for RLConfig's fields: flag -> (field, parse, help). Their argparse default is None, so a flag
+# given on the command line is known as given (a resume refuses one that contradicts the recorded run).
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.05, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 100,100, got {text!r}") from None
+
+
+_RL_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "env": ("env", str, "navigation2d (the MAML paper's 2D navigation) or pendulum"),
+    "steps": ("steps", int, "meta-steps"),
+    "meta_batch_size": ("meta_batch_size", int, "tasks per meta-step"),
+    "inner_lr": ("inner_lr", float, "the inner policy-gradient rate alpha"),
+    "meta_lr": ("meta_lr", float, "Adam's rate (the pretrained policy's; MAML's with --outer adam)"),
+    "episodes": ("inner_episodes", int, "episodes per task, inner and outer"),
+    "horizon": ("horizon", int, "steps per episode"),
+    "gamma": ("gamma", float, "discount"),
+    "hidden": ("hidden", _ints, "policy widths"),
+    "outer": ("outer", str, "MAML's outer step: TRPO (the paper's), PPO-clip, or Adam on the meta-gradient"),
+    "estimator": ("estimator", str, "the meta-gradient estimator"),
+    "seed": ("seed", int, "seed"),
+    "log_every": ("log_every", int, "meta-steps per chunk, checkpoint and validation of the best policy"),
+    "eval_tasks": ("eval_tasks", int, "held-out test tasks"),
+    "eval_episodes": ("eval_episodes", int, "episodes per evaluation step"),
+    "eval_steps": ("eval_steps", int, "test-time policy-gradient steps"),
+    "eval_lr": ("eval_lr", _floats, "test-time rates of steps 1, 2, ... (the last repeats); default: "
+                                    "inner-lr then inner-lr/2, the paper's"),
+    "goal_tolerance": ("goal_tolerance", float, "navigation2d: an episode ends this close to the goal (0: never; "
+                                                "default: the paper's 0.01)"),
+    "validation_tasks": ("validation_tasks", int, "validation tasks (the best MAML policy, the baselines' rates)"),
+    "baseline_lrs": ("baseline_lrs", _floats, "the baselines' first test-time rates tried on the validation tasks"),
+}
+_RL_EVAL_FLAGS = ("eval_tasks", "eval_episodes", "eval_steps", "eval_lr", "validation_tasks", "baseline_lrs")
+
+
+def _add_rl_flags(p, names) -> None:
     from jmaml.rl.learner import ESTIMATORS
     from jmaml.rl.recipe import OUTER_STEPS, RLConfig
 
     d = RLConfig()
+    choices = {"env": ("navigation2d", "pendulum"), "outer": OUTER_STEPS, "estimator": ESTIMATORS}
+    for flag in names:
+        field, parse, text = _RL_FLAGS[flag]
+        default = getattr(d, field)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=parse, default=None, choices=choices.get(flag),
+                       help=f"{text} (default {shown})" if default is not None else text)
+
+
+def _add_rl_parser(sub) -> None:
     p = sub.add_parser("rl", help="meta-reinforcement learning: MAML with a policy-gradient inner loop on 2D "
                                   "navigation (the MAML paper's) or Pendulum with varied physics",
                        description="Trains MAML (and the multi-task pretrained policy) through jmaml.fit in --out "
-                                   "(progress, checkpoints, --resume bitwise), then evaluates the return after 0-3 "
-                                   "policy-gradient steps on held-out tasks (eval.json, eval.md).")
-    p.add_argument("--env", default=d.env, choices=("navigation2d", "pendulum"))
+                                   "(progress, checkpoints, --resume bitwise), keeping MAML's best policy on "
+                                   "validation tasks, then evaluates the return after 0-3 policy-gradient steps on "
+                                   "held-out tasks by the paper's protocol (eval.json, eval.md). "
+                                   "jmaml rl eval RUN_DIR re-scores a finished run.")
     p.add_argument("--out", default="runs/rl", help="run folder (default runs/rl)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"meta-steps (default {d.steps})")
-    p.add_argument("--meta-batch-size", type=int, default=d.meta_batch_size)
-    p.add_argument("--inner-lr", type=float, default=d.inner_lr)
-    p.add_argument("--episodes", type=int, default=d.inner_episodes, help="episodes per task, inner and outer")
-    p.add_argument("--horizon", type=int, default=d.horizon)
-    p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="policy widths (default 100,100)")
-    p.add_argument("--outer", default=d.outer, choices=OUTER_STEPS,
-                   help="MAML's outer step: TRPO (the paper's, default), PPO-clip, or Adam on the meta-gradient")
-    p.add_argument("--estimator", default=d.estimator, choices=ESTIMATORS)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=int, default=d.log_every, help="meta-steps per chunk and checkpoint")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _add_rl_flags(p, _RL_FLAGS)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its recorded settings (rl_config.json)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out")
-    p.add_argument("--no-pretrain", action="store_true", help="skip the pretrained baseline")
+    p.add_argument("--no-pretrain", action="store_true", default=None, help="skip the pretrained baseline")
     p.add_argument("--no-eval", action="store_true")
     p.set_defaults(func=_cmd_rl)
+    e = sub.add_parser("rl-eval", help="(jmaml rl eval RUN_DIR) re-score a finished jmaml rl run",
+                       description="Evaluates the policies of a finished jmaml rl run again, under the recorded "
+                                   "protocol or another one given by flags; writes NAME.json and NAME.md there.")
+    e.add_argument("run_dir", help="a jmaml rl run folder")
+    e.add_argument("--name", default="eval", help="output files NAME.json, NAME.md in the run folder (default eval)")
+    _add_rl_flags(e, _RL_EVAL_FLAGS)
+    e.set_defaults(func=_cmd_rl_eval)
+
+
+def _rl_given(args: argparse.Namespace, names) -> dict:
+    given = {_RL_FLAGS[flag][0]: getattr(args, flag) for flag in names if getattr(args, flag, None) is not None}
+    if "inner_episodes" in given:
+        given["outer_episodes"] = given["inner_episodes"]
+    return given
+
+
+def _rl_config(args: argparse.Namespace):
+    """jmaml rl's settings: the defaults and the flags, or on --resume the recorded run's, refusing a flag that
+    contradicts it."""
+    from jmaml.rl import recipe
+
+    given = _rl_given(args, _RL_FLAGS)
+    if args.no_pretrain:
+        given["pretrain"] = False
+    if args.resume and not args.overwrite and os.path.exists(os.path.join(args.out, recipe.CONFIG_FILE)):
+        recorded = recipe.load_config(args.out)
+        conflicts = [f"--{flag.replace('_', '-')} {getattr(args, flag)!r} (recorded {getattr(recorded, field)!r})"
+                     for flag, (field, _, _) in _RL_FLAGS.items()
+                     if getattr(args, flag, None) is not None and getattr(args, flag) != getattr(recorded, field)]
+        if args.no_pretrain and recorded.pretrain:
+            conflicts.append("--no-pretrain (recorded with the pretrained baseline)")
+        if conflicts:
+            raise ValueError(f"--resume continues the run recorded in {args.out}/{recipe.CONFIG_FILE}; these flags "
+                             f"contradict it: {'; '.join(conflicts)}. Drop them, or start over with --overwrite")
+        return recorded
+    return dataclasses.replace(recipe.RLConfig(), **given).validate()
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
@@ -563,26 +645,32 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         from jmaml.engine import DivergenceError, Interrupted
         from jmaml.rl import recipe
 
-        try:
-            hidden = tuple(int(h) for h in args.hidden.split(","))
-        except ValueError:
-            raise ValueError(f"--hidden must be comma-separated widths like 100,100, got {args.hidden!r}") from None
-        config = recipe.RLConfig(env=args.env, horizon=args.horizon, steps=args.steps,
-                                 meta_batch_size=args.meta_batch_size, inner_lr=args.inner_lr,
-                                 inner_episodes=args.episodes, outer_episodes=args.episodes, hidden=hidden,
-                                 outer=args.outer, estimator=args.estimator, seed=args.seed, log_every=args.log_every,
-                                 pretrain=not args.no_pretrain).validate()
+        recipe.check_run_dir(args.out)
+        config = _rl_config(args)
         try:
             trained = recipe.train(config, args.out, resume=args.resume, overwrite=args.overwrite)
         except Interrupted as e:
-            print(f"jmaml rl: {e}. Resume with: jmaml rl --out {args.out} --resume (and the same settings)",
-                  file=sys.stderr)
+            print(f"jmaml rl: {e}. Resume with: jmaml rl --out {args.out} --resume", file=sys.stderr)
             return 128 + (e.signum or signal.SIGINT)
         except DivergenceError as e:
             print(f"jmaml rl: {e}", file=sys.stderr)
             return 3
         if not args.no_eval:
             print(recipe.format_table(config.env, recipe.evaluate(config, trained, args.out)))
+    return 0
+
+
+def _cmd_rl_eval(args: argparse.Namespace) -> int:
+    from jmaml.rl import recipe
+
+    if not os.path.isdir(args.run_dir):
+        raise ValueError(f"run_dir {args.run_dir!r} is not a folder")
+    if os.sep in args.name or args.name in ("", ".", "..") or args.name.startswith("rl_config"):
+        raise ValueError(f"--name must be a plain file name other than rl_config, got {args.name!r}")
+    recorded = recipe.load_config(args.run_dir)
+    config = dataclasses.replace(recorded, **_rl_given(args, _RL_EVAL_FLAGS)).validate()
+    trained = recipe.load_trained(recorded, args.run_dir)
+    print(recipe.format_table(config.env, recipe.evaluate(config, trained, args.run_dir, name=args.name)))
     return 0
 
 
@@ -644,6 +732,8 @@ def main(argv: list[str] | None = None, early_flag=None) -> int:
     importing JAX; ``jmaml train`` keeps honouring it, the other commands stop on a signal it caught."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["rl", "eval"]:  # jmaml rl eval RUN_DIR: its own parser
+        argv = ["rl-eval", *argv[2:]]
     args = parser.parse_args(argv)
     args.early_flag = early_flag
     if early_flag is not None and (args.command not in ("train", "sweep", "rl") or (getattr(args, "distributed", False)

@@ -1,6 +1,7 @@
 """Meta-RL (jmaml.rl): the meta-gradient estimators against the exact meta-gradient of a bandit, enumerated
 in float64; environments, policies and their checks; training through jmaml.fit."""
 
+import dataclasses
 import io
 import itertools
 
@@ -269,22 +270,33 @@ def test_trpo_takes_a_step_inside_its_trust_region():
         rl.maml_rl(env, policy, outer="trpo", estimator="dice")
 
 
-def _rl_cli(out, *extra):
+def _rl_env():
     import os
-    import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
+    return env, root
+
+
+def _rl_cli(out, *extra):
+    import sys
+
+    env, root = _rl_env()
     cmd = [sys.executable, "-m", "jmaml", "rl", "--out", str(out), "--steps", "30", "--log-every", "2",
            "--episodes", "3", "--horizon", "8", "--hidden", "8", "--meta-batch-size", "4", "--no-pretrain",
-           "--outer", "trpo", *extra]
+           "--outer", "trpo", "--eval-tasks", "4", "--eval-episodes", "3", "--validation-tasks", "3", *extra]
     return cmd, env, root
 
 
 def test_an_rl_run_killed_by_sigkill_resumes_bitwise(tmp_path):
+    """``jmaml rl --out DIR --resume`` with no other flag finishes the recorded run (rl_config.json), bitwise
+    equal to an uninterrupted one -- its checkpoint and its best-on-validation policy; a flag that contradicts
+    the record is refused by name; ``jmaml rl eval`` re-scores the run under another protocol."""
+    import json
     import signal
     import subprocess
+    import sys
     import time
 
     from jmaml import checkpoint
@@ -303,26 +315,137 @@ def test_an_rl_run_killed_by_sigkill_resumes_bitwise(tmp_path):
         time.sleep(0.05)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = subprocess.run(cmd + ["--resume"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    jmaml_rl = [sys.executable, "-m", "jmaml", "rl", "--out", str(tmp_path / "killed")]
+    refused = subprocess.run(jmaml_rl + ["--resume", "--steps", "50", "--no-eval"], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--steps 50 (recorded 30)" in refused.stderr, refused.stderr[-2000:]
+    resumed = subprocess.run(jmaml_rl + ["--resume", "--no-eval"], env=env, cwd=root, capture_output=True,
+                             text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = checkpoint.arrays(tmp_path / "straight" / "maml_rl_trpo.ckpt.npz")
-    b = checkpoint.arrays(ckpt)
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    # evaluation: eval.json and the table
-    cmd = [c for c in cmd if c != "--no-eval"]
-    out = subprocess.run(cmd + ["--resume"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "| maml |" in out.stdout and "| random |" in out.stdout, out.stderr[-2000:]
-    assert (tmp_path / "killed" / "eval.json").exists()
+    for name in ("maml_rl_trpo.ckpt.npz", "maml_best.npz"):
+        a = checkpoint.arrays(tmp_path / "straight" / name)
+        b = checkpoint.arrays(tmp_path / "killed" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+    assert checkpoint.read_header(ckpt)["step"] == 30
+    best = [checkpoint.read_header(tmp_path / run / "maml_best.npz") for run in ("straight", "killed")]
+    assert best[0]["extra"] == best[1]["extra"] and len(best[0]["extra"]["scores"]) == 15
+    # evaluation: eval.json and the table, then the same run re-scored at other test-time rates
+    out = subprocess.run(jmaml_rl + ["--resume"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "| maml |" in out.stdout and "| maml_best |" in out.stdout, out.stderr[-2000:]
+    recorded = json.loads((tmp_path / "killed" / "eval.json").read_text())
+    assert recorded["results"]["maml"]["test_lr"] == pytest.approx([0.1, 0.05, 0.05])
+    again = subprocess.run([sys.executable, "-m", "jmaml", "rl", "eval", str(tmp_path / "killed"), "--eval-lr",
+                            "0.2", "--name", "constant"], env=env, cwd=root, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and "| random |" in again.stdout, again.stderr[-2000:]
+    other = json.loads((tmp_path / "killed" / "constant.json").read_text())
+    assert other["results"]["maml"]["test_lr"] == pytest.approx([0.2, 0.2, 0.2])
+    assert other["results"]["maml"]["mean"][0] == recorded["results"]["maml"]["mean"][0]  # same tasks, no step
+    assert other["results"]["maml"]["mean"][1] != recorded["results"]["maml"]["mean"][1]
 
 
-def test_the_rl_command_names_bad_settings(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (("--horizon", "0"), "horizon must be"),
+    (("--inner-lr", "nan"), "inner_lr must be a finite number > 0"),
+    (("--inner-lr", "inf"), "inner_lr must be a finite number > 0"),
+    (("--inner-lr", "1e400"), "inner_lr must be a finite number > 0"),
+    (("--inner-lr", "-1"), "inner_lr must be a finite number > 0"),
+    (("--meta-lr", "0"), "meta_lr must be a finite number > 0"),
+    (("--gamma", "1.5"), "gamma must be a number in (0, 1]"),
+    (("--eval-lr", "0.1,-0.05"), "eval_lr must be a finite number > 0"),
+    (("--goal-tolerance", "-0.01"), "goal_tolerance must be"),
+    (("--env", "pendulum", "--goal-tolerance", "0.01"), "goal_tolerance is navigation2d's"),
+    (("--eval-tasks", "1"), "eval_tasks and validation_tasks must be >= 2"),
+])
+def test_the_rl_command_names_bad_settings(tmp_path, flags, message):
     import subprocess
 
-    cmd, env, root = _rl_cli(tmp_path / "x", "--horizon", "0")
+    cmd, env, root = _rl_cli(tmp_path / "x", *flags)
     out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "horizon must be" in out.stderr, out.stderr[-1000:]
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-1000:]
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_the_rl_command_leaves_another_kind_of_run_alone(tmp_path):
+    import subprocess
+
+    run = tmp_path / "trained"
+    run.mkdir()
+    (run / "config.json").write_text('{"config": {}, "versions": {}}')
+    (run / "metrics.jsonl").write_text('{"step": 5}\n')
+    for flag in ("--overwrite", "--resume"):
+        cmd, env, root = _rl_cli(run, flag)
+        out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "holds another kind of run" in out.stderr, out.stderr[-1000:]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_text() == '{"step": 5}\n'
+
+
+def _small_rl_config(**kw):
+    settings = dict(horizon=8, steps=6, meta_batch_size=4, inner_episodes=3, outer_episodes=3, hidden=(8,),
+                    log_every=2, eval_tasks=4, eval_episodes=3, validation_tasks=3, pretrain=False)
+    return rl.recipe.RLConfig(**{**settings, **kw}).validate()
+
+
+def test_the_best_policy_on_validation_is_the_run_at_that_step(tmp_path):
+    """maml_best is MAML's parameters at the meta-step whose validation return after one step was highest:
+    equal to a run of that many steps (chunks align, so its step-k state is the longer run's), and its score
+    is the one recorded for that step."""
+    config = _small_rl_config()
+    trained = rl.recipe.train(config, str(tmp_path / "long"), progress=False)
+    best = trained["_best"]
+    scores = {int(k): v for k, v in best["scores"].items()}
+    assert sorted(scores) == [2, 4, 6]
+    assert best["step"] == max(scores, key=scores.get) and best["validation_return"] == max(scores.values())
+    short = rl.recipe.train(dataclasses.replace(config, steps=best["step"]), str(tmp_path / "short"), progress=False)
+    for a, b in zip(jax.tree.leaves(trained["maml_best"]), jax.tree.leaves(short["maml"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    loaded = rl.recipe.load_trained(config, str(tmp_path / "long"))
+    for a, b in zip(jax.tree.leaves(loaded["maml_best"]), jax.tree.leaves(trained["maml_best"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_evaluation_schedule_reaches_adapt():
+    """The test-time schedule α, α/2 (the paper's) reaches the learner's adapt: recipe's batched program gives
+    what ``evaluation.returns_after_steps`` gives with that schedule, and a constant rate gives another curve
+    after step 1 (the same before it)."""
+    config = _small_rl_config(eval_steps=2)
+    assert config.eval_schedule() == (0.1, 0.05)
+    assert dataclasses.replace(config, eval_lr=(0.3,)).eval_schedule() == (0.3, 0.3)
+    env, policy, maml, _ = config.parts()
+    params = policy.init(jax.random.key(0))
+    program = rl.recipe.returns_program(maml, env, policy, config.eval_episodes)
+    both = program(params, [[0.1, 0.05], [0.1, 0.1]], 7, 4)
+    direct = rl.evaluation.returns_after_steps(maml, env, policy, params, key=7, num_tasks=4, num_steps=2,
+                                               eval_episodes=config.eval_episodes,
+                                               inner_lr=jnp.asarray([0.1, 0.05]))
+    np.testing.assert_allclose(both[0], direct, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(both[0][:, :2], both[1][:, :2])
+    assert not np.allclose(both[0][:, 2], both[1][:, 2])
+
+
+def test_the_baselines_rate_is_the_best_on_validation():
+    config = _small_rl_config(eval_steps=2, baseline_lrs=(0.01, 0.3, 3.0))
+    env, policy, maml, _ = config.parts()
+    params = policy.init(jax.random.key(0))
+    program = rl.recipe.returns_program(maml, env, policy, config.eval_episodes)
+    tuned = rl.recipe.tune_baseline_rate(config, program, params)
+    scores = tuned["validation_scores"]
+    chosen = max(scores, key=scores.get)
+    assert tuned["schedule"] == pytest.approx([float(chosen), float(chosen) / 2])
+    curves = program(params, [[0.3, 0.15]], rl.recipe.VALIDATION_KEY + config.seed, config.validation_tasks)
+    assert scores["0.3"] == pytest.approx(float(curves[0, :, 1:].mean()), rel=1e-6)
+
+
+def test_navigation_ends_at_the_goal_in_the_paper_setting():
+    assert rl.recipe.RLConfig().env_settings() == {"horizon": 100, "goal_tolerance": 0.01}
+    assert rl.recipe.RLConfig(goal_tolerance=0.0).env_settings() == {"horizon": 100, "goal_tolerance": None}
+    assert rl.recipe.RLConfig(env="pendulum").env_settings() == {"horizon": 100}
+    with pytest.raises(ValueError, match="rl_config.json has settings jmaml rl does not know: \\['nope'\\]"):
+        rl.recipe.RLConfig.from_json({"nope": 1})
+    assert rl.recipe.RLConfig.from_json({"hidden": [8, 8], "eval_lr": [0.2]}).hidden == (8, 8)
 
 
 def test_gae_against_its_definition(x64):

@@ -5,25 +5,49 @@ fingerprint), then evaluated as the paper reports it (``eval.json``, ``eval.md``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import os
 from typing import Any, TextIO
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jmaml import checkpoint
 from jmaml._checks import check_positive_int
+from jmaml.evaluate import learner_curves
 from jmaml.rl import envs, evaluation
 from jmaml.rl.learner import maml_rl, task_distribution, trpo_optimiser
 from jmaml.rl.policies import gaussian_mlp
 
-METHODS = ("maml", "pretrained", "random")
+METHODS = ("maml", "maml_best", "pretrained", "random")  # maml: the last meta-step; maml_best: best on validation
 OUTER_STEPS = ("trpo", "ppo", "adam")  # MAML's outer step: maml_rl's outer, "adam" its "gradient"
+BASELINE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)  # the baselines' first test-time rates tried on the validation tasks
+PAPER_GOAL_TOLERANCE = {"navigation2d": 0.01}  # cbfinn/maml_rl's point environment ends an episode this close
+EVAL_KEY, VALIDATION_KEY = 10_000, 20_000  # + seed: the held-out test tasks and the separate validation tasks
+BEST_FILE = "maml_best.npz"  # MAML's parameters at its best validation return, kept during training
+CONFIG_FILE = "rl_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """The settings of a meta-RL run (the MAML paper's for 2D navigation by default)."""
+    """The settings of a meta-RL run: the MAML paper's for 2D navigation by default (Finn et al. 2017, §5.3 and
+    App. A.2; cbfinn/maml_rl's test protocol).
+
+    Evaluation: ``eval_tasks`` held-out tasks, ``eval_episodes`` episodes per step, after 0..``eval_steps``
+    test-time policy-gradient steps at ``eval_lr`` (the rate of step 1, 2, ...; its last entry repeats;
+    default ``None``: the paper's α then α/2). MAML is scored at its last meta-step (``maml``) and at the
+    meta-step with the best validation return after one step (``maml_best``, the paper's "best policy seen
+    in training"), judged every ``log_every`` meta-steps on ``validation_tasks`` tasks drawn apart from the
+    test tasks. The pretrained and random policies are fine-tuned with the same schedule scaled to the first
+    rate in ``baseline_lrs`` that scores best on the validation tasks (the paper tuned their step sizes).
+    ``goal_tolerance``: navigation2d's episodes end within that distance of the goal in each coordinate
+    (``None``: the paper's 0.01 on navigation2d; 0: they never end early); pendulum has none.
+    """
 
     env: str = "navigation2d"
     horizon: int = 100
@@ -41,22 +65,68 @@ class RLConfig:
     log_every: int = 5
     pretrain: bool = True
     eval_tasks: int = 40
-    eval_episodes: int = 20
+    eval_episodes: int = 40
     eval_steps: int = 3
+    eval_lr: tuple[float, ...] | None = None
+    goal_tolerance: float | None = None
+    validation_tasks: int = 20
+    baseline_lrs: tuple[float, ...] = BASELINE_LRS
 
     def validate(self) -> RLConfig:
+        from jmaml.rl.learner import ESTIMATORS
+
         if self.env not in envs.ENVS or self.env == "bandit":
             raise ValueError(f"env must be one of {sorted(set(envs.ENVS) - {'bandit'})}, got {self.env!r}")
         for name in ("horizon", "steps", "meta_batch_size", "inner_episodes", "outer_episodes", "log_every",
-                     "eval_tasks", "eval_episodes"):
+                     "eval_tasks", "eval_episodes", "eval_steps", "validation_tasks"):
             check_positive_int(getattr(self, name), name)
+        if self.eval_tasks < 2 or self.validation_tasks < 2:
+            raise ValueError(f"eval_tasks and validation_tasks must be >= 2 (a confidence interval needs two), got "
+                             f"{self.eval_tasks} and {self.validation_tasks}")
+        for name in ("inner_lr", "meta_lr"):
+            _check_rate(getattr(self, name), name)
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, numbers.Real) or not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be a number in (0, 1], got {self.gamma!r}")
+        if not isinstance(self.hidden, tuple) or not self.hidden:
+            raise ValueError(f"hidden must be a non-empty tuple of layer widths, got {self.hidden!r}")
+        for width in self.hidden:
+            check_positive_int(width, "hidden")
+        for name in ("eval_lr", "baseline_lrs"):
+            rates = getattr(self, name)
+            if rates is None and name == "eval_lr":
+                continue
+            if not isinstance(rates, tuple) or not rates:
+                raise ValueError(f"{name} must be a non-empty tuple of rates, got {rates!r}")
+            for rate in rates:
+                _check_rate(rate, name)
+        if self.goal_tolerance is not None:
+            tol = self.goal_tolerance
+            if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+                raise ValueError(f"goal_tolerance must be a finite number >= 0 (0: episodes never end early), "
+                                 f"got {tol!r}")
+            if tol > 0 and self.env not in PAPER_GOAL_TOLERANCE:
+                raise ValueError(f"goal_tolerance is navigation2d's; env {self.env!r} has no goal (got {tol!r})")
         if self.outer not in OUTER_STEPS:
             raise ValueError(f"outer must be one of {OUTER_STEPS}, got {self.outer!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if not isinstance(self.pretrain, bool):
+            raise TypeError(f"pretrain must be True or False, got {self.pretrain!r}")
         return self
+
+    def eval_schedule(self) -> tuple[float, ...]:
+        """MAML's test-time rate for each of the ``eval_steps`` steps (``eval_lr``, its last entry repeated)."""
+        rates = self.eval_lr if self.eval_lr is not None else (self.inner_lr, self.inner_lr / 2)
+        return tuple(rates[min(j, len(rates) - 1)] for j in range(self.eval_steps))
+
+    def env_settings(self) -> dict[str, Any]:
+        tol = PAPER_GOAL_TOLERANCE.get(self.env) if self.goal_tolerance is None else self.goal_tolerance
+        return {"horizon": self.horizon, **({"goal_tolerance": tol or None} if self.env in PAPER_GOAL_TOLERANCE
+                                            else {})}
 
     def parts(self):
         """``(env, policy, maml learner, pretrained learner)``."""
-        env = envs.ENVS[self.env](horizon=self.horizon)
+        env = envs.ENVS[self.env](**self.env_settings())
         policy = gaussian_mlp(env.observation_shape[0], env.action_shape[0], hidden=self.hidden)
         common = dict(inner_lr=self.inner_lr, inner_episodes=self.inner_episodes, outer_episodes=self.outer_episodes,
                       gamma=self.gamma)
@@ -64,12 +134,119 @@ class RLConfig:
                        **common)
         return env, policy, maml, maml_rl(env, policy, num_inner_steps=0, **common)
 
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> RLConfig:
+        """The config a run folder's ``rl_config.json`` records (lists back to tuples), checked."""
+        if not isinstance(record, dict):
+            raise ValueError(f"{CONFIG_FILE} must hold an object of settings, got {type(record).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ValueError(f"{CONFIG_FILE} has settings jmaml rl does not know: {unknown}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+        return cls(**values).validate()
+
+
+def _check_rate(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def load_config(run_dir: str) -> RLConfig:
+    """The ``RLConfig`` recorded in ``run_dir`` by ``train``."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{run_dir} holds no {CONFIG_FILE}: not a jmaml rl run folder")
+    with open(path, encoding="utf-8") as f:
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+    return RLConfig.from_json(record)
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Refuses (ValueError) a folder that holds another kind of run: a ``jmaml train`` or ``jmaml sweep`` run's
+    files, or checkpoints and metrics without ``rl_config.json`` -- ``--overwrite`` replaces an RL run only."""
+    if not os.path.isdir(run_dir):
+        return
+    names = set(os.listdir(run_dir))
+    if CONFIG_FILE in names:
+        return
+    other = sorted(n for n in names if n in ("config.json", "metrics.jsonl", "sweep.json") or n.endswith(".ckpt.npz"))
+    if other:
+        raise ValueError(f"{run_dir} holds another kind of run ({', '.join(other)}; no {CONFIG_FILE}): "
+                         "jmaml rl will not resume or overwrite it; choose another --out")
+
+
+def returns_program(learner: Any, env: envs.Env, policy: Any, eval_episodes: int):
+    """``returns(params, rates, key, num_tasks) -> (R, num_tasks, S + 1)``: the returns of ``params`` after
+    0..S test-time steps (``learner.adapt``) for each schedule in ``rates`` (shape ``(R, S)``), on the same
+    ``num_tasks`` held-out tasks drawn with the integer ``key``; one compiled program per shape, every schedule
+    in one batch (the curves ``evaluation.returns_after_steps`` computes, vmapped over the rates)."""
+    metric = evaluation.return_metric(env, policy, eval_episodes)
+    heldout = task_distribution(env).heldout
+    assert heldout is not None
+
+    @functools.partial(jax.jit, static_argnums=(3,))
+    def curves(params, rates, key, num_tasks):
+        batch = heldout(jax.random.key(key), num_tasks)
+        one = lambda r: learner_curves(learner, params, batch, metric, rates.shape[1], hyper={"inner_lr": r})
+        return jax.vmap(one)(rates)
+
+    def returns(params, rates, key, num_tasks):
+        return np.asarray(curves(params, jnp.asarray(rates, dtype=jnp.float32), key, num_tasks))
+
+    return returns
+
+
+def tune_baseline_rate(config: RLConfig, returns: Any, params: Any) -> dict[str, Any]:
+    """The baseline's test-time schedule: MAML's (``eval_schedule``) scaled so its first rate is the one of
+    ``baseline_lrs`` with the highest mean return over steps 1..``eval_steps`` on the validation tasks."""
+    schedule = np.asarray(config.eval_schedule())
+    candidates = np.stack([schedule * (lr / schedule[0]) for lr in config.baseline_lrs])
+    curves = returns(params, candidates, VALIDATION_KEY + config.seed, config.validation_tasks)
+    scores = np.nan_to_num(curves[:, :, 1:].mean(axis=(1, 2)), nan=-np.inf)  # a diverging rate scores worst
+    best = int(np.argmax(scores))
+    return {"schedule": candidates[best].tolist(),
+            "validation_scores": {str(lr): float(s) for lr, s in zip(config.baseline_lrs, scores)}}
+
+
+class _BestKeeper:
+    """``fit``'s callback for MAML: every chunk, the validation return after one test-time step; the
+    parameters with the highest so far are kept in ``run_dir``/maml_best.npz (with every step's score), before
+    the chunk's checkpoint is written, so a resumed run replays the same comparisons."""
+
+    def __init__(self, config: RLConfig, returns: Any, run_dir: str | None, *, load: bool):
+        self.config, self.returns = config, returns
+        self.path = None if run_dir is None else os.path.join(run_dir, BEST_FILE)
+        self.params, self.step, self.score, self.scores = None, None, -np.inf, {}
+        if load and self.path is not None and os.path.exists(self.path):
+            header = checkpoint.read_header(self.path)
+            self.step, self.score = header["step"], header["extra"]["validation_return"]
+            self.scores = dict(header["extra"]["scores"])
+            self.params = checkpoint.restore_params(self.path, None)
+
+    def __call__(self, record: dict, state: Any) -> None:
+        rate = self.config.eval_schedule()[0]
+        returns = self.returns(state.params, [[rate]], VALIDATION_KEY + self.config.seed,
+                               self.config.validation_tasks)
+        score = float(np.mean(returns[0, :, 1]))
+        step = int(record["step"])
+        self.scores[str(step)] = score
+        if math.isfinite(score) and (score > self.score or self.step == step):
+            self.params, self.step, self.score = jax.tree.map(np.asarray, state.params), step, score
+        if self.path is not None and self.params is not None:
+            checkpoint.save(self.path, {"params": self.params}, step=self.step,
+                            extra={"validation_return": self.score, "scores": self.scores})
+
 
 def train(config: RLConfig, run_dir: str | None, *, resume: bool = False, overwrite: bool = False,
           stream: TextIO | None = None, progress: bool = True, stop_at_step: int | None = None) -> dict[str, Any]:
-    """MAML's (and, with ``pretrain``, the pretrained policy's) parameters, each trained by ``jmaml.fit`` in
-    ``run_dir`` (``maml_rl*.ckpt.npz``, ``pretrained_rl.ckpt.npz``, ``metrics.jsonl``); ``random`` is the
-    initialisation. ``resume`` continues (or returns) the runs there."""
+    """MAML's (at its last meta-step and at its best validation return) and, with ``pretrain``, the pretrained
+    policy's parameters, each trained by ``jmaml.fit`` in ``run_dir`` (``maml_rl*.ckpt.npz``, ``maml_best.npz``,
+    ``pretrained_rl.ckpt.npz``, ``metrics.jsonl``, ``rl_config.json``); ``random`` is the initialisation.
+    ``resume`` continues (or returns) the runs there; it refuses a ``config`` other than the recorded one."""
     from jmaml.engine import Logging, RunDir, fit
 
     config.validate()
@@ -77,41 +254,100 @@ def train(config: RLConfig, run_dir: str | None, *, resume: bool = False, overwr
     params = policy.init(jax.random.key(config.seed))
     out = {"random": params}
     if run_dir is not None:
+        check_run_dir(run_dir)
+        path = os.path.join(run_dir, CONFIG_FILE)
+        if resume and os.path.exists(path) and not overwrite:
+            recorded = load_config(run_dir)
+            if recorded != config:
+                changed = [f.name for f in dataclasses.fields(config)
+                           if getattr(recorded, f.name) != getattr(config, f.name)]
+                raise ValueError(f"{run_dir} records another run (settings differ: {', '.join(changed)}); resume "
+                                 "it with its own settings (jmaml rl --out DIR --resume) or --overwrite")
         os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, "rl_config.json")
-        if overwrite or not os.path.exists(path):  # a resume with other settings is refused by fit, not recorded
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(dataclasses.asdict(config), f, indent=2)
+        if overwrite or not os.path.exists(path):
+            if overwrite and os.path.exists(os.path.join(run_dir, BEST_FILE)):
+                os.remove(os.path.join(run_dir, BEST_FILE))
+            checkpoint.atomic_write(path, lambda f: json.dump(dataclasses.asdict(config), f, indent=2), text=True)
     phases = [("maml", maml)] + ([("pretrained", pretrained)] if config.pretrain else [])
+    keeper = None
     for method, learner in phases:
         optimiser = trpo_optimiser() if method == "maml" and config.outer != "adam" else optax.adam(config.meta_lr)
         exists = run_dir is not None and os.path.exists(os.path.join(run_dir, f"{learner.name}.ckpt.npz"))
         where = None if run_dir is None else RunDir(run_dir, checkpoint_every=config.log_every,
                                                     resume=resume and exists, overwrite=overwrite)
+        if method == "maml":
+            keeper = _BestKeeper(config, returns_program(maml, env, policy, config.eval_episodes), run_dir,
+                                 load=resume and exists)
         state = fit(learner, task_distribution(env), optimiser, params, steps=config.steps,
                     meta_batch_size=config.meta_batch_size, key=jax.random.fold_in(jax.random.key(config.seed), 1),
-                    run=where,
-                    log=Logging(every=config.log_every, progress=progress, stream=stream), stop_at_step=stop_at_step)
+                    run=where, log=Logging(every=config.log_every, progress=progress, stream=stream,
+                                           callback=keeper if method == "maml" else None),
+                    stop_at_step=stop_at_step)
         out[method] = state.params
+        if method == "maml" and keeper is not None:
+            if keeper.params is None:  # no chunk ran: a finished run resumed without its best file
+                keeper(dict(step=config.steps), state)
+            out["maml_best"] = jax.tree.map(jnp.asarray, keeper.params)
+            out["_best"] = {"step": keeper.step, "validation_return": keeper.score, "scores": keeper.scores}
     return out
 
 
-def evaluate(config: RLConfig, trained: dict[str, Any], run_dir: str | None = None) -> dict:
+def evaluate(config: RLConfig, trained: dict[str, Any], run_dir: str | None = None, *,
+             name: str = "eval") -> dict:
     """Returns after 0..``eval_steps`` steps on ``eval_tasks`` held-out tasks for every trained policy (mean,
-    95% CI); written to ``run_dir``/eval.json and eval.md when given."""
+    95% CI; per task), the baselines at their validation-tuned rates; written to ``run_dir``/``name``.json and
+    ``name``.md when given."""
     env, policy, maml, _ = config.parts()
     results = {}
-    for method, params in trained.items():
-        returns = evaluation.returns_after_steps(maml, env, policy, params, key=10_000 + config.seed,
-                                                 num_tasks=config.eval_tasks, num_steps=config.eval_steps,
-                                                 eval_episodes=config.eval_episodes)
-        results[method] = {**evaluation.summarize(returns), "per_task": returns.tolist()}
+    schedule = list(config.eval_schedule())
+    returns_of = returns_program(maml, env, policy, config.eval_episodes)
+    for method in METHODS:
+        if method not in trained:
+            continue
+        params = trained[method]
+        tuned = None
+        if method in ("pretrained", "random"):
+            tuned = tune_baseline_rate(config, returns_of, params)
+        rates = tuned["schedule"] if tuned else schedule
+        returns = returns_of(params, [rates], EVAL_KEY + config.seed, config.eval_tasks)[0]
+        results[method] = {**evaluation.summarize(returns), "per_task": returns.tolist(), "test_lr": rates,
+                           **({"validation_scores": tuned["validation_scores"]} if tuned else {})}
+    if "_best" in trained and "maml_best" in results:
+        results["maml_best"]["best"] = trained["_best"]
     if run_dir is not None:
-        with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(run_dir, f"{name}.json"), "w", encoding="utf-8") as f:
             json.dump({"config": dataclasses.asdict(config), "results": results}, f, indent=2)
-        with open(os.path.join(run_dir, "eval.md"), "w", encoding="utf-8") as f:
+        with open(os.path.join(run_dir, f"{name}.md"), "w", encoding="utf-8") as f:
             f.write(format_table(config.env, results) + "\n")
     return results
+
+
+def load_trained(config: RLConfig, run_dir: str) -> dict[str, Any]:
+    """The policies a finished ``train`` left in ``run_dir``, for ``evaluate`` (``jmaml rl eval``)."""
+    from jmaml import checkpoint as ckpt
+
+    env, policy, maml, pretrained = config.parts()
+    like = policy.init(jax.random.key(config.seed))
+    out: dict[str, Any] = {"random": like}
+    for method, learner in (("maml", maml), ("pretrained", pretrained)):
+        path = os.path.join(run_dir, f"{learner.name}.ckpt.npz")
+        if method == "pretrained" and not config.pretrain:
+            continue
+        if not os.path.exists(path):
+            raise ValueError(f"{run_dir} holds no {learner.name}.ckpt.npz: train the run first (jmaml rl --out "
+                             f"{run_dir} --resume)")
+        step = ckpt.read_header(path)["step"]
+        if step != config.steps:
+            raise ValueError(f"{path} is at step {step} of {config.steps}: finish the run first (jmaml rl --out "
+                             f"{run_dir} --resume)")
+        out[method] = ckpt.restore_params(path, like)
+    best = os.path.join(run_dir, BEST_FILE)
+    if os.path.exists(best):
+        header = ckpt.read_header(best)
+        out["maml_best"] = ckpt.restore_params(best, like)
+        out["_best"] = {"step": header["step"], "validation_return": header["extra"]["validation_return"],
+                        "scores": header["extra"]["scores"]}
+    return out
 
 
 def format_table(env_name: str, results: dict) -> str:
