@@ -527,20 +527,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # jmaml rl's flags for RLConfig's fields: flag -> (field, parse, help). Their argparse default is None, so a flag
 # given on the command line is known as given (a resume refuses one that contradicts the recorded run).
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.1,0.05, got {text!r}") from None
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 100,100, got {text!r}") from None
-
-
 _RL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "env": ("env", str, "navigation2d (the MAML paper's 2D navigation) or pendulum"),
     "steps": ("steps", int, "meta-steps"),

@@ -7,9 +7,15 @@ Environments (``jmaml.rl.envs``): ``navigation2d`` (the paper's 2D navigation: g
 (gymnax's Pendulum-v1 with mass and length drawn per task, horizon 100). Policy: a Gaussian MLP (2 x 100
 ReLU, the paper's). Inner loop: one REINFORCE step (α = 0.1, 20 episodes, the linear feature baseline,
 γ = 0.99); meta-gradient: ProMP's low-variance curvature estimator through the inner step, 20 episodes of
-the adapted policy; outer step TRPO as the paper's (KL 0.01, 10 CG iterations, line search; ``--outer adam``
-for Adam at 0.01); meta-batch 20 tasks. The pretrained policy: multi-task policy gradient (Adam at 0.01) on
-the same tasks. Evaluation: 40 held-out tasks per seed, 20 episodes per step.
+the adapted policy; outer step TRPO as the paper's (the analytic KL between the old and new adapted Gaussians
+at most 0.01, 10 CG iterations, line search; ``--outer adam`` for Adam at 0.01); meta-batch 20 tasks; 2D
+navigation's episodes end within 0.01 of the goal (cbfinn/maml_rl's point environment). The pretrained
+policy: multi-task policy gradient (Adam at 0.01) on the same tasks.
+
+Evaluation, the paper's protocol (App. A.2 and cbfinn/maml_rl's test script): 40 held-out tasks per seed, 40
+episodes per step; MAML's test-time rates α = 0.1 then α/2; MAML scored at its last meta-step and at its
+best validation return (the paper's "best policy seen in training"), the pretrained and random policies at
+their own rates chosen on separate validation tasks (``recipe.RLConfig``).
 
 Every run goes through ``jmaml.fit`` with a run folder (checkpoints, resume: rerunning continues or
 reuses finished runs). Writes ``RESULTS.md``, ``results.json`` and ``results/curves_<env>.png`` beside this
@@ -46,13 +52,36 @@ def config(env_name: str, seed: int, steps: int, outer: str) -> recipe.RLConfig:
     return recipe.RLConfig(env=env_name, seed=seed, steps=steps, outer=outer).validate()
 
 
-def run_seed(cfg: recipe.RLConfig, out: str) -> tuple[dict, float]:
-    """Trains (or resumes, or reuses) one seed's runs in ``out`` and returns every method's per-task returns."""
+def run_seed(cfg: recipe.RLConfig, out: str) -> tuple[dict, dict, float]:
+    """Trains (or resumes, or reuses) one seed's runs in ``out``; every method's per-task returns and test-time
+    rates, and the seconds it took."""
     t0 = time.perf_counter()
     resume = os.path.exists(os.path.join(out, "rl_config.json"))
     trained = recipe.train(cfg, out, resume=resume)
     results = recipe.evaluate(cfg, trained, out)
-    return {m: np.asarray(r["per_task"]) for m, r in results.items()}, time.perf_counter() - t0
+    return ({m: np.asarray(r["per_task"]) for m, r in results.items()}, {m: r["test_lr"] for m, r in results.items()},
+            time.perf_counter() - t0)
+
+
+PAPER = {"navigation2d": (-40.41, -11.68, -3.33, -3.23)}  # MAML's average return after 0-3 steps
+PAPER_SOURCE = "Finn, Abbeel & Levine, ICML 2017, Appendix Table 4"
+
+
+def verdicts(r: dict) -> list[str]:
+    """What the table says, by the 95% CIs: whether MAML (last and best) is above both baselines at every step
+    >= 1, and whether its steps 2, 3 fall below step 1."""
+    lines = []
+    for m in ("maml", "maml_best"):
+        if m not in r:
+            continue
+        mean, ci = np.asarray(r[m]["mean"]), np.asarray(r[m]["ci95"])
+        above = [s for s in range(1, len(mean)) if all(mean[s] - ci[s] > r[b]["mean"][s] + r[b]["ci95"][s]
+                                                       for b in ("pretrained", "random") if b in r)]
+        below = [s for s in range(2, len(mean)) if mean[s] + ci[s] < mean[1] - ci[1]]
+        lines.append(f"{m}: after 1 step {mean[1]:.2f} ± {ci[1]:.2f}; above both baselines beyond the CIs at steps "
+                     f"{above or 'none'} of 1..{len(mean) - 1}; steps below step 1's beyond the CIs: "
+                     f"{below or 'none'}.")
+    return lines
 
 
 def table(env_name: str, result: dict) -> str:
@@ -85,7 +114,7 @@ def plot(env_name: str, result: dict, path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--envs", default="navigation2d,pendulum")
-    parser.add_argument("--steps", type=int, default=100, help="meta-steps per run")
+    parser.add_argument("--steps", type=int, default=200, help="meta-steps per run")
     parser.add_argument("--outer", default="trpo", choices=("trpo", "adam"), help="MAML's outer step")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default=os.path.join(HERE, "runs"), help="run folders (checkpoints)")
@@ -103,16 +132,17 @@ def main(argv=None) -> int:
         results = {k: v for k, v in before.get("results", {}).items() if k not in envs}
         timings = {k: v for k, v in before.get("train_seconds", {}).items() if k.split("/")[0] not in envs}
     for env_name in envs:
-        runs = {}
+        runs, rates = {}, {}
         for seed in seeds:
             cfg = config(env_name, seed, args.steps, args.outer)
-            runs[seed], timings[f"{env_name}/seed{seed}"] = run_seed(
+            runs[seed], rates[seed], timings[f"{env_name}/seed{seed}"] = run_seed(
                 cfg, os.path.join(args.out, args.outer, env_name, f"seed{seed}"))
         per_method = {}
         for method in METHODS:
             pooled = np.concatenate([runs[seed][method] for seed in seeds])  # (seeds x tasks, steps + 1)
             per_method[method] = {**rl.evaluation.summarize(pooled),
-                                  "per_seed_mean": [runs[seed][method].mean(axis=0).tolist() for seed in seeds]}
+                                  "per_seed_mean": [runs[seed][method].mean(axis=0).tolist() for seed in seeds],
+                                  "test_lr": [rates[seed][method] for seed in seeds]}
         results[env_name] = {**per_method, "steps": args.steps, "outer": args.outer, "seeds": seeds}
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         plot(env_name, per_method, os.path.join(HERE, "results", f"curves_{env_name}.png"))
@@ -131,18 +161,20 @@ def main(argv=None) -> int:
           f"{record['date']}.", "",
           "Settings: " + ", ".join(f"{k} {v}" for k, v in record["settings"].items() if k != "steps") + ".", ""]
     for env_name in sorted(results):
-        md += [f"**{env_name}**, {results[env_name].get('steps')} meta-steps ({results[env_name].get('outer')} outer "
-               "step):", "", table(env_name, results[env_name]), "", f"![{env_name}](results/curves_{env_name}.png)",
+        r = results[env_name]
+        md += [f"**{env_name}**, {r.get('steps')} meta-steps ({r.get('outer')} outer step):", "", table(env_name, r),
                ""]
-        one = {m: (results[env_name][m]["mean"][1], results[env_name][m]["ci95"][1]) for m in METHODS}
-        beats = all(one["maml"][0] - one["maml"][1] > one[m][0] + one[m][1] for m in ("pretrained", "random"))
-        md.append(f"After one step MAML's return {'is' if beats else 'is not'} above both baselines' beyond the "
-                  "confidence intervals.")
-        md.append("")
+        if env_name in PAPER:
+            md += [f"The paper's Table 4 ({PAPER_SOURCE}), MAML: " + " → ".join(f"{v:.2f}" for v in PAPER[env_name])
+                   + " after 0, 1, 2, 3 steps.", ""]
+        rates = {m: r[m].get("test_lr") for m in METHODS if r[m].get("test_lr")}
+        md += ["Test-time rates per step (the baselines' chosen on the validation tasks, per seed): "
+               + "; ".join(f"{m} {v}" for m, v in rates.items()) + ".", ""]
+        md += [f"![{env_name}](results/curves_{env_name}.png)", ""] + [f"- {line}" for line in verdicts(r)] + [""]
     per_env = {e: sum(v for k, v in timings.items() if k.split("/")[0] == e) / 60 for e in sorted(results)}
-    md.append("Wall time of each environment's last invocation (training and evaluation; a rerun reuses finished "
-              "runs and only evaluates), 2 CPU cores: " + ", ".join(f"{e} {m:.1f} min" for e, m in per_env.items())
-              + ". 2D navigation's three seeds trained in 14.5 minutes.")
+    md.append("Wall time of each environment's last invocation (training, validation and evaluation; a rerun "
+              "reuses finished runs and only evaluates), 2 CPU cores: "
+              + ", ".join(f"{e} {m:.1f} min" for e, m in per_env.items()) + ".")
     with open(os.path.join(HERE, "RESULTS.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
     return 0

@@ -143,7 +143,7 @@ class RLConfig:
         unknown = sorted(set(record) - known)
         if unknown:
             raise ValueError(f"{CONFIG_FILE} has settings jmaml rl does not know: {unknown}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
         return cls(**values).validate()
 
 
@@ -220,7 +220,8 @@ class _BestKeeper:
     def __init__(self, config: RLConfig, returns: Any, run_dir: str | None, *, load: bool):
         self.config, self.returns = config, returns
         self.path = None if run_dir is None else os.path.join(run_dir, BEST_FILE)
-        self.params, self.step, self.score, self.scores = None, None, -np.inf, {}
+        self.params: Any = None
+        self.step, self.score, self.scores = 0, -np.inf, {}
         if load and self.path is not None and os.path.exists(self.path):
             header = checkpoint.read_header(self.path)
             self.step, self.score = header["step"], header["extra"]["validation_return"]
