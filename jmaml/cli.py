@@ -582,6 +582,9 @@ def _add_rl_parser(sub) -> None:
                    help="continue the run in --out with its recorded settings (rl_config.json)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out")
     p.add_argument("--no-pretrain", action="store_true", default=None, help="skip the pretrained baseline")
+    p.add_argument("--raw-actions", action="store_true", default=None,
+                   help="navigation2d: the action is the velocity itself, not in units of the ±0.1 box (the "
+                        "reference environment's, rllab's normalize)")
     p.add_argument("--no-eval", action="store_true")
     p.set_defaults(func=_cmd_rl)
     e = sub.add_parser("rl-eval", help="(jmaml rl eval RUN_DIR) re-score a finished jmaml rl run",
@@ -608,6 +611,8 @@ def _rl_config(args: argparse.Namespace):
     given = _rl_given(args, _RL_FLAGS)
     if args.no_pretrain:
         given["pretrain"] = False
+    if args.raw_actions:
+        given["normalized_actions"] = False
     if args.resume and not args.overwrite and os.path.exists(os.path.join(args.out, recipe.CONFIG_FILE)):
         recorded = recipe.load_config(args.out)
         conflicts = [f"--{flag.replace('_', '-')} {getattr(args, flag)!r} (recorded {getattr(recorded, field)!r})"
@@ -615,6 +620,8 @@ def _rl_config(args: argparse.Namespace):
                      if getattr(args, flag, None) is not None and getattr(args, flag) != getattr(recorded, field)]
         if args.no_pretrain and recorded.pretrain:
             conflicts.append("--no-pretrain (recorded with the pretrained baseline)")
+        if args.raw_actions and recorded.normalized_actions is not False:
+            conflicts.append("--raw-actions (recorded with normalized actions)")
         if conflicts:
             raise ValueError(f"--resume continues the run recorded in {args.out}/{recipe.CONFIG_FILE}; these flags "
                              f"contradict it: {'; '.join(conflicts)}. Drop them, or start over with --overwrite")

@@ -289,6 +289,7 @@ def _rl_cli(out, *extra):
     return cmd, env, root
 
 
+@pytest.mark.slow
 def test_an_rl_run_killed_by_sigkill_resumes_bitwise(tmp_path):
     """``jmaml rl --out DIR --resume`` with no other flag finishes the recorded run (rl_config.json), bitwise
     equal to an uninterrupted one -- its checkpoint and its best-on-validation policy; a flag that contradicts
@@ -439,10 +440,26 @@ def test_the_baselines_rate_is_the_best_on_validation():
     assert scores["0.3"] == pytest.approx(float(curves[0, :, 1:].mean()), rel=1e-6)
 
 
+def test_navigation_with_normalized_actions_moves_in_units_of_the_box():
+    """cbfinn/maml_rl's environment under rllab's normalize: action a moves clip(0.1 a, ±0.1)."""
+    raw, unit = rl.envs.navigation2d(), rl.envs.navigation2d(normalized_actions=True)
+    goal, key = jnp.asarray([0.3, -0.2]), jax.random.key(0)
+    for action, move in (([0.5, -2.0], [0.05, -0.1]), ([0.05, 0.0], [0.005, 0.0])):
+        pos, _ = unit.reset(key, goal)
+        np.testing.assert_allclose(unit.step(key, pos, jnp.asarray(action), goal)[0], move, rtol=1e-6)
+    np.testing.assert_allclose(raw.step(key, jnp.zeros(2), jnp.asarray([0.05, -2.0]), goal)[0], [0.05, -0.1])
+    with pytest.raises(TypeError, match="normalized_actions must be True or False"):
+        rl.envs.navigation2d(normalized_actions=1)
+
+
 def test_navigation_ends_at_the_goal_in_the_paper_setting():
-    assert rl.recipe.RLConfig().env_settings() == {"horizon": 100, "goal_tolerance": 0.01}
-    assert rl.recipe.RLConfig(goal_tolerance=0.0).env_settings() == {"horizon": 100, "goal_tolerance": None}
+    assert rl.recipe.RLConfig().env_settings() == {"horizon": 100, "goal_tolerance": 0.01,
+                                                   "normalized_actions": True}
+    assert rl.recipe.RLConfig(goal_tolerance=0.0, normalized_actions=False).env_settings() == {
+        "horizon": 100, "goal_tolerance": None, "normalized_actions": False}
     assert rl.recipe.RLConfig(env="pendulum").env_settings() == {"horizon": 100}
+    with pytest.raises(ValueError, match="normalized_actions is navigation2d's"):
+        rl.recipe.RLConfig(env="pendulum", normalized_actions=True).validate()
     with pytest.raises(ValueError, match="rl_config.json has settings jmaml rl does not know: \\['nope'\\]"):
         rl.recipe.RLConfig.from_json({"nope": 1})
     assert rl.recipe.RLConfig.from_json({"hidden": [8, 8], "eval_lr": [0.2]}).hidden == (8, 8)
@@ -623,6 +640,7 @@ def _reference_trpo_step(env, policy, theta, tasks, *, alpha, n_in, n_out, gamma
     return unravel(flat0 * 0), fisher, 0.0, 0
 
 
+@pytest.mark.slow
 def test_trpo_is_the_references_step_with_the_analytic_kl(x64):
     """outer='trpo' equals a TRPO step written from the definition above (float64): the analytic KL's
     Hessian as the Fisher metric, a converged natural gradient, the same trust region and line search."""

@@ -47,9 +47,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = recipe.METHODS
 
 
-def config(env_name: str, seed: int, steps: int, outer: str) -> recipe.RLConfig:
-    """The paper's settings (``RLConfig``'s defaults) for an environment, seed, length and outer step."""
-    return recipe.RLConfig(env=env_name, seed=seed, steps=steps, outer=outer).validate()
+def config(env_name: str, seed: int, steps: int, outer: str, raw_actions: bool = False) -> recipe.RLConfig:
+    """The paper's settings (``RLConfig``'s defaults) for an environment, seed, length and outer step;
+    ``raw_actions``: 2D navigation's action is the velocity itself (jmaml's earlier environment)."""
+    return recipe.RLConfig(env=env_name, seed=seed, steps=steps, outer=outer,
+                           normalized_actions=False if raw_actions else None).validate()
 
 
 def run_seed(cfg: recipe.RLConfig, out: str) -> tuple[dict, dict, float]:
@@ -117,6 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="meta-steps per run")
     parser.add_argument("--outer", default="trpo", choices=("trpo", "adam"), help="MAML's outer step")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--raw-actions", action="store_true",
+                        help="2D navigation's action is the velocity (not in units of the box): a deviation, "
+                             "tabled apart as navigation2d-raw")
     parser.add_argument("--out", default=os.path.join(HERE, "runs"), help="run folders (checkpoints)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -124,29 +129,34 @@ def main(argv=None) -> int:
     for name in envs:
         if name not in ("navigation2d", "pendulum"):
             raise SystemExit(f"--envs: {name!r} is not navigation2d or pendulum")
+        if args.raw_actions and name != "navigation2d":
+            raise SystemExit("--raw-actions is navigation2d's")
+    keys = {name: name + ("-raw" if args.raw_actions else "") for name in envs}
     results, timings = {}, {}
     path = os.path.join(HERE, "results.json")
     if os.path.exists(path):  # environments run before (with their own settings) stay in the table
         with open(path, encoding="utf-8") as f:
             before = json.load(f)
-        results = {k: v for k, v in before.get("results", {}).items() if k not in envs}
-        timings = {k: v for k, v in before.get("train_seconds", {}).items() if k.split("/")[0] not in envs}
+        results = {k: v for k, v in before.get("results", {}).items() if k not in keys.values()}
+        timings = {k: v for k, v in before.get("train_seconds", {}).items()
+                   if k.split("/")[0] not in keys.values()}
     for env_name in envs:
         runs, rates = {}, {}
         for seed in seeds:
-            cfg = config(env_name, seed, args.steps, args.outer)
-            runs[seed], rates[seed], timings[f"{env_name}/seed{seed}"] = run_seed(
-                cfg, os.path.join(args.out, args.outer, env_name, f"seed{seed}"))
+            cfg = config(env_name, seed, args.steps, args.outer, args.raw_actions)
+            runs[seed], rates[seed], timings[f"{keys[env_name]}/seed{seed}"] = run_seed(
+                cfg, os.path.join(args.out, args.outer, keys[env_name], f"seed{seed}"))
         per_method = {}
         for method in METHODS:
             pooled = np.concatenate([runs[seed][method] for seed in seeds])  # (seeds x tasks, steps + 1)
             per_method[method] = {**rl.evaluation.summarize(pooled),
                                   "per_seed_mean": [runs[seed][method].mean(axis=0).tolist() for seed in seeds],
                                   "test_lr": [rates[seed][method] for seed in seeds]}
-        results[env_name] = {**per_method, "steps": args.steps, "outer": args.outer, "seeds": seeds}
+        results[keys[env_name]] = {**per_method, "steps": args.steps, "outer": args.outer, "seeds": seeds,
+                                   "settings": dataclasses.asdict(cfg)}
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        plot(env_name, per_method, os.path.join(HERE, "results", f"curves_{env_name}.png"))
-        print(table(env_name, per_method), flush=True)
+        plot(keys[env_name], per_method, os.path.join(HERE, "results", f"curves_{keys[env_name]}.png"))
+        print(table(keys[env_name], per_method), flush=True)
     settings = {k: v for k, v in dataclasses.asdict(config(envs[0], 0, args.steps, args.outer)).items()
                 if k not in ("env", "seed")}
     record = {"settings": {**settings, "seeds": seeds, "pretrained_outer": "adam"},
@@ -164,6 +174,9 @@ def main(argv=None) -> int:
         r = results[env_name]
         md += [f"**{env_name}**, {r.get('steps')} meta-steps ({r.get('outer')} outer step):", "", table(env_name, r),
                ""]
+        if env_name.endswith("-raw"):
+            md += ["A deviation from the reference environment, measured: the policy's action is the velocity itself "
+                   "(clipped to ±0.1), not in units of the box; everything else as above.", ""]
         if env_name in PAPER:
             md += [f"The paper's Table 4 ({PAPER_SOURCE}), MAML: " + " → ".join(f"{v:.2f}" for v in PAPER[env_name])
                    + " after 0, 1, 2, 3 steps.", ""]

@@ -65,7 +65,7 @@ def _check_range(value: Any, name: str, *, positive: bool = True) -> tuple[float
 
 
 def navigation2d(horizon: int = 100, max_action: float = 0.1, goal_range: float = 0.5,
-                 goal_tolerance: float | None = None) -> Env:
+                 goal_tolerance: float | None = None, normalized_actions: bool = False) -> Env:
     """The MAML paper's 2D navigation: observation the position, action a velocity clipped to
     ``±max_action``, reward ``-‖position - goal‖`` after each move, goals uniform in
     ``[-goal_range, goal_range]^2``.
@@ -73,12 +73,18 @@ def navigation2d(horizon: int = 100, max_action: float = 0.1, goal_range: float 
     ``goal_tolerance``: the episode ends once both coordinates are within this distance of the goal's
     (cbfinn/maml_rl's point environment: ``|x - gx| < 0.01 and |y - gy| < 0.01``); the step that reaches it
     still counts, later steps are masked, so returns, baselines and gradients stay exact. None: the episode
-    never ends early."""
+    never ends early.
+
+    ``normalized_actions``: the policy acts in units of ``max_action`` (the move is ``clip(max_action * a,
+    ±max_action)``), as cbfinn/maml_rl's point environment does under rllab's ``normalize`` wrapper; a unit
+    Gaussian policy then explores within the box instead of saturating it. False: the action is the velocity."""
     horizon = check_positive_int(horizon, "horizon")
     max_action = check_positive_finite(max_action, "max_action")
     goal_range = check_positive_finite(goal_range, "goal_range")
     if goal_tolerance is not None:
         goal_tolerance = check_positive_finite(goal_tolerance, "goal_tolerance")
+    if not isinstance(normalized_actions, bool):
+        raise TypeError(f"normalized_actions must be True or False, got {normalized_actions!r}")
 
     def reset(key, goal):
         pos = jnp.zeros((2,), goal.dtype)
@@ -90,10 +96,14 @@ def navigation2d(horizon: int = 100, max_action: float = 0.1, goal_range: float 
         done = jnp.zeros((), bool) if goal_tolerance is None else jnp.all(jnp.abs(pos - goal) < goal_tolerance)
         return pos, pos, -distance, done
 
+    def step_in_units(key, pos, action, goal):  # rllab's normalize: a in [-1, 1] is a move of max_action * a
+        return step(key, pos, max_action * action, goal)
+
     def sample_task(key):
         return jax.random.uniform(key, (2,), minval=-goal_range, maxval=goal_range)
 
-    return Env(reset, step, sample_task, (2,), (2,), None, horizon, "navigation2d")
+    return Env(reset, step_in_units if normalized_actions else step, sample_task, (2,), (2,), None, horizon,
+               "navigation2d")
 
 
 class PendulumTask(NamedTuple):

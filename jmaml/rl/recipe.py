@@ -47,6 +47,9 @@ class RLConfig:
     rate in ``baseline_lrs`` that scores best on the validation tasks (the paper tuned their step sizes).
     ``goal_tolerance``: navigation2d's episodes end within that distance of the goal in each coordinate
     (``None``: the paper's 0.01 on navigation2d; 0: they never end early); pendulum has none.
+    ``normalized_actions``: navigation2d's policy acts in units of its ±0.1 box (``None``: yes, as
+    cbfinn/maml_rl's environment under rllab's ``normalize``); False: the action is the velocity itself
+    (jmaml's earlier setting).
     """
 
     env: str = "navigation2d"
@@ -69,6 +72,7 @@ class RLConfig:
     eval_steps: int = 3
     eval_lr: tuple[float, ...] | None = None
     goal_tolerance: float | None = None
+    normalized_actions: bool | None = None
     validation_tasks: int = 20
     baseline_lrs: tuple[float, ...] = BASELINE_LRS
 
@@ -112,6 +116,11 @@ class RLConfig:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if not isinstance(self.pretrain, bool):
             raise TypeError(f"pretrain must be True or False, got {self.pretrain!r}")
+        if self.normalized_actions is not None:
+            if not isinstance(self.normalized_actions, bool):
+                raise TypeError(f"normalized_actions must be True, False or None, got {self.normalized_actions!r}")
+            if self.env not in PAPER_GOAL_TOLERANCE:
+                raise ValueError(f"normalized_actions is navigation2d's; env {self.env!r} takes its own actions")
         return self
 
     def eval_schedule(self) -> tuple[float, ...]:
@@ -121,8 +130,10 @@ class RLConfig:
 
     def env_settings(self) -> dict[str, Any]:
         tol = PAPER_GOAL_TOLERANCE.get(self.env) if self.goal_tolerance is None else self.goal_tolerance
-        return {"horizon": self.horizon, **({"goal_tolerance": tol or None} if self.env in PAPER_GOAL_TOLERANCE
-                                            else {})}
+        if self.env not in PAPER_GOAL_TOLERANCE:
+            return {"horizon": self.horizon}
+        return {"horizon": self.horizon, "goal_tolerance": tol or None,
+                "normalized_actions": self.normalized_actions is not False}
 
     def parts(self):
         """``(env, policy, maml learner, pretrained learner)``."""
