@@ -174,6 +174,10 @@ def main(argv=None) -> int:
         r = results[env_name]
         md += [f"**{env_name}**, {r.get('steps')} meta-steps ({r.get('outer')} outer step):", "", table(env_name, r),
                ""]
+        if "settings" in r:
+            md += ["Environment: " + ", ".join(f"{k} {v}" for k, v in
+                                               recipe.RLConfig.from_json(r["settings"]).env_settings().items())
+                   + "; MAML's test-time rates " + ", ".join(map(str, r["maml"]["test_lr"][0])) + ".", ""]
         if env_name.endswith("-raw"):
             md += ["A deviation from the reference environment, measured: the policy's action is the velocity itself "
                    "(clipped to ±0.1), not in units of the box; everything else as above.", ""]
