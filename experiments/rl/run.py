@@ -98,7 +98,7 @@ def plot(env_name: str, result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in METHODS:
+    for method in [m for m in METHODS if m in result]:
         mean, ci = np.asarray(result[method]["mean"]), np.asarray(result[method]["ci95"])
         x = np.arange(len(mean))
         ax.plot(x, mean, marker="o", label=method)
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         if env_name in PAPER:
             md += [f"The paper's Table 4 ({PAPER_SOURCE}), MAML: " + " → ".join(f"{v:.2f}" for v in PAPER[env_name])
                    + " after 0, 1, 2, 3 steps.", ""]
-        rates = {m: r[m].get("test_lr") for m in METHODS if r[m].get("test_lr")}
+        rates = {m: r[m].get("test_lr") for m in METHODS if m in r and r[m].get("test_lr")}
         md += ["Test-time rates per step (the baselines' chosen on the validation tasks, per seed): "
                + "; ".join(f"{m} {v}" for m, v in rates.items()) + ".", ""]
         md += [f"![{env_name}](results/curves_{env_name}.png)", ""] + [f"- {line}" for line in verdicts(r)] + [""]
