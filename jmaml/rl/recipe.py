@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from jmaml import checkpoint
-from jmaml._checks import check_positive_int
+from jmaml._checks import check_positive_finite, check_positive_int
 from jmaml.evaluate import learner_curves
 from jmaml.rl import envs, evaluation
 from jmaml.rl.learner import maml_rl, task_distribution, trpo_optimiser
@@ -88,7 +88,7 @@ class RLConfig:
             raise ValueError(f"eval_tasks and validation_tasks must be >= 2 (a confidence interval needs two), got "
                              f"{self.eval_tasks} and {self.validation_tasks}")
         for name in ("inner_lr", "meta_lr"):
-            _check_rate(getattr(self, name), name)
+            check_positive_finite(getattr(self, name), name)
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, numbers.Real) or not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be a number in (0, 1], got {self.gamma!r}")
         if not isinstance(self.hidden, tuple) or not self.hidden:
@@ -102,7 +102,7 @@ class RLConfig:
             if not isinstance(rates, tuple) or not rates:
                 raise ValueError(f"{name} must be a non-empty tuple of rates, got {rates!r}")
             for rate in rates:
-                _check_rate(rate, name)
+                check_positive_finite(rate, name)
         if self.goal_tolerance is not None:
             tol = self.goal_tolerance
             if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
@@ -158,11 +158,6 @@ class RLConfig:
         return cls(**values).validate()
 
 
-def _check_rate(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 def load_config(run_dir: str) -> RLConfig:
     """The ``RLConfig`` recorded in ``run_dir`` by ``train``."""
     path = os.path.join(run_dir, CONFIG_FILE)
@@ -188,6 +183,15 @@ def check_run_dir(run_dir: str) -> None:
     if other:
         raise ValueError(f"{run_dir} holds another kind of run ({', '.join(other)}; no {CONFIG_FILE}): "
                          "jmaml rl will not resume or overwrite it; choose another --out")
+
+
+def read_best(path: str, like: Any = None) -> tuple[Any, dict[str, Any]]:
+    """MAML's best-on-validation parameters in ``path`` (``maml_best.npz``) and their record: the meta-step, its
+    validation return and every judged step's score."""
+    header = checkpoint.read_header(path)
+    info = {"step": header["step"], "validation_return": header["extra"]["validation_return"],
+            "scores": dict(header["extra"]["scores"])}
+    return checkpoint.restore_params(path, like), info
 
 
 def returns_program(learner: Any, env: envs.Env, policy: Any, eval_episodes: int):
@@ -234,10 +238,8 @@ class _BestKeeper:
         self.params: Any = None
         self.step, self.score, self.scores = 0, -np.inf, {}
         if load and self.path is not None and os.path.exists(self.path):
-            header = checkpoint.read_header(self.path)
-            self.step, self.score = header["step"], header["extra"]["validation_return"]
-            self.scores = dict(header["extra"]["scores"])
-            self.params = checkpoint.restore_params(self.path, None)
+            self.params, info = read_best(self.path)
+            self.step, self.score, self.scores = info["step"], info["validation_return"], info["scores"]
 
     def __call__(self, record: dict, state: Any) -> None:
         rate = self.config.eval_schedule()[0]
@@ -336,8 +338,6 @@ def evaluate(config: RLConfig, trained: dict[str, Any], run_dir: str | None = No
 
 def load_trained(config: RLConfig, run_dir: str) -> dict[str, Any]:
     """The policies a finished ``train`` left in ``run_dir``, for ``evaluate`` (``jmaml rl eval``)."""
-    from jmaml import checkpoint as ckpt
-
     env, policy, maml, pretrained = config.parts()
     like = policy.init(jax.random.key(config.seed))
     out: dict[str, Any] = {"random": like}
@@ -348,17 +348,14 @@ def load_trained(config: RLConfig, run_dir: str) -> dict[str, Any]:
         if not os.path.exists(path):
             raise ValueError(f"{run_dir} holds no {learner.name}.ckpt.npz: train the run first (jmaml rl --out "
                              f"{run_dir} --resume)")
-        step = ckpt.read_header(path)["step"]
+        step = checkpoint.read_header(path)["step"]
         if step != config.steps:
             raise ValueError(f"{path} is at step {step} of {config.steps}: finish the run first (jmaml rl --out "
                              f"{run_dir} --resume)")
-        out[method] = ckpt.restore_params(path, like)
+        out[method] = checkpoint.restore_params(path, like)
     best = os.path.join(run_dir, BEST_FILE)
     if os.path.exists(best):
-        header = ckpt.read_header(best)
-        out["maml_best"] = ckpt.restore_params(best, like)
-        out["_best"] = {"step": header["step"], "validation_return": header["extra"]["validation_return"],
-                        "scores": header["extra"]["scores"]}
+        out["maml_best"], out["_best"] = read_best(best, like)
     return out
 
 
