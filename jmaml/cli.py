@@ -265,27 +265,85 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return _sweep_and_report(args, flag)
 
 
+SWEEP_ARGS_FILE = "sweep-args.json"
+_SWEEP_DEFAULTS: dict = {"algo": "maml", "task": "sinusoid", "data_dir": None, "alpha": (0.001, 0.01, 0.1),
+                         "beta": (1e-4, 1e-3, 1e-2), "k": (1,), "seeds": 1, "task_seed": 0, "steps": 10_000,
+                         "meta_batch_size": 25, "shots": None, "query_shots": None, "hidden": (40, 40),
+                         "activation": "relu", "optimiser": "adam", "remat": False,
+                         "log_every": 1000, "checkpoint_every": None}
+
+
+def _json_value(value):
+    return json.loads(json.dumps(value))
+
+
+def _sweep_settings(args: argparse.Namespace) -> dict:
+    """jmaml sweep's flags as given (and the algorithm options); on --resume the recorded ones
+    (SWEEP_ARGS_FILE), refusing a flag that contradicts them by name."""
+    given = {name: getattr(args, name) for name in _SWEEP_DEFAULTS if getattr(args, name, None) is not None}
+    given["algo_options"] = _given_algo_options(args)
+    given = _json_value(given)
+    path = os.path.join(args.out, SWEEP_ARGS_FILE)
+    if not (args.resume and not args.overwrite and os.path.exists(path)):
+        return given
+    recorded = _read_json(path)
+    if not isinstance(recorded, dict):
+        raise ValueError(f"--resume: {path} is not a sweep record jmaml wrote")
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    conflicts = [f"{flag(n)} {v!r} (recorded {recorded.get(n, _json_value(_SWEEP_DEFAULTS[n]))!r})"
+                 for n, v in given.items() if n != "algo_options"
+                 and v != recorded.get(n, _json_value(_SWEEP_DEFAULTS[n]))]
+    old_options = recorded.get("algo_options", {})
+    conflicts += [f"{flag(n)} {v!r} (recorded {old_options.get(n)!r})" for n, v in given["algo_options"].items()
+                  if old_options.get(n) != v]
+    if conflicts:
+        raise ValueError(f"--resume continues the sweep recorded in {path}; these flags contradict it: "
+                         f"{'; '.join(conflicts)}. Drop them, or start over with --overwrite")
+    return recorded
+
+
 def _sweep_and_report(args: argparse.Namespace, flag) -> int:
     from jmaml import engine, sweep
     from jmaml.config import TrainConfig
+    from jmaml.train import image_preset
 
-    if not 1 <= args.seeds <= MAX_SWEEP_SEEDS:
-        raise ValueError(f"--seeds must be between 1 and {MAX_SWEEP_SEEDS} (seeds 0..N-1 of the initial "
-                         f"parameters), got {args.seeds}")
-    check_seed(args.task_seed, "--task-seed")
-    if args.log_every < 1:
-        raise ValueError(f"--log-every must be >= 1 (steps per compiled chunk), got {args.log_every}")
-    if args.first_order and args.algo not in ("maml", "fomaml"):
-        raise ValueError(f"--first-order is FOMAML (--algo fomaml); it does not apply to --algo {args.algo}")
-    grid = sweep.Grid(args.alpha, args.beta, args.k, tuple(range(args.seeds)))
-    base = TrainConfig(task=args.task, hidden=args.hidden, activation=args.activation, num_support=args.shots,
-                       num_query=args.query_shots, optimiser=args.optimiser,
-                       meta_batch_size=args.meta_batch_size, steps=args.steps,
-                       algo="fomaml" if args.first_order else args.algo, remat=args.remat,
-                       num_inner_steps=max(args.k), log_every=min(args.log_every, args.steps),
-                       checkpoint_every=min(args.log_every, args.steps), pretrain=False)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
+    given = _sweep_settings(args)
+    a = argparse.Namespace(**{**_SWEEP_DEFAULTS, **given})
+    if not 1 <= a.seeds <= MAX_SWEEP_SEEDS:
+        raise ValueError(f"--seeds must be between 1 and {MAX_SWEEP_SEEDS} (seeds 0..N-1 of the initial "
+                         f"parameters), got {a.seeds}")
+    check_seed(a.task_seed, "--task-seed")
+    for name in ("steps", "log_every"):
+        if not isinstance(getattr(a, name), int) or getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)!r}")
+    options = dict(given.get("algo_options") or {})
+    algo = a.algo
+    if options.get("first_order") and algo == "maml":  # FOMAML is its own learner in a sweep (k traced)
+        algo = "fomaml"
+        del options["first_order"]
+    log_every = min(a.log_every, a.steps)
+    every = log_every if a.checkpoint_every is None else a.checkpoint_every
+    if not isinstance(every, int) or every < 1 or every % log_every:
+        raise ValueError(f"--checkpoint-every must be a positive multiple of --log-every ({log_every}), got {every!r}")
+    grid = sweep.Grid(tuple(a.alpha), tuple(a.beta), tuple(a.k), tuple(range(a.seeds)))
+    fields: dict = {}
+    if tasks.family(a.task).preset is not None:  # the paper's settings for an image family, 1-shot unless --shots
+        fields.update(image_preset(a.task, TrainConfig().ways, a.shots or 1), num_support=a.shots or 1)
+    else:
+        fields.update(num_support=a.shots or 10, hidden=tuple(a.hidden), activation=a.activation)
+    for name, field in (("query_shots", "num_query"), ("meta_batch_size", "meta_batch_size"),
+                        ("optimiser", "optimiser")):
+        if name in given or field not in fields:
+            fields[field] = getattr(a, name) if getattr(a, name) is not None else getattr(TrainConfig(), field)
+    if "hidden" in given:
+        fields["hidden"] = tuple(a.hidden)
+    base = TrainConfig(**{**fields, "task": a.task, "data_dir": a.data_dir, "steps": a.steps,
+                          "algo": algo, "remat": bool(a.remat),
+                          "num_inner_steps": max(grid.ks), "log_every": log_every,
+                          "checkpoint_every": min(every, a.steps), "pretrain": False,
+                          "algo_options": options or ()})
     started = os.path.isdir(args.out) and any(n.endswith(".ckpt.npz") or n == sweep.PLAN_FILE
                                               for n in os.listdir(args.out))
     if not (args.resume or args.overwrite):
@@ -295,19 +353,23 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
             raise ValueError(f"{args.out} holds a sweep that did not finish: continue it with --resume, or start "
                              "again with --overwrite")
     _check_writable(args.out, "--out")  # before the sweep runs, not after
+    from jmaml.runstore import atomic_write_text
+
+    if not args.resume:  # the sweep's record: --resume continues exactly this
+        atomic_write_text(os.path.join(args.out, SWEEP_ARGS_FILE), json.dumps(given, indent=1) + "\n")
     try:
-        result = sweep.run_sweep(base, grid, task_seed=args.task_seed, mesh=_mesh(args), shard=args.shard,
+        result = sweep.run_sweep(base, grid, task_seed=a.task_seed, mesh=_mesh(args), shard=args.shard,
                                  run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
                                  log=lambda m: print(m, file=sys.stderr, flush=True),
                                  on_chunk=lambda rows: sweep.write_rows(rows, args.out))  # partial results
     except engine.Interrupted as e:
-        print(f"jmaml sweep: {e}. Resume with: jmaml sweep --out {args.out} --resume (and the same grid)",
+        print(f"jmaml sweep: {e}. Resume with: jmaml sweep --out {args.out} --resume",
               file=sys.stderr)
         return 128 + (e.signum or signal.SIGINT)
     paths = sweep.write_results(result, args.out)
     print(sweep.format_rows(result["rows"]))
     meta = result["meta"]
-    print(f"\n{meta['num_points']} runs of {args.steps} steps in {meta['seconds']:.1f} s "
+    print(f"\n{meta['num_points']} runs of {a.steps} steps in {meta['seconds']:.1f} s "
           f"({meta['num_chunks']} population(s) of up to {meta['points_per_chunk']} points); wrote " + ", ".join(paths))
     return 0
 
@@ -332,24 +394,31 @@ def _add_sweep_parser(sub) -> None:
                                    "family; points train together (vmapped) on the same tasks, checkpointed in "
                                    "--out (--resume continues an interrupted sweep), then are evaluated on "
                                    "held-out tasks.")
-    p.add_argument("--algo", choices=learners.names(), default="maml", help="the learner (default maml)")
-    p.add_argument("--task", choices=tuple(tasks.FAMILIES), default="sinusoid",
-                   help="the task family (default sinusoid)")
-    p.add_argument("--alpha", type=_floats, default=(0.001, 0.01, 0.1), help="inner rates (default 0.001,0.01,0.1)")
-    p.add_argument("--beta", type=_floats, default=(1e-4, 1e-3, 1e-2), help="meta rates (default 1e-4,1e-3,1e-2)")
-    p.add_argument("--k", type=_ints, default=(1,), help="inner steps (default 1)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for the initial parameters (default 1)")
-    p.add_argument("--task-seed", type=int, default=0, help="the training tasks shared by every point (default 0)")
-    p.add_argument("--steps", type=int, default=10_000, help="meta-steps per run (default 10000)")
-    p.add_argument("--meta-batch-size", type=int, default=25)
-    p.add_argument("--shots", type=int, default=10)
-    p.add_argument("--query-shots", type=int, default=10)
-    p.add_argument("--hidden", type=_ints, default=(40, 40))
-    p.add_argument("--activation", default="relu")
-    p.add_argument("--optimiser", default="adam")
-    p.add_argument("--first-order", action="store_true")
-    p.add_argument("--remat", action="store_true", help="rematerialise inner steps (less memory, more time)")
-    p.add_argument("--log-every", type=int, default=1000, help="steps per compiled chunk (default 1000)")
+    p.add_argument("--algo", choices=learners.names(), default=None, help="the learner (default maml)")
+    p.add_argument("--task", choices=tuple(tasks.FAMILIES), default=None,
+                   help="the task family (default sinusoid; image families take the paper's settings, 1-shot "
+                        "unless --shots)")
+    p.add_argument("--data-dir", default=None, metavar="PATH", help="the dataset's folder (image tasks)")
+    p.add_argument("--alpha", type=_floats, default=None, help="inner rates (default 0.001,0.01,0.1)")
+    p.add_argument("--beta", type=_floats, default=None, help="meta rates (default 1e-4,1e-3,1e-2)")
+    p.add_argument("--k", type=_ints, default=None, help="inner steps (default 1)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 for the initial parameters (default 1)")
+    p.add_argument("--task-seed", type=int, default=None,
+                   help="the training tasks shared by every point (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="meta-steps per run (default 10000)")
+    p.add_argument("--meta-batch-size", type=int, default=None, help="tasks per meta-step (default 25)")
+    p.add_argument("--shots", type=int, default=None, help="K support points per task (default 10)")
+    p.add_argument("--query-shots", type=int, default=None, help="query points per task (default 10)")
+    p.add_argument("--hidden", type=_ints, default=None, help="hidden widths (default 40,40)")
+    p.add_argument("--activation", default=None, help="relu (default), tanh, sigmoid, gelu, silu, identity")
+    p.add_argument("--optimiser", default=None, help="adam (default), adamw, sgd, momentum, rmsprop")
+    p.add_argument("--remat", action="store_const", const=True, default=None,
+                   help="rematerialise inner steps (less memory, more time)")
+    p.add_argument("--log-every", type=int, default=None, help="steps per compiled chunk (default 1000)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between each population's checkpoints, a multiple of --log-every (default: every "
+                        "chunk, so a kill loses at most one chunk)")
+    _add_algo_option_flags(p.add_argument_group("algorithm (each learner's own settings apply to it only)"))
     p.add_argument("--out", default=os.path.join("runs", "sweep"), help="output dir (default runs/sweep)")
     p.add_argument("--devices", type=int, default=None,
                    help="spread the sweep over the first N devices (default: all, when there are several)")
@@ -357,7 +426,8 @@ def _add_sweep_parser(sub) -> None:
                    help="with several devices: split the grid points (default) or each meta-batch's tasks")
     p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a sweep")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted sweep in --out where it stopped (bitwise)")
+                   help=f"continue the sweep in --out as recorded ({SWEEP_ARGS_FILE}) where it stopped (bitwise); "
+                        "a flag that contradicts the record is refused")
     p.set_defaults(func=_cmd_sweep)
 
 

@@ -443,6 +443,10 @@ def run_options(run: Any, log: Any, steps: Any, meta_batch_size: Any) -> tuple[s
     if log is not None and not isinstance(log, Logging):
         raise TypeError(f"log must be jmaml.Logging(every=..., progress=..., ...), got {log!r}")
     where = run if isinstance(run, RunDir) else RunDir(os.fspath(run) if run is not None else "")
+    if run is not None and (not isinstance(where.path, str | os.PathLike) or not os.fspath(where.path)):
+        raise ValueError(f"run: the run's folder must be a non-empty path, got {where.path!r} (to train without a "
+                         "folder, leave run out)")
+    where = where._replace(path=os.fspath(where.path)) if run is not None else where
     logging = log or Logging()
     steps, meta_batch_size, every, checkpoint_every = check_lengths(steps, meta_batch_size, logging.every,
                                                                     where.checkpoint_every)

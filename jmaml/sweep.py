@@ -227,21 +227,47 @@ def _chunks(points: list[dict[str, Any]], per_chunk: int) -> list[tuple[list[dic
     return out
 
 
-def _sweep_plan(run_dir: str | None, resume: bool, per_chunk: int) -> int:
-    """The points per population: on resume, the one the sweep started with (recorded in its run dir),
-    so a different memory budget or device cannot regroup (and so re-fingerprint) its populations."""
+def _open_sweep(run_dir: str | None, *, resume: bool, overwrite: bool, record: dict[str, Any],
+                per_chunk: int | None = None) -> int | None:
+    """The one resume rule of a sweep, for ``run_sweep`` and ``sweep_learner`` alike: a new sweep records what it
+    sweeps (``record``: its grid and meta-batch) and its points per population in ``run_dir/PLAN_FILE``;
+    ``resume`` continues exactly that, or fails naming why (no folder, nothing recorded, another grid). Returns
+    the points per population (on resume, the recorded one, so a different memory budget or device cannot
+    regroup and so re-fingerprint its populations)."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite contradict each other: pick one")
     if run_dir is None:
+        if resume:
+            raise ValueError("resume=True needs run_dir, the folder of the sweep to continue")
         return per_chunk
     path = os.path.join(run_dir, PLAN_FILE)
-    if resume and os.path.exists(path):
+    record = json.loads(json.dumps(record))  # as it reads back (tuples are lists)
+    if resume:
+        if not os.path.exists(path):
+            raise ValueError(f"resume: {run_dir} holds no sweep to resume (no {PLAN_FILE}); leave out resume "
+                             "(--resume) to start one there")
         try:
             with open(path, encoding="utf-8") as f:
-                return int(json.load(f)["points_per_population"])
+                plan = json.load(f)
+            recorded_chunk = int(plan["points_per_population"]) if per_chunk is not None else None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"resume: {path} is not a sweep plan jmaml wrote ({e})") from None
+        old = plan.get("sweep")
+        if isinstance(old, dict):  # plans written before the grid was recorded carry none to compare
+            diff = [f"{k} {record[k]!r} (recorded {old.get(k)!r})" for k in record if old.get(k) != record[k]]
+            if diff:
+                raise ValueError(f"resume continues the sweep recorded in {path}; these settings differ: "
+                                 f"{'; '.join(diff)}. Resume it as recorded, or start over with overwrite "
+                                 "(--overwrite) or another folder")
+        return recorded_chunk
     os.makedirs(run_dir, exist_ok=True)
-    atomic_write_text(path, json.dumps({"points_per_population": per_chunk}) + "\n")
+    atomic_write_text(path, json.dumps({"points_per_population": per_chunk, "sweep": record}) + "\n")
     return per_chunk
+
+
+def _grid_record(grid: Grid, meta_batch_size: int, **more: Any) -> dict[str, Any]:
+    return {"alpha": list(grid.alphas), "beta": list(grid.betas), "k": list(grid.ks), "seed": list(grid.seeds),
+            "meta_batch_size": meta_batch_size, **more}
 
 
 def _traced_k(algo: str) -> bool:
@@ -362,7 +388,9 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
                 for alpha in sorted(set(grid.alphas)):
                     groups.append((f"sweep-k{k}-alpha{alpha:g}", build(k, alpha),
                                    [p for p in at_k if p["alpha"] == alpha], []))
-    per_chunk = _sweep_plan(run_dir if distributed.is_writer() else None, resume, per_chunk)
+    if distributed.is_writer():  # process 0 owns the folder (the others train what it plans)
+        per_chunk = _open_sweep(run_dir, resume=resume, overwrite=overwrite, per_chunk=per_chunk,
+                                record=_grid_record(grid, base.meta_batch_size, task_seed=task_seed)) or per_chunk
     run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, fingerprint=fingerprint,
                log_every=base.log_every, checkpoint_every=base.checkpoint_every if run_dir else None,
                max_loss_ratio=base.max_loss_ratio, mesh=mesh, shard=axis, progress=progress, stream=stream)
@@ -497,6 +525,8 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
         for value in inner_hyper[name]:
             check_rate(value, f"inner_hyper[{name!r}]")
     extra = list(itertools.product(*[tuple(inner_hyper[n]) for n in names])) if names else [()]
+    _open_sweep(run_dir, resume=resume, overwrite=overwrite,
+                record=_grid_record(grid, meta_batch_size, inner_hyper={n: list(inner_hyper[n]) for n in names}))
     run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, fingerprint=None, log_every=log_every,
                checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio, mesh=mesh, shard=axis,
                progress=progress, stream=stream)

@@ -87,7 +87,8 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise(tmp_path):
     for _ in range(12):  # until three kills landed (a sweep that finished first starts over)
         if killed >= 3:
             break
-        mode = "--overwrite" if (run / "sweep.json").exists() else "--resume"
+        # a fresh start is only ever explicit: --resume needs the recorded sweep (its plan) to continue
+        mode = "--resume" if (run / "sweep-plan.json").exists() and not (run / "sweep.json").exists() else "--overwrite"
         code, err = _run(run, mode, kill_after=rng.uniform(0.1, 0.95) * duration)
         killed += code == -signal.SIGKILL
         assert code in (0, -signal.SIGKILL), err
