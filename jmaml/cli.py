@@ -266,7 +266,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 SWEEP_ARGS_FILE = "sweep-args.json"
-_SWEEP_DEFAULTS: dict = {"algo": "maml", "task": "sinusoid", "data_dir": None, "alpha": (0.001, 0.01, 0.1),
+_SWEEP_DEFAULTS: dict = {"algo": "maml", "task": "sinusoid", "data_dir": None, "ways": None,
+                         "num_train_classes": None, "alpha": (0.001, 0.01, 0.1),
                          "beta": (1e-4, 1e-3, 1e-2), "k": (1,), "seeds": 1, "task_seed": 0, "steps": 10_000,
                          "meta_batch_size": 25, "shots": None, "query_shots": None, "hidden": (40, 40),
                          "activation": "relu", "optimiser": "adam", "remat": False,
@@ -330,7 +331,10 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
     grid = sweep.Grid(tuple(a.alpha), tuple(a.beta), tuple(a.k), tuple(range(a.seeds)))
     fields: dict = {}
     if tasks.family(a.task).preset is not None:  # the paper's settings for an image family, 1-shot unless --shots
-        fields.update(image_preset(a.task, TrainConfig().ways, a.shots or 1), num_support=a.shots or 1)
+        ways = a.ways or TrainConfig().ways
+        fields.update(image_preset(a.task, ways, a.shots or 1), num_support=a.shots or 1, ways=ways)
+        if a.num_train_classes is not None:
+            fields["num_train_classes"] = a.num_train_classes
     else:
         fields.update(num_support=a.shots or 10, hidden=tuple(a.hidden), activation=a.activation)
     for name, field in (("query_shots", "num_query"), ("meta_batch_size", "meta_batch_size"),
@@ -399,6 +403,9 @@ def _add_sweep_parser(sub) -> None:
                    help="the task family (default sinusoid; image families take the paper's settings, 1-shot "
                         "unless --shots)")
     p.add_argument("--data-dir", default=None, metavar="PATH", help="the dataset's folder (image tasks)")
+    p.add_argument("--ways", type=int, default=None, help="N classes per episode (image tasks; default 5)")
+    p.add_argument("--num-train-classes", type=int, default=None,
+                   help="Omniglot characters for meta-training (default 1200)")
     p.add_argument("--alpha", type=_floats, default=None, help="inner rates (default 0.001,0.01,0.1)")
     p.add_argument("--beta", type=_floats, default=None, help="meta rates (default 1e-4,1e-3,1e-2)")
     p.add_argument("--k", type=_ints, default=None, help="inner steps (default 1)")

@@ -384,3 +384,35 @@ def test_the_explosion_rule_needs_a_loss_that_is_not_negative():
                      max_loss_ratio=1e3)
     assert "at step 5" in nan and nan.endswith("non-finite in tasks [0, 1] of the meta-batch; the learner's metrics "
                                                 "non-finite there: return_post)")
+
+
+def test_sweep_learner_resume_continues_the_recorded_sweep_or_fails_naming_why(tmp_path):
+    from jmaml import sweep
+
+    def run(grid, **kw):
+        return sweep.sweep_learner(lambda k: learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=k),
+                                   plane_distribution(), optax.adam, two_layer_init, grid, steps=10,
+                                   meta_batch_size=4, task_key=7, log_every=10, evaluate=False, **kw)
+
+    grid = sweep.Grid(alphas=(0.02, 0.05), betas=(1e-3,), ks=(1,), seeds=(0,))
+    with pytest.raises(ValueError, match="resume=True needs run_dir"):
+        run(grid, resume=True)
+    with pytest.raises(ValueError, match=r"holds no sweep to resume \(no sweep-plan.json\)"):
+        run(grid, run_dir=str(tmp_path / "new"), resume=True)  # a fresh start is only ever explicit
+    assert not (tmp_path / "new" / "sweep-k1.ckpt.npz").exists()
+    first = run(grid, run_dir=str(tmp_path / "s"))
+    again = run(grid, run_dir=str(tmp_path / "s"), resume=True)  # finished: the same points, not retrained
+    for a, b in zip(jax.tree.leaves(first["params"]), jax.tree.leaves(again["params"])):
+        np.testing.assert_array_equal(a, b)
+    other = sweep.Grid(alphas=(0.02, 0.1), betas=(1e-3,), ks=(1,), seeds=(0,))  # same size, another grid
+    with pytest.raises(ValueError, match=r"alpha \[0.02, 0.1\] \(recorded \[0.02, 0.05\]\)"):
+        run(other, run_dir=str(tmp_path / "s"), resume=True)
+    with pytest.raises(ValueError, match="contradict"):
+        run(grid, run_dir=str(tmp_path / "s"), resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("path", ["", None])
+def test_a_run_folder_must_be_a_path(path):
+    with pytest.raises(ValueError, match="run's folder must be a non-empty path"):
+        fit(learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=1), plane_distribution(), optax.adam(1e-3),
+            two_layer_init(jax.random.key(0)), steps=10, meta_batch_size=4, run=jmaml.RunDir(path, resume=True))

@@ -120,3 +120,53 @@ def test_sigint_stops_a_sweep_with_a_checkpoint_and_says_how_to_resume(tmp_path)
     assert "--resume" in err and "Traceback" not in err
     step = checkpoint.read_header(run / "sweep-k1.ckpt.npz")["step"]
     assert 10 <= step < 100000
+
+
+def test_resume_continues_the_recorded_sweep_and_refuses_a_contradicting_flag(tmp_path, capsys):
+    out = tmp_path / "s"
+    args = ["sweep", "--out", str(out)]
+    assert cli.main([*args, "--resume"]) == 2  # nothing recorded: a fresh start is only ever explicit
+    assert "holds no sweep to resume" in capsys.readouterr().err
+    grid = ["--alpha", "0.01,0.1", "--steps", "20", "--log-every", "10", *SMALL]
+    assert cli.main([*args, *grid]) == 0
+    rows = _rows(out)
+    os.remove(out / "sweep.json")  # as a sweep stopped before its results were written
+    capsys.readouterr()
+    assert cli.main([*args, "--resume"]) == 0  # no grid flag: the recorded grid, not the default 3x3
+    assert _rows(out) == rows and len(rows) == 2
+    capsys.readouterr()
+    assert cli.main([*args, "--resume", "--alpha", "0.01,0.03"]) == 2
+    err = capsys.readouterr().err
+    assert "--alpha [0.01, 0.03] (recorded [0.01, 0.1])" in err and "Traceback" not in err
+    assert cli.main([*args, "--resume", "--steps", "20", "--beta", "0.001"]) == 0  # agreeing flags are fine
+
+
+def test_sweep_takes_the_learners_options_and_checkpoint_every(tmp_path, capsys):
+    out = tmp_path / "m"
+    args = ["sweep", "--algo", "metasgd", "--alpha", "0.01", "--rate-meta-lr", "1e-4", "--steps", "20",
+            "--log-every", "10", "--checkpoint-every", "20", "--out", str(out), *SMALL]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    (name,) = [n for n in os.listdir(out) if n.endswith(".ckpt.npz")]
+    assert checkpoint.read_header(out / name)["step"] == 20
+    assert np.isfinite(float(_rows(out)[0]["mse_1"]))
+    capsys.readouterr()
+    bad = ["sweep", "--steps", "20", "--log-every", "10", "--checkpoint-every", "15", "--out", str(tmp_path / "b")]
+    assert cli.main(bad) == 2 and "--checkpoint-every must be a positive multiple of --log-every (10)" in \
+        capsys.readouterr().err
+    assert cli.main(["sweep", "--algo", "reptile", "--first-order", "--out", str(tmp_path / "r")]) == 2
+
+
+@pytest.mark.slow
+def test_an_image_family_sweeps_from_the_cli_with_its_data_dir(tmp_path, capsys):
+    from images_test import write_omniglot
+
+    root = write_omniglot(str(tmp_path / "omniglot"))
+    out = tmp_path / "o"
+    args = ["sweep", "--task", "omniglot", "--data-dir", root, "--num-train-classes", "16", "--alpha", "0.4",
+            "--beta", "0.001", "--steps", "4", "--log-every", "2", "--meta-batch-size", "2", "--out", str(out)]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    (row,) = _rows(out)
+    assert np.isfinite(float(row["mse_1"])) and row["diverged"] == "False"
+    capsys.readouterr()
+    assert cli.main(["sweep", "--task", "omniglot", "--out", str(tmp_path / "none")]) == 2
+    assert "data" in capsys.readouterr().err.lower()
