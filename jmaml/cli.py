@@ -797,6 +797,42 @@ def _supervise(argv: list[str]) -> int:
     return 128 - code
 
 
+COMPILE_CACHE_ENV = "JMAML_COMPILE_CACHE"
+_COMPILING_COMMANDS = ("train", "sweep", "rl", "rl-eval", "eval")
+
+
+def compile_cache_dir() -> str | None:
+    """The folder where the ``jmaml`` command keeps compiled programs between runs (JAX's persistent
+    compilation cache): ``$JMAML_COMPILE_CACHE``, or ``off`` for none; by default
+    ``$XDG_CACHE_HOME/jmaml/xla`` (``~/.cache/jmaml/xla``). A ``JAX_COMPILATION_CACHE_DIR`` the user set wins."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    value = os.environ.get(COMPILE_CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none", "false") else value
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jmaml", "xla")
+
+
+def _use_compile_cache() -> None:
+    """Turns on JAX's persistent compilation cache for this process (the command owns it; the library never
+    changes a user's process-wide settings). A cache that cannot be created is skipped with a note."""
+    folder = compile_cache_dir()
+    if folder is None:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        print(f"jmaml: compilation cache off ({folder}: {e.strerror or e}; set {COMPILE_CACHE_ENV}=off to silence)",
+              file=sys.stderr)
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the step programs, not tiny helpers
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: list[str] | None = None, early_flag=None) -> int:
     """Runs the ``jmaml`` command. ``early_flag``: the ``StopFlag`` the entry point installed before
     importing JAX; ``jmaml train`` keeps honouring it, the other commands stop on a signal it caught."""
@@ -816,6 +852,8 @@ def main(argv: list[str] | None = None, early_flag=None) -> int:
     if args.command == "train" and args.distributed and os.environ.get(_WORKER_ENV) != "1":
         return _supervise(argv)
     try:
+        if args.command in _COMPILING_COMMANDS:
+            _use_compile_cache()
         return args.func(args)
     except (ValueError, TypeError, ImportError) as e:
         print(f"jmaml {args.command}: error: {e}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """End-to-end: the `jmaml seed` walk-through and its tasks-file input."""
 
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jmaml import analytic, cli, walkthrough
@@ -144,3 +146,33 @@ def test_train_divergence_exits_with_a_message(tmp_path, capsys):
     code, _, err = _run(capsys, "train", "--out", str(tmp_path / "d"), "--steps", "40", "--log-every", "10",
                         "--hidden", "8", "--meta-batch-size", "4", "--inner-lr", "10")
     assert code == 3 and "diverged" in err and "exploding inner loop over steps 1-10" in err
+
+
+def test_the_command_caches_compiled_programs_and_a_warm_start_is_bitwise(tmp_path):
+    from jmaml import checkpoint
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root, JMAML_COMPILE_CACHE=str(tmp_path / "cache"))
+    args = ["train", "--steps", "20", "--log-every", "10", "--hidden", "8", "--no-eval", "--no-pretrain"]
+    for name in ("cold", "warm"):
+        proc = subprocess.run([sys.executable, "-m", "jmaml", *args, "--out", str(tmp_path / name)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        if name == "cold":
+            assert os.listdir(tmp_path / "cache"), "nothing was cached"
+    cold, warm = (checkpoint._load(tmp_path / n / "maml.ckpt.npz")[1] for n in ("cold", "warm"))
+    assert all(np.array_equal(a, b) for a, b in zip(cold, warm))
+
+
+def test_the_compile_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("JMAML_COMPILE_CACHE", "off")
+    assert cli.compile_cache_dir() is None
+    monkeypatch.setenv("JMAML_COMPILE_CACHE", str(tmp_path))
+    assert cli.compile_cache_dir() == str(tmp_path)
+    monkeypatch.delenv("JMAML_COMPILE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cli.compile_cache_dir() == os.path.join(str(tmp_path / "xdg"), "jmaml", "xla")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))  # the user's own JAX setting wins
+    assert cli.compile_cache_dir() == str(tmp_path / "jax")

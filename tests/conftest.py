@@ -1,11 +1,16 @@
 """Strict JAX settings for the whole suite, and a float64 fixture that always restores."""
 
+import os
+
 import jax
 import pytest
 
 from jmaml._util import enable_x64
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The jmaml command turns JAX's persistent compilation cache on for its process; tests call cli.main in the
+# pytest worker, which must not start writing a user's ~/.cache. tests/cli_test.py tests the cache itself.
+os.environ.setdefault("JMAML_COMPILE_CACHE", "off")
 
 
 @pytest.fixture
