@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import zipfile
 from collections.abc import Callable
@@ -120,8 +121,20 @@ def save(path: str | os.PathLike[str], tree: Any, *, step: int, extra: dict[str,
       {'w': (2, 3)}
     """
     path = os.fspath(path)
+    # what its own reader refuses is refused here, by name, before anything is written
+    try:
+        index = None if isinstance(step, bool) else operator.index(step)  # ints, NumPy and JAX integer scalars
+    except TypeError:
+        index = None
+    if index is None or index < 0:
+        raise ValueError(f"step must be a non-negative integer (the training step), got {step!r}")
+    step = index
     names = key_paths(tree)
     leaves = host_leaves(tree)
+    for name, leaf in zip(names, leaves):
+        if leaf.dtype.kind not in "biufc":
+            raise TypeError(f"checkpoint leaf {name!r} has dtype {leaf.dtype} ({type(leaf).__name__}); a checkpoint "
+                            "holds numeric arrays only (bool, int, float, complex), not objects or strings")
     header = {"format": FORMAT, "step": int(step), "num_leaves": len(leaves), "keys": names,
               "sha256": _digest(leaves), "extra": extra or {}}
     payload = dict(zip(names, leaves))

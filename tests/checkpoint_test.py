@@ -126,3 +126,17 @@ def test_a_committed_version_1_run_still_loads():
     assert checkpoint.read_header(os.path.join(run, "maml.ckpt.npz"))["format"] == "jmaml-checkpoint-v1"
     params = train.load_params(run)
     assert jax.tree.structure(params) == jax.tree.structure(recipes.initial_state(rundir.load_config(run)).params)
+
+
+@pytest.mark.parametrize("step", [-1, 2.7, "3", True, None])
+def test_save_refuses_a_step_its_reader_would_call_corrupt(tmp_path, step):
+    with pytest.raises(ValueError, match="step must be a non-negative integer"):
+        checkpoint.save(tmp_path / "c.npz", {"w": np.ones(2)}, step=step)
+    assert not (tmp_path / "c.npz").exists()
+
+
+@pytest.mark.parametrize("leaf", [np.array([{"a": 1}], dtype=object), np.array(["x"]), "text"])
+def test_save_refuses_leaves_that_would_need_pickle(tmp_path, leaf):
+    with pytest.raises(TypeError, match=r"leaf .* holds numeric arrays only"):
+        checkpoint.save(tmp_path / "c.npz", {"w": np.ones(2), "bad": leaf}, step=1)
+    assert not (tmp_path / "c.npz").exists()
