@@ -467,3 +467,22 @@ def test_cifarfs_cli_run_with_preset_beats_chance_and_backbone_flag(cifar_dir, t
     cfg = train.TrainConfig(task="fc100", data_dir=cifar_dir, backbone="resnet12", image_size=12)
     with pytest.raises(ValueError, match="resnet12' needs image_size >= 16"):
         cfg.validate()
+
+
+def test_a_flat_cifar_tree_with_its_class_named_train_is_not_taken_for_a_split(tmp_path):
+    root = write_cifar100(str(tmp_path / "flat"), per_class=2, nested=False)  # ROOT/CLASS/*.png, README's layout
+    assert os.path.isdir(os.path.join(root, "train"))  # CIFAR-100's class "train" (vehicles_1)
+    fs = images.load_cifar_fs(root, splits=("train", "test"))
+    assert fs["train"].images.shape == (64, 2, 32, 32, 3) and set(fs["test"].classes) == set(
+        images.CIFARFS_SPLITS["test"])
+
+
+def test_a_short_class_is_reported_and_an_oversized_image_size_is_refused(tmp_path, capsys):
+    root = tmp_path / "classes"
+    write_cifar100(str(root), per_class=3, classes=["apple", "bear"], nested=False)
+    os.remove(root / "bear" / "bear_2.png")
+    split = images.load_split(images.folder_classes(str(tmp_path), "classes"), size=32, channels=3)
+    assert split.images.shape == (2, 2, 32, 32, 3)
+    assert "every class keeps 2 images, the count of its smallest class (bear)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"image_size 60000: .* GiB, more than half this machine.s memory"):
+        images.load_split(images.folder_classes(str(tmp_path), "classes"), size=60000, channels=3)

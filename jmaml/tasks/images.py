@@ -140,6 +140,14 @@ def _pillow():
     return Image, UnidentifiedImageError
 
 
+def _memory_bytes() -> int:
+    """This machine's physical memory (a generous 1 TiB where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return 2**40
+
+
 MAX_PIXELS = 64 * 2**20  # far beyond any few-shot image; a bigger header is refused before decoding
 
 
@@ -211,6 +219,16 @@ def load_split(classes: dict[str, list[str]], *, size: int, channels: int, cache
             print(f"jmaml: rebuilding the unreadable image cache {cache_path} ({type(e).__name__})", file=sys.stderr)
     names = sorted(classes)
     per_class = min(len(classes[n]) for n in names)
+    need = len(names) * per_class * size * size * channels
+    if need > _memory_bytes() // 2:
+        raise ValueError(f"image_size {size}: {len(names)} classes x {per_class} images of {size}x{size}x{channels} "
+                         f"take {need / 2**30:.1f} GiB, more than half this machine's memory "
+                         f"({_memory_bytes() / 2**30:.1f} GiB); pick a smaller image_size")
+    if names and max(len(classes[n]) for n in names) > per_class:
+        short = min(names, key=lambda n: len(classes[n]))
+        cut = sum(len(classes[n]) - per_class for n in names)
+        print(f"jmaml: every class keeps {per_class} images, the count of its smallest class ({short}); "
+              f"{cut} images of the larger classes are left out", file=sys.stderr)
     out = np.empty((len(names), per_class, size, size, channels), np.uint8)
     first_size, first_path = None, None
     for i, name in enumerate(names):
@@ -389,6 +407,14 @@ def _cifar_class_folders(data_dir: str) -> tuple[str, dict[str, str]]:
                      "ROOT/train, ROOT/test folders of classes")
 
 
+def _holds_class_folders(path: str) -> bool:
+    """Whether ``path`` is a folder of (class) folders, as a pre-split tree's ``ROOT/SPLIT`` is."""
+    if not os.path.isdir(path):
+        return False
+    with os.scandir(path) as entries:
+        return any(e.is_dir() for e in entries)
+
+
 def _split_file(data_dir: str, split: str) -> tuple[str, ...] | None:
     path = os.path.join(data_dir, "splits", "bertinetto", f"{split}.txt")
     if not os.path.isfile(path):
@@ -416,8 +442,8 @@ def cifar_classes(data_dir: str, benchmark: str, split: str) -> dict[str, list[s
     if split not in standard[benchmark]:
         raise ValueError(f"split must be one of train, val, test; got {split!r}")
     _check_dir(data_dir, "data dir")
-    if os.path.isdir(os.path.join(data_dir, split)):
-        return folder_classes(data_dir, split)
+    if _holds_class_folders(os.path.join(data_dir, split)):  # ROOT/SPLIT/CLASS/*; CIFAR-100's own class "train"
+        return folder_classes(data_dir, split)               # is a folder of images, not of classes
     base, folders = _cifar_class_folders(data_dir)
     wanted = (_split_file(data_dir, split) if benchmark == "cifarfs" else None) or standard[benchmark][split]
     missing = [c for c in wanted if c not in folders]
