@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmaml._checks import check_task_batch_tree
 from jmaml._util import enable_x64
 from jmaml.engine import check_learner
 from jmaml.protocols import MetaLearner
@@ -76,7 +77,8 @@ def check_meta_gradient(learner: MetaLearner, meta_params: Any, tasks: Any, *, m
     Args:
       learner: the learner to check (``learner.estimate(meta_params, tasks, meta_step)``).
       meta_params: where to check (e.g. ``learner.init(params)``); cast to float64.
-      tasks: a task batch (leading task axis); floating leaves cast to float64.
+      tasks: a task batch with a leading task axis on every leaf (one task: ``jax.tree.map(lambda a:
+        a[None], task)``); floating leaves cast to float64.
       eps: the finite-difference step for every leaf; None (default): per leaf, ε_mach^(1/3) times the
         leaf's RMS (at least 1).
       num_directions: random directions per leaf.
@@ -86,7 +88,8 @@ def check_meta_gradient(learner: MetaLearner, meta_params: Any, tasks: Any, *, m
       atol: the absolute part, as a fraction of the gradient's norm.
 
     Returns:
-      ``{"ok": bool, "max_rel_error": float, "max_abs_error": float, "worst": float, "grad_norm": float,
+      ``{"ok": bool, "num_tasks": int (the leading task axis taken), "max_rel_error": float,
+      "max_abs_error": float, "worst": float, "grad_norm": float,
       "per_leaf": {path: {"ok", "rel_error", "abs_error", "worst", "eps", "directions", "retried",
       "kinks"}}, "exact_gradient":
       learner.exact_gradient, "note": str}``: ``rel_error`` is the largest
@@ -114,6 +117,9 @@ def check_meta_gradient(learner: MetaLearner, meta_params: Any, tasks: Any, *, m
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < np.inf):
         raise ValueError(f"eps must be a positive finite step or None (chosen per leaf), got {eps!r}")
+    # every leaf must share the task axis (one task without it fails here, by name, when its support and query
+    # sizes differ); the report says how many tasks it took, so one task read as its points shows in the note
+    num_tasks = check_task_batch_tree(tasks, "tasks")
     with enable_x64():
         mp = _to64(meta_params)
         batch = _to64(tasks)
@@ -184,7 +190,8 @@ def check_meta_gradient(learner: MetaLearner, meta_params: Any, tasks: Any, *, m
     worst = max((r["worst"] for r in per_leaf.values()), default=0.0)
     failing = [path for path, r in per_leaf.items() if not r["ok"]]
     kinks = sum(r["kinks"] for r in per_leaf.values())
-    summary = (f"largest error {worst:.3g} of its tolerance (rtol {rtol:g} of the derivative + atol {atol:g} of "
+    summary = (f"on {num_tasks} task(s): largest error {worst:.3g} of its tolerance (rtol {rtol:g} of the "
+               f"derivative + atol {atol:g} of "
                f"|g| = {grad_norm:.3g}); largest relative error {max_rel:.3g}, largest absolute {max_abs:.3g} |g|"
                + (f"; {kinks} direction(s) at a kink of the loss (not differentiable there) not judged"
                   if kinks else ""))
@@ -194,5 +201,6 @@ def check_meta_gradient(learner: MetaLearner, meta_params: Any, tasks: Any, *, m
     else:
         ok, note = None, (f"learner {learner.name!r} does not claim the exact gradient of its loss (an estimator "
                           f"such as Reptile's, FOMAML's or iMAML's); {summary}")
-    return {"ok": ok, "max_rel_error": max_rel, "max_abs_error": max_abs, "worst": worst, "grad_norm": grad_norm,
+    return {"ok": ok, "num_tasks": num_tasks, "max_rel_error": max_rel, "max_abs_error": max_abs, "worst": worst,
+            "grad_norm": grad_norm,
             "per_leaf": per_leaf, "exact_gradient": learner.exact_gradient, "note": note}

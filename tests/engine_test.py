@@ -416,3 +416,15 @@ def test_a_run_folder_must_be_a_path(path):
     with pytest.raises(ValueError, match="run's folder must be a non-empty path"):
         fit(learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=1), plane_distribution(), optax.adam(1e-3),
             two_layer_init(jax.random.key(0)), steps=10, meta_batch_size=4, run=jmaml.RunDir(path, resume=True))
+
+
+def test_check_meta_gradient_names_a_task_without_its_task_axis_and_reports_the_tasks_taken():
+    loss = make_loss(models.linear().apply, "sse")
+    learner = learners.maml(loss, inner_lr=0.1, num_inner_steps=1)
+    tasks = jmaml.tasks.seed.meta_tasks()
+    report = jmaml.check_meta_gradient(learner, jnp.array(1.0), tasks)
+    n = jax.tree.leaves(tasks)[0].shape[0]
+    assert report["ok"] and report["num_tasks"] == n and report["note"].startswith(f"on {n} task(s)")
+    one = jmaml.Task(jmaml.Batch(jnp.ones((3, 1)), jnp.ones((3, 1))), jmaml.Batch(jnp.ones((5, 1)), jnp.ones((5, 1))))
+    with pytest.raises(ValueError, match="Is it a single task without a task axis"):
+        jmaml.check_meta_gradient(learner, jnp.array(1.0), one)
