@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from jmaml import learners, tasks, walkthrough
-from jmaml._checks import check_seed
+from jmaml._checks import check_positive_int, check_seed
 
 DEFAULT_RUN_DIR = os.path.join("runs", "sinusoid")
 MAX_SWEEP_SEEDS = 1000  # jmaml sweep --seeds: initial-parameter seeds 0..N-1 per grid point
@@ -85,7 +85,6 @@ def _given_algo_options(args: argparse.Namespace) -> dict:
 
 
 def _train_config(args: argparse.Namespace):
-    from jmaml._checks import check_positive_int
     from jmaml.train import TrainConfig, image_preset, load_config
 
     given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
@@ -316,9 +315,8 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
         raise ValueError(f"--seeds must be between 1 and {MAX_SWEEP_SEEDS} (seeds 0..N-1 of the initial "
                          f"parameters), got {a.seeds}")
     check_seed(a.task_seed, "--task-seed")
-    for name in ("steps", "log_every"):
-        if not isinstance(getattr(a, name), int) or getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)!r}")
+    for name in ("steps", "log_every"):  # the same words as `jmaml train`'s
+        check_positive_int(getattr(a, name), f"--{name.replace('_', '-')}")
     options = dict(given.get("algo_options") or {})
     algo = a.algo
     if options.get("first_order") and algo == "maml":  # FOMAML is its own learner in a sweep (k traced)
