@@ -123,11 +123,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_RECORD_START = '{"phase": '  # how every line jmaml writes begins (json.dumps of a record, phase first)
+
+
+def _torn(line: str) -> bool:
+    """Whether an unterminated last line can be the start of a record jmaml was writing."""
+    return line.startswith(_RECORD_START) or _RECORD_START.startswith(line)
+
+
+def _ends_a_line(path: str) -> bool:
+    """Whether a file is empty or ends with a newline."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl. A torn last line (a crash or a full disk mid-write) is dropped
-    with a note on stderr; a bad line elsewhere is an error naming the file and line."""
+    """The records of a metrics.jsonl. A torn last line (a crash or a full disk mid-write: no newline
+    at its end, and the start of a jmaml record) is dropped with a note on stderr; any other line that
+    is not a jmaml record, the last one included, is an error naming the file and line."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [line for line in f.read().split("\n") if line.strip()]
+        text = f.read()
+    lines = [line for line in text.split("\n") if line.strip()]
+    unterminated = bool(text) and not text.endswith("\n")
     records = []
     for i, line in enumerate(lines):
         try:
@@ -135,7 +155,7 @@ def read_metrics(path: str) -> list[dict]:
             if not isinstance(record, dict) or not {"phase", "step"} <= set(record):
                 raise ValueError("not a metrics record")
         except ValueError as e:
-            if i == len(lines) - 1:
+            if i == len(lines) - 1 and unterminated and _torn(line):
                 print(f"jmaml: dropping the torn last line of {path} (it will be recomputed)", file=sys.stderr)
                 break
             raise ValueError(f"{path}, line {i + 1}: not a jmaml metrics record ({e})") from None
@@ -202,10 +222,12 @@ def open_run(run_dir: str, name: str, *, steps: int, resume: bool, overwrite: bo
     record: dict[str, Any] = {"fingerprint": fingerprint, "settings": settings, "history": []}
     if os.path.exists(metrics):
         try:
-            read_metrics(metrics)
+            kept = read_metrics(metrics)
         except (ValueError, OSError) as e:
             raise ValueError(f"run_dir {run_dir} holds a {METRICS_FILE} that is not a jmaml run's ({e}); jmaml "
                              "will not write into it: choose another run_dir") from None
+        if not _ends_a_line(metrics):  # a torn last line was dropped: the next must not be glued to it
+            atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
     if not os.path.exists(ckpt):
         if resume:
             raise ValueError(f"resume: there is no checkpoint {ckpt} to resume from")

@@ -89,6 +89,42 @@ def test_torn_metrics_line_is_dropped_on_resume_and_a_bad_middle_line_is_named(t
         rundir.read_metrics(str(run / "metrics.jsonl"))
 
 
+def _fit(run_dir, **kw):
+    import jax
+    import optax
+
+    import jmaml
+    from jmaml import models
+    from jmaml.losses import make_loss
+
+    model = models.mlp([1, 8, 1], "relu")
+    learner = jmaml.learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
+    return jmaml.fit(learner, jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5), optax.adam(1e-3),
+                     model.init(jax.random.key(0)), steps=10, meta_batch_size=2,
+                     run=jmaml.RunDir(str(run_dir), checkpoint_every=10, **kw),
+                     log=Logging(every=10, progress=False))
+
+
+@pytest.mark.parametrize("text", ["hello world\n", "hello world", '{"step": 3}\n', '{"phase": "x", "step": 1}\nnope\n'])
+def test_a_metrics_file_holding_a_foreign_line_is_refused_not_appended_to(tmp_path, text):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(text)
+    with pytest.raises(ValueError, match="holds a metrics.jsonl that is not a jmaml run's"):
+        _fit(run)
+    assert (run / "metrics.jsonl").read_text() == text  # untouched
+
+
+def test_a_torn_last_line_is_never_glued_to_the_next_record(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"phase": "other", "step": 5}\n{"phase": "oth')  # a crash mid-line
+    _fit(run)
+    assert "dropping the torn last line" in capsys.readouterr().err
+    records = rundir.read_metrics(str(run / "metrics.jsonl"))
+    assert [(r["phase"], r["step"]) for r in records] == [("other", 5), ("maml", 10)]
+
+
 def test_stale_temporaries_are_cleaned_and_results_written_atomically(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(train.Interrupted):
