@@ -13,6 +13,7 @@ algorithm; they still load (and resume into the new name).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -38,6 +39,8 @@ from jmaml.runstore import (  # noqa: F401
 LEGACY_META_CKPT = "maml.ckpt.npz"
 # What --overwrite replaces; a folder whose config.json is not a jmaml run's is never touched.
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "eval.md")
+PLOTS_DIR = "plots"
+PLOT_FILES = ("fits.png", "curves.png")  # what ``jmaml.plot`` writes into PLOTS_DIR
 
 
 # Fields added to TrainConfig after runs were written, with the value every older run implicitly had.
@@ -158,10 +161,17 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
     if resume and not existing:
         raise ValueError(f"--resume: {run_dir} holds no jmaml run to resume (no config.json); "
                          "leave out --resume to start a new run there")
-    if existing and overwrite:
+    replaced = existing and overwrite
+    if replaced:  # the run's own files go, its plots included; anything else in the folder stays
         for name in os.listdir(run_dir):
             if name in RUN_FILES or name.endswith(".ckpt.npz") or ".tmp-" in name:
                 os.remove(os.path.join(run_dir, name))
+        plots = os.path.join(run_dir, PLOTS_DIR)
+        for name in PLOT_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(plots, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(plots)  # only when empty
         existing = False
     if existing:
         old = load_config(run_dir)
@@ -200,7 +210,7 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
         return "complete" if is_complete(run_dir, config) else "resume"
     os.makedirs(run_dir, exist_ok=True)
     others = sorted(n for n in os.listdir(run_dir) if n != LOCK_FILE)
-    if others:  # --overwrite replaces a jmaml run; a folder that holds none is never written into
+    if others and not replaced:  # --overwrite replaces a jmaml run; a folder that holds none is never written into
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise ValueError(f"output dir {run_dir} is not empty and holds no jmaml run (no config.json; it holds "
                          f"{shown}){'; --overwrite replaces only a jmaml run' if overwrite else ''}: choose an "

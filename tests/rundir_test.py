@@ -36,6 +36,17 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_jmaml_run(tmp_path):
     assert {n: (theirs / n).read_text() for n in files} == files  # untouched
 
 
+def test_overwrite_replaces_a_finished_run_with_its_plots_and_keeps_the_users_files(tmp_path):
+    run = tmp_path / "run"
+    _train(run)
+    (run / "plots").mkdir()
+    (run / "plots" / "curves.png").write_bytes(b"the old run's figure")  # what `jmaml train` writes
+    (run / "notes.txt").write_text("mine")
+    _train(run, overwrite=True)  # was: the run's files deleted, then "not empty and holds no jmaml run"
+    assert checkpoint.read_header(run / "maml.ckpt.npz")["step"] == 20 and (run / "config.json").exists()
+    assert not (run / "plots").exists() and (run / "notes.txt").read_text() == "mine"
+
+
 def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     with rundir.lock(str(run)):
