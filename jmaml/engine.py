@@ -417,11 +417,13 @@ class Logging(NamedTuple):
     Attributes:
       every: meta-steps per compiled chunk, metrics line and progress update (the host reads metrics
         once per chunk).
-      progress: a progress bar on a terminal (steps/s, meta-loss, ETA), throttled plain lines otherwise.
+      progress: a progress bar on a terminal (steps/s, meta-loss, ETA), throttled plain lines otherwise;
+        a "compiling ..." line before the first chunk, which compiles (or loads from JAX's cache).
       stream: where progress goes (default stderr).
       writers: metric writers (``jmaml.writers``: ``JsonlWriter``, ``TensorBoardWriter``,
         ``CallbackWriter``, or any object with ``write(record)`` and ``flush()``), given every chunk's
-        record -- the learner's scalars, ``steps_per_s``, ``wall_time`` -- beside the run dir's
+        record -- the learner's scalars, ``steps_per_s``, ``wall_time``, and in the first record of each
+        start ``time_to_first_chunk_s`` (compilation included) -- beside the run dir's
         ``metrics.jsonl``; process 0 alone writes. Flushed when the run ends or stops.
       callback: ``callback(record, state)`` after every chunk, with the metrics line as a dict (on
         every process of a multi-process job).
@@ -748,6 +750,7 @@ def train_loop(state: Any, step: int, steps: int, *, name: str, chunk: Callable,
     SIGINT/SIGTERM (the installed ``StopFlag``, or one of its own) or ``stop_at_step`` stopping between
     chunks with a checkpoint."""
     writer = distributed.is_writer()
+    started, first = time.perf_counter(), True
     bar = Progress(name, steps, step, stream) if progress else None
     if run_dir is not None:
         sinks.insert(0, writers_mod.JsonlWriter(os.path.join(run_dir, runstore.METRICS_FILE)))
@@ -767,10 +770,16 @@ def train_loop(state: Any, step: int, steps: int, *, name: str, chunk: Callable,
                 saver.save(state, step)
                 raise Interrupted(f"stopped {name} at step {step} as asked; checkpoint saved")
             length = min(log_every - step % log_every, steps - step)  # chunks aligned to multiples of log_every
+            if first and bar is not None and writer:  # the first call compiles (or loads from the cache)
+                print(f"{name}: compiling a chunk of {length} meta-steps from step {step} ...", file=bar.stream,
+                      flush=True)
             t0 = time.perf_counter()
             new_state, metrics = chunk(state, length)
             metrics = distributed.to_host(metrics)
             state, record = finish(state, new_state, step, metrics, time.perf_counter() - t0, length)
+            if first:  # how long this start took to make progress: compilation or its cache load included
+                record["time_to_first_chunk_s"] = time.perf_counter() - started
+                first = False
             step += length
             if writer:
                 for sink in sinks:

@@ -3,7 +3,9 @@
 After every compiled chunk, ``jmaml.fit`` builds one *record*: a flat dict with the run's
 ``phase`` (its name), the ``step`` reached, the chunk's mean of every scalar the learner reports
 (``meta_loss``, ``grad_norm``, ``pre_adapt_loss``, ``task_losses``, ...), ``meta_loss_last``,
-``steps_per_s`` and ``wall_time`` (seconds since the epoch). ``fit`` appends it to the run dir's
+``steps_per_s`` and ``wall_time`` (seconds since the epoch); the first record of each start (a fresh
+run or a resume) also has ``time_to_first_chunk_s``, the seconds from the training loop's start to
+the end of its first chunk, compilation included. ``fit`` appends it to the run dir's
 ``metrics.jsonl`` (the run's own record, which resume and ``jmaml eval``/``plot`` read) and hands
 it to every writer in ``writers=``:
 

@@ -1,8 +1,10 @@
 """Metric writers: JSONL, a user callback, TensorBoard (the event file is read back with the
 protobuf definitions, not through jmaml), and bad writers named clearly."""
 
+import contextlib
 import json
 import struct
+import time
 
 import jax
 import numpy as np
@@ -42,6 +44,35 @@ def test_jsonl_and_callback_writers_get_every_chunk_with_speed_and_wall_time(tmp
     for r in seen:
         assert r["steps_per_s"] > 0 and r["wall_time"] > 1.7e9 and np.isfinite(r["meta_loss"])
     assert seen[0]["wall_time"] <= seen[1]["wall_time"] <= seen[2]["wall_time"]
+
+
+def test_each_start_says_it_is_compiling_and_records_its_time_to_the_first_chunk(tmp_path):
+    import io
+
+    import jmaml
+
+    model = models.mlp([1, 8, 1])
+    learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
+    seen, stream = [], io.StringIO()
+
+    def run(**kw):
+        t0 = time.perf_counter()
+        with contextlib.suppress(jmaml.Interrupted):
+            fit(learner, tasks.sinusoid.distribution(), optax.adam(1e-3), model.init(jax.random.key(0)), steps=30,
+                meta_batch_size=4,
+                run=jmaml.RunDir(str(tmp_path / "run"), checkpoint_every=10, resume=kw.pop("resume", False)),
+                log=Logging(every=10, stream=stream, writers=[writers.CallbackWriter(seen.append)]), **kw)
+        return time.perf_counter() - t0
+
+    whole = run(stop_at_step=20)
+    first = [r for r in seen if "time_to_first_chunk_s" in r]
+    assert [r["step"] for r in first] == [10] and 0 < first[0]["time_to_first_chunk_s"] < whole
+    assert "maml: compiling a chunk of 10 meta-steps from step 0 ..." in stream.getvalue()
+    run(resume=True)  # a resume is a start of its own: its first record says how long it took
+    assert [r["step"] for r in seen if "time_to_first_chunk_s" in r] == [10, 30]
+    assert "compiling a chunk of 10 meta-steps from step 20 ..." in stream.getvalue()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "time_to_first_chunk_s" in r] == [10, 30]
 
 
 def test_tensorboard_event_file_holds_every_scalar_at_its_step(tmp_path):
