@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import procs
 import pytest
 
 from jmaml import analytic, cli, walkthrough
@@ -151,9 +152,7 @@ def test_train_divergence_exits_with_a_message(tmp_path, capsys):
 def test_the_command_caches_compiled_programs_and_a_warm_start_is_bitwise(tmp_path):
     from jmaml import checkpoint
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root, JMAML_COMPILE_CACHE=str(tmp_path / "cache"))
+    env = procs.clean_env(JMAML_COMPILE_CACHE=str(tmp_path / "cache"))
     args = ["train", "--steps", "20", "--log-every", "10", "--hidden", "8", "--no-eval", "--no-pretrain"]
     for name in ("cold", "warm"):
         proc = subprocess.run([sys.executable, "-m", "jmaml", *args, "--out", str(tmp_path / name)], env=env,

@@ -16,20 +16,14 @@ import time
 
 import numpy as np
 import pytest
+from procs import ROOT, clean_env
 
 from jmaml import checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--hidden", "8", "--meta-batch-size", "4", "--shots", "5", "--query-shots", "5", "--no-pretrain",
          "--no-eval", "--log-every", "10"]
 # float32 sums over tasks in a different order (per device, then across devices): equal to ~1e-6
 RTOL, ATOL = 1e-4, 1e-6
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **extra})
-    return env
 
 
 def _free_port() -> int:
@@ -112,7 +106,7 @@ def test_sharded_over_four_devices_equals_one_device():
                 np.testing.assert_allclose(a, b, rtol={RTOL}, atol={ATOL})
         print("ok")
     """)
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
@@ -167,7 +161,7 @@ def test_blocks_are_taken_within_each_devices_shard():
             np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
         print("ok")
     """)
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
@@ -178,7 +172,7 @@ def test_two_processes_over_gloo_equal_one_process(tmp_path):
     common = ["--steps", "20", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
               "--dist-timeout", "30"]
     with _processes([_jmaml(*common, "--process-id", str(i), "--out", str(tmp_path / "two")) for i in (0, 1)]
-                    + [_jmaml("--steps", "20", "--out", str(tmp_path / "one"))], _env()) as procs:
+                    + [_jmaml("--steps", "20", "--out", str(tmp_path / "one"))], clean_env()) as procs:
         results = _wait(procs, timeout=240)
     for code, _, err in results:
         assert code == 0, err[-3000:]
@@ -194,7 +188,7 @@ def test_a_process_that_dies_makes_the_other_fail_instead_of_hanging(tmp_path):
     port = _free_port()
     common = ["--steps", "10000000", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
               "2", "--dist-timeout", "10", "--out", str(tmp_path / "run")]
-    with _processes([_jmaml(*common, "--process-id", str(i)) for i in (0, 1)], _env()) as procs:
+    with _processes([_jmaml(*common, "--process-id", str(i)) for i in (0, 1)], clean_env()) as procs:
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.monotonic() + 120
         while not (metrics.exists() and metrics.stat().st_size > 0):
@@ -243,11 +237,11 @@ def test_the_supervisor_starts_no_jax_backend():
         cli.subprocess.Popen = lambda args, env: real([sys.executable, "-c", "pass"])
         sys.exit(cli.main(["train", "--distributed", "--num-processes", "2", "--process-id", "0"]))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(JAX_PLATFORMS="no_such_platform"), cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", code], env=clean_env(JAX_PLATFORMS="no_such_platform"), cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, text=True,
-                           env=_env(JAX_PLATFORMS="no_such_platform"), cwd=ROOT, timeout=120)
+                           env=clean_env(JAX_PLATFORMS="no_such_platform"), cwd=ROOT, timeout=120)
     assert probe.returncode != 0  # the probe: starting a backend there does fail
 
 
@@ -257,7 +251,7 @@ def test_sigterm_to_a_distributed_process_group_checkpoints_once_and_exits(tmp_p
     run = tmp_path / "run"
     cmd = _jmaml("--steps", "10000000", "--distributed", "--coordinator", f"127.0.0.1:{port}",
                  "--num-processes", "1", "--process-id", "0", "--dist-timeout", "20", "--out", str(run))
-    with _processes([cmd], _env()) as procs:
+    with _processes([cmd], clean_env()) as procs:
         metrics = run / "metrics.jsonl"
         deadline = time.monotonic() + 120
         while not (metrics.exists() and metrics.stat().st_size > 0):
@@ -277,7 +271,7 @@ def test_unreachable_coordinator_is_a_clear_error_within_the_timeout(tmp_path):
     proc = subprocess.run(_jmaml("--steps", "10", "--distributed", "--coordinator", f"127.0.0.1:{port}",
                                  "--num-processes", "2", "--process-id", "1", "--dist-timeout", "3",
                                  "--out", str(tmp_path / "x")),
-                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert f"could not join the distributed job at 127.0.0.1:{port}" in proc.stderr, proc.stderr[-2000:]
     assert time.monotonic() - t0 < 90
@@ -288,7 +282,7 @@ def test_inconsistent_process_counts_fail_on_both_processes(tmp_path):
     base = ["--steps", "10", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--dist-timeout", "5",
             "--out", str(tmp_path / "x")]
     with _processes([_jmaml(*base, "--num-processes", "2", "--process-id", "0"),
-                     _jmaml(*base, "--num-processes", "3", "--process-id", "1")], _env()) as procs:
+                     _jmaml(*base, "--num-processes", "3", "--process-id", "1")], clean_env()) as procs:
         results = _wait(procs, timeout=120)
     assert all(code != 0 for code, _, _ in results), results
     assert "started for 3 processes but the job has 2" in results[1][2] or \
@@ -313,7 +307,7 @@ def test_a_process_whose_peers_never_joined_says_so(tmp_path):
     proc = subprocess.run(_jmaml("--steps", "10", "--distributed", "--coordinator", f"127.0.0.1:{port}",
                                  "--num-processes", "2", "--process-id", "0", "--dist-timeout", "3",
                                  "--out", str(tmp_path / "x")),
-                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 4 and "the other processes of the job never joined" in last, proc.stderr[-2000:]
     assert "probably died" not in last

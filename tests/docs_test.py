@@ -4,6 +4,7 @@ runnable example (run by the doctests, ``--doctest-modules``)."""
 
 import inspect
 
+import procs
 import pytest
 
 import jmaml
@@ -144,16 +145,11 @@ def test_every_readme_python_block_runs_as_pasted(tmp_path):
     """Each ```python block of README.md, alone in a fresh interpreter in an empty folder, as a user pastes it."""
     import os
     import re
-    import subprocess
-    import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
     assert len(blocks) >= 3
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root)
     for i, block in enumerate(blocks):
-        proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = procs.run_python(block, cwd=str(tmp_path), timeout=600)
         assert proc.returncode == 0, f"README python block {i} ({block.splitlines()[0]}):\n{proc.stderr[-2000:]}"

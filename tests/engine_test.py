@@ -7,14 +7,13 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import procs
 import pytest
 
 import jmaml
@@ -119,10 +118,7 @@ def test_a_users_tasks_on_four_devices_equal_one_device():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = procs.run_python(script, env=procs.clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -4,35 +4,20 @@ the finished run is bitwise the run that was never interrupted."""
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
+import procs
 
 from jmaml import checkpoint, rundir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = [sys.executable, "-m", "jmaml", "train", "--hidden", "8", "--meta-batch-size", "4", "--shots", "5",
+TRAIN = [*procs.JMAML, "train", "--hidden", "8", "--meta-batch-size", "4", "--shots", "5",
          "--query-shots", "5", "--steps", "3000", "--log-every", "10", "--checkpoint-every", "10", "--no-pretrain",
          "--no-eval"]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-
-
 def _run(out, *extra, kill_after=None):
-    proc = subprocess.Popen([*TRAIN, "--out", str(out), *extra], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    if kill_after is not None:
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err
+    return procs.run_killed([*TRAIN, "--out", str(out), *extra], kill_after=kill_after)
 
 
 def test_sigkill_at_random_points_then_resume_is_bitwise(tmp_path):
@@ -77,8 +62,7 @@ def test_a_signal_during_start_up_is_honoured_not_lost(tmp_path):
     # first chance with a checkpoint and the signal's status (no raw KeyboardInterrupt trace)
     for sig in (signal.SIGTERM, signal.SIGINT):
         out = tmp_path / sig.name
-        proc = subprocess.Popen([*TRAIN, "--out", str(out)], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = procs.start([*TRAIN, "--out", str(out)])
         time.sleep(0.5)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import procs
 import pytest
 
 import jmaml
@@ -156,10 +156,7 @@ def test_a_population_on_four_devices_equals_one_device():
             print(shard, bitwise, diff)
             assert diff < 1e-6, (shard, diff)
     """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = procs.run_python(script, env=procs.clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
     assert set(lines) == {"points", "tasks"}

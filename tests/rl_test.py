@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import procs
 import pytest
 
 import jmaml
@@ -270,19 +271,10 @@ def test_trpo_takes_a_step_inside_its_trust_region():
         rl.maml_rl(env, policy, outer="trpo", estimator="dice")
 
 
-def _rl_env():
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
-    return env, root
-
-
 def _rl_cli(out, *extra):
     import sys
 
-    env, root = _rl_env()
+    env, root = procs.clean_env(), procs.ROOT
     cmd = [sys.executable, "-m", "jmaml", "rl", "--out", str(out), "--steps", "30", "--log-every", "2",
            "--episodes", "3", "--horizon", "8", "--hidden", "8", "--meta-batch-size", "4", "--no-pretrain",
            "--outer", "trpo", "--eval-tasks", "4", "--eval-episodes", "3", "--validation-tasks", "3", *extra]

@@ -5,22 +5,15 @@ import csv
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
+import procs
 import pytest
 
 from jmaml import checkpoint, cli, rundir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--hidden", "8", "--meta-batch-size", "4", "--shots", "5", "--query-shots", "5", "--beta", "0.001"]
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
 
 
 def _rows(out):
@@ -61,20 +54,12 @@ def test_an_unfinished_sweep_is_refused_without_resume_or_overwrite(tmp_path, ca
     assert cli.main([*args, "--overwrite"]) == 0
 
 
-SWEEP = [sys.executable, "-m", "jmaml", "sweep", "--algo", "reptile", "--alpha", "0.01,0.03", "--k", "1,2",
+SWEEP = [*procs.JMAML, "sweep", "--algo", "reptile", "--alpha", "0.01,0.03", "--k", "1,2",
          "--steps", "600", "--log-every", "10", *SMALL]
 
 
 def _run(out, *extra, kill_after=None, sig=signal.SIGKILL):
-    proc = subprocess.Popen([*SWEEP, "--out", str(out), *extra], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    if kill_after is not None:
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(sig)
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err
+    return procs.run_killed([*SWEEP, "--out", str(out), *extra], kill_after=kill_after, sig=sig)
 
 
 def test_sigkill_at_random_moments_then_resume_is_bitwise(tmp_path):
@@ -109,8 +94,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise(tmp_path):
 
 def test_sigint_stops_a_sweep_with_a_checkpoint_and_says_how_to_resume(tmp_path):
     run = tmp_path / "s"
-    proc = subprocess.Popen([*SWEEP, "--steps", "100000", "--out", str(run)], env=_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = procs.start([*SWEEP, "--steps", "100000", "--out", str(run)])
     deadline = time.monotonic() + 120
     while not (run / "sweep-k1.ckpt.npz").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
