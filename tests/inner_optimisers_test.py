@@ -274,3 +274,39 @@ def test_a_sweep_varies_the_inner_optimisers_settings_and_equals_single_runs():
                      meta_batch_size=4, log=jmaml.Logging(every=10, progress=False))
         for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(swept)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---- inner optimisers: the documented combinations work, the nonsense is named ----------
+
+@pytest.mark.parametrize("opt,learn", [("momentum", "momentum"), ("adam", "b1,b2"), ("rmsprop", "decay"),
+                                       ("nesterov", "momentum,learning_rate")])
+def test_per_parameter_learned_hyperparameters_of_every_kind(opt, learn):
+    """--inner-optimiser momentum --learn-inner-hyper momentum --per-parameter-hyper was a TypeError (Adam b1 too)."""
+    model = models.mlp([1, 8, 1])
+    loss = make_loss(model.apply, "mse")
+    tasks = jmaml.tasks.sinusoid.distribution().sample(jax.random.key(3), 4)
+    per = learners.maml(loss, inner_lr=0.01, num_inner_steps=2, inner_optimiser=opt, learn_inner_hyper=learn,
+                        per_parameter_hyper=True)
+    one = learners.maml(loss, inner_lr=0.01, num_inner_steps=2, inner_optimiser=opt, learn_inner_hyper=learn)
+    params = model.init(jax.random.key(0))
+    mp = per.init(params)
+    assert jax.tree.structure(mp.hyper[learn.split(",")[0]]) == jax.tree.structure(params)
+    # per-parameter values all equal to the scalar: the same loss as one learned value (the oracle: optax's rule)
+    assert float(per.estimate(mp, tasks)[0]) == pytest.approx(float(one.estimate(one.init(params), tasks)[0]),
+                                                              rel=1e-6)
+    report = jmaml.check_meta_gradient(per, mp, tasks, num_directions=2, max_coordinates=8)
+    assert report["ok"] is True, report["note"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"inner_settings": "momentum=0.9"}, "without inner_optimiser: plain SGD has no settings"),
+    ({"per_parameter_hyper": True}, "per_parameter_hyper=True without learn_inner_hyper"),
+    ({"inner_optimiser": "adam", "inner_settings": "b1=2"}, r"b1 must be in \[0, 1\)"),
+    ({"inner_optimiser": "momentum", "inner_settings": "momentum=1"}, r"momentum must be in \[0, 1\)"),
+    ({"inner_optimiser": "momentum", "inner_settings": "momentum=nan"}, "momentum must be finite"),
+    ({"inner_optimiser": "adam", "inner_settings": "learning_rate=-1"}, "learning_rate is the inner rate"),
+])
+def test_inner_optimiser_nonsense_is_named(kwargs, match):
+    loss = make_loss(models.mlp([1, 4, 1]).apply, "mse")
+    with pytest.raises(ValueError, match=match):
+        learners.maml(loss, inner_lr=0.01, num_inner_steps=1, **kwargs)
