@@ -2,8 +2,9 @@
 
 Three open protocols and one engine: a ``Model(init, apply)``, a ``TaskDistribution`` (sample,
 held-out tasks, metric) and a ``MetaLearner`` (init, estimate, adapt); ``fit`` meta-trains any
-combination, ``evaluate.evaluate`` scores it by the paper's protocol, ``check_meta_gradient`` checks a
-learner's gradient against finite differences. The built-in tasks and algorithms are instances.
+combination, ``evaluation.evaluate`` scores it on held-out tasks (``evaluate``: the paper's protocol
+and run folders), ``check_meta_gradient`` checks a learner's gradient against finite differences.
+The built-in tasks and algorithms are instances.
 """
 
 import importlib
@@ -14,9 +15,9 @@ __version__ = "0.2.0"
 # Loaded on first use (PEP 562), so that `import jmaml` and the `jmaml` command start without importing
 # JAX: the command installs its signal handler first, and a signal during start-up is not lost.
 _MODULES = ("adapters", "analytic", "blocking", "checkpoint", "config", "diagnostics", "distributed", "engine",
-            "estimators", "evaluate", "fingerprint", "fused", "gradcheck", "inner", "inner_optimisers", "learners",
-            "losses", "meta", "models", "plot", "population", "protocols", "recipes", "rl", "rundir", "runinfo",
-            "runstore", "sweep", "tasks", "train", "types", "walkthrough", "writers")
+            "estimators", "evaluate", "evaluation", "fingerprint", "fused", "gradcheck", "inner", "inner_optimisers",
+            "learners", "losses", "meta", "models", "plot", "population", "protocols", "recipes", "rl", "rundir",
+            "runinfo", "runstore", "sweep", "tasks", "train", "types", "walkthrough", "writers")
 _NAMES = {
     "TrainConfig": "config", "DivergenceError": "engine", "Interrupted": "engine", "fit": "engine",
     "Logging": "engine", "RunDir": "engine", "fit_population": "population",
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         engine,
         estimators,
         evaluate,
+        evaluation,
         fingerprint,
         inner_optimisers,
         learners,
@@ -112,6 +114,7 @@ __all__ = [
     "engine",
     "estimators",
     "evaluate",
+    "evaluation",
     "fit",
     "fit_population",
     "sweep",

@@ -16,6 +16,7 @@ import optax
 
 from jmaml import learners, tasks
 from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
+from jmaml.learners import BASELINE
 from jmaml.losses import make_loss
 from jmaml.models import ACTIVATIONS, PRECISIONS, mixed_precision
 from jmaml.types import LossFn, Model
@@ -34,7 +35,6 @@ OPTIMISERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "momentum": _momentum,
     "rmsprop": optax.rmsprop,
 }
-BASELINE = "pretrained"  # the name of the "pretrained" regression baseline's phase
 # Before algorithms owned their options, they were TrainConfig fields of these names; run dirs
 # written then still load (from_dict moves them into algo_options).
 _LEGACY_ALGO_FIELDS = {"first_order": False, "imaml_lambda": 1.0, "imaml_cg_iters": 5, "mamlpp_msl": True,

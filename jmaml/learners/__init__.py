@@ -34,6 +34,8 @@ from jmaml.learners.reptile import reptile
 from jmaml.protocols import MetaLearner
 from jmaml.types import LossFn, Model
 
+BASELINE = "pretrained"  # the name (and run phase) of the paper's "pretrained" regression baseline
+
 
 def rate_optimiser(params_optimiser: optax.GradientTransformation,
                    rates_optimiser: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -40,7 +40,7 @@ def returns_after_steps(learner: MetaLearner, env: Env, policy: Policy, params: 
     of the learner's own test-time policy-gradient steps (``learner.adapt``); shape ``(num_tasks,
     num_steps + 1)``. Every step's policy is scored on the same evaluation keys (common random numbers).
     The curves are ``jmaml.evaluate.learner_curves``'s, as ``jmaml.evaluate.evaluate`` computes them."""
-    from jmaml.evaluate import learner_curves
+    from jmaml.evaluation import learner_curves
 
     num_tasks = check_positive_int(num_tasks, "num_tasks")
     num_steps = check_num_steps(num_steps, "num_steps")
@@ -56,6 +56,6 @@ def returns_after_steps(learner: MetaLearner, env: Env, policy: Policy, params: 
 def summarize(returns: np.ndarray) -> dict:
     """``jmaml.evaluate.summarize`` for returns: per step the mean and 95% confidence half-width (1.96
     standard errors over tasks, axis 0), and the rest of its summary; no task is dropped for its size."""
-    from jmaml.evaluate import summarize as summarize_scores
+    from jmaml.evaluation import summarize as summarize_scores
 
     return summarize_scores(returns, None, higher_is_better=True)

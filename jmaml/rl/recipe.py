@@ -19,7 +19,7 @@ import optax
 
 from jmaml import checkpoint
 from jmaml._checks import check_positive_finite, check_positive_int
-from jmaml.evaluate import learner_curves
+from jmaml.evaluation import learner_curves
 from jmaml.rl import envs, evaluation
 from jmaml.rl.learner import maml_rl, task_distribution, trpo_optimiser
 from jmaml.rl.policies import gaussian_mlp
