@@ -93,8 +93,8 @@ class TrainConfig:
     precision: str = "float32"
     num_train_classes: int = 1200  # Omniglot characters used for meta-training (the rest are test classes)
     eval_inner_steps: int = 10  # inner steps at test time (evaluation curves run 0..this)
-    # Stop when, over a chunk, the adapted query loss averages more than this many times the
-    # un-adapted one: the inner loop is exploding (the seed's -1515.48, at scale). inf disables.
+    # Stop at the first step whose adapted query loss is more than this many times its un-adapted one: the
+    # inner loop is exploding (the seed's -1515.48, at scale; jmaml.engine.diverged_steps). inf disables.
     max_loss_ratio: float = 1000.0
     # tasks per block of the meta-batch (jmaml.blocking): an int dividing meta_batch_size, "auto" (timed on the
     # first compile, kept on resume) or None (the whole meta-batch at once)

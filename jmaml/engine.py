@@ -281,35 +281,56 @@ class Progress:
             self.last_line = time.perf_counter()
 
 
-def divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: float) -> str | None:
-    """Describes the divergence in a chunk's metrics (naming the step and tasks), or None."""
+def diverged_steps(metrics: Mapping[str, Any], max_loss_ratio: float, xp: Any = np) -> Any:
+    """The one divergence rule, for a run's steps (``fit``) and a population's points
+    (``fit_population``) alike: a step diverged when its meta-loss, gradient norm, un-adapted loss or any
+    task's loss is not finite, or when its adapted loss passes ``max_loss_ratio`` times its un-adapted
+    loss (an exploding inner loop, the seed's -1515.48 at scale). The ratio is a scale only for an
+    un-adapted loss that is not negative (minus a return can be either sign: there only non-finite values
+    count).
+
+    Per step, not per chunk: a run and the same run as a population point stop at the same step, and the
+    state kept is the one before that step whatever the chunk length (``log_every``) -- a chunk mean would
+    let one exploding step through beside good ones, and make the outcome depend on how often the run logs.
+
+    Args:
+      metrics: the learner's metrics with any leading axes (a chunk's steps, a population's points);
+        ``task_losses`` has the tasks behind them.
+      xp: ``numpy`` on the host, ``jax.numpy`` inside a compiled step.
+
+    Returns:
+      A boolean array of the leading shape: True where the step diverged.
+    """
     loss, gnorm, pre = metrics["meta_loss"], metrics["grad_norm"], metrics["pre_adapt_loss"]
-    task_losses = np.asarray(metrics["task_losses"])
-    bad = ~(np.isfinite(loss) & np.isfinite(gnorm) & np.isfinite(pre)
-            & np.all(np.isfinite(task_losses.reshape(len(loss), -1)), axis=1))
-    if bad.any():  # a learner's own metrics count too: NaN task losses beside a finite mean are not ignored
-        i = int(np.argmax(bad))
-        tasks = np.flatnonzero(~np.isfinite(task_losses[i])).tolist()
+    tasks = xp.reshape(metrics["task_losses"], (*xp.shape(loss), -1))
+    finite = xp.isfinite(loss) & xp.isfinite(gnorm) & xp.isfinite(pre) & xp.all(xp.isfinite(tasks), axis=-1)
+    with np.errstate(all="ignore"):  # a float32 ratio past its range is an explosion, not a warning
+        exploding = (pre >= 0) & (loss > max_loss_ratio * xp.maximum(pre, 1e-30))
+    return ~finite | exploding
+
+
+def divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: float) -> str | None:
+    """Describes the first diverged step of a chunk (``diverged_steps``), naming the step and tasks, or
+    None when no step diverged."""
+    bad = np.asarray(diverged_steps(metrics, max_loss_ratio))
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    loss, gnorm, pre = (float(np.asarray(metrics[k])[i]) for k in ("meta_loss", "grad_norm", "pre_adapt_loss"))
+    task_losses = np.asarray(metrics["task_losses"])[i].reshape(-1)
+    if not (np.isfinite([loss, gnorm, pre]).all() and np.isfinite(task_losses).all()):
+        tasks = np.flatnonzero(~np.isfinite(task_losses)).tolist()
         which = f"tasks {tasks} of the meta-batch" if tasks else "the meta-gradient"
         own = [k for k, v in metrics.items()  # the learner's own metrics name the cause (a return, a reward ...)
                if k not in ("meta_loss", "grad_norm", "pre_adapt_loss", "task_losses")
                and np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(np.asarray(v)[i]))]
         also = f"; the learner's metrics non-finite there: {', '.join(sorted(own))}" if own else ""
-        return (f"non-finite meta-loss, gradient or task loss at step {step0 + i + 1} (meta-loss {loss[i]}, "
-                f"gradient norm {gnorm[i]}, un-adapted loss {pre[i]}; non-finite in {which}{also})")
-    # The explosion test compares with the un-adapted loss, a scale only for a loss that is not negative (minus
-    # a return can be either sign: there a ratio means nothing, and only non-finite values stop the run).
-    pre_mean = float(np.mean(pre))
-    ratio = float(np.mean(loss)) / max(pre_mean, 1e-30) if pre_mean >= 0 else 0.0
-    if ratio > max_loss_ratio:
-        worst = int(np.argmax(loss / np.maximum(pre, 1e-30)))
-        tasks = metrics["task_losses"][worst]
-        top = np.argsort(tasks)[::-1][:3].tolist()
-        return (f"exploding inner loop over steps {step0 + 1}-{step0 + len(loss)}: the adapted query "
-                f"loss averages {np.mean(loss):.4g}, {ratio:.3g} times the un-adapted loss "
-                f"{np.mean(pre):.4g} (max_loss_ratio {max_loss_ratio:g}); worst at step "
-                f"{step0 + worst + 1}, tasks {top} of the meta-batch")
-    return None
+        return (f"non-finite meta-loss, gradient or task loss at step {step0 + i + 1} (meta-loss {loss}, "
+                f"gradient norm {gnorm}, un-adapted loss {pre}; non-finite in {which}{also})")
+    top = np.argsort(task_losses)[::-1][:3].tolist()
+    return (f"exploding inner loop at step {step0 + i + 1}: the adapted query loss {loss:.4g} is "
+            f"{loss / max(pre, 1e-30):.3g} times the un-adapted loss {pre:.4g} (max_loss_ratio {max_loss_ratio:g}); "
+            f"worst tasks {top} of the meta-batch")
 
 
 def chunk_record(name: str, step: int, metrics: dict[str, np.ndarray], seconds: float, length: int) -> dict:
@@ -480,8 +501,9 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         None keeps nothing on disk.
       log: ``Logging(every=1000, progress=True, stream=None, writers=None, callback=None)``.
       name: the run's name in files and messages (default ``learner.name``).
-      max_loss_ratio: stop when the adapted query loss averages more than this many times the
-        un-adapted one over a chunk (an exploding inner loop); ``math.inf`` disables.
+      max_loss_ratio: stop at the first step whose adapted query loss is more than this many times its
+        un-adapted one (an exploding inner loop; ``diverged_steps`` is the rule, the same for
+        populations), keeping the state before it; ``math.inf`` disables.
       meta_batch_block: process each meta-batch in blocks of this many tasks (``jmaml.blocking``: the
         same gradient to float round-off, a working set that stays in cache); ``"auto"`` times a few
         block sizes on the first compile and keeps the fastest; None: the whole meta-batch at once. The
@@ -682,7 +704,10 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
     def finish(state: TrainState, new_state: TrainState, step: int, metrics: dict, seconds: float, length: int):
         msg = divergence(step, metrics, max_loss_ratio)
         if msg is not None:
-            saver.keep(state, step)
+            good = int(np.argmax(np.asarray(diverged_steps(metrics, max_loss_ratio))))  # steps before the bad one
+            if good:  # the state just before the diverged step: those steps again from the chunk's start
+                state = chunk(state, good)[0]
+            saver.keep(state, step + good)
             kept = f" is kept in {ckpt}" if ckpt is not None else " is the one before this chunk"
             label = learner.label if name == learner.name else name
             raise DivergenceError(f"{label} training diverged: {msg}. The last good state (step {saver.saved_step})"

@@ -340,11 +340,7 @@ def _make_chunk(learner: MetaLearner, tasks: TaskDistribution, opt: optax.Gradie
             batch = distributed.shard_tasks(batch, mesh)
         points = ps.points if placement is None else jax.lax.with_sharding_constraint(ps.points, placement)
         new, metrics = jax.vmap(call, in_axes=(0, None, 0))(points, batch, hyper)
-        loss, gnorm, pre = metrics["meta_loss"], metrics["grad_norm"], metrics["pre_adapt_loss"]
-        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(pre) & \
-            jnp.all(jnp.isfinite(metrics["task_losses"]), axis=-1)
-        # as engine.divergence: the ratio is a scale only for an un-adapted loss that is not negative
-        ok = finite & ~((pre >= 0) & (loss > max_loss_ratio * jnp.maximum(pre, 1e-30)))
+        ok = ~engine.diverged_steps(metrics, max_loss_ratio, jnp)  # the rule of a single run, per point
         alive = ps.alive & ok
 
         def keep(a, b):

@@ -94,6 +94,25 @@ def test_a_population_resumes_bitwise_and_owns_its_run_dir(tmp_path):
         _pop({**POINTS, "inner_lr": [0.5, 0.03, 0.01, 0.03]}, run_dir=tmp_path / "b", resume=True, steps=40)
 
 
+def test_a_run_and_the_same_run_as_a_population_point_stop_at_the_same_step_with_the_same_state(tmp_path):
+    """One divergence rule (engine.diverged_steps), per step: a run stops at the step its population point
+    stops at, inside a chunk too, and keeps the state before it, as the point is frozen at it."""
+    learner = learners.maml(LOSS, inner_lr=0.01, num_inner_steps=1)
+    log = jmaml.Logging(every=10, progress=False)
+    pop = fit_population(learner, TASKS, optax.sgd, MODEL.init, {"meta_lr": [0.05, 0.3], "seed": [0, 0]}, steps=30,
+                         meta_batch_size=4, key=5, log=log)  # plain SGD at 0.3: the parameters blow up in steps
+    at = int(pop.diverged_at[1])
+    assert pop.alive.tolist() == [True, False] and 1 < at < 10  # inside the first chunk, not at its start
+    with pytest.raises(jmaml.DivergenceError, match=rf"at step {at}\b") as e:
+        jmaml.fit(learner, TASKS, optax.sgd(0.3), MODEL.init(jax.random.key(0)), steps=30, meta_batch_size=4, key=5,
+                  run=jmaml.RunDir(str(tmp_path / "run"), checkpoint_every=10), log=log)
+    assert f"The last good state (step {at - 1})" in str(e.value)
+    path = tmp_path / "run" / "maml.ckpt.npz"
+    assert checkpoint.read_header(path)["step"] == at - 1 == int(point(pop, 1).step)
+    for u, v in zip(_leaves(checkpoint.restore_params(path, like=point(pop, 1).params)), _leaves(point(pop, 1).params)):
+        np.testing.assert_allclose(u, v, rtol=2e-5, atol=1e-7)
+
+
 def test_a_diverging_point_is_frozen_reported_and_leaves_the_others_alone(capsys):
     bad = {k: [*v, v[0]] for k, v in POINTS.items()}
     bad["inner_lr"][-1] = 50.0  # an exploding inner loop

@@ -54,8 +54,8 @@ def test_exploding_inner_loop_stops_the_run(tmp_path):
     # alpha = 10 with one step stays finite (Adam rescales the meta-steps) but the adapted loss
     # is orders of magnitude above the un-adapted one: reported, with the steps and tasks.
     cfg = TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, "inner_lr": 10.0})
-    with pytest.raises(train.DivergenceError, match=r"MAML training diverged: exploding inner loop over steps "
-                                                    r"1-10: .* tasks \["):
+    with pytest.raises(train.DivergenceError, match=r"MAML training diverged: exploding inner loop at step "
+                                                    r"1: .* tasks \["):
         train.train(cfg, str(tmp_path / "x"), stream=io.StringIO())
     # an algorithm with learned rates names itself and its rates' meta rate
     cfg = dataclasses.replace(cfg, algo="metasgd", algo_options={"rate_meta_lr": 1e-5})
