@@ -20,7 +20,7 @@ _MODULES = ("adapters", "analytic", "blocking", "checkpoint", "config", "diagnos
             "runinfo", "runstore", "sweep", "tasks", "train", "types", "walkthrough", "writers")
 _NAMES = {
     "TrainConfig": "config", "DivergenceError": "engine", "Interrupted": "engine", "fit": "engine",
-    "Logging": "engine", "RunDir": "engine", "fit_population": "population",
+    "Logging": "engine", "RunDir": "engine", "fit_population": "population", "evaluate_population": "evaluation",
     "check_meta_gradient": "gradcheck", "adapt": "inner", "inner_step": "inner", "make_loss": "losses",
     "TrainState": "meta", "batched_objective": "meta", "init_state": "meta", "make_estimator_step": "meta",
     "make_step": "meta", "maml_value_and_grad": "meta", "task_objective": "meta",
@@ -73,6 +73,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     )
     from jmaml.config import TrainConfig  # noqa: F401
     from jmaml.engine import DivergenceError, Interrupted, Logging, RunDir, fit  # noqa: F401
+    from jmaml.evaluation import evaluate_population  # noqa: F401
     from jmaml.gradcheck import check_meta_gradient  # noqa: F401
     from jmaml.inner import adapt, inner_step  # noqa: F401
     from jmaml.losses import make_loss  # noqa: F401
@@ -115,6 +116,7 @@ __all__ = [
     "estimators",
     "evaluate",
     "evaluation",
+    "evaluate_population",
     "fit",
     "fit_population",
     "sweep",

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from jmaml._checks import check_num_steps, check_positive_int
 from jmaml.engine import check_distribution, check_learner
 from jmaml.inner import adapt
 from jmaml.learners import BASELINE
+from jmaml.meta import TrainState
 from jmaml.models import batch_norm_label
 from jmaml.protocols import MetaLearner, TaskDistribution, metric_higher_is_better
 from jmaml.tasks import sinusoid
@@ -225,62 +226,175 @@ def evaluate(learner: MetaLearner, meta_params: Any, tasks: TaskDistribution, *,
       >>> sorted(report), len(report["5"]["mean"])
       (['5'], 3)
     """
-    _check_evaluable(learner, tasks)
-    num_steps = check_num_steps(num_steps, "num_steps")
-    num_tasks = check_positive_int(num_tasks, "num_tasks")
-    if num_tasks < 2:
-        raise ValueError(f"num_tasks={num_tasks}: a mean with a 95% confidence interval needs at least 2 held-out "
-                         "tasks")
-    if num_tasks > MAX_EVAL_TASKS:
-        raise ValueError(f"num_tasks={num_tasks} is more than MAX_EVAL_TASKS={MAX_EVAL_TASKS:,}: the interval "
-                         "would be far narrower than any difference worth reporting, at hours of compute; "
-                         "evaluate fewer tasks")
-    if higher_is_better is None:
-        higher_is_better = metric_higher_is_better(tasks)
-    elif not isinstance(higher_is_better, bool):
-        raise TypeError(f"higher_is_better must be True, False or None, got {higher_is_better!r}")
-    if metric is None:
-        if apply is None or tasks.make_metric is None:
-            raise ValueError("evaluate needs the metric: pass metric=fn(params, query) -> scalar, or apply= the "
-                             "model's apply for a distribution with make_metric")
-        make = tasks.make_metric
-        metric = make(apply) if model_state is None else \
-            (lambda p, q, s: make(lambda pp, x: apply(pp, x, s)[0])(p, q))  # a stateful apply: (pred, state)
-    _diverged_ratio(diverged_ratio, higher_is_better)  # refused before anything compiles
-    key = jax.random.key(key) if isinstance(key, int) else key
-
+    setup = _Setup.make(learner, tasks, apply=apply, metric=metric, num_tasks=num_tasks, num_steps=num_steps,
+                        key=key, batch_size=batch_size, diverged_ratio=diverged_ratio, model_state=model_state,
+                        higher_is_better=higher_is_better)
     # hyperparameters are arguments, not constants: a rate search compiles once for all its candidates
-    curves = jax.jit(lambda meta_params, batch, hyper: learner_curves(learner, meta_params, batch, metric, num_steps,
-                                                                      hyper=hyper, model_state=model_state))
-    hyper = dict(hyper or {})
+    curves = jax.jit(lambda meta_params, batch, hyper: learner_curves(learner, meta_params, batch, setup.metric,
+                                                                      num_steps, hyper=hyper, model_state=model_state))
+    values = setup.collect(curves, meta_params, dict(hyper or {}), shots=shots, label=label, progress=progress)
+    return {name: setup.summary(v) for name, v in values.items()}
 
-    def draw(k, n):
-        return tasks.heldout(k, n) if tasks.heldout_data is None else tasks.heldout(k, n, tasks.heldout_data)
 
-    if batch_size is None:
-        plan = [(key, num_tasks)]
-    else:
-        batch_size = check_positive_int(batch_size, "batch_size")
-        plan = [(jax.random.fold_in(key, i), min(batch_size, num_tasks - start))
-                for i, start in enumerate(range(0, num_tasks, batch_size))]
-    keys = [label] if shots is None else [str(k) for k in shots]
-    values: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    show = len(plan) > 10 if progress is None else bool(progress)
-    start = time.perf_counter()
-    for i, (chunk_key, n) in enumerate(plan):  # one chunk's tasks at a time: memory bounded by batch_size
-        chunk = draw(chunk_key, n)
-        for name, k in zip(keys, [None] if shots is None else shots):
-            values[name].append(np.asarray(curves(meta_params, chunk if k is None else
-                                                  chunk._replace(support=_take(chunk.support, k)), hyper)))
-        if show:
-            done, spent = i + 1, time.perf_counter() - start
-            left = spent / done * (len(plan) - done)
-            print(f"\revaluate: {done}/{len(plan)} chunks, {sum(m for _, m in plan[:done])} tasks, "
-                  f"~{left:.0f}s left", end="" if done < len(plan) else "\n", file=sys.stderr, flush=True)
-    kind = {"metric": tasks.metric_name, "higher_is_better": higher_is_better,
-            **({} if model_state is None else {"batch_norm": batch_norm_label(model_state)})}
-    return {name: {**kind, **summarize(np.concatenate(v), diverged_ratio, higher_is_better=higher_is_better)}
-            for name, v in values.items()}
+class _Setup(NamedTuple):
+    """What ``evaluate`` and ``evaluate_population`` check and share: the metric, its kind, the plan of
+    held-out chunks; ``collect`` runs a compiled curve function over them."""
+
+    tasks: TaskDistribution
+    metric: Any
+    higher_is_better: bool
+    diverged_ratio: float | None
+    plan: list[tuple[Any, int]]
+    model_state: Any
+
+    @staticmethod
+    def make(learner: MetaLearner, tasks: TaskDistribution, *, apply: Any, metric: Any, num_tasks: int,
+             num_steps: int, key: Any, batch_size: int | None, diverged_ratio: float | None, model_state: Any,
+             higher_is_better: bool | None) -> _Setup:
+        _check_evaluable(learner, tasks)
+        check_num_steps(num_steps, "num_steps")
+        num_tasks = check_positive_int(num_tasks, "num_tasks")
+        if num_tasks < 2:
+            raise ValueError(f"num_tasks={num_tasks}: a mean with a 95% confidence interval needs at least 2 "
+                             "held-out tasks")
+        if num_tasks > MAX_EVAL_TASKS:
+            raise ValueError(f"num_tasks={num_tasks} is more than MAX_EVAL_TASKS={MAX_EVAL_TASKS:,}: the interval "
+                             "would be far narrower than any difference worth reporting, at hours of compute; "
+                             "evaluate fewer tasks")
+        if higher_is_better is None:
+            higher_is_better = metric_higher_is_better(tasks)
+        elif not isinstance(higher_is_better, bool):
+            raise TypeError(f"higher_is_better must be True, False or None, got {higher_is_better!r}")
+        if metric is None:
+            if apply is None or tasks.make_metric is None:
+                raise ValueError("evaluate needs the metric: pass metric=fn(params, query) -> scalar, or apply= the "
+                                 "model's apply for a distribution with make_metric")
+            make = tasks.make_metric
+            metric = make(apply) if model_state is None else \
+                (lambda p, q, s: make(lambda pp, x: apply(pp, x, s)[0])(p, q))  # a stateful apply: (pred, state)
+        _diverged_ratio(diverged_ratio, higher_is_better)  # refused before anything compiles
+        key = jax.random.key(key) if isinstance(key, int) else key
+        if batch_size is None:
+            plan = [(key, num_tasks)]
+        else:
+            batch_size = check_positive_int(batch_size, "batch_size")
+            plan = [(jax.random.fold_in(key, i), min(batch_size, num_tasks - start))
+                    for i, start in enumerate(range(0, num_tasks, batch_size))]
+        return _Setup(tasks, metric, higher_is_better, diverged_ratio, plan, model_state)
+
+    def collect(self, curves: Callable, meta_params: Any, hyper: Any, *, shots: Sequence[int] | None, label: str,
+                progress: bool | None) -> dict[str, np.ndarray]:
+        """``curves(meta_params, batch, hyper)`` over every chunk of held-out tasks, for each K of ``shots``;
+        the chunks' curves joined along the task axis (the last but one)."""
+        tasks = self.tasks
+
+        def draw(k, n):
+            return tasks.heldout(k, n) if tasks.heldout_data is None else tasks.heldout(k, n, tasks.heldout_data)
+
+        keys = [label] if shots is None else [str(k) for k in shots]
+        values: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        show = len(self.plan) > 10 if progress is None else bool(progress)
+        start = time.perf_counter()
+        for i, (chunk_key, n) in enumerate(self.plan):  # one chunk's tasks at a time: memory bounded by batch_size
+            chunk = draw(chunk_key, n)
+            for name, k in zip(keys, [None] if shots is None else shots):
+                values[name].append(np.asarray(curves(meta_params, chunk if k is None else
+                                                      chunk._replace(support=_take(chunk.support, k)), hyper)))
+            if show:
+                done, spent = i + 1, time.perf_counter() - start
+                left = spent / done * (len(self.plan) - done)
+                print(f"\revaluate: {done}/{len(self.plan)} chunks, {sum(m for _, m in self.plan[:done])} tasks, "
+                      f"~{left:.0f}s left", end="" if done < len(self.plan) else "\n", file=sys.stderr, flush=True)
+        return {name: np.concatenate(v, axis=-2) for name, v in values.items()}
+
+    def summary(self, values: np.ndarray, model_state: Any = None) -> dict[str, Any]:
+        """One result: the metric's kind and ``summarize`` of a (tasks, steps + 1) array."""
+        state = self.model_state if model_state is None else model_state
+        kind = {"metric": self.tasks.metric_name, "higher_is_better": self.higher_is_better,
+                **({} if state is None else {"batch_norm": batch_norm_label(state)})}
+        return {**kind, **summarize(values, self.diverged_ratio, higher_is_better=self.higher_is_better)}
+
+
+def evaluate_population(learner: MetaLearner, population: Any, tasks: TaskDistribution,
+                        points: Mapping[str, Sequence[Any]] | None = None, *, apply: Any = None, metric: Any = None,
+                        num_tasks: int = NUM_EVAL_TASKS, num_steps: int = MAX_EVAL_STEPS,
+                        shots: Sequence[int] | None = None, key: Any = EVAL_SEED, batch_size: int | None = None,
+                        diverged_ratio: float | None = None, label: str = "all", higher_is_better: bool | None = None,
+                        progress: bool | None = None) -> list[dict[str, Any]]:
+    """``evaluate`` for every point of a population at once: one compiled program, vmapped over the
+    points, on the same held-out tasks -- not one compile per point.
+
+    Args:
+      learner: the population's learner (its ``adapt`` is the test-time rule).
+      population: ``fit_population``'s ``PopulationState`` (a diverged point is scored from the last good
+        state it was frozen at), or a ``TrainState`` whose leaves have a leading point axis.
+      tasks: the ``TaskDistribution``.
+      points: the population's table (name -> one value per point), as given to ``fit_population``: the
+        learner's per-call hyperparameters in it (a swept ``inner_lr``, ``num_inner_steps``,
+        ``inner_hyper.NAME``) are each point's at test time too; ``seed`` and ``meta_lr`` only shaped
+        training. None: the learner's own hyperparameters for every point.
+      apply, metric, num_tasks, num_steps, shots, key, batch_size, diverged_ratio, label, higher_is_better,
+        progress: as ``evaluate``'s.
+
+    Returns:
+      One ``evaluate`` result per point, in the points' order; with a ``PopulationState``, each also has
+      ``"train_diverged_at"`` (the step the point diverged at in training, or None).
+
+    Example:
+      >>> import jax, optax
+      >>> from jmaml import fit_population, learners, make_loss, models, tasks, Logging
+      >>> model = models.mlp([1, 8, 1])
+      >>> learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
+      >>> points = {"inner_lr": [0.01, 0.03], "seed": [0, 1]}
+      >>> pop = fit_population(learner, tasks.sinusoid.distribution(), optax.adam(1e-3), model.init, points,
+      ...                      steps=10, meta_batch_size=4, log=Logging(every=10, progress=False))
+      >>> results = evaluate_population(learner, pop, tasks.sinusoid.distribution(), points, apply=model.apply,
+      ...                               num_tasks=20, num_steps=2)
+      >>> len(results), len(results[0]["all"]["mean"]), results[1]["train_diverged_at"]
+      (2, 3, None)
+    """
+    from jmaml import population as population_mod
+
+    state = population.points if isinstance(population, population_mod.PopulationState) else population
+    if not isinstance(state, TrainState):
+        raise TypeError(f"population must be fit_population's PopulationState or a TrainState with a leading point "
+                        f"axis, got {type(population).__name__}")
+    size = int(np.shape(state.step)[0]) if np.ndim(state.step) == 1 else None
+    if size is None:
+        raise ValueError(f"population's TrainState has no point axis (its step has shape {np.shape(state.step)}): "
+                         "for one run use evaluate")
+    hyper: dict[str, Any] = {}
+    if points is not None:
+        n, values = population_mod.point_values(points)
+        if n != size:
+            raise ValueError(f"points has {n} values per name but the population has {size} points")
+        plain, inner = population_mod.split_hyper(learner, values)
+        hyper = {name: population_mod.as_array(name, values[name]) for name in plain}
+        if inner:
+            hyper["inner_hyper"] = {name: population_mod.as_array(name, values[population_mod.INNER_HYPER + name])
+                                    for name in inner}
+    model_state = state.model_state
+    setup = _Setup.make(learner, tasks, apply=apply, metric=metric, num_tasks=num_tasks, num_steps=num_steps,
+                        key=key, batch_size=batch_size, diverged_ratio=diverged_ratio,
+                        model_state=None if model_state is None else jax.tree.map(lambda a: a[0], model_state),
+                        higher_is_better=higher_is_better)
+
+    def one(meta_params, state_i, batch, h):
+        return learner_curves(learner, meta_params, batch, setup.metric, num_steps, hyper=h, model_state=state_i)
+
+    curves = jax.jit(lambda meta, batch, h: jax.vmap(one, in_axes=(0, 0, None, 0))(meta[0], meta[1], batch, h))
+    values_by_k = setup.collect(curves, (state.params, model_state), hyper, shots=shots, label=label,
+                                progress=progress)
+    diverged = (np.asarray(population.diverged_at) if isinstance(population, population_mod.PopulationState)
+                else None)
+    out = []
+    for i in range(size):
+        state_i = None if model_state is None else jax.tree.map(lambda a, i=i: a[i], model_state)
+        result: dict[str, Any] = {name: setup.summary(v[i], state_i) for name, v in values_by_k.items()}
+        if diverged is not None:
+            result["train_diverged_at"] = int(diverged[i]) if diverged[i] >= 0 else None
+        out.append(result)
+    return out
 
 
 def pretrained_baseline(loss_fn: LossFn, tasks: TaskDistribution, params: Params, *, steps: int,

@@ -99,7 +99,7 @@ def point_values(points: Mapping[str, Sequence[Any]]) -> tuple[int, dict[str, li
     return sizes.pop(), out
 
 
-def _split_hyper(learner: MetaLearner, names: Iterable[str]) -> tuple[list[str], list[str]]:
+def split_hyper(learner: MetaLearner, names: Iterable[str]) -> tuple[list[str], list[str]]:
     """The learner's per-call hyperparameters among ``names`` and the inner optimiser's (``inner_hyper.X``);
     anything else is named as an error."""
     plain, inner = [], []
@@ -122,7 +122,7 @@ def _split_hyper(learner: MetaLearner, names: Iterable[str]) -> tuple[list[str],
     return plain, inner
 
 
-def _as_array(name: str, values: list) -> jax.Array:
+def as_array(name: str, values: list) -> jax.Array:
     if name == SEED:
         return jnp.asarray(values, jnp.uint32)
     if name == "num_inner_steps":
@@ -186,7 +186,7 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
     allow_changed, fingerprint = where.allow_changed, where.fingerprint
     log_every, progress, stream, writers, callback = logging
     size, values = point_values(points)
-    plain, inner = _split_hyper(learner, values)
+    plain, inner = split_hyper(learner, values)
     if shard not in SHARD_AXES:
         raise ValueError(f"shard must be one of {SHARD_AXES}, got {shard!r}")
     n_dev = 1 if mesh is None else int(mesh.devices.size)
@@ -216,7 +216,7 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
         raise TypeError("params is a function init(key): give points['seed'] to say each point's key")
     sinks = writers_mod.check_writers(writers)
     name = name or f"{learner.name}-population"
-    arrays = {n: _as_array(n, v) for n, v in values.items()}
+    arrays = {n: as_array(n, v) for n, v in values.items()}
     seeds = arrays.get(SEED, jnp.zeros((size,), jnp.uint32))
     betas = arrays.get(META_LR, jnp.zeros((size,), default_float()))
 

@@ -113,6 +113,32 @@ def test_a_run_and_the_same_run_as_a_population_point_stop_at_the_same_step_with
         np.testing.assert_allclose(u, v, rtol=2e-5, atol=1e-7)
 
 
+def test_evaluate_population_scores_every_point_as_evaluate_does_in_one_program():
+    from jmaml.evaluation import evaluate, evaluate_population
+
+    points = {"inner_lr": [0.01, 0.03, 0.3], "seed": [0, 1, 2]}
+    pop = _pop(points, steps=20)
+    learner = learners.maml(LOSS, inner_lr=0.01, num_inner_steps=1)
+    traces = []
+    counted = learner._replace(adapt=lambda *a, **k: (traces.append(1), learner.adapt(*a, **k))[1])
+    results = evaluate_population(counted, pop, TASKS, points, apply=MODEL.apply, num_tasks=30, num_steps=3,
+                                  batch_size=10)
+    assert len(traces) == 1  # one trace, one compiled program, for all points and all three chunks of tasks
+    assert len(results) == 3 and [r["train_diverged_at"] for r in results] == [None] * 3
+    for i, result in enumerate(results):  # each point as evaluate scores it alone, at its own inner rate
+        alone = evaluate(learner, point(pop, i).params, TASKS, apply=MODEL.apply, num_tasks=30, num_steps=3,
+                         batch_size=10, hyper={"inner_lr": points["inner_lr"][i]})
+        got, want = result["all"], alone["all"]
+        assert (got["metric"], got["diverged"]) == (want["metric"], want["diverged"])
+        np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-5)
+        np.testing.assert_allclose(got["ci95"], want["ci95"], rtol=1e-4)
+    assert results[0]["all"]["mean"] != results[2]["all"]["mean"]  # the points' own rates are used
+    with pytest.raises(ValueError, match="points has 2 values per name but the population has 3 points"):
+        evaluate_population(learner, pop, TASKS, {"inner_lr": [0.01, 0.03]}, apply=MODEL.apply, num_tasks=4)
+    with pytest.raises(ValueError, match="no point axis"):
+        evaluate_population(learner, point(pop, 0), TASKS, apply=MODEL.apply, num_tasks=4)
+
+
 def test_a_diverging_point_is_frozen_reported_and_leaves_the_others_alone(capsys):
     bad = {k: [*v, v[0]] for k, v in POINTS.items()}
     bad["inner_lr"][-1] = 50.0  # an exploding inner loop
