@@ -61,9 +61,9 @@ from jmaml.engine import (
     device_memory_bytes,
 )
 from jmaml.evaluate import EVAL_SEED, MAX_EVAL_STEPS, NUM_EVAL_QUERY, adaptation_curve, learner_curves
-from jmaml.evaluate import evaluate as evaluate_learner
+from jmaml.evaluation import evaluate_population
 from jmaml.population import INNER_HYPER, PopulationState, fit_population
-from jmaml.protocols import MetaLearner, TaskDistribution
+from jmaml.protocols import MetaLearner, TaskDistribution, metric_higher_is_better
 from jmaml.recipes import build_model, effective_unroll, task_stream_key
 from jmaml.rundir import data_fingerprint, run_fingerprint
 from jmaml.runstore import atomic_write_text
@@ -398,6 +398,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     kept: list[Any] = []
     t0 = time.perf_counter()
     num_populations = 0
+    higher = metric_higher_is_better(dist)
     for prefix, learner, group, traced in groups:
         for i, (part, real) in enumerate(_chunks(group, per_chunk)):
             name = prefix if len(group) <= per_chunk else f"{prefix}-{i}"
@@ -414,7 +415,8 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
                 curves = np.full((len(part), 1, MAX_EVAL_STEPS + 1), np.nan)
                 lam = np.full((len(part), 1), np.nan)
             for g, row in enumerate(new):
-                row.update(_evaluation_fields(curves[g], lam[g], row["train_diverged"], evaluate, base.max_loss_ratio))
+                row.update(_evaluation_fields(curves[g], lam[g], row["train_diverged"], evaluate, base.max_loss_ratio,
+                                              higher))
                 if keep_params:
                     kept.append(jax.tree.map(lambda a, g=g: np.asarray(a[g]), params))
             rows += new
@@ -424,7 +426,8 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     ranks = sorted(range(len(rows)), key=lambda i: order[(rows[i]["alpha"], rows[i]["beta"], rows[i]["k"],
                                                           rows[i]["seed"])])
     rows = [rows[i] for i in ranks]
-    meta = {"num_points": len(everything), "points_per_chunk": per_chunk, "num_chunks": num_populations,
+    meta = {"metric": dist.metric_name, "higher_is_better": higher, "eval_tasks": eval_tasks if evaluate else 0,
+            "num_points": len(everything), "points_per_chunk": per_chunk, "num_chunks": num_populations,
             "seconds": time.perf_counter() - t0, "task_seed": task_seed, "k_max": max(grid.ks),
             "traced_k": traced_k, "memory_budget_bytes": budget, "base_config": base.to_dict()}
     result = {"rows": rows, "meta": meta}
@@ -460,18 +463,40 @@ def _evaluate_sweep_points(base: TrainConfig, model: Any, learner: MetaLearner, 
 
 
 def _evaluation_fields(c: np.ndarray, lam_g: np.ndarray, train_diverged: bool, evaluated: bool,
-                       max_loss_ratio: float) -> dict[str, Any]:
+                       max_loss_ratio: float, higher_is_better: bool = False) -> dict[str, Any]:
+    """A point's row fields from its held-out curves ``c`` (tasks, steps + 1): per step the mean and 95%
+    CI half-width over the tasks whose value is finite, where evaluation diverged, and λ_max."""
     finite = np.isfinite(c)
+    count = finite.sum(axis=0)
     with np.errstate(all="ignore"):
-        mse = [float(c[finite[:, s], s].mean()) if finite[:, s].any() else math.nan for s in range(c.shape[1])]
-    mse += [math.nan] * (MAX_EVAL_STEPS + 1 - len(mse))
+        mean = [float(c[finite[:, s], s].mean()) if count[s] else math.nan for s in range(c.shape[1])]
+        ci = [float(1.96 * c[finite[:, s], s].std(ddof=1) / np.sqrt(count[s])) if count[s] > 1 else math.nan
+              for s in range(c.shape[1])]
     lam_med = float(np.median(lam_g)) if np.isfinite(lam_g).all() else math.nan
-    eval_diverged = evaluated and bool(not all(np.isfinite(mse)) or max(mse) > max_loss_ratio * mse[0]
-                                       or (~finite).any())
-    return {"mse_1": mse[1], "mse_5": mse[5], "mse_10": mse[10], "mse_curve": mse,
-            "eval_diverged_tasks": int((~finite[:, -1]).sum()), "lambda_max_median": lam_med,
-            "alpha_bound": float(step_size_bound(jnp.asarray(lam_med))) if np.isfinite(lam_med) else math.nan,
-            "diverged": train_diverged or eval_diverged, "eval_diverged": eval_diverged}
+    bad_steps = [s for s in range(c.shape[1]) if not finite[:, s].all()]
+    return {**curve_fields(mean, ci, int((~finite[:, -1]).sum()), bad_steps, train_diverged=train_diverged,
+                           evaluated=evaluated, max_loss_ratio=max_loss_ratio, higher_is_better=higher_is_better),
+            "lambda_max_median": lam_med,
+            "alpha_bound": float(step_size_bound(jnp.asarray(lam_med))) if np.isfinite(lam_med) else math.nan}
+
+
+def curve_fields(mean: Sequence[float], ci95: Sequence[float], diverged_tasks: int, bad_steps: Sequence[int], *,
+                 train_diverged: bool, evaluated: bool, max_loss_ratio: float,
+                 higher_is_better: bool) -> dict[str, Any]:
+    """The evaluation fields of every sweep row, from a point's per-step mean and 95% CI: the metric after
+    1, 5 and 10 steps, and ``eval_diverged_step``, the first step at which evaluation diverged or None:
+    a step in ``bad_steps`` (a task's value not finite there), a non-finite mean, or for a loss a mean
+    past ``max_loss_ratio`` times the un-adapted one (a score's tasks never diverge by size)."""
+    n = len(mean)
+    bad = set(bad_steps) | {s for s in range(n) if not math.isfinite(mean[s])}
+    if not higher_is_better and math.isfinite(mean[0]) and mean[0] >= 0:
+        bad |= {s for s in range(n) if mean[s] > max_loss_ratio * max(mean[0], 1e-30)}
+    at = min(bad) if evaluated and bad else None
+    pad = [math.nan] * (MAX_EVAL_STEPS + 1 - n)
+    mean, ci95 = [float(v) for v in mean] + pad, [float(v) for v in ci95] + pad
+    return {"mse_1": mean[1], "mse_5": mean[5], "mse_10": mean[10], "mse_curve": mean[:max(n, 1)],
+            "ci95": ci95[:max(n, 1)], "eval_diverged_tasks": diverged_tasks, "eval_diverged_step": at,
+            "diverged": train_diverged or at is not None, "eval_diverged": at is not None}
 
 
 def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribution,
@@ -532,6 +557,7 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
                progress=progress, stream=stream)
     rows: list[dict[str, Any]] = []
     kept: list[Any] = []
+    t0 = time.perf_counter()
     for k in sorted(set(grid.ks)):
         at_k = [{"alpha": a, "beta": b, "k": k, "seed": s, **{INNER_HYPER + n: v for n, v in zip(names, e)}}
                 for a, b, kk, s in grid.points() if kk == k for e in extra]
@@ -549,20 +575,35 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
             state = _train_population(name, group_learner, tasks, make_optimiser, init_params, group, group_traced,
                                       steps=steps, meta_batch_size=meta_batch_size, key=task_key, log=log,
                                       label=f"{name} ({len(group)} runs)", **run)
+            evaluated = None
+            if evaluate:  # every point of the population in one compiled program, each at its own rates
+                table = {n: [p[n] for p in group] for n in traced if n != "inner_lr"}
+                if "inner_lr" in group_learner.hyper:
+                    table["inner_lr"] = [p["alpha"] for p in group]
+                evaluated = evaluate_population(group_learner, state, tasks, table or None, apply=apply,
+                                                metric=metric, num_tasks=eval_tasks, num_steps=eval_steps,
+                                                key=eval_key)
             for g, row in enumerate(_point_rows(group, state)):
-                params = jax.tree.map(lambda a, g=g: a[g], state.points.params)
-                kept.append(params)
-                point_hyper = {n: row.pop(INNER_HYPER + n) for n in names}
-                row.update(point_hyper)
-                if evaluate:
-                    call = {**({"inner_lr": row["alpha"]} if "inner_lr" in group_learner.hyper else {}),
-                            **({"inner_hyper": point_hyper} if names else {})}
-                    r = evaluate_learner(group_learner, params, tasks, apply=apply, metric=metric,
-                                         num_tasks=eval_tasks, num_steps=eval_steps, key=eval_key,
-                                         hyper=call or None)["all"]
-                    row.update(mse_curve=r["mean"], ci95=r["ci95"], eval_diverged_tasks=r["diverged"][-1])
+                kept.append(jax.tree.map(lambda a, g=g: a[g], state.points.params))
+                row.update({n: row.pop(INNER_HYPER + n) for n in names})
+                if evaluated is not None:
+                    r = evaluated[g]["all"]
+                    bad = [s for s, a in enumerate(r["mean_all"]) if not np.isfinite(a)]  # a task not finite
+                    row.update(curve_fields(r["mean"], r["ci95"], r["diverged"][-1], bad,
+                                            train_diverged=row["train_diverged"], evaluated=True,
+                                            max_loss_ratio=max_loss_ratio, higher_is_better=r["higher_is_better"]))
+                else:
+                    row.update(curve_fields([math.nan] * (eval_steps + 1), [math.nan] * (eval_steps + 1), 0, [],
+                                            train_diverged=row["train_diverged"], evaluated=False,
+                                            max_loss_ratio=max_loss_ratio, higher_is_better=False))
+                row.update(lambda_max_median=math.nan, alpha_bound=math.nan)
                 rows.append(row)
-    return {"rows": rows, "params": kept}
+    meta = {"metric": tasks.metric_name, "higher_is_better": metric_higher_is_better(tasks),
+            "eval_tasks": eval_tasks if evaluate else 0, "num_points": len(rows), "seconds": time.perf_counter() - t0}
+    result = {"rows": rows, "meta": meta, "params": kept}
+    if run_dir is not None and distributed.is_writer():  # the CLI's files, from Python too
+        write_results(result, run_dir)
+    return result
 
 
 def _learner_at(make_learner: Callable[..., MetaLearner], k: int, alpha: float) -> MetaLearner:
@@ -577,7 +618,7 @@ def _learner_at(make_learner: Callable[..., MetaLearner], k: int, alpha: float) 
 
 CSV_FIELDS = ("alpha", "beta", "k", "seed", "final_meta_loss", "mse_1", "mse_5", "mse_10",
               "eval_diverged_tasks", "lambda_max_median", "alpha_bound", "diverged", "train_diverged",
-              "eval_diverged", "diverged_at_step")
+              "eval_diverged", "diverged_at_step", "eval_diverged_step")
 
 
 def write_rows(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
@@ -592,11 +633,68 @@ def write_rows(rows: Sequence[dict[str, Any]], out_dir: str) -> str:
     return path
 
 
+SUMMARY_FIELDS = ("alpha", "beta", "k", "seeds", "final_meta_loss", "final_meta_loss_ci95", "mse_1", "mse_1_ci95",
+                  "mse_5", "mse_5_ci95", "mse_10", "mse_10_ci95", "diverged_seeds", "train_diverged_seeds",
+                  "eval_diverged_seeds")
+_POINT_KEYS = ("final_meta_loss", "diverged_at_step", "train_diverged", "mse_1", "mse_5", "mse_10", "mse_curve",
+               "ci95", "eval_diverged_tasks", "eval_diverged_step", "diverged", "eval_diverged", "lambda_max_median",
+               "alpha_bound", "seed")
+
+
+def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of the finite values and its 95% CI half-width (1.96 standard errors; NaN for one value)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if not v.size:
+        return math.nan, math.nan
+    return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+
+
+def summarize_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setting (every field but the seed and the point's results: α, β, k and any swept inner
+    hyperparameter): over its seeds, the mean and 95% CI of the final meta-loss and of the metric after
+    1, 5 and 10 steps (over the seeds whose value is finite), and how many seeds diverged, and why."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        setting = tuple((k, v) for k, v in r.items() if k not in _POINT_KEYS)
+        groups.setdefault(setting, []).append(r)
+    out = []
+    for setting, group in groups.items():
+        row: dict[str, Any] = dict(setting)
+        row["seeds"] = len(group)
+        for name in ("final_meta_loss", "mse_1", "mse_5", "mse_10"):
+            row[name], row[f"{name}_ci95"] = _mean_ci([g[name] for g in group])
+        row["diverged_seeds"] = sum(bool(g["diverged"]) for g in group)
+        row["train_diverged_seeds"] = sum(bool(g["train_diverged"]) for g in group)
+        row["eval_diverged_seeds"] = sum(bool(g["eval_diverged"]) for g in group)
+        out.append(row)
+    return out
+
+
+def _metric_label(result: dict[str, Any]) -> str:
+    return str(result.get("meta", {}).get("metric") or "MSE")
+
+
 def write_results(result: dict[str, Any], out_dir: str) -> list[str]:
-    """Writes sweep.csv and sweep.json (and heatmaps if matplotlib is installed); returns the paths."""
-    csv_path, json_path = write_rows(result["rows"], out_dir), os.path.join(out_dir, "sweep.json")
-    atomic_write_text(json_path, json.dumps(result, indent=2))
-    paths = [csv_path, json_path]
+    """Writes a sweep's results into ``out_dir``, the same from ``jmaml sweep``, ``run_sweep`` and
+    ``sweep_learner``: ``sweep.csv`` (one row per point), ``sweep-summary.csv`` (one row per setting,
+    mean ± 95% CI over seeds: ``summarize_seeds``), ``sweep.md`` (both tables), ``sweep.json`` (rows and
+    meta) and, if matplotlib is installed, ``plots/heatmap_kK.png``; returns the paths."""
+    rows = result["rows"]
+    paths = [write_rows(rows, out_dir)]
+    summary = summarize_seeds(rows)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=[f for f in SUMMARY_FIELDS if f in (summary[0] if summary else {})]
+                       + sorted({k for r in summary for k in r} - set(SUMMARY_FIELDS)), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(summary)
+    paths.append(os.path.join(out_dir, "sweep-summary.csv"))
+    atomic_write_text(paths[-1], text.getvalue())
+    metric = _metric_label(result)
+    paths.append(os.path.join(out_dir, "sweep.md"))
+    atomic_write_text(paths[-1], f"## Over seeds (mean ± 95% CI)\n\n{format_summary(summary, metric)}\n\n"
+                                 f"## Every point\n\n{format_rows(rows, metric)}\n")
+    paths.append(os.path.join(out_dir, "sweep.json"))
+    atomic_write_text(paths[-1], json.dumps({k: v for k, v in result.items() if k != "params"}, indent=2))
     try:
         paths += plot_heatmaps(result, os.path.join(out_dir, "plots"))
     except ImportError:
@@ -604,40 +702,79 @@ def write_results(result: dict[str, Any], out_dir: str) -> list[str]:
     return paths
 
 
-def plot_heatmaps(result: dict[str, Any], out_dir: str) -> list[str]:
-    """One PNG per k: evaluation MSE after k steps (mean over seeds) over α × β; diverged points marked ×."""
+def _cell_causes(sel: Sequence[dict[str, Any]]) -> str:
+    """Why a heatmap cell's seeds diverged: in training (at its first step) or in evaluation (at its
+    first test-time step); empty when none did."""
+    causes = []
+    train = [r["diverged_at_step"] for r in sel if r["train_diverged"]]
+    if train:
+        known = [s for s in train if s is not None]
+        causes.append(f"× train@{min(known)}" if known else "× train")
+    evals = [r.get("eval_diverged_step") for r in sel if r["eval_diverged"] and not r["train_diverged"]]
+    if evals:
+        known = [s for s in evals if s is not None]
+        causes.append(f"× eval@{min(known)}" if known else "× eval")
+    return " ".join(causes)
+
+
+def heatmap_cells(rows: Sequence[dict[str, Any]], k: int,
+                  step: int | None = None) -> tuple[int, np.ndarray, np.ndarray]:
+    """What ``plot_heatmaps`` draws for ``k``: the step shown (default k, at least 1), and over β × α
+    (rows × columns, each sorted) the mean over seeds of the finite values there and each cell's causes
+    of divergence (``× train@S``, ``× eval@S`` or "")."""
+    alphas = sorted({r["alpha"] for r in rows})
+    betas = sorted({r["beta"] for r in rows})
+    at_k = [r for r in rows if r["k"] == k]
+    at = min(max(k, 1), len(at_k[0]["mse_curve"]) - 1) if step is None else int(step)
+    value = np.full((len(betas), len(alphas)), np.nan)
+    causes = np.full(value.shape, "", dtype=object)
+    for i, b in enumerate(betas):
+        for j, a in enumerate(alphas):
+            sel = [r for r in at_k if r["alpha"] == a and r["beta"] == b]
+            vals = [r["mse_curve"][at] for r in sel if at < len(r["mse_curve"])]
+            vals = [v for v in vals if math.isfinite(v)]
+            if vals:
+                value[i, j] = float(np.mean(vals))
+            causes[i, j] = _cell_causes(sel)
+    return at, value, causes
+
+
+def plot_heatmaps(result: dict[str, Any], out_dir: str, step: int | None = None) -> list[str]:
+    """One PNG per k: the metric after ``step`` test-time steps (default k, at least 1) over α × β, the
+    mean over the seeds whose value there is finite -- shown whatever happened elsewhere -- and under it
+    the cause of any divergence: ``× train@S`` (training stopped at step S; the point was evaluated from
+    its last good state) or ``× eval@S`` (adapting it diverged at test-time step S)."""
     from jmaml.plot import _pyplot, save_figure
 
     plt = _pyplot()
     rows = result["rows"]
+    metric = _metric_label(result)
     os.makedirs(out_dir, exist_ok=True)
     alphas = sorted({r["alpha"] for r in rows})
     betas = sorted({r["beta"] for r in rows})
     paths = []
     for k in sorted({r["k"] for r in rows}):
-        step = min(max(k, 1), MAX_EVAL_STEPS)
-        value = np.full((len(betas), len(alphas)), np.nan)
-        diverged = np.zeros_like(value, dtype=bool)
-        for i, b in enumerate(betas):
-            for j, a in enumerate(alphas):
-                sel = [r for r in rows if r["k"] == k and r["alpha"] == a and r["beta"] == b]
-                vals = [r["mse_curve"][step] for r in sel if not r["diverged"]]
-                diverged[i, j] = any(r["diverged"] for r in sel)
-                if vals and np.all(np.isfinite(vals)):
-                    value[i, j] = float(np.mean(vals))
-        fig, ax = plt.subplots(figsize=(1.2 * len(alphas) + 2.5, 0.9 * len(betas) + 1.8))
-        im = ax.imshow(np.log10(value), origin="lower", cmap="viridis_r", aspect="auto")
+        at, value, causes = heatmap_cells(rows, k, step)
+        fig, ax = plt.subplots(figsize=(1.5 * len(alphas) + 2.5, 0.9 * len(betas) + 1.8))
+        finite = value[np.isfinite(value)]
+        log = finite.size > 0 and bool((finite > 0).all())  # a loss on a log scale; a score or signed value not
+        shown = np.log10(np.where(value > 0, value, np.nan)) if log else value
+        im = ax.imshow(shown, origin="lower", cmap="viridis_r" if not result.get("meta", {}).get("higher_is_better")
+                       else "viridis", aspect="auto")
         for i in range(len(betas)):
             for j in range(len(alphas)):
-                text = "×" if diverged[i, j] else (f"{value[i, j]:.3g}" if np.isfinite(value[i, j]) else "nan")
-                ax.text(j, i, text, ha="center", va="center", color="red" if diverged[i, j] else "white",
-                        fontsize=12 if diverged[i, j] else 8)
+                text = f"{value[i, j]:.3g}" if np.isfinite(value[i, j]) else "nan"
+                if causes[i, j]:
+                    text += "\n" + causes[i, j]
+                r, g, b_, _ = im.cmap(im.norm(shown[i, j])) if np.isfinite(shown[i, j]) else (1, 1, 1, 1)
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b_ > 0.5 else "white"  # readable on its cell
+                ax.text(j, i, text, ha="center", va="center", color=ink, fontsize=8)
         ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
         ax.set_xlabel("inner rate α")
         ax.set_ylabel("meta rate β")
-        ax.set_title(f"k = {k}: held-out MSE after {step} step{'s' if step > 1 else ''} (× diverged)")
-        fig.colorbar(im, ax=ax, label="log10 MSE")
+        ax.set_title(f"k = {k}: held-out {metric} after {at} step{'s' if at != 1 else ''} (mean over seeds)")
+        fig.colorbar(im, ax=ax, label=f"log10 {metric}" if log else metric)
         fig.tight_layout()
         path = os.path.join(out_dir, f"heatmap_k{k}.png")
         save_figure(fig, path)
@@ -646,15 +783,43 @@ def plot_heatmaps(result: dict[str, Any], out_dir: str) -> list[str]:
     return paths
 
 
-def format_rows(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of the sweep, one row per grid point."""
-    lines = ["| alpha | beta | k | seed | final meta-loss | MSE@1 | MSE@5 | MSE@10 | λ_max (median) | 2/λ_max "
-             "| diverged |",
+def _diverged_text(r: dict[str, Any]) -> str:
+    if r["train_diverged"]:
+        return f"training, step {r['diverged_at_step']}" if r["diverged_at_step"] else "training"
+    if r["eval_diverged"]:
+        at = r.get("eval_diverged_step")
+        return f"evaluation, step {at}" if at is not None else "evaluation"
+    return ""
+
+
+def format_rows(rows: Sequence[dict[str, Any]], metric: str = "MSE") -> str:
+    """A Markdown table of the sweep, one row per grid point; ``metric`` names the evaluation's metric."""
+    lines = [f"| alpha | beta | k | seed | final meta-loss | {metric}@1 | {metric}@5 | {metric}@10 | λ_max (median) "
+             "| 2/λ_max | diverged |",
              "|" + " --- |" * 11]
     for r in rows:
-        div = ("training, step {}".format(r["diverged_at_step"]) if r["diverged_at_step"]
-               else "training" if r["train_diverged"] else "adaptation" if r["eval_diverged"] else "")
         lines.append(f"| {r['alpha']:g} | {r['beta']:g} | {r['k']} | {r['seed']} | {r['final_meta_loss']:.4g} | "
                      f"{r['mse_1']:.4g} | {r['mse_5']:.4g} | {r['mse_10']:.4g} | {r['lambda_max_median']:.4g} | "
-                     f"{r['alpha_bound']:.4g} | {div} |")
+                     f"{r['alpha_bound']:.4g} | {_diverged_text(r)} |")
+    return "\n".join(lines)
+
+
+def _pm(mean: float, ci: float) -> str:
+    if not math.isfinite(mean):
+        return "nan"
+    return f"{mean:.4g} ± {ci:.2g}" if math.isfinite(ci) else f"{mean:.4g}"
+
+
+def format_summary(summary: Sequence[dict[str, Any]], metric: str = "MSE") -> str:
+    """A Markdown table of ``summarize_seeds``: one row per setting, mean ± 95% CI over its seeds."""
+    extra = sorted({k for r in summary for k in r} - set(SUMMARY_FIELDS))
+    head = ["alpha", "beta", "k", *extra, "seeds", "final meta-loss", f"{metric}@1", f"{metric}@5", f"{metric}@10",
+            "diverged (train / eval)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in summary:
+        cells = [f"{r['alpha']:g}", f"{r['beta']:g}", str(r["k"]), *[str(r.get(e, "")) for e in extra], str(r["seeds"]),
+                 _pm(r["final_meta_loss"], r["final_meta_loss_ci95"]), _pm(r["mse_1"], r["mse_1_ci95"]),
+                 _pm(r["mse_5"], r["mse_5_ci95"]), _pm(r["mse_10"], r["mse_10_ci95"]),
+                 f"{r['diverged_seeds']} ({r['train_diverged_seeds']} / {r['eval_diverged_seeds']})"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

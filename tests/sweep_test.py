@@ -65,6 +65,59 @@ def test_results_table_files(swept, tmp_path):
     assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 9
 
 
+def test_seed_aggregates_are_the_mean_and_95_percent_interval_over_seeds(swept):
+    summary = sweep.summarize_seeds(swept["rows"])
+    assert len(summary) == 4 and all(r["seeds"] == 2 for r in summary)
+    for agg in summary:
+        vals = np.array([r["mse_5"] for r in swept["rows"] if (r["alpha"], r["beta"], r["k"]) ==
+                         (agg["alpha"], agg["beta"], agg["k"])], np.float64)
+        assert agg["mse_5"] == pytest.approx(vals.mean())
+        assert agg["mse_5_ci95"] == pytest.approx(1.96 * abs(vals[0] - vals[1]) / 2)  # sd of two is |a-b|/sqrt(2)
+
+
+def _row(alpha, seed, curve, *, train_at=None, eval_at=None):
+    return {"alpha": alpha, "beta": 0.1, "k": 1, "seed": seed, "mse_curve": curve,
+            "train_diverged": train_at is not None, "diverged_at_step": train_at,
+            "eval_diverged": eval_at is not None, "eval_diverged_step": eval_at}
+
+
+def test_the_heatmap_shows_finite_values_and_names_each_cells_divergence_cause():
+    nan = float("nan")
+    rows = [_row(0.01, 0, [1.0, 0.5, 0.4]), _row(0.01, 1, [1.0, 0.7, 0.6]),
+            _row(0.1, 0, [1.0, 0.3, 2e5], eval_at=2), _row(0.1, 1, [1.0, 0.5, nan], eval_at=2),
+            _row(1.0, 0, [1.0, 0.9, 0.9], train_at=4), _row(1.0, 1, [nan, nan, nan], train_at=7)]
+    at, value, causes = sweep.heatmap_cells(rows, 1)
+    assert at == 1
+    np.testing.assert_allclose(value, [[0.6, 0.4, 0.9]])  # the finite values at step 1, whatever came later
+    assert causes.tolist() == [["", "× eval@2", "× train@4"]]
+    at, value, _ = sweep.heatmap_cells(rows, 1, step=2)
+    np.testing.assert_allclose(value, [[0.5, 2e5, 0.9]])
+
+
+def test_a_python_sweep_writes_the_clis_files(tmp_path):
+    """sweep_learner(run_dir=...) writes what `jmaml sweep` writes: sweep.csv with the same header, the
+    seed summary, Markdown, JSON and heatmaps."""
+    import optax
+
+    from jmaml import learners, make_loss, models, tasks
+
+    model = models.mlp([1, 8, 1])
+    grid = sweep.Grid(alphas=(0.01, 0.05), betas=(1e-3,), ks=(1,), seeds=(0, 1))
+    result = sweep.sweep_learner(lambda k: learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01,
+                                                         num_inner_steps=k),
+                                 tasks.sinusoid.distribution(num_support=5, num_query=5), optax.adam, model.init,
+                                 grid, steps=10, meta_batch_size=4, log_every=10, apply=model.apply, eval_tasks=10,
+                                 eval_steps=10, run_dir=str(tmp_path / "py"))
+    names = sorted(p.name for p in (tmp_path / "py").iterdir() if not p.name.endswith((".npz", ".jsonl"))
+                   and not p.name.startswith(".") and p.name != "sweep-plan.json")
+    assert names == ["plots", "sweep-summary.csv", "sweep.csv", "sweep.json", "sweep.md"]
+    assert sorted(p.name for p in (tmp_path / "py" / "plots").iterdir()) == ["heatmap_k1.png"]
+    assert (tmp_path / "py" / "sweep.csv").read_text().splitlines()[0] == ",".join(sweep.CSV_FIELDS)
+    md = (tmp_path / "py" / "sweep.md").read_text()
+    assert "mean ± 95% CI" in md and "| mse@1 |" in md.lower() and md.count("\n| 0.0") >= 4
+    assert len(result["rows"]) == 4 and result["meta"]["metric"] == "mse"
+
+
 def test_divergence_is_flagged_per_point():
     grid = sweep.Grid(alphas=(0.01, 10.0), betas=(1e-3,), ks=(3,), seeds=(0,))
     rows = sweep.run_sweep(BASE, grid, evaluate=False)["rows"]
