@@ -29,21 +29,50 @@ import numpy as np
 from jmaml import recipes, rundir, tasks
 from jmaml._checks import check_positive_int
 from jmaml._util import default_float
-from jmaml.evaluation import (  # noqa: F401 - the library's evaluation, importable from here as before
-    BASELINE,
-    DIVERGED_RATIO,
-    EVAL_SEED,
-    FINETUNE_LRS,
-    MAX_EVAL_STEPS,
-    MAX_EVAL_TASKS,
-    NUM_EVAL_TASKS,
-    VALIDATION_SEED,
-    _take_shots,
-    adaptation_curve,
-    evaluate,
-    learner_curves,
-    pretrained_baseline,
-    summarize,
+from jmaml.evaluation import (  # the library's evaluation, importable from here as before (explicit re-exports)
+    BASELINE as BASELINE,
+)
+from jmaml.evaluation import (
+    DIVERGED_RATIO as DIVERGED_RATIO,
+)
+from jmaml.evaluation import (
+    EVAL_SEED as EVAL_SEED,
+)
+from jmaml.evaluation import (
+    FINETUNE_LRS as FINETUNE_LRS,
+)
+from jmaml.evaluation import (
+    MAX_EVAL_STEPS as MAX_EVAL_STEPS,
+)
+from jmaml.evaluation import (
+    MAX_EVAL_TASKS as MAX_EVAL_TASKS,
+)
+from jmaml.evaluation import (
+    NUM_EVAL_TASKS as NUM_EVAL_TASKS,
+)
+from jmaml.evaluation import (
+    VALIDATION_SEED as VALIDATION_SEED,
+)
+from jmaml.evaluation import (
+    _take_shots as _take_shots,
+)
+from jmaml.evaluation import (
+    adaptation_curve as adaptation_curve,
+)
+from jmaml.evaluation import (
+    evaluate as evaluate,
+)
+from jmaml.evaluation import (
+    evaluate_population as evaluate_population,
+)
+from jmaml.evaluation import (
+    learner_curves as learner_curves,
+)
+from jmaml.evaluation import (
+    pretrained_baseline as pretrained_baseline,
+)
+from jmaml.evaluation import (
+    summarize as summarize,
 )
 from jmaml.losses import make_loss
 from jmaml.protocols import MetaLearner
