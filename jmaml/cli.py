@@ -317,11 +317,7 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
     check_seed(a.task_seed, "--task-seed")
     for name in ("steps", "log_every"):  # the same words as `jmaml train`'s
         check_positive_int(getattr(a, name), f"--{name.replace('_', '-')}")
-    options = dict(given.get("algo_options") or {})
-    algo = a.algo
-    if options.get("first_order") and algo == "maml":  # FOMAML is its own learner in a sweep (k traced)
-        algo = "fomaml"
-        del options["first_order"]
+    algo, options = learners.specialised(a.algo, given.get("algo_options") or {})
     log_every = min(a.log_every, a.steps)
     every = log_every if a.checkpoint_every is None else a.checkpoint_every
     if not isinstance(every, int) or every < 1 or every % log_every:

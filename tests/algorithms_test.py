@@ -137,6 +137,14 @@ def test_invalid_algorithm_settings_are_named(change, match):
         TrainConfig(**{**TINY.to_dict(), "hidden": TINY.hidden, **change}).validate()
 
 
+def test_an_option_that_names_another_registered_learner_selects_it():
+    assert learners.specialised("maml", {"first_order": True, "inner_optimiser": "sgd"}) == \
+        ("fomaml", {"inner_optimiser": "sgd"})
+    assert learners.specialised("maml", {"first_order": False}) == ("maml", {"first_order": False})
+    assert learners.specialised("anil", {"first_order": True}) == ("anil", {"first_order": True})
+    assert learners.specialised("reptile", {}) == ("reptile", {})
+
+
 def test_registry_rejects_an_unknown_name():
     with pytest.raises(ValueError, match="algo must be one of"):
         learners.make("maml2", lambda p, b: 0.0, inner_lr=0.1, num_inner_steps=1)

@@ -118,6 +118,18 @@ def spec(name: str) -> LearnerSpec:
     return REGISTRY[name]
 
 
+def specialised(name: str, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registered learner that ``name`` with ``options`` is, and the options left: an entry whose
+    implied settings ``options`` gives, which are ``name``'s own options, and whose own options ``name``
+    takes too (MAML with ``first_order=True`` is FOMAML, a learner of its own in a sweep, k traced)."""
+    base = {o.name for o in spec(name).options}
+    for other, s in REGISTRY.items():
+        if (other != name and s.implied and set(s.implied) <= base and {o.name for o in s.options} <= base
+                and all(k in options and options[k] == v for k, v in s.implied.items())):
+            return other, {k: v for k, v in options.items() if k not in s.implied}
+    return name, dict(options)
+
+
 def owners(option: str) -> tuple[str, ...]:
     """The learners that own an option of this name."""
     return tuple(n for n, s in REGISTRY.items() if any(o.name == option for o in s.options))
