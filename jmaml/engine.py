@@ -313,9 +313,12 @@ def divergence(step0: int, metrics: dict[str, np.ndarray], max_loss_ratio: float
     """Describes the first diverged step of a chunk (``diverged_steps``), naming the step and tasks, or
     None when no step diverged."""
     bad = np.asarray(diverged_steps(metrics, max_loss_ratio))
-    if not bad.any():
-        return None
-    i = int(np.argmax(bad))
+    return describe_divergence(step0, int(np.argmax(bad)), metrics, max_loss_ratio) if bad.any() else None
+
+
+def describe_divergence(step0: int, i: int, metrics: dict[str, np.ndarray], max_loss_ratio: float) -> str:
+    """What went wrong at step ``i`` of a chunk starting after ``step0``: the non-finite values and tasks, or
+    the explosion's ratio and worst tasks."""
     loss, gnorm, pre = (float(np.asarray(metrics[k])[i]) for k in ("meta_loss", "grad_norm", "pre_adapt_loss"))
     task_losses = np.asarray(metrics["task_losses"])[i].reshape(-1)
     if not (np.isfinite([loss, gnorm, pre]).all() and np.isfinite(task_losses).all()):
@@ -702,9 +705,10 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
     saver = Saver(ckpt if writer else None, name, {**(checkpoint_meta or {}), "fit": run_record}, int(state.step))
 
     def finish(state: TrainState, new_state: TrainState, step: int, metrics: dict, seconds: float, length: int):
-        msg = divergence(step, metrics, max_loss_ratio)
-        if msg is not None:
-            good = int(np.argmax(np.asarray(diverged_steps(metrics, max_loss_ratio))))  # steps before the bad one
+        bad = np.asarray(diverged_steps(metrics, max_loss_ratio))
+        if bad.any():
+            good = int(np.argmax(bad))  # the steps before the diverged one
+            msg = describe_divergence(step, good, metrics, max_loss_ratio)
             if good:  # the state just before the diverged step: those steps again from the chunk's start
                 state = chunk(state, good)[0]
             saver.keep(state, step + good)

@@ -84,7 +84,7 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
         base = learners.maml(make_loss(base_model.apply, "mse"), inner_lr=lr, num_inner_steps=0)
         base_state, _ = rundir.restore_phase(run_dir, config, BASELINE, recipes.initial_state(config, BASELINE))
         models[BASELINE] = (base, base_model.apply, base_state.params, lr)
-    out_dir = os.path.join(run_dir, "plots")
+    out_dir = os.path.join(run_dir, rundir.PLOTS_DIR)
     os.makedirs(out_dir, exist_ok=True)
 
     # Figure 2: a few held-out tasks, true curve, the K points, fits after 0, 1 and 10 steps.
@@ -107,7 +107,7 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
                 ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(f"K = {shots} shots, held-out tasks (MAML paper, Figure 2)")
     fig.tight_layout()
-    fits = os.path.join(out_dir, "fits.png")
+    fits = os.path.join(out_dir, rundir.FITS_PNG)
     save_figure(fig, fits)
     plt.close(fig)
 
@@ -130,7 +130,7 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
         ax.legend(fontsize=8)
     fig.suptitle("k-shot regression, 600 held-out tasks, 95% CI (MAML paper, Figure 3)")
     fig.tight_layout()
-    curves = os.path.join(out_dir, "curves.png")
+    curves = os.path.join(out_dir, rundir.CURVES_PNG)
     save_figure(fig, curves)
     plt.close(fig)
     return [fits, curves]
@@ -138,7 +138,7 @@ def plot_run(run_dir: str, *, shots: int = 10, num_examples: int = 3) -> list[st
 
 def _accuracy_curves(plt, config, results: dict, run_dir: str) -> str:
     """Query accuracy (mean, 95% CI) against test-time inner steps, for a few-shot classification run."""
-    out_dir = os.path.join(run_dir, "plots")
+    out_dir = os.path.join(run_dir, rundir.PLOTS_DIR)
     os.makedirs(out_dir, exist_ok=True)
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
     for k, r in learner_results(results).items():
@@ -153,7 +153,7 @@ def _accuracy_curves(plt, config, results: dict, run_dir: str) -> str:
     ax.set_title(f"{config.task}, {config.ways}-way, {results['protocol']['test_episodes']} test episodes, 95% CI")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, "curves.png")
+    path = os.path.join(out_dir, rundir.CURVES_PNG)
     save_figure(fig, path)
     plt.close(fig)
     return path

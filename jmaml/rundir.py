@@ -40,7 +40,8 @@ LEGACY_META_CKPT = "maml.ckpt.npz"
 # What --overwrite replaces; a folder whose config.json is not a jmaml run's is never touched.
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.json", "eval.md")
 PLOTS_DIR = "plots"
-PLOT_FILES = ("fits.png", "curves.png")  # what ``jmaml.plot`` writes into PLOTS_DIR
+FITS_PNG, CURVES_PNG = "fits.png", "curves.png"
+PLOT_FILES = (FITS_PNG, CURVES_PNG)  # what ``jmaml.plot`` writes into PLOTS_DIR
 
 
 # Fields added to TrainConfig after runs were written, with the value every older run implicitly had.
