@@ -359,10 +359,10 @@ def evaluate_population(learner: MetaLearner, population: Any, tasks: TaskDistri
     if not isinstance(state, TrainState):
         raise TypeError(f"population must be fit_population's PopulationState or a TrainState with a leading point "
                         f"axis, got {type(population).__name__}")
-    size = int(np.shape(state.step)[0]) if np.ndim(state.step) == 1 else None
-    if size is None:
+    if np.ndim(state.step) != 1:
         raise ValueError(f"population's TrainState has no point axis (its step has shape {np.shape(state.step)}): "
                          "for one run use evaluate")
+    size = int(np.shape(state.step)[0])
     hyper: dict[str, Any] = {}
     if points is not None:
         n, values = population_mod.point_values(points)

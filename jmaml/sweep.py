@@ -537,9 +537,10 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
 
     Returns:
       ``{"rows": [one dict per grid point: alpha, beta, k, seed, final_meta_loss, diverged_at_step,
-      mse_curve (the metric after 0..eval_steps steps) ...], "params": [each point's trained
-      meta-parameters]}``. A point that diverged in training is frozen at its last good state
-      (``diverged_at_step``) while the others go on.
+      mse_curve (the metric after 0..eval_steps steps), ci95 ... as ``run_sweep``'s rows], "meta": {metric,
+      ...}, "params": [each point's trained meta-parameters]}``; with ``run_dir`` also written there
+      (``write_results``: the files ``jmaml sweep`` writes). A point that diverged in training is frozen
+      at its last good state (``diverged_at_step``) while the others go on.
     """
     grid.validate()
     check_distribution(tasks)
