@@ -271,6 +271,13 @@ _SWEEP_DEFAULTS: dict = {"algo": "maml", "task": "sinusoid", "data_dir": None, "
                          "meta_batch_size": 25, "shots": None, "query_shots": None, "hidden": (40, 40),
                          "activation": "relu", "optimiser": "adam", "remat": False,
                          "log_every": 1000, "checkpoint_every": None}
+# an RL sweep (--task navigation2d | pendulum): jmaml rl's settings, None meaning RLConfig's default
+RL_TASKS = ("navigation2d", "pendulum")
+_RL_SWEEP_FLAGS = ("horizon", "episodes", "gamma", "outer", "estimator", "eval_tasks", "eval_episodes", "eval_steps",
+                   "eval_lr", "goal_tolerance")
+_SWEEP_DEFAULTS.update({name: None for name in (*_RL_SWEEP_FLAGS, "raw_actions")})
+_SUPERVISED_SWEEP_FLAGS = ("data_dir", "ways", "num_train_classes", "shots", "query_shots", "activation", "optimiser",
+                           "remat")
 
 
 def _json_value(value):
@@ -302,8 +309,12 @@ def _sweep_settings(args: argparse.Namespace) -> dict:
     return recorded
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _sweep_and_report(args: argparse.Namespace, flag) -> int:
-    from jmaml import engine, sweep
+    from jmaml import sweep
     from jmaml.config import TrainConfig
     from jmaml.train import image_preset
 
@@ -315,13 +326,17 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
         raise ValueError(f"--seeds must be between 1 and {MAX_SWEEP_SEEDS} (seeds 0..N-1 of the initial "
                          f"parameters), got {a.seeds}")
     check_seed(a.task_seed, "--task-seed")
+    if a.task in RL_TASKS:
+        return _rl_sweep(args, given)
+    rl_only = [_flag(n) for n in (*_RL_SWEEP_FLAGS, "raw_actions") if n in given]
+    if rl_only:
+        raise ValueError(f"{', '.join(rl_only)}: meta-RL settings (--task {' or '.join(RL_TASKS)}); --task {a.task} "
+                         "takes none")
     for name in ("steps", "log_every"):  # the same words as `jmaml train`'s
-        check_positive_int(getattr(a, name), f"--{name.replace('_', '-')}")
+        check_positive_int(getattr(a, name), _flag(name))
     algo, options = learners.specialised(a.algo, given.get("algo_options") or {})
     log_every = min(a.log_every, a.steps)
-    every = log_every if a.checkpoint_every is None else a.checkpoint_every
-    if not isinstance(every, int) or every < 1 or every % log_every:
-        raise ValueError(f"--checkpoint-every must be a positive multiple of --log-every ({log_every}), got {every!r}")
+    every = _checkpoint_every(a.checkpoint_every, log_every)
     grid = sweep.Grid(tuple(a.alpha), tuple(a.beta), tuple(a.k), tuple(range(a.seeds)))
     fields: dict = {}
     if tasks.family(a.task).preset is not None:  # the paper's settings for an image family, 1-shot unless --shots
@@ -342,6 +357,30 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
                           "num_inner_steps": max(grid.ks), "log_every": log_every,
                           "checkpoint_every": min(every, a.steps), "pretrain": False,
                           "algo_options": options or ()})
+    _open_sweep_out(args, given)
+
+    def run():
+        return sweep.run_sweep(base, grid, task_seed=a.task_seed, mesh=_mesh(args), shard=args.shard,
+                               run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
+                               log=lambda m: print(m, file=sys.stderr, flush=True),
+                               on_chunk=lambda rows: sweep.write_rows(rows, args.out))  # partial results
+
+    return _report_sweep(args, run, a.steps)
+
+
+def _checkpoint_every(checkpoint_every: int | None, log_every: int) -> int:
+    every = log_every if checkpoint_every is None else checkpoint_every
+    if not isinstance(every, int) or every < 1 or every % log_every:
+        raise ValueError(f"--checkpoint-every must be a positive multiple of --log-every ({log_every}), got {every!r}")
+    return every
+
+
+def _open_sweep_out(args: argparse.Namespace, given: dict) -> None:
+    """--out for a sweep: refuses a finished or unfinished sweep there without --resume/--overwrite, checks it
+    is writable, and on a new start records the flags (SWEEP_ARGS_FILE), which --resume continues."""
+    from jmaml import sweep
+    from jmaml.runstore import atomic_write_text
+
     started = os.path.isdir(args.out) and any(n.endswith(".ckpt.npz") or n == sweep.PLAN_FILE
                                               for n in os.listdir(args.out))
     if not (args.resume or args.overwrite):
@@ -351,25 +390,68 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
             raise ValueError(f"{args.out} holds a sweep that did not finish: continue it with --resume, or start "
                              "again with --overwrite")
     _check_writable(args.out, "--out")  # before the sweep runs, not after
-    from jmaml.runstore import atomic_write_text
-
     if not args.resume:  # the sweep's record: --resume continues exactly this
         atomic_write_text(os.path.join(args.out, SWEEP_ARGS_FILE), json.dumps(given, indent=1) + "\n")
+
+
+def _report_sweep(args: argparse.Namespace, run, steps: int) -> int:
+    """Runs the sweep (``run()``), writes its results and prints its table."""
+    from jmaml import engine, sweep
+
     try:
-        result = sweep.run_sweep(base, grid, task_seed=a.task_seed, mesh=_mesh(args), shard=args.shard,
-                                 run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
-                                 log=lambda m: print(m, file=sys.stderr, flush=True),
-                                 on_chunk=lambda rows: sweep.write_rows(rows, args.out))  # partial results
+        result = run()
     except engine.Interrupted as e:
         print(f"jmaml sweep: {e}. Resume with: jmaml sweep --out {args.out} --resume",
               file=sys.stderr)
         return 128 + (e.signum or signal.SIGINT)
     paths = sweep.write_results(result, args.out)
-    print(sweep.format_rows(result["rows"]))
     meta = result["meta"]
-    print(f"\n{meta['num_points']} runs of {a.steps} steps in {meta['seconds']:.1f} s "
-          f"({meta['num_chunks']} population(s) of up to {meta['points_per_chunk']} points); wrote " + ", ".join(paths))
+    print(sweep.format_rows(result["rows"], meta.get("metric") or "MSE"))
+    groups = (f" ({meta['num_chunks']} population(s) of up to {meta['points_per_chunk']} points)"
+              if "num_chunks" in meta else "")
+    print(f"\n{meta['num_points']} runs of {steps} steps in {meta['seconds']:.1f} s{groups}; wrote "
+          + ", ".join(paths))
     return 0
+
+
+def _rl_sweep(args: argparse.Namespace, given: dict) -> int:
+    """``jmaml sweep --task navigation2d|pendulum``: MAML-RL over the grid (``jmaml.rl.recipe.sweep``), with
+    jmaml rl's settings (its flags, its defaults)."""
+    from jmaml import sweep
+    from jmaml.rl import recipe
+
+    supervised = [_flag(n) for n in _SUPERVISED_SWEEP_FLAGS if n in given]
+    supervised += [_flag(n) for n in given.get("algo_options") or {}]
+    if given.get("algo", "maml") != "maml":
+        supervised.append(f"--algo {given['algo']}")
+    if supervised:
+        raise ValueError(f"{', '.join(supervised)}: not a setting of a meta-RL sweep (--task {given['task']} runs "
+                         "MAML-RL: its estimator and outer step are --estimator and --outer)")
+    d = recipe.RLConfig()
+    fields = {"env": given["task"], "pretrain": False}
+    for name in ("steps", "meta_batch_size", "log_every", *_RL_SWEEP_FLAGS, "hidden"):
+        if name in given:
+            field = _RL_FLAGS[name][0] if name in _RL_FLAGS else name
+            value = given[name]
+            fields[field] = tuple(value) if isinstance(value, list) else value
+    if "episodes" in given:
+        fields["outer_episodes"] = fields["inner_episodes"]
+    if given.get("raw_actions"):
+        fields["normalized_actions"] = False
+    steps = fields.get("steps", d.steps)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        fields["log_every"] = min(fields.get("log_every", d.log_every), steps)
+    alphas = tuple(given.get("alpha") or (d.inner_lr,))
+    betas = tuple(given.get("beta") or (d.meta_lr,))
+    fields.update(inner_lr=alphas[0], meta_lr=betas[0])
+    config = dataclasses.replace(d, **fields).validate()
+    every = _checkpoint_every(given.get("checkpoint_every"), config.log_every)
+    grid = sweep.Grid(alphas, betas, tuple(given.get("k") or (1,)), tuple(range(given.get("seeds", 1))))
+    _open_sweep_out(args, given)
+    return _report_sweep(args, lambda: recipe.sweep(
+        config, grid, args.out, task_seed=given.get("task_seed", 0), resume=args.resume, overwrite=args.overwrite,
+        checkpoint_every=min(every, config.steps), log=lambda m: print(m, file=sys.stderr, flush=True)),
+        config.steps)
 
 
 def _check_writable(folder: str, flag: str) -> None:
@@ -393,9 +475,9 @@ def _add_sweep_parser(sub) -> None:
                                    "--out (--resume continues an interrupted sweep), then are evaluated on "
                                    "held-out tasks.")
     p.add_argument("--algo", choices=learners.names(), default=None, help="the learner (default maml)")
-    p.add_argument("--task", choices=tuple(tasks.FAMILIES), default=None,
+    p.add_argument("--task", choices=(*tasks.FAMILIES, *RL_TASKS), default=None,
                    help="the task family (default sinusoid; image families take the paper's settings, 1-shot "
-                        "unless --shots)")
+                        "unless --shots; navigation2d and pendulum sweep MAML-RL with jmaml rl's settings)")
     p.add_argument("--data-dir", default=None, metavar="PATH", help="the dataset's folder (image tasks)")
     p.add_argument("--ways", type=int, default=None, help="N classes per episode (image tasks; default 5)")
     p.add_argument("--num-train-classes", type=int, default=None,
@@ -420,6 +502,12 @@ def _add_sweep_parser(sub) -> None:
                    help="steps between each population's checkpoints, a multiple of --log-every (default: every "
                         "chunk, so a kill loses at most one chunk)")
     _add_algo_option_flags(p.add_argument_group("algorithm (each learner's own settings apply to it only)"))
+    rl = p.add_argument_group("meta-RL (--task navigation2d or pendulum: jmaml rl's settings and defaults; "
+                              "--alpha, --beta default to its --inner-lr, --meta-lr, and the evaluation's rates "
+                              "are scaled to each point's alpha)")
+    _add_rl_flags(rl, _RL_SWEEP_FLAGS)
+    rl.add_argument("--raw-actions", action="store_const", const=True, default=None,
+                    help="navigation2d: the action is the velocity itself (as jmaml rl --raw-actions)")
     p.add_argument("--out", default=os.path.join("runs", "sweep"), help="output dir (default runs/sweep)")
     p.add_argument("--devices", type=int, default=None,
                    help="spread the sweep over the first N devices (default: all, when there are several)")

@@ -460,10 +460,26 @@ class Logging(NamedTuple):
     callback: Callable[[dict, Any], Any] | None = None
 
 
-def run_options(run: Any, log: Any, steps: Any, meta_batch_size: Any) -> tuple[str | None, RunDir, Logging, int, int]:
+class RunPlan(NamedTuple):
+    """One run as the engine carries it, resolved once from ``fit``'s (or ``fit_population``'s) arguments by
+    ``run_plan``: where it lives and how it owns the folder (``run``), how it reports (``log``, ``sinks``), its
+    length and name. The one set-up of a single run and a population."""
+
+    path: str | None  # the run's folder; None: nothing on disk
+    run: RunDir
+    log: Logging
+    steps: int
+    meta_batch_size: int
+    name: str
+    stop_at_step: int | None
+    sinks: list[Any]
+
+
+def run_plan(run: Any, log: Any, steps: Any, meta_batch_size: Any, name: str,
+             stop_at_step: int | None = None) -> RunPlan:
     """``fit``'s (and a population's) ``run=`` and ``log=``, checked: the folder (None: nothing on disk), its
     ``RunDir`` (a path becomes ``RunDir(path)``; no folder: the defaults), the ``Logging`` (None: the
-    defaults) and the checked counts (``check_lengths``)."""
+    defaults), the checked counts (``check_lengths``) and the writers."""
     if run is not None and not isinstance(run, RunDir | str | os.PathLike):
         raise TypeError(f"run must be a folder (a path) or jmaml.RunDir(path, resume=..., ...), got {run!r}")
     if log is not None and not isinstance(log, Logging):
@@ -477,7 +493,11 @@ def run_options(run: Any, log: Any, steps: Any, meta_batch_size: Any) -> tuple[s
     steps, meta_batch_size, every, checkpoint_every = check_lengths(steps, meta_batch_size, logging.every,
                                                                     where.checkpoint_every)
     where, logging = where._replace(checkpoint_every=checkpoint_every), logging._replace(every=every)
-    return (None if run is None else where.path), where, logging, steps, meta_batch_size
+    if where.resume and where.overwrite:
+        raise ValueError("resume and overwrite contradict each other: pick one")
+    sinks = writers_mod.check_writers(logging.writers)
+    return RunPlan(None if run is None else where.path, where, logging, steps, meta_batch_size, name, stop_at_step,
+                   sinks)
 
 
 def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation, params: Params, *,
@@ -548,34 +568,24 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         raise TypeError(f"optimiser must be an optax.GradientTransformation, got {optimiser!r}")
     protocols.check_optimiser_fits(learner, optimiser)
     check_max_loss_ratio(max_loss_ratio)
-    run_dir, where, logging, steps, meta_batch_size = run_options(run, log, steps, meta_batch_size)
-    checkpoint_every, resume, overwrite = where.checkpoint_every, where.resume, where.overwrite
-    allow_changed, fingerprint, checkpoint_meta = where.allow_changed, where.fingerprint, where.meta
-    log_every, progress, stream, writers, callback = logging
+    plan = run_plan(run, log, steps, meta_batch_size, name or learner.name, stop_at_step)
     if mesh is not None:
-        distributed.check_divisible(meta_batch_size, mesh)
-    sinks = writers_mod.check_writers(writers)
-    name = name or learner.name
+        distributed.check_divisible(plan.meta_batch_size, mesh)
     writer = distributed.is_writer()
-    if resume and overwrite:
-        raise ValueError("resume and overwrite contradict each other: pick one")
     try:
         state = initial_state(learner, params, optimiser, as_key(key), model_state)
     except (TypeError, ValueError) as e:
         raise type(e)(f"learner {learner.name!r} could not initialise from these params: {e}") from e
-    settings = run_settings(learner, tasks, optimiser, state, meta_batch_size, fingerprint)
-    with runstore.lock(run_dir) if run_dir is not None and writer else contextlib.nullcontext():
-        block = choose_block(meta_batch_block, learner, tasks, optimiser, state, meta_batch_size, run_dir=run_dir,
-                             name=name, resume=resume, stream=stream, mesh=mesh, host_loop=host_loop)
+    settings = run_settings(learner, tasks, optimiser, state, plan.meta_batch_size, plan.run.fingerprint)
+    with runstore.lock(plan.path) if plan.path is not None and writer else contextlib.nullcontext():
+        block = choose_block(meta_batch_block, learner, tasks, optimiser, state, plan.meta_batch_size,
+                             run_dir=plan.path, name=plan.name, resume=plan.run.resume, stream=plan.log.stream,
+                             mesh=mesh, host_loop=host_loop)
         if block is not None:
             settings["meta_batch_block"] = block
             learner = blocking.blocked(learner, block, mesh)
-        return _fit_owned(learner, tasks, optimiser, state, settings, steps=steps, meta_batch_size=meta_batch_size,
-                          run_dir=run_dir, resume=resume, overwrite=overwrite, allow_changed=allow_changed, name=name,
-                          log_every=log_every, checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio,
-                          mesh=mesh, callback=callback, sinks=sinks, stream=stream, progress=progress,
-                          stop_at_step=stop_at_step, host_loop=host_loop,
-                          checkpoint_meta=checkpoint_meta)
+        return _fit_owned(learner, tasks, optimiser, state, settings, plan, max_loss_ratio=max_loss_ratio,
+                          mesh=mesh, host_loop=host_loop)
 
 
 CALIBRATION_STEPS = 3  # meta-steps per timed chunk when meta_batch_block="auto" calibrates
@@ -689,20 +699,18 @@ def run_settings(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax
 
 
 def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.GradientTransformation,
-               state: TrainState, settings: dict, *, steps: int, meta_batch_size: int, run_dir: str | None,
-               resume: bool, overwrite: bool, allow_changed: bool | Iterable[str], name: str, log_every: int,
-               checkpoint_every: int | None, max_loss_ratio: float, mesh: Mesh | None, callback: Any,
-               sinks: list[Any], stream: TextIO | None, progress: bool, stop_at_step: int | None, host_loop: bool,
-               checkpoint_meta: Mapping[str, Any] | None) -> TrainState:
+               state: TrainState, settings: dict, plan: RunPlan, *, max_loss_ratio: float, mesh: Mesh | None,
+               host_loop: bool) -> TrainState:
     writer = distributed.is_writer()
-    ckpt, run_record, state = take_run(run_dir, name, state, settings, steps=steps, resume=resume,
-                                       overwrite=overwrite, allow_changed=allow_changed)
-    if int(state.step) >= steps:
+    name = plan.name
+    ckpt, run_record, state = take_run(plan, state, settings)
+    if int(state.step) >= plan.steps:
         return state
     state = distributed.put_replicated(state, mesh)
-    chunk = make_chunk(learner, tasks, optimiser, meta_batch_size=meta_batch_size, mesh=mesh, host_loop=host_loop)
-    _preflight(learner, tasks, optimiser, state, meta_batch_size)
-    saver = Saver(ckpt if writer else None, name, {**(checkpoint_meta or {}), "fit": run_record}, int(state.step))
+    chunk = make_chunk(learner, tasks, optimiser, meta_batch_size=plan.meta_batch_size, mesh=mesh,
+                       host_loop=host_loop)
+    _preflight(learner, tasks, optimiser, state, plan.meta_batch_size)
+    saver = Saver(ckpt if writer else None, name, {**(plan.run.meta or {}), "fit": run_record}, int(state.step))
 
     def finish(state: TrainState, new_state: TrainState, step: int, metrics: dict, seconds: float, length: int):
         bad = np.asarray(diverged_steps(metrics, max_loss_ratio))
@@ -718,25 +726,22 @@ def _fit_owned(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.G
                                   f"{kept}")
         return new_state, chunk_record(name, step + length, metrics, seconds, length)
 
-    return train_loop(state, int(state.step), steps, name=name, chunk=chunk, finish=finish, saver=saver,
-                      run_dir=run_dir, log_every=log_every, checkpoint_every=checkpoint_every,
-                      stop_at_step=stop_at_step, sinks=sinks, stream=stream,
-                      progress=progress, callback=callback)
+    return train_loop(state, int(state.step), plan, chunk=chunk, finish=finish, saver=saver)
 
 
-def take_run(run_dir: str | None, name: str, state: Any, settings: dict, *, steps: int, resume: bool,
-             overwrite: bool, allow_changed: bool | Iterable[str]) -> tuple[str | None, dict | None, Any]:
-    """Checks what ``run_dir`` holds of run ``name`` (``runstore.open_run``) and, on resume, restores its
+def take_run(plan: RunPlan, state: Any, settings: dict) -> tuple[str | None, dict | None, Any]:
+    """Checks what the plan's folder holds of its run (``runstore.open_run``) and, on resume, restores its
     checkpoint into ``state``'s structure; process 0 decides and the others follow. Returns the
     checkpoint's path, the record for its header and the state (broadcast to every process)."""
     writer = distributed.is_writer()
+    run_dir, name, where = plan.path, plan.name, plan.run
     ckpt, run_record, refusal = None, None, None
     if run_dir is not None and writer:
         try:
-            ckpt, run_record = runstore.open_run(run_dir, name, steps=steps, resume=resume, overwrite=overwrite,
-                                                 allow_changed=allow_changed, fingerprint=fp.digest(settings),
-                                                 settings=settings)
-            if resume:
+            ckpt, run_record = runstore.open_run(run_dir, name, steps=plan.steps, resume=where.resume,
+                                                 overwrite=where.overwrite, allow_changed=where.allow_changed,
+                                                 fingerprint=fp.digest(settings), settings=settings)
+            if where.resume:
                 state, _ = checkpoint.restore(ckpt, state)
         except (ValueError, checkpoint.CheckpointError) as e:
             refusal = e
@@ -767,10 +772,7 @@ class Saver:
             self.save(state, step)
 
 
-def train_loop(state: Any, step: int, steps: int, *, name: str, chunk: Callable, finish: Callable, saver: Saver,
-               run_dir: str | None, log_every: int, checkpoint_every: int | None, stop_at_step: int | None,
-               sinks: list[Any], stream: TextIO | None, progress: bool,
-               callback: Callable | None) -> Any:
+def train_loop(state: Any, step: int, plan: RunPlan, *, chunk: Callable, finish: Callable, saver: Saver) -> Any:
     """The one training loop of the engine, for a single run (``fit``) and a population
     (``jmaml.population.fit_population``): chunks of steps aligned to multiples of ``log_every`` from
     step 0 (so an interrupted and resumed run executes the same programs on the same states),
@@ -778,6 +780,9 @@ def train_loop(state: Any, step: int, steps: int, *, name: str, chunk: Callable,
     raises on divergence), metrics lines and writers, progress, callback, checkpoints, and
     SIGINT/SIGTERM (the installed ``StopFlag``, or one of its own) or ``stop_at_step`` stopping between
     chunks with a checkpoint."""
+    name, steps, run_dir, stop_at_step = plan.name, plan.steps, plan.path, plan.stop_at_step
+    log_every, progress, stream, _, callback = plan.log
+    checkpoint_every, sinks = plan.run.checkpoint_every, list(plan.sinks)
     writer = distributed.is_writer()
     started, first = time.perf_counter(), True
     bar = Progress(name, steps, step, stream) if progress else None

@@ -332,7 +332,9 @@ def evaluate_population(learner: MetaLearner, population: Any, tasks: TaskDistri
       points: the population's table (name -> one value per point), as given to ``fit_population``: the
         learner's per-call hyperparameters in it (a swept ``inner_lr``, ``num_inner_steps``,
         ``inner_hyper.NAME``) are each point's at test time too; ``seed`` and ``meta_lr`` only shaped
-        training. None: the learner's own hyperparameters for every point.
+        training. A point's ``inner_lr`` may also be a schedule, one rate per test-time step (for a learner
+        whose ``adapt`` takes one, as ``jmaml.rl.maml_rl``'s). None: the learner's own hyperparameters for
+        every point.
       apply, metric, num_tasks, num_steps, shots, key, batch_size, diverged_ratio, label, higher_is_better,
         progress: as ``evaluate``'s.
 
@@ -365,7 +367,7 @@ def evaluate_population(learner: MetaLearner, population: Any, tasks: TaskDistri
     size = int(np.shape(state.step)[0])
     hyper: dict[str, Any] = {}
     if points is not None:
-        n, values = population_mod.point_values(points)
+        n, values = population_mod.point_values(points, schedules=True)
         if n != size:
             raise ValueError(f"points has {n} values per name but the population has {size} points")
         plain, inner = population_mod.split_hyper(learner, values)

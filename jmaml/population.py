@@ -38,7 +38,6 @@ from jax.sharding import Mesh
 
 from jmaml import blocking, distributed, engine, protocols, runstore
 from jmaml import fingerprint as fp
-from jmaml import writers as writers_mod
 from jmaml._checks import check_max_loss_ratio
 from jmaml._util import default_float
 from jmaml.engine import DivergenceError
@@ -71,8 +70,10 @@ class PopulationState(NamedTuple):
     last_loss: jax.Array
 
 
-def point_values(points: Mapping[str, Sequence[Any]]) -> tuple[int, dict[str, list]]:
-    """Checks a population's table (name -> one value per point) and returns its size and values."""
+def point_values(points: Mapping[str, Sequence[Any]], schedules: bool = False) -> tuple[int, dict[str, list]]:
+    """Checks a population's table (name -> one value per point) and returns its size and values. With
+    ``schedules`` (evaluation), a point's ``inner_lr`` may be a schedule: one rate per test-time step, the
+    same count for every point."""
     if not isinstance(points, Mapping) or not points:
         raise TypeError(f"points must be a non-empty dict of name -> one value per point, got {points!r}")
     sizes = set()
@@ -84,7 +85,15 @@ def point_values(points: Mapping[str, Sequence[Any]]) -> tuple[int, dict[str, li
             list(values)
         if not values:
             raise ValueError(f"points[{name!r}] is empty")
-        for v in values:
+        numbers = values
+        if schedules and name == "inner_lr" and all(isinstance(v, list | tuple) for v in values):
+            lengths = {len(v) for v in values}
+            if len(lengths) != 1 or 0 in lengths:
+                raise ValueError(f"points['inner_lr']: each point's schedule must hold the same number (>= 1) of "
+                                 f"rates, got lengths {[len(v) for v in values]}")
+            values = [list(v) for v in values]
+            numbers = [r for v in values for r in v]
+        for v in numbers:
             if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
                 raise TypeError(f"points[{name!r}] must hold numbers, got {v!r}")
             if not math.isfinite(float(v)):
@@ -181,10 +190,9 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
     """
     engine.check_learner(learner)
     engine.check_distribution(tasks)
-    run_dir, where, logging, steps, meta_batch_size = engine.run_options(run, log, steps, meta_batch_size)
-    checkpoint_every, resume, overwrite = where.checkpoint_every, where.resume, where.overwrite
-    allow_changed, fingerprint = where.allow_changed, where.fingerprint
-    log_every, progress, stream, writers, callback = logging
+    plan = engine.run_plan(run, log, steps, meta_batch_size, name or f"{learner.name}-population", stop_at_step)
+    run_dir, where, meta_batch_size, name = plan.path, plan.run, plan.meta_batch_size, plan.name
+    stream = plan.log.stream
     size, values = point_values(points)
     plain, inner = split_hyper(learner, values)
     if shard not in SHARD_AXES:
@@ -214,8 +222,6 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
         raise TypeError("with points['seed'], params must be a function init(key) -> params")
     if SEED not in values and callable(params):
         raise TypeError("params is a function init(key): give points['seed'] to say each point's key")
-    sinks = writers_mod.check_writers(writers)
-    name = name or f"{learner.name}-population"
     arrays = {n: as_array(n, v) for n, v in values.items()}
     seeds = arrays.get(SEED, jnp.zeros((size,), jnp.uint32))
     betas = arrays.get(META_LR, jnp.zeros((size,), default_float()))
@@ -236,7 +242,7 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
     state = PopulationState(points=start, key=engine.as_key(key), step=jnp.zeros((), jnp.int32),
                             alive=jnp.ones((size,), bool), diverged_at=jnp.full((size,), -1, jnp.int32),
                             last_loss=jnp.full((size,), jnp.nan, jnp.float32))
-    settings = engine.run_settings(learner, tasks, opt, start, meta_batch_size, fingerprint)
+    settings = engine.run_settings(learner, tasks, opt, start, meta_batch_size, where.fingerprint)
     task_mesh = mesh if shard == "tasks" and n_dev > 1 else None  # blocks within each device's shard of tasks
     block = blocking.check_block(meta_batch_block, meta_batch_size, task_mesh)
     if block is not None:
@@ -249,9 +255,8 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
     hyper.update({INNER_HYPER + n: arrays[INNER_HYPER + n] for n in inner})
     writer = distributed.is_writer()
     with runstore.lock(run_dir) if run_dir is not None and writer else contextlib.nullcontext():
-        ckpt, run_record, state = engine.take_run(run_dir, name, state, settings, steps=steps, resume=resume,
-                                                  overwrite=overwrite, allow_changed=allow_changed)
-        if int(state.step) >= steps:
+        ckpt, run_record, state = engine.take_run(plan, state, settings)
+        if int(state.step) >= plan.steps:
             return state
         placement = _placement(mesh, shard)
         if placement is not None:
@@ -285,10 +290,7 @@ def fit_population(learner: MetaLearner, tasks: TaskDistribution, optimiser: Any
                 raise error
             return new, population_record(name, step + length, metrics, now, seconds, length)
 
-        return engine.train_loop(state, int(state.step), steps, name=name, chunk=chunk, finish=finish, saver=saver,
-                                 run_dir=run_dir, log_every=log_every, checkpoint_every=checkpoint_every,
-                                 stop_at_step=stop_at_step, sinks=sinks, stream=stream,
-                                 progress=progress, callback=callback)
+        return engine.train_loop(state, int(state.step), plan, chunk=chunk, finish=finish, saver=saver)
 
 
 def _stream(stream: TextIO | None) -> TextIO:

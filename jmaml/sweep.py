@@ -39,7 +39,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jmaml import distributed, learners, recipes
+from jmaml import distributed, learners, protocols, recipes
 from jmaml._checks import check_num_steps, check_rate, check_seed
 from jmaml._util import default_float
 from jmaml.config import OPTIMISERS, TrainConfig
@@ -180,16 +180,42 @@ def _shard_axis(shard: str) -> str:
     return "points" if shard == "grid" else shard
 
 
+class _Populations(NamedTuple):
+    """How a sweep trains each of its populations: the settings every population shares (its run folder and
+    how it owns it, its length, task stream, logging, divergence rule and placement)."""
+
+    run_dir: str | None
+    resume: bool
+    overwrite: bool
+    fingerprint: dict | None
+    steps: int
+    meta_batch_size: int
+    key: Any
+    log_every: int
+    checkpoint_every: int | None
+    max_loss_ratio: float
+    mesh: Mesh | None
+    shard: str
+    progress: bool
+    stream: Any
+    log: Callable[[str], Any] | None
+
+
 def _train_population(name: str, learner: MetaLearner, tasks: TaskDistribution, make_optimiser: Callable,
-                      init_params: Callable, part: Sequence[dict[str, Any]], traced: Sequence[str], *, steps: int,
-                      meta_batch_size: int, key: Any, log: Callable[[str], Any] | None, label: str,
-                      run_dir: str | None, resume: bool, overwrite: bool, checkpoint_every: int | None,
-                      fingerprint: dict | None, log_every: int, progress: bool, stream: Any,
-                      **options: Any) -> PopulationState:
+                      init_params: Callable, part: Sequence[dict[str, Any]], traced: Sequence[str], label: str,
+                      how: _Populations) -> PopulationState:
     """One population of the sweep: ``part``'s points (dicts of alpha, beta, k, seed, inner_hyper.NAME),
     with ``traced`` naming the learner's per-call hyperparameters the points set."""
+    run_dir, resume, overwrite, steps, log = how.run_dir, how.resume, how.overwrite, how.steps, how.log
     column = {"inner_lr": "alpha", "num_inner_steps": "k"}
     points: dict[str, list] = {"seed": [p["seed"] for p in part], "meta_lr": [p["beta"] for p in part]}
+    if learner.returns_step:  # the learner's estimate is its update (TRPO, PPO): no meta rate to inject
+        betas = sorted({p["beta"] for p in part})
+        if len(betas) > 1:
+            raise ValueError(f"beta {betas}: learner {learner.name!r} returns its update itself (its outer step, "
+                             "e.g. TRPO, has no meta rate), so a sweep of it takes one beta, which it ignores")
+        del points["meta_lr"]
+        make_optimiser = protocols.apply_step()
     for h in traced:
         points[h] = [p[column.get(h, h)] for p in part]
     callback = None
@@ -199,12 +225,13 @@ def _train_population(name: str, learner: MetaLearner, tasks: TaskDistribution, 
     if run_dir is not None and resume and not os.path.exists(os.path.join(run_dir, f"{name}.ckpt.npz")):
         # a resumed sweep's populations not yet checkpointed start (again) now: nothing of theirs to keep
         resume, overwrite = False, True
-    where = None if run_dir is None else RunDir(run_dir, checkpoint_every=checkpoint_every, resume=resume,
-                                                   overwrite=overwrite, fingerprint=fingerprint)
-    logging = Logging(every=log_every, progress=progress, stream=stream, callback=callback)
+    where = None if run_dir is None else RunDir(run_dir, checkpoint_every=how.checkpoint_every, resume=resume,
+                                                   overwrite=overwrite, fingerprint=how.fingerprint)
+    logging = Logging(every=how.log_every, progress=how.progress, stream=how.stream, callback=callback)
     try:
         return fit_population(learner, tasks, make_optimiser, init_params, points, steps=steps,
-                              meta_batch_size=meta_batch_size, key=key, name=name, run=where, log=logging, **options)
+                              meta_batch_size=how.meta_batch_size, key=how.key, name=name, run=where, log=logging,
+                              max_loss_ratio=how.max_loss_ratio, mesh=how.mesh, shard=how.shard)
     except DivergenceError as e:  # every point diverged: rows say so; the sweep goes on
         if e.state is None:
             raise
@@ -391,9 +418,9 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
     if distributed.is_writer():  # process 0 owns the folder (the others train what it plans)
         per_chunk = _open_sweep(run_dir, resume=resume, overwrite=overwrite, per_chunk=per_chunk,
                                 record=_grid_record(grid, base.meta_batch_size, task_seed=task_seed)) or per_chunk
-    run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, fingerprint=fingerprint,
-               log_every=base.log_every, checkpoint_every=base.checkpoint_every if run_dir else None,
-               max_loss_ratio=base.max_loss_ratio, mesh=mesh, shard=axis, progress=progress, stream=stream)
+    how = _Populations(run_dir, resume, overwrite, fingerprint, base.steps, base.meta_batch_size, stream_key,
+                       base.log_every, base.checkpoint_every if run_dir else None, base.max_loss_ratio, mesh, axis,
+                       progress, stream, log)
     rows: list[dict[str, Any]] = []
     kept: list[Any] = []
     t0 = time.perf_counter()
@@ -403,8 +430,7 @@ def run_sweep(base: TrainConfig, grid: Grid, *, task_seed: int | None = None, ev
         for i, (part, real) in enumerate(_chunks(group, per_chunk)):
             name = prefix if len(group) <= per_chunk else f"{prefix}-{i}"
             state = _train_population(name, learner, dist, make_optimiser, init_params, part, traced,
-                                      steps=base.steps, meta_batch_size=base.meta_batch_size, key=stream_key, log=log,
-                                      label=f"{name} ({real} points)", **run)
+                                      f"{name} ({real} points)", how)
             num_populations += 1
             new = _point_rows(part, state)[:real]
             params = state.points.params
@@ -508,7 +534,8 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
                   inner_hyper: dict[str, Sequence[float]] | None = None, run_dir: str | None = None,
                   resume: bool = False, overwrite: bool = False, checkpoint_every: int | None = None,
                   max_loss_ratio: float = 1000.0, mesh: Mesh | None = None, shard: str = "grid",
-                  progress: bool = False, stream: Any = None) -> dict[str, Any]:
+                  progress: bool = False, stream: Any = None,
+                  eval_lr: Callable[[float], Sequence[float]] | None = None) -> dict[str, Any]:
     """Whole runs of any learner on any task distribution over α × β × seed (× inner-optimiser settings),
     every point on the same training tasks, as populations (``jmaml.population.fit_population``: one
     compiled program per k); then each point evaluated by its learner's own test-time rule at its α.
@@ -526,6 +553,9 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
       steps, meta_batch_size, task_key, log_every, checkpoint_every, max_loss_ratio, progress, stream: as
         in ``jmaml.fit``.
       evaluate, apply, metric, eval_tasks, eval_steps, eval_key: the evaluation (``jmaml.evaluate.evaluate``).
+      eval_lr: ``eval_lr(alpha) -> rates``, the test-time rates of steps 1..``eval_steps`` of a point trained
+        at ``alpha`` (a learner taking the per-call ``inner_lr``); default: ``alpha`` at every step. E.g.
+        ``lambda a: [a] + [a / 2] * (eval_steps - 1)``, the MAML-RL paper's schedule.
       log: ``log(str)`` for progress lines.
       inner_hyper: more grid axes, over the inner optimiser's hyperparameters (e.g. ``{"momentum":
         (0.5, 0.9)}``), for learners with an inner optimiser (``learners.maml(..., inner_optimiser=...)``,
@@ -553,9 +583,8 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
     extra = list(itertools.product(*[tuple(inner_hyper[n]) for n in names])) if names else [()]
     _open_sweep(run_dir, resume=resume, overwrite=overwrite,
                 record=_grid_record(grid, meta_batch_size, inner_hyper={n: list(inner_hyper[n]) for n in names}))
-    run = dict(run_dir=run_dir, resume=resume, overwrite=overwrite, fingerprint=None, log_every=log_every,
-               checkpoint_every=checkpoint_every, max_loss_ratio=max_loss_ratio, mesh=mesh, shard=axis,
-               progress=progress, stream=stream)
+    how = _Populations(run_dir, resume, overwrite, None, steps, meta_batch_size, task_key, log_every,
+                       checkpoint_every, max_loss_ratio, mesh, axis, progress, stream, log)
     rows: list[dict[str, Any]] = []
     kept: list[Any] = []
     t0 = time.perf_counter()
@@ -574,13 +603,13 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
                        [p for p in at_k if p["alpha"] == alpha], traced) for alpha in sorted(set(grid.alphas))]
         for name, group_learner, group, group_traced in groups:
             state = _train_population(name, group_learner, tasks, make_optimiser, init_params, group, group_traced,
-                                      steps=steps, meta_batch_size=meta_batch_size, key=task_key, log=log,
-                                      label=f"{name} ({len(group)} runs)", **run)
+                                      f"{name} ({len(group)} runs)", how)
             evaluated = None
             if evaluate:  # every point of the population in one compiled program, each at its own rates
-                table = {n: [p[n] for p in group] for n in traced if n != "inner_lr"}
+                table: dict[str, list[Any]] = {n: [p[n] for p in group] for n in traced if n != "inner_lr"}
                 if "inner_lr" in group_learner.hyper:
-                    table["inner_lr"] = [p["alpha"] for p in group]
+                    table["inner_lr"] = [p["alpha"] if eval_lr is None else _schedule(eval_lr, p["alpha"], eval_steps)
+                                         for p in group]
                 evaluated = evaluate_population(group_learner, state, tasks, table or None, apply=apply,
                                                 metric=metric, num_tasks=eval_tasks, num_steps=eval_steps,
                                                 key=eval_key)
@@ -605,6 +634,14 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
     if run_dir is not None and distributed.is_writer():  # the CLI's files, from Python too
         write_results(result, run_dir)
     return result
+
+
+def _schedule(eval_lr: Callable[[float], Sequence[float]], alpha: float, eval_steps: int) -> list[float]:
+    rates = [float(r) for r in eval_lr(alpha)]
+    if len(rates) != eval_steps:
+        raise ValueError(f"eval_lr({alpha:g}) gave {len(rates)} rates {rates}; evaluation takes eval_steps = "
+                         f"{eval_steps} steps, one rate each")
+    return rates
 
 
 def _learner_at(make_learner: Callable[..., MetaLearner], k: int, alpha: float) -> MetaLearner:
@@ -664,6 +701,9 @@ def summarize_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row["seeds"] = len(group)
         for name in ("final_meta_loss", "mse_1", "mse_5", "mse_10"):
             row[name], row[f"{name}_ci95"] = _mean_ci([g[name] for g in group])
+        length = max(len(g.get("mse_curve") or []) for g in group)
+        per_step = [_mean_ci([_at(g, s) for g in group]) for s in range(length)]
+        row["curve"], row["curve_ci95"] = [m for m, _ in per_step], [c for _, c in per_step]
         row["diverged_seeds"] = sum(bool(g["diverged"]) for g in group)
         row["train_diverged_seeds"] = sum(bool(g["train_diverged"]) for g in group)
         row["eval_diverged_seeds"] = sum(bool(g["eval_diverged"]) for g in group)
@@ -678,16 +718,23 @@ def _metric_label(result: dict[str, Any]) -> str:
 def write_results(result: dict[str, Any], out_dir: str) -> list[str]:
     """Writes a sweep's results into ``out_dir``, the same from ``jmaml sweep``, ``run_sweep`` and
     ``sweep_learner``: ``sweep.csv`` (one row per point), ``sweep-summary.csv`` (one row per setting,
-    mean ± 95% CI over seeds: ``summarize_seeds``), ``sweep.md`` (both tables), ``sweep.json`` (rows and
+    mean ± 95% CI over seeds: ``summarize_seeds``, and the metric after every step, ``at_step_S``),
+    ``sweep.md`` (both tables), ``sweep.json`` (rows and
     meta) and, if matplotlib is installed, ``plots/heatmap_kK.png``; returns the paths."""
     rows = result["rows"]
     paths = [write_rows(rows, out_dir)]
     summary = summarize_seeds(rows)
     text = io.StringIO()
+    length = max((len(r["curve"]) for r in summary), default=0)
+    at_step = [f"at_step_{s}{ci}" for s in range(length) for ci in ("", "_ci95")]  # every step of the curve
+    flat = [{**{k: v for k, v in r.items() if k not in ("curve", "curve_ci95")},
+             **{f"at_step_{s}": _at(r, s, "curve") for s in range(length)},
+             **{f"at_step_{s}_ci95": _at(r, s, "curve_ci95") for s in range(length)}} for r in summary]
     w = csv.DictWriter(text, fieldnames=[f for f in SUMMARY_FIELDS if f in (summary[0] if summary else {})]
-                       + sorted({k for r in summary for k in r} - set(SUMMARY_FIELDS)), extrasaction="ignore")
+                       + sorted({k for r in flat for k in r} - set(SUMMARY_FIELDS) - set(at_step)) + at_step,
+                       extrasaction="ignore")
     w.writeheader()
-    w.writerows(summary)
+    w.writerows(flat)
     paths.append(os.path.join(out_dir, "sweep-summary.csv"))
     atomic_write_text(paths[-1], text.getvalue())
     metric = _metric_label(result)
@@ -793,15 +840,34 @@ def _diverged_text(r: dict[str, Any]) -> str:
     return ""
 
 
+def shown_steps(rows: Sequence[dict[str, Any]]) -> tuple[int, ...]:
+    """The test-time steps a sweep's tables show: 1, 5 and 10 of a 10-step curve (the sinusoid protocol's),
+    every step of a short one (an RL protocol's 3), else 1, 5 and the last."""
+    n = max((len(r["mse_curve"]) for r in rows), default=MAX_EVAL_STEPS + 1) - 1
+    if n >= MAX_EVAL_STEPS:
+        return 1, 5, MAX_EVAL_STEPS
+    return tuple(range(1, n + 1)) if n <= 5 else (1, 5, n)
+
+
+def _at(r: dict[str, Any], s: int, key: str = "mse_curve") -> float:
+    curve = r.get(key) or []
+    return float(curve[s]) if s < len(curve) and curve[s] is not None else math.nan
+
+
 def format_rows(rows: Sequence[dict[str, Any]], metric: str = "MSE") -> str:
-    """A Markdown table of the sweep, one row per grid point; ``metric`` names the evaluation's metric."""
-    lines = [f"| alpha | beta | k | seed | final meta-loss | {metric}@1 | {metric}@5 | {metric}@10 | λ_max (median) "
-             "| 2/λ_max | diverged |",
-             "|" + " --- |" * 11]
+    """A Markdown table of the sweep, one row per grid point; ``metric`` names the evaluation's metric (the
+    steps shown: ``shown_steps``; the curvature columns only where some point has them)."""
+    steps = shown_steps(rows)
+    curvature = any(math.isfinite(r.get("lambda_max_median", math.nan)) for r in rows)
+    head = ["alpha", "beta", "k", "seed", "final meta-loss", *[f"{metric}@{s}" for s in steps],
+            *(["λ_max (median)", "2/λ_max"] if curvature else []), "diverged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        lines.append(f"| {r['alpha']:g} | {r['beta']:g} | {r['k']} | {r['seed']} | {r['final_meta_loss']:.4g} | "
-                     f"{r['mse_1']:.4g} | {r['mse_5']:.4g} | {r['mse_10']:.4g} | {r['lambda_max_median']:.4g} | "
-                     f"{r['alpha_bound']:.4g} | {_diverged_text(r)} |")
+        cells = [f"{r['alpha']:g}", f"{r['beta']:g}", str(r["k"]), str(r["seed"]), f"{r['final_meta_loss']:.4g}",
+                 *[f"{_at(r, s):.4g}" for s in steps],
+                 *([f"{r['lambda_max_median']:.4g}", f"{r['alpha_bound']:.4g}"] if curvature else []),
+                 _diverged_text(r)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -812,15 +878,17 @@ def _pm(mean: float, ci: float) -> str:
 
 
 def format_summary(summary: Sequence[dict[str, Any]], metric: str = "MSE") -> str:
-    """A Markdown table of ``summarize_seeds``: one row per setting, mean ± 95% CI over its seeds."""
-    extra = sorted({k for r in summary for k in r} - set(SUMMARY_FIELDS))
-    head = ["alpha", "beta", "k", *extra, "seeds", "final meta-loss", f"{metric}@1", f"{metric}@5", f"{metric}@10",
+    """A Markdown table of ``summarize_seeds``: one row per setting, mean ± 95% CI over its seeds (the steps
+    shown: ``shown_steps``)."""
+    extra = sorted({k for r in summary for k in r} - set(SUMMARY_FIELDS) - {"curve", "curve_ci95"})
+    steps = shown_steps([{"mse_curve": r.get("curve") or [math.nan] * (MAX_EVAL_STEPS + 1)} for r in summary])
+    head = ["alpha", "beta", "k", *extra, "seeds", "final meta-loss", *[f"{metric}@{s}" for s in steps],
             "diverged (train / eval)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in summary:
         cells = [f"{r['alpha']:g}", f"{r['beta']:g}", str(r["k"]), *[str(r.get(e, "")) for e in extra], str(r["seeds"]),
-                 _pm(r["final_meta_loss"], r["final_meta_loss_ci95"]), _pm(r["mse_1"], r["mse_1_ci95"]),
-                 _pm(r["mse_5"], r["mse_5_ci95"]), _pm(r["mse_10"], r["mse_10_ci95"]),
+                 _pm(r["final_meta_loss"], r["final_meta_loss_ci95"]),
+                 *[_pm(_at(r, s, "curve"), _at(r, s, "curve_ci95")) for s in steps],
                  f"{r['diverged_seeds']} ({r['train_diverged_seeds']} / {r['eval_diverged_seeds']})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

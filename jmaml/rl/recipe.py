@@ -336,6 +336,45 @@ def evaluate(config: RLConfig, trained: dict[str, Any], run_dir: str | None = No
     return results
 
 
+
+
+def sweep(config: RLConfig, grid: Any, run_dir: str | None = None, *, task_seed: int = 0, resume: bool = False,
+          overwrite: bool = False, checkpoint_every: int | None = None, progress: bool = False,
+          stream: TextIO | None = None, log: Any = None) -> dict[str, Any]:
+    """MAML-RL over a grid (``jmaml.sweep.Grid``: inner rates α, meta rates β, inner steps k, seeds of the
+    initial policy), every point a whole run of ``config``'s MAML (its environment, policy, estimator and
+    outer step) trained as one population per k on the same tasks (``task_seed``), then scored by the
+    paper's protocol at its own α: the return after 0..``eval_steps`` test-time steps (rates α, α/2, ...
+    as ``eval_schedule``, or ``eval_lr`` scaled to the point's α) on ``eval_tasks`` held-out tasks.
+
+    The outer step TRPO (and PPO) returns its update itself and has no meta rate: the grid then takes one β,
+    which it ignores. ``config``'s ``inner_lr``, ``meta_lr`` and ``seed`` are the grid's; the pretrained
+    baseline and the best-on-validation policy are single runs' (``train``). ``run_dir``, ``resume``,
+    ``overwrite``, ``checkpoint_every`` (default: every ``log_every``): the sweep as a run, as
+    ``jmaml.sweep.sweep_learner``'s, which writes the same files (``sweep.csv``, ``sweep.md``, heatmaps of
+    the return). Returns ``sweep_learner``'s result."""
+    from jmaml.sweep import sweep_learner
+
+    config.validate()
+    grid.validate()
+    env, policy, _, _ = config.parts()
+    schedule = config.eval_schedule()
+
+    def make_learner(k: int):
+        return maml_rl(env, policy, num_inner_steps=k, estimator=config.estimator,
+                       outer="gradient" if config.outer == "adam" else config.outer, inner_lr=config.inner_lr,
+                       inner_episodes=config.inner_episodes, outer_episodes=config.outer_episodes, gamma=config.gamma)
+
+    return sweep_learner(
+        make_learner, task_distribution(env), optax.adam, policy.init, grid, steps=config.steps,
+        meta_batch_size=config.meta_batch_size, task_key=jax.random.fold_in(jax.random.key(task_seed), 1),
+        log_every=config.log_every, checkpoint_every=config.log_every if checkpoint_every is None else checkpoint_every,
+        metric=evaluation.return_metric(env, policy, config.eval_episodes), eval_tasks=config.eval_tasks,
+        eval_steps=config.eval_steps, eval_key=EVAL_KEY + task_seed,
+        eval_lr=lambda alpha: [r * alpha / schedule[0] for r in schedule], run_dir=run_dir, resume=resume,
+        overwrite=overwrite, progress=progress, stream=stream, log=log)
+
+
 def load_trained(config: RLConfig, run_dir: str) -> dict[str, Any]:
     """The policies a finished ``train`` left in ``run_dir``, for ``evaluate`` (``jmaml rl eval``)."""
     env, policy, maml, pretrained = config.parts()
