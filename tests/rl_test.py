@@ -243,13 +243,57 @@ def test_the_linear_baseline_is_least_squares_even_with_collinear_features(x64):
     task = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), env.sample_task(jax.random.key(1)))
     traj = rl.rollouts.rollout(env, policy, params, task, jax.random.key(2), 5)
     returns = rl.rollouts.returns_to_go(traj.rewards, 0.99)
-    got = np.asarray(rl.rollouts.linear_baseline(traj, returns, reg=0.0))
     obs = np.clip(np.asarray(traj.obs), -10, 10)
     t = np.broadcast_to(np.arange(12)[None, :, None] / 100.0, (5, 12, 1))
     feats = np.concatenate([obs, obs ** 2, t, t ** 2, t ** 3, np.ones_like(t)], -1).reshape(-1, 10)
+    assert np.linalg.matrix_rank(feats) < 10  # collinear: the normal equations alone are singular
     w = np.linalg.lstsq(feats, np.asarray(returns).reshape(-1), rcond=None)[0]
-    np.testing.assert_allclose(got.reshape(-1), feats @ w, rtol=1e-8, atol=1e-8)
-    assert np.isfinite(got).all()
+    for solver in rl.rollouts.BASELINE_SOLVERS:
+        got = np.asarray(rl.rollouts.linear_baseline(traj, returns, reg=0.0, solver=solver))
+        np.testing.assert_allclose(got.reshape(-1), feats @ w, rtol=1e-8, atol=1e-8, err_msg=solver)
+        assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("env_name", ["navigation2d", "pendulum"])
+def test_the_cholesky_baseline_in_float32_is_float64s_ridge_fit(env_name):
+    """The default solver (regularised normal equations by Cholesky, refined) in float32, on the paper's episode
+    sizes, against the same ridge problem solved in float64 by NumPy's SVD least squares: predictions within
+    1e-5 of the returns' scale (pendulum's features are collinear), and no less accurate than the float32 SVD."""
+    env = rl.envs.ENVS[env_name](horizon=100)
+    policy = rl.policies.gaussian_mlp(env.observation_shape[0], env.action_shape[0], hidden=(32,))
+    task = env.sample_task(jax.random.key(1))
+    traj = rl.rollouts.rollout(env, policy, policy.init(jax.random.key(0)), task, jax.random.key(2), 20)
+    returns = rl.rollouts.returns_to_go(traj.rewards, 0.99)
+    reg = 1e-5
+    f = np.asarray(rl.rollouts._features(traj) * traj.mask[..., None], np.float64).reshape(-1, env.observation_shape[0]
+                                                                                          * 2 + 4)
+    y = np.asarray(returns * traj.mask, np.float64).reshape(-1)
+    w64 = np.linalg.lstsq(np.concatenate([f, np.sqrt(reg) * np.eye(f.shape[1])]),
+                          np.concatenate([y, np.zeros(f.shape[1])]), rcond=None)[0]
+    scale = np.abs(y).max()
+    errors = {}
+    for solver in rl.rollouts.BASELINE_SOLVERS:
+        got = np.asarray(jax.jit(rl.rollouts.linear_baseline, static_argnames="solver")(traj, returns, reg,
+                                                                                          solver=solver))
+        assert got.dtype == np.float32 and np.isfinite(got).all()
+        errors[solver] = np.abs(got.reshape(-1) - (f @ w64) * np.asarray(traj.mask).reshape(-1)).max() / scale
+    assert errors["cholesky"] < 1e-5, errors
+    assert errors["cholesky"] <= 2 * errors["lstsq"], errors
+
+
+def test_the_baseline_of_episodes_that_all_ended_is_zero():
+    """No live step: the features are all zero; the fit is w = 0 (no NaN), with or without a ridge."""
+    env = rl.envs.navigation2d(horizon=6)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(4,))
+    traj = rl.rollouts.rollout(env, policy, policy.init(jax.random.key(0)), env.sample_task(jax.random.key(1)),
+                               jax.random.key(2), 3)
+    dead = traj._replace(mask=jnp.zeros_like(traj.mask))
+    returns = rl.rollouts.returns_to_go(traj.rewards, 0.99)
+    for reg in (1e-5, 0.0):
+        w = np.asarray(rl.rollouts.fit_linear_baseline(dead, returns, reg))
+        np.testing.assert_array_equal(w, 0.0)
+    with pytest.raises(ValueError, match=r"solver must be one of \('cholesky', 'lstsq'\), got 'qr'"):
+        rl.rollouts.fit_linear_baseline(traj, returns, solver="qr")
 
 
 def test_trpo_takes_a_step_inside_its_trust_region():
