@@ -42,14 +42,14 @@ def jmaml_runner(chunk_len: int = 5, outer: str = "gradient", solver: str = "cho
     opt = optax.adam(1e-2) if outer == "gradient" else protocols.apply_step()
     chunk = engine.make_chunk(learner, rl.task_distribution(env), opt, meta_batch_size=META_BATCH)
     state = engine.initial_state(learner, policy.init(jax.random.key(0)), opt, jax.random.key(1))
-    fit = rollouts.fit_linear_baseline
-    rollouts.fit_linear_baseline = functools.partial(fit, solver=solver)  # read when the programs are traced
+    fit = rollouts.linear_baseline
+    rollouts.linear_baseline = functools.partial(fit, solver=solver)  # read when the programs are traced
     try:
         run = timed_chunk(chunk, state, chunk_len)
         run()  # compiles the chunk
         one = jax.jit(lambda s: chunk(s, 1)).lower(state).compile()  # one meta-step, for XLA's cost analysis
     finally:
-        rollouts.fit_linear_baseline = fit
+        rollouts.linear_baseline = fit
     return run, chunk_len, one
 
 
