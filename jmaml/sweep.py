@@ -588,6 +588,7 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
     rows: list[dict[str, Any]] = []
     kept: list[Any] = []
     t0 = time.perf_counter()
+    beta_ignored = False  # a learner that returns its own update (TRPO, PPO) has no meta rate
     for k in sorted(set(grid.ks)):
         at_k = [{"alpha": a, "beta": b, "k": k, "seed": s, **{INNER_HYPER + n: v for n, v in zip(names, e)}}
                 for a, b, kk, s in grid.points() if kk == k for e in extra]
@@ -602,6 +603,7 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
             groups = [(f"sweep-k{k}-alpha{alpha:g}", _learner_at(make_learner, k, alpha),
                        [p for p in at_k if p["alpha"] == alpha], traced) for alpha in sorted(set(grid.alphas))]
         for name, group_learner, group, group_traced in groups:
+            beta_ignored = beta_ignored or group_learner.returns_step
             state = _train_population(name, group_learner, tasks, make_optimiser, init_params, group, group_traced,
                                       f"{name} ({len(group)} runs)", how)
             evaluated = None
@@ -629,7 +631,8 @@ def sweep_learner(make_learner: Callable[..., MetaLearner], tasks: TaskDistribut
                 row.update(lambda_max_median=math.nan, alpha_bound=math.nan)
                 rows.append(row)
     meta = {"metric": tasks.metric_name, "higher_is_better": metric_higher_is_better(tasks),
-            "eval_tasks": eval_tasks if evaluate else 0, "num_points": len(rows), "seconds": time.perf_counter() - t0}
+            "eval_tasks": eval_tasks if evaluate else 0, "num_points": len(rows), "seconds": time.perf_counter() - t0,
+            "beta_ignored": beta_ignored}
     result = {"rows": rows, "meta": meta, "params": kept}
     if run_dir is not None and distributed.is_writer():  # the CLI's files, from Python too
         write_results(result, run_dir)
@@ -820,7 +823,8 @@ def plot_heatmaps(result: dict[str, Any], out_dir: str, step: int | None = None)
         ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
         ax.set_xlabel("inner rate α")
-        ax.set_ylabel("meta rate β")
+        ax.set_ylabel("meta rate β (unused: the outer step is the learner's own)"
+                      if result.get("meta", {}).get("beta_ignored") else "meta rate β")
         ax.set_title(f"k = {k}: held-out {metric} after {at} step{'s' if at != 1 else ''} (mean over seeds)")
         fig.colorbar(im, ax=ax, label=f"log10 {metric}" if log else metric)
         fig.tight_layout()

@@ -35,6 +35,7 @@ def test_a_sweep_point_is_the_run_jmaml_rl_trains(tmp_path):
     for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(result["params"][point[0]])):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     assert result["meta"]["metric"] == "return" and result["meta"]["higher_is_better"]
+    assert not result["meta"]["beta_ignored"]  # Adam's meta rate is swept
     rows = result["rows"]
     assert len(rows) == 4 and all(len(r["mse_curve"]) == config.eval_steps + 1 for r in rows)
     assert all(np.isfinite(r["mse_curve"]).all() and not r["diverged"] for r in rows)
@@ -75,6 +76,7 @@ def test_a_trpo_sweep_takes_one_beta_which_it_ignores():
         recipe.sweep(config, Grid((0.1,), (0.001, 0.01), (1,), (0,)), stream=io.StringIO())
     result = recipe.sweep(config, Grid((0.1,), (0.5,), (1,), (0,)), stream=io.StringIO())
     assert result["rows"][0]["beta"] == 0.5 and np.isfinite(result["rows"][0]["mse_curve"]).all()
+    assert result["meta"]["beta_ignored"]
 
 
 SWEEP = ["sweep", "--task", "navigation2d", "--alpha", "0.1,0.2", "--steps", "30", "--log-every", "1",
