@@ -428,14 +428,10 @@ def _rl_sweep(args: argparse.Namespace, given: dict) -> int:
         raise ValueError(f"{', '.join(supervised)}: not a setting of a meta-RL sweep (--task {given['task']} runs "
                          "MAML-RL: its estimator and outer step are --estimator and --outer)")
     d = recipe.RLConfig()
-    fields = {"env": given["task"], "pretrain": False}
-    for name in ("steps", "meta_batch_size", "log_every", *_RL_SWEEP_FLAGS, "hidden"):
-        if name in given:
-            field = _RL_FLAGS[name][0] if name in _RL_FLAGS else name
-            value = given[name]
-            fields[field] = tuple(value) if isinstance(value, list) else value
-    if "episodes" in given:
-        fields["outer_episodes"] = fields["inner_episodes"]
+    names = ("steps", "meta_batch_size", "log_every", *_RL_SWEEP_FLAGS, "hidden")
+    flags = _rl_given(argparse.Namespace(**given), names)
+    fields = {"env": given["task"], "pretrain": False,
+              **{field: tuple(v) if isinstance(v, list) else v for field, v in flags.items()}}  # JSON lists back
     if given.get("raw_actions"):
         fields["normalized_actions"] = False
     steps = fields.get("steps", d.steps)

@@ -844,10 +844,11 @@ def _diverged_text(r: dict[str, Any]) -> str:
     return ""
 
 
-def shown_steps(rows: Sequence[dict[str, Any]]) -> tuple[int, ...]:
-    """The test-time steps a sweep's tables show: 1, 5 and 10 of a 10-step curve (the sinusoid protocol's),
-    every step of a short one (an RL protocol's 3), else 1, 5 and the last."""
-    n = max((len(r["mse_curve"]) for r in rows), default=MAX_EVAL_STEPS + 1) - 1
+def shown_steps(length: int) -> tuple[int, ...]:
+    """The test-time steps a sweep's tables show of curves of ``length`` values (steps 0..length - 1): 1, 5
+    and 10 of a 10-step curve (the sinusoid protocol's), every step of a short one (an RL protocol's 3), else
+    1, 5 and the last."""
+    n = length - 1
     if n >= MAX_EVAL_STEPS:
         return 1, 5, MAX_EVAL_STEPS
     return tuple(range(1, n + 1)) if n <= 5 else (1, 5, n)
@@ -861,7 +862,7 @@ def _at(r: dict[str, Any], s: int, key: str = "mse_curve") -> float:
 def format_rows(rows: Sequence[dict[str, Any]], metric: str = "MSE") -> str:
     """A Markdown table of the sweep, one row per grid point; ``metric`` names the evaluation's metric (the
     steps shown: ``shown_steps``; the curvature columns only where some point has them)."""
-    steps = shown_steps(rows)
+    steps = shown_steps(max((len(r["mse_curve"]) for r in rows), default=MAX_EVAL_STEPS + 1))
     curvature = any(math.isfinite(r.get("lambda_max_median", math.nan)) for r in rows)
     head = ["alpha", "beta", "k", "seed", "final meta-loss", *[f"{metric}@{s}" for s in steps],
             *(["λ_max (median)", "2/λ_max"] if curvature else []), "diverged"]
@@ -885,7 +886,7 @@ def format_summary(summary: Sequence[dict[str, Any]], metric: str = "MSE") -> st
     """A Markdown table of ``summarize_seeds``: one row per setting, mean ± 95% CI over its seeds (the steps
     shown: ``shown_steps``)."""
     extra = sorted({k for r in summary for k in r} - set(SUMMARY_FIELDS) - {"curve", "curve_ci95"})
-    steps = shown_steps([{"mse_curve": r.get("curve") or [math.nan] * (MAX_EVAL_STEPS + 1)} for r in summary])
+    steps = shown_steps(max((len(r.get("curve") or ()) for r in summary), default=0) or MAX_EVAL_STEPS + 1)
     head = ["alpha", "beta", "k", *extra, "seeds", "final meta-loss", *[f"{metric}@{s}" for s in steps],
             "diverged (train / eval)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

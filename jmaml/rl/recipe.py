@@ -139,11 +139,16 @@ class RLConfig:
         """``(env, policy, maml learner, pretrained learner)``."""
         env = envs.ENVS[self.env](**self.env_settings())
         policy = gaussian_mlp(env.observation_shape[0], env.action_shape[0], hidden=self.hidden)
-        common = dict(inner_lr=self.inner_lr, inner_episodes=self.inner_episodes, outer_episodes=self.outer_episodes,
-                      gamma=self.gamma)
-        maml = maml_rl(env, policy, estimator=self.estimator, outer="gradient" if self.outer == "adam" else self.outer,
-                       **common)
-        return env, policy, maml, maml_rl(env, policy, num_inner_steps=0, **common)
+        return env, policy, self.maml(env, policy), maml_rl(env, policy, num_inner_steps=0, **self._common())
+
+    def maml(self, env: envs.Env, policy: Any, num_inner_steps: int = 1):
+        """MAML as this config trains it (its estimator and outer step), with ``num_inner_steps`` inner steps."""
+        return maml_rl(env, policy, num_inner_steps=num_inner_steps, estimator=self.estimator,
+                       outer="gradient" if self.outer == "adam" else self.outer, **self._common())
+
+    def _common(self) -> dict[str, Any]:
+        return dict(inner_lr=self.inner_lr, inner_episodes=self.inner_episodes, outer_episodes=self.outer_episodes,
+                    gamma=self.gamma)
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> RLConfig:
@@ -360,14 +365,10 @@ def sweep(config: RLConfig, grid: Any, run_dir: str | None = None, *, task_seed:
     env, policy, _, _ = config.parts()
     schedule = config.eval_schedule()
 
-    def make_learner(k: int):
-        return maml_rl(env, policy, num_inner_steps=k, estimator=config.estimator,
-                       outer="gradient" if config.outer == "adam" else config.outer, inner_lr=config.inner_lr,
-                       inner_episodes=config.inner_episodes, outer_episodes=config.outer_episodes, gamma=config.gamma)
-
     return sweep_learner(
-        make_learner, task_distribution(env), optax.adam, policy.init, grid, steps=config.steps,
-        meta_batch_size=config.meta_batch_size, task_key=jax.random.fold_in(jax.random.key(task_seed), 1),
+        lambda k: config.maml(env, policy, k), task_distribution(env), optax.adam, policy.init, grid,
+        steps=config.steps, meta_batch_size=config.meta_batch_size,
+        task_key=jax.random.fold_in(jax.random.key(task_seed), 1),
         log_every=config.log_every, checkpoint_every=config.log_every if checkpoint_every is None else checkpoint_every,
         metric=evaluation.return_metric(env, policy, config.eval_episodes), eval_tasks=config.eval_tasks,
         eval_steps=config.eval_steps, eval_key=EVAL_KEY + task_seed,
