@@ -50,3 +50,23 @@ def run_killed(args: list[str], *, kill_after: float | None = None, sig: int = s
             proc.send_signal(sig)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
+
+
+def kill_at_checkpoint(args: list[str], ckpt, *, before_step: int, env: dict[str, str] | None = None,
+                       timeout: float = 300) -> int:
+    """Runs ``args`` (output discarded) and sends SIGKILL once ``ckpt`` holds a checkpoint of a step in
+    ``(0, before_step)``: a run killed mid-way with something to resume. Returns its exit code (``-SIGKILL``
+    when it was killed; a run that finished first returns its own)."""
+    import time
+
+    from jmaml import checkpoint
+
+    proc = subprocess.Popen(args, env=clean_env() if env is None else env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.exists(ckpt) and 0 < checkpoint.read_header(ckpt)["step"] < before_step:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    return proc.wait(timeout=60)

@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import signal
-import time
 
 import jax
 import numpy as np
@@ -110,16 +109,9 @@ def test_an_rl_sweep_killed_by_sigkill_resumes_bitwise_from_resume_alone(tmp_pat
     done = procs.run([*procs.JMAML, *SWEEP, "--out", str(tmp_path / "straight")])
     assert done.returncode == 0, done.stderr[-2000:]
     killed = tmp_path / "killed"
-    proc = procs.start([*procs.JMAML, *SWEEP, "--out", str(killed)])
     ckpt = killed / "sweep-k1.ckpt.npz"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.exists() and 0 < checkpoint.read_header(ckpt)["step"] < 30:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the sweep finished before it could be killed"
+    code = procs.kill_at_checkpoint([*procs.JMAML, *SWEEP, "--out", str(killed)], ckpt, before_step=30)
+    assert code == -signal.SIGKILL, "the sweep finished before it could be killed"
     refused = procs.run([*procs.JMAML, "sweep", "--out", str(killed), "--resume", "--horizon", "7"])
     assert refused.returncode == 2 and "--horizon 7 (recorded 5)" in refused.stderr, refused.stderr[-2000:]
     resumed = procs.run([*procs.JMAML, "sweep", "--out", str(killed), "--resume"])

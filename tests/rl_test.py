@@ -383,7 +383,6 @@ def test_an_rl_run_killed_by_sigkill_resumes_bitwise(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     from jmaml import checkpoint
 
@@ -391,16 +390,9 @@ def test_an_rl_run_killed_by_sigkill_resumes_bitwise(tmp_path):
     done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     cmd, env, root = _rl_cli(tmp_path / "killed", "--no-eval")
-    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "maml_rl_trpo.ckpt.npz"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.exists() and 0 < checkpoint.read_header(ckpt)["step"] < 30:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    code = procs.kill_at_checkpoint(cmd, ckpt, before_step=30, env=env)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
     jmaml_rl = [sys.executable, "-m", "jmaml", "rl", "--out", str(tmp_path / "killed")]
     refused = subprocess.run(jmaml_rl + ["--resume", "--steps", "50", "--no-eval"], env=env, cwd=root,
                              capture_output=True, text=True, timeout=300)
