@@ -13,22 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
 
-from jmaml import learners, tasks, walkthrough
+from jmaml import flags, learners, tasks, walkthrough
 from jmaml._checks import check_positive_int, check_seed
 
 DEFAULT_RUN_DIR = os.path.join("runs", "sinusoid")
 MAX_SWEEP_SEEDS = 1000  # jmaml sweep --seeds: initial-parameter seeds 0..N-1 per grid point
-
-
-def _block_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of tasks or auto, got {text!r}") from None
 
 
 def _cmd_seed(args: argparse.Namespace) -> int:
@@ -47,31 +37,7 @@ def _cmd_seed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _number_list(convert, example: str):
-    """An argparse type for comma-separated numbers."""
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(convert(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers like {example}, got {text!r}") from None
-    return parse
-
-
-_ints = _number_list(int, "40,40")
-_floats = _number_list(float, "0.001,0.01")
-
-
-# flag name -> TrainConfig field
-_TRAIN_FLAGS = {
-    "hidden": "hidden", "activation": "activation", "shots": "num_support", "query_shots": "num_query",
-    "inner_lr": "inner_lr", "inner_steps": "num_inner_steps", "meta_lr": "meta_lr",
-    "optimiser": "optimiser", "meta_batch_size": "meta_batch_size", "loss": "loss", "steps": "steps",
-    "seed": "seed", "checkpoint_every": "checkpoint_every",
-    "log_every": "log_every", "pretrain": "pretrain", "remat": "remat", "algo": "algo",
-    "task": "task", "data_dir": "data_dir", "cache_dir": "cache_dir", "ways": "ways", "image_size": "image_size",
-    "backbone": "backbone", "precision": "precision", "eval_inner_steps": "eval_inner_steps",
-    "num_train_classes": "num_train_classes", "meta_batch_block": "meta_batch_block",
-}
+_ints, _floats = flags.ints, flags.floats
 
 
 def _algo_option_dest(name: str) -> str:
@@ -87,8 +53,7 @@ def _given_algo_options(args: argparse.Namespace) -> dict:
 def _train_config(args: argparse.Namespace):
     from jmaml.train import TrainConfig, image_preset, load_config
 
-    given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
-             if getattr(args, flag) is not None}
+    given = flags.given(args, TrainConfig)
     options = _given_algo_options(args)
     base = TrainConfig()
     if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
@@ -272,12 +237,17 @@ _SWEEP_DEFAULTS: dict = {"algo": "maml", "task": "sinusoid", "data_dir": None, "
                          "activation": "relu", "optimiser": "adam", "remat": False,
                          "log_every": 1000, "checkpoint_every": None}
 # an RL sweep (--task navigation2d | pendulum): jmaml rl's settings, None meaning RLConfig's default
-RL_TASKS = ("navigation2d", "pendulum")
 _RL_SWEEP_FLAGS = ("horizon", "episodes", "gamma", "outer", "estimator", "eval_tasks", "eval_episodes", "eval_steps",
                    "eval_lr", "goal_tolerance")
 _SWEEP_DEFAULTS.update({name: None for name in (*_RL_SWEEP_FLAGS, "raw_actions")})
 _SUPERVISED_SWEEP_FLAGS = ("data_dir", "ways", "num_train_classes", "shots", "query_shots", "activation", "optimiser",
                            "remat")
+
+
+def _rl_tasks() -> tuple[str, ...]:
+    from jmaml import runs
+
+    return runs.RECIPES["rl"].tasks
 
 
 def _json_value(value):
@@ -326,11 +296,13 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
         raise ValueError(f"--seeds must be between 1 and {MAX_SWEEP_SEEDS} (seeds 0..N-1 of the initial "
                          f"parameters), got {a.seeds}")
     check_seed(a.task_seed, "--task-seed")
-    if a.task in RL_TASKS:
+    from jmaml import runs
+
+    if runs.for_task(a.task).name == "rl":
         return _rl_sweep(args, given)
     rl_only = [_flag(n) for n in (*_RL_SWEEP_FLAGS, "raw_actions") if n in given]
     if rl_only:
-        raise ValueError(f"{', '.join(rl_only)}: meta-RL settings (--task {' or '.join(RL_TASKS)}); --task {a.task} "
+        raise ValueError(f"{', '.join(rl_only)}: meta-RL settings (--task {' or '.join(_rl_tasks())}); --task {a.task} "
                          "takes none")
     for name in ("steps", "log_every"):  # the same words as `jmaml train`'s
         check_positive_int(getattr(a, name), _flag(name))
@@ -379,8 +351,9 @@ def _open_sweep_out(args: argparse.Namespace, given: dict) -> None:
     """--out for a sweep: refuses a finished or unfinished sweep there without --resume/--overwrite, checks it
     is writable, and on a new start records the flags (SWEEP_ARGS_FILE), which --resume continues."""
     from jmaml import sweep
-    from jmaml.runstore import atomic_write_text
+    from jmaml.runstore import atomic_write_text, refuse_other_kind
 
+    refuse_other_kind(args.out, "sweep")
     started = os.path.isdir(args.out) and any(n.endswith(".ckpt.npz") or n == sweep.PLAN_FILE
                                               for n in os.listdir(args.out))
     if not (args.resume or args.overwrite):
@@ -429,10 +402,10 @@ def _rl_sweep(args: argparse.Namespace, given: dict) -> int:
                          "MAML-RL: its estimator and outer step are --estimator and --outer)")
     d = recipe.RLConfig()
     names = ("steps", "meta_batch_size", "log_every", *_RL_SWEEP_FLAGS, "hidden")
-    flags = _rl_given(argparse.Namespace(**given), names)
+    from_flags = _rl_given(argparse.Namespace(**given), names)
     fields = {"env": given["task"], "pretrain": False,
-              **{field: tuple(v) if isinstance(v, list) else v for field, v in flags.items()}}  # JSON lists back
-    if given.get("raw_actions"):
+              **{field: tuple(v) if isinstance(v, list) else v for field, v in from_flags.items()}}  # JSON lists back
+    if given.get("raw_actions") is not None:  # recorded True by sweeps of before the flags came from RLConfig
         fields["normalized_actions"] = False
     steps = fields.get("steps", d.steps)
     if isinstance(steps, int) and not isinstance(steps, bool):
@@ -463,7 +436,7 @@ def _check_writable(folder: str, flag: str) -> None:
 
 
 def _add_sweep_parser(sub) -> None:
-    from jmaml import learners, tasks
+    from jmaml import learners
 
     p = sub.add_parser("sweep", help="meta-train a whole alpha x beta x k x seed grid as one compiled program",
                        description="Every grid point is a full run of the learner (MAML by default) on the task "
@@ -471,39 +444,30 @@ def _add_sweep_parser(sub) -> None:
                                    "--out (--resume continues an interrupted sweep), then are evaluated on "
                                    "held-out tasks.")
     p.add_argument("--algo", choices=learners.names(), default=None, help="the learner (default maml)")
-    p.add_argument("--task", choices=(*tasks.FAMILIES, *RL_TASKS), default=None,
+    from jmaml import runs
+
+    p.add_argument("--task", choices=runs.all_tasks(), default=None,
                    help="the task family (default sinusoid; image families take the paper's settings, 1-shot "
                         "unless --shots; navigation2d and pendulum sweep MAML-RL with jmaml rl's settings)")
-    p.add_argument("--data-dir", default=None, metavar="PATH", help="the dataset's folder (image tasks)")
-    p.add_argument("--ways", type=int, default=None, help="N classes per episode (image tasks; default 5)")
-    p.add_argument("--num-train-classes", type=int, default=None,
-                   help="Omniglot characters for meta-training (default 1200)")
     p.add_argument("--alpha", type=_floats, default=None, help="inner rates (default 0.001,0.01,0.1)")
     p.add_argument("--beta", type=_floats, default=None, help="meta rates (default 1e-4,1e-3,1e-2)")
     p.add_argument("--k", type=_ints, default=None, help="inner steps (default 1)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 for the initial parameters (default 1)")
     p.add_argument("--task-seed", type=int, default=None,
                    help="the training tasks shared by every point (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="meta-steps per run (default 10000)")
-    p.add_argument("--meta-batch-size", type=int, default=None, help="tasks per meta-step (default 25)")
-    p.add_argument("--shots", type=int, default=None, help="K support points per task (default 10)")
-    p.add_argument("--query-shots", type=int, default=None, help="query points per task (default 10)")
-    p.add_argument("--hidden", type=_ints, default=None, help="hidden widths (default 40,40)")
-    p.add_argument("--activation", default=None, help="relu (default), tanh, sigmoid, gelu, silu, identity")
-    p.add_argument("--optimiser", default=None, help="adam (default), adamw, sgd, momentum, rmsprop")
-    p.add_argument("--remat", action="store_const", const=True, default=None,
-                   help="rematerialise inner steps (less memory, more time)")
-    p.add_argument("--log-every", type=int, default=None, help="steps per compiled chunk (default 1000)")
-    p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="steps between each population's checkpoints, a multiple of --log-every (default: every "
-                        "chunk, so a kill loses at most one chunk)")
+    from jmaml.config import TrainConfig
+
+    # TrainConfig's flags, at the sweep's defaults (shorter runs; the paper's preset for image tasks)
+    flags.add_flags(p, TrainConfig, ("data_dir", "ways", "num_train_classes", "steps", "meta_batch_size", "shots",
+                                     "query_shots", "hidden", "activation", "optimiser", "remat", "log_every",
+                                     "checkpoint_every"),
+                    defaults={"steps": _SWEEP_DEFAULTS["steps"], "log_every": _SWEEP_DEFAULTS["log_every"],
+                              "checkpoint_every": "every chunk, so a kill loses at most one chunk of a population"})
     _add_algo_option_flags(p.add_argument_group("algorithm (each learner's own settings apply to it only)"))
     rl = p.add_argument_group("meta-RL (--task navigation2d or pendulum: jmaml rl's settings and defaults; "
                               "--alpha, --beta default to its --inner-lr, --meta-lr, and the evaluation's rates "
                               "are scaled to each point's alpha)")
-    _add_rl_flags(rl, _RL_SWEEP_FLAGS)
-    rl.add_argument("--raw-actions", action="store_const", const=True, default=None,
-                    help="navigation2d: the action is the velocity itself (as jmaml rl --raw-actions)")
+    _add_rl_flags(rl, (*_RL_SWEEP_FLAGS, "raw_actions"))
     p.add_argument("--out", default=os.path.join("runs", "sweep"), help="output dir (default runs/sweep)")
     p.add_argument("--devices", type=int, default=None,
                    help="spread the sweep over the first N devices (default: all, when there are several)")
@@ -521,59 +485,15 @@ def _add_train_parser(sub) -> None:
                                      "image benchmark, then evaluate and plot",
                        description="Sinusoid few-shot regression, Finn et al. 2017 Section 5.1. "
                                    "Defaults are the paper's settings.")
-    g = p.add_argument_group("model and task")
-    g.add_argument("--task", default=None, choices=tuple(tasks.FAMILIES),
-                   help="sinusoid regression (default), or few-shot classification from an image folder with "
-                        "the MAML paper's settings as defaults (Omniglot 5-way: alpha 0.4, 1 step, 3 at test, 32 "
-                        "tasks; 20-way: 0.1, 5, 5, 16; miniImageNet, tieredImageNet, CIFAR-FS, FC100: 0.01, 5, "
-                        "10, 4 (1-shot) / 2; 15 query images per class)")
-    g.add_argument("--data-dir", default=None, metavar="PATH",
-                   help="the dataset's folder (Omniglot: images_background/..., miniImageNet and tieredImageNet: "
-                        "train/CLASS/..., CIFAR-FS and FC100: CIFAR-100's CLASS/*.png folders)")
-    g.add_argument("--backbone", default=None, choices=("conv4", "resnet12"),
-                   help="image tasks: conv4 (default; the MAML paper's) or resnet12 (64-160-320-640)")
-    g.add_argument("--meta-batch-block", default=None, type=_block_arg, metavar="N|auto",
-                   help="process each meta-batch in blocks of N tasks (the same gradient to float round-off, a "
-                        "working set that stays in cache); auto: time a few sizes on the first compile and keep the "
-                        "fastest (a resume keeps it); default: the whole meta-batch at once")
-    g.add_argument("--precision", default=None, choices=("float32", "bf16"),
-                   help="bf16: the model's forward and backward passes in bfloat16, parameters, optimiser state and "
-                        "meta-gradient in float32 (default float32)")
-    g.add_argument("--cache-dir", default=None, metavar="PATH",
-                   help="where the decoded-image cache goes (default: DATA_DIR/.jmaml_cache; for read-only datasets)")
-    g.add_argument("--ways", type=int, default=None, help="N classes per episode (image tasks; default 5)")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="resize images to this (default 28 Omniglot, 32 CIFAR, 84 ImageNet)")
-    g.add_argument("--num-train-classes", type=int, default=None,
-                   help="Omniglot: characters for meta-training, the rest are test classes (default 1200)")
-    g.add_argument("--eval-inner-steps", type=int, default=None,
-                   help="inner steps at test time (default 10; image tasks: the preset's)")
-    g.add_argument("--hidden", type=_ints, default=None, help="hidden widths (default 40,40)")
-    g.add_argument("--activation", default=None, help="relu (default), tanh, sigmoid, gelu, silu, identity")
-    g.add_argument("--shots", type=int, default=None, help="K support points per task (default 10)")
-    g.add_argument("--query-shots", type=int, default=None, help="query points per task (default 10)")
-    g.add_argument("--loss", default=None, help="mse (default) or sse")
-    g = p.add_argument_group("MAML")
-    g.add_argument("--inner-lr", type=float, default=None,
-                   help="inner rate alpha (default 0.001, as the MAML reference code runs sinusoids; the paper's "
-                        "text says 0.01: see experiments/sinusoid/FIDELITY.md)")
-    g.add_argument("--inner-steps", "--k", type=int, default=None, help="inner steps k (default 1)")
-    g.add_argument("--meta-lr", type=float, default=None, help="meta rate beta (default 1e-3)")
-    g.add_argument("--optimiser", default=None, help="adam (default), adamw, sgd, momentum, rmsprop")
-    g.add_argument("--meta-batch-size", type=int, default=None, help="tasks per meta-step (default 25)")
-    g.add_argument("--steps", type=int, default=None, help="meta-steps (default 70000)")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    g.add_argument("--remat", action="store_const", const=True, default=None,
-                   help="rematerialise inner steps on the backward pass (memory for long inner loops)")
-    g.add_argument("--no-pretrain", dest="pretrain", action="store_const", const=False, default=None,
-                   help="skip the pretrained-regression baseline")
-    g = p.add_argument_group("algorithm (the MAML family; each one's own settings apply to it only)")
-    g.add_argument("--algo", default=None, choices=learners.names(),
-                   help="maml (default), fomaml, reptile, metasgd (learned per-parameter rates), anil (only "
-                        "the last layer adapts), mamlpp (MAML++), imaml (implicit gradients), cavia (context "
-                        "parameters adapted, the network shared)")
-    _add_algo_option_flags(g)
-    g = p.add_argument_group("run")
+    from jmaml.config import ALGORITHM, MAML, MODEL, RUN, TrainConfig
+
+    groups = {MODEL: p.add_argument_group("model and task"), MAML: p.add_argument_group("MAML"),
+              ALGORITHM: p.add_argument_group("algorithm (the MAML family; each one's own settings apply to it "
+                                              "only)"),
+              RUN: p.add_argument_group("run")}
+    flags.add_flags(p, TrainConfig, groups=groups)  # every flag from TrainConfig's fields
+    _add_algo_option_flags(groups[ALGORITHM])
+    g = groups[RUN]
     g.add_argument("--out", default=DEFAULT_RUN_DIR, help=f"run dir (default {DEFAULT_RUN_DIR})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
@@ -582,9 +502,6 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--allow-changed-settings", action="store_true",
                    help="--resume this run's state with other settings on purpose (e.g. a smaller rate after a "
                         "divergence stop); config.json records the change")
-    g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 5000)")
-    g.add_argument("--log-every", type=int, default=None,
-                   help="steps per compiled chunk and per metrics line (default 1000)")
     g.add_argument("--no-eval", action="store_true", help="skip evaluation and plots")
     g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
                    help="also log every metric to TensorBoard event files in DIR (default OUT/tensorboard); "
@@ -680,47 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# jmaml rl's flags for RLConfig's fields: flag -> (field, parse, help). Their argparse default is None, so a flag
-# given on the command line is known as given (a resume refuses one that contradicts the recorded run).
-_RL_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "env": ("env", str, "navigation2d (the MAML paper's 2D navigation) or pendulum"),
-    "steps": ("steps", int, "meta-steps"),
-    "meta_batch_size": ("meta_batch_size", int, "tasks per meta-step"),
-    "inner_lr": ("inner_lr", float, "the inner policy-gradient rate alpha"),
-    "meta_lr": ("meta_lr", float, "Adam's rate (the pretrained policy's; MAML's with --outer adam)"),
-    "episodes": ("inner_episodes", int, "episodes per task, inner and outer"),
-    "horizon": ("horizon", int, "steps per episode"),
-    "gamma": ("gamma", float, "discount"),
-    "hidden": ("hidden", _ints, "policy widths"),
-    "outer": ("outer", str, "MAML's outer step: TRPO (the paper's), PPO-clip, or Adam on the meta-gradient"),
-    "estimator": ("estimator", str, "the meta-gradient estimator"),
-    "seed": ("seed", int, "seed"),
-    "log_every": ("log_every", int, "meta-steps per chunk, checkpoint and validation of the best policy"),
-    "eval_tasks": ("eval_tasks", int, "held-out test tasks"),
-    "eval_episodes": ("eval_episodes", int, "episodes per evaluation step"),
-    "eval_steps": ("eval_steps", int, "test-time policy-gradient steps"),
-    "eval_lr": ("eval_lr", _floats, "test-time rates of steps 1, 2, ... (the last repeats); default: "
-                                    "inner-lr then inner-lr/2, the paper's"),
-    "goal_tolerance": ("goal_tolerance", float, "navigation2d: an episode ends this close to the goal (0: never; "
-                                                "default: the paper's 0.01)"),
-    "validation_tasks": ("validation_tasks", int, "validation tasks (the best MAML policy, the baselines' rates)"),
-    "baseline_lrs": ("baseline_lrs", _floats, "the baselines' first test-time rates tried on the validation tasks"),
-}
-_RL_EVAL_FLAGS = ("eval_tasks", "eval_episodes", "eval_steps", "eval_lr", "validation_tasks", "baseline_lrs")
+def _add_rl_flags(p, names=None) -> list[str]:
+    """RLConfig's flags (``names``; default all) on ``p``: its fields declare them (``jmaml.flags``)."""
+    from jmaml.rl.recipe import RLConfig
 
-
-def _add_rl_flags(p, names) -> None:
-    from jmaml.rl.learner import ESTIMATORS
-    from jmaml.rl.recipe import OUTER_STEPS, RLConfig
-
-    d = RLConfig()
-    choices = {"env": ("navigation2d", "pendulum"), "outer": OUTER_STEPS, "estimator": ESTIMATORS}
-    for flag in names:
-        field, parse, text = _RL_FLAGS[flag]
-        default = getattr(d, field)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=parse, default=None, choices=choices.get(flag),
-                       help=f"{text} (default {shown})" if default is not None else text)
+    return flags.add_flags(p, RLConfig, names)
 
 
 def _add_rl_parser(sub) -> None:
@@ -732,14 +613,10 @@ def _add_rl_parser(sub) -> None:
                                    "held-out tasks by the paper's protocol (eval.json, eval.md). "
                                    "jmaml rl eval RUN_DIR re-scores a finished run.")
     p.add_argument("--out", default="runs/rl", help="run folder (default runs/rl)")
-    _add_rl_flags(p, _RL_FLAGS)
+    _add_rl_flags(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its recorded settings (rl_config.json)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out")
-    p.add_argument("--no-pretrain", action="store_true", default=None, help="skip the pretrained baseline")
-    p.add_argument("--raw-actions", action="store_true", default=None,
-                   help="navigation2d: the action is the velocity itself, not in units of the ±0.1 box (the "
-                        "reference environment's, rllab's normalize)")
     p.add_argument("--no-eval", action="store_true")
     p.set_defaults(func=_cmd_rl)
     e = sub.add_parser("rl-eval", help="(jmaml rl eval RUN_DIR) re-score a finished jmaml rl run",
@@ -747,15 +624,21 @@ def _add_rl_parser(sub) -> None:
                                    "protocol or another one given by flags; writes NAME.json and NAME.md there.")
     e.add_argument("run_dir", help="a jmaml rl run folder")
     e.add_argument("--name", default="eval", help="output files NAME.json, NAME.md in the run folder (default eval)")
-    _add_rl_flags(e, _RL_EVAL_FLAGS)
+    _add_rl_flags(e, _rl_eval_flags())
     e.set_defaults(func=_cmd_rl_eval)
 
 
-def _rl_given(args: argparse.Namespace, names) -> dict:
-    given = {_RL_FLAGS[flag][0]: getattr(args, flag) for flag in names if getattr(args, flag, None) is not None}
-    if "inner_episodes" in given:
-        given["outer_episodes"] = given["inner_episodes"]
-    return given
+def _rl_eval_flags() -> list[str]:
+    """The flags of RLConfig's evaluation section: what ``jmaml rl eval`` may change."""
+    from jmaml.rl.recipe import EVALUATION, RLConfig
+
+    return [dest for dest, o in flags.options(RLConfig).items() if o.flag.group == EVALUATION]
+
+
+def _rl_given(args: argparse.Namespace, names=None) -> dict:
+    from jmaml.rl.recipe import RLConfig
+
+    return flags.given(args, RLConfig, names)
 
 
 def _rl_config(args: argparse.Namespace):
@@ -763,25 +646,11 @@ def _rl_config(args: argparse.Namespace):
     contradicts it."""
     from jmaml.rl import recipe
 
-    given = _rl_given(args, _RL_FLAGS)
-    if args.no_pretrain:
-        given["pretrain"] = False
-    if args.raw_actions:
-        given["normalized_actions"] = False
     if args.resume and not args.overwrite and os.path.exists(os.path.join(args.out, recipe.CONFIG_FILE)):
         recorded = recipe.load_config(args.out)
-        conflicts = [f"--{flag.replace('_', '-')} {getattr(args, flag)!r} (recorded {getattr(recorded, field)!r})"
-                     for flag, (field, _, _) in _RL_FLAGS.items()
-                     if getattr(args, flag, None) is not None and getattr(args, flag) != getattr(recorded, field)]
-        if args.no_pretrain and recorded.pretrain:
-            conflicts.append("--no-pretrain (recorded with the pretrained baseline)")
-        if args.raw_actions and recorded.normalized_actions is not False:
-            conflicts.append("--raw-actions (recorded with normalized actions)")
-        if conflicts:
-            raise ValueError(f"--resume continues the run recorded in {args.out}/{recipe.CONFIG_FILE}; these flags "
-                             f"contradict it: {'; '.join(conflicts)}. Drop them, or start over with --overwrite")
+        flags.refuse_conflicts(args, recipe.RLConfig, recorded, f"{args.out}/{recipe.CONFIG_FILE}")
         return recorded
-    return dataclasses.replace(recipe.RLConfig(), **given).validate()
+    return dataclasses.replace(recipe.RLConfig(), **_rl_given(args)).validate()
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
@@ -816,7 +685,7 @@ def _cmd_rl_eval(args: argparse.Namespace) -> int:
     if os.sep in args.name or args.name in ("", ".", "..") or args.name.startswith("rl_config"):
         raise ValueError(f"--name must be a plain file name other than rl_config, got {args.name!r}")
     recorded = recipe.load_config(args.run_dir)
-    config = dataclasses.replace(recorded, **_rl_given(args, _RL_EVAL_FLAGS)).validate()
+    config = dataclasses.replace(recorded, **_rl_given(args, _rl_eval_flags())).validate()
     trained = recipe.load_trained(recorded, args.run_dir)
     print(recipe.format_table(config.env, recipe.evaluate(config, trained, args.run_dir, name=args.name)))
     return 0

@@ -8,6 +8,7 @@ MAML paper's sinusoid settings (Section 5.1).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,6 +17,7 @@ import optax
 
 from jmaml import learners, tasks
 from jmaml._checks import check_num_steps, check_positive_int, check_rate, check_seed
+from jmaml.flags import ints, setting
 from jmaml.learners import BASELINE
 from jmaml.losses import make_loss
 from jmaml.models import ACTIVATIONS, PRECISIONS, mixed_precision
@@ -41,6 +43,20 @@ _LEGACY_ALGO_FIELDS = {"first_order": False, "imaml_lambda": 1.0, "imaml_cg_iter
                        "mamlpp_msl_anneal_steps": None, "mamlpp_first_order_steps": 0, "rate_meta_lr": None}
 
 
+# the sections of `jmaml train --help` the fields' flags go in
+MODEL, MAML, ALGORITHM, RUN = "model and task", "MAML", "algorithm", "run"
+
+
+def block_size(text: str) -> int | str:
+    """``--meta-batch-block``'s argument: a number of tasks, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tasks or auto, got {text!r}") from None
+
+
 def _freeze(options: Any) -> tuple[tuple[str, Any], ...]:
     if isinstance(options, Mapping):
         options = options.items()
@@ -54,51 +70,79 @@ def _freeze(options: Any) -> tuple[tuple[str, Any], ...]:
 class TrainConfig:
     """Meta-training settings; the defaults are the MAML paper's sinusoid settings (Section 5.1)."""
 
-    hidden: tuple[int, ...] = (40, 40)  # MLP 1-40-40-1
-    activation: str = "relu"
-    num_support: int = 10  # K
-    num_query: int = 10
+    hidden: tuple[int, ...] = setting((40, 40), "hidden widths", parse=ints, group=MODEL)  # MLP 1-40-40-1
+    activation: str = setting("relu", "relu (default), tanh, sigmoid, gelu, silu, identity", group=MODEL)
+    num_support: int = setting(10, "K support points per task (per class on image tasks)", name="shots",
+                               parse=int, group=MODEL)  # K
+    num_query: int = setting(10, "query points per task", name="query_shots", parse=int, group=MODEL)
     # α: the MAML reference code's sinusoid rate (its default update_lr); the paper's text says 0.01, at
     # which the learned θ sits past the inner loop's stability edge (experiments/sinusoid/FIDELITY.md)
-    inner_lr: float = 1e-3
-    num_inner_steps: int = 1  # k
-    meta_lr: float = 1e-3  # β
-    optimiser: str = "adam"
-    meta_batch_size: int = 25
-    loss: str = "mse"
-    steps: int = 70_000
-    seed: int = 0  # initial parameters (and tasks, unless task_seed is set)
+    inner_lr: float = setting(1e-3, "inner rate alpha (default 0.001, as the MAML reference code runs sinusoids; "
+                                     "the paper's text says 0.01: see experiments/sinusoid/FIDELITY.md)",
+                              parse=float, group=MAML)
+    num_inner_steps: int = setting(1, "inner steps k", name="inner_steps", aliases=("k",), parse=int,
+                                   group=MAML)  # k
+    meta_lr: float = setting(1e-3, "meta rate beta", parse=float, group=MAML)  # β
+    optimiser: str = setting("adam", "adam (default), adamw, sgd, momentum, rmsprop", group=MAML)
+    meta_batch_size: int = setting(25, "tasks per meta-step", parse=int, group=MAML)
+    loss: str = setting("mse", "mse (default) or sse", group=MODEL)
+    steps: int = setting(70_000, "meta-steps", parse=int, group=MAML)
+    seed: int = setting(0, "random seed", parse=int, group=MAML)  # initial parameters (and tasks, unless task_seed)
     task_seed: int | None = None  # the stream of training tasks; None: derived from seed
     # The meta-learning algorithm (a jmaml.learners.REGISTRY name) and its own options by name
     # (e.g. {"imaml_lambda": 2.0}); see `jmaml train --help` or each learner module's OPTIONS.
-    algo: str = "maml"
+    algo: str = setting("maml", "maml (default), fomaml, reptile, metasgd (learned per-parameter rates), anil (only "
+                                "the last layer adapts), mamlpp (MAML++), imaml (implicit gradients), cavia (context "
+                                "parameters adapted, the network shared)", choices=tuple(learners.names()),
+                        group=ALGORITHM)
     algo_options: Any = ()
-    remat: bool = False  # rematerialise inner steps on the backward pass (memory for long k)
+    # rematerialise inner steps on the backward pass (memory for long k)
+    remat: bool = setting(False, "rematerialise inner steps on the backward pass (memory for long inner loops)",
+                          const=True, group=MAML)
     # Inner-loop unrolling: None = auto (straight-line code for k <= 8, measured faster on CPU and
     # GPU; a rolled lax.scan beyond, whose compile time does not grow with k); or as jmaml.adapt.
     unroll: int | bool | None = None
-    checkpoint_every: int = 5_000
-    log_every: int = 1_000  # steps per jitted chunk, and per metrics line
-    pretrain: bool = True  # also train the "pretrained" regression baseline (where the task family has one)
+    checkpoint_every: int = setting(5_000, "steps between checkpoints", parse=int, group=RUN)
+    # steps per jitted chunk, and per metrics line
+    log_every: int = setting(1_000, "steps per compiled chunk and per metrics line", parse=int, group=RUN)
+    # also train the "pretrained" regression baseline (where the task family has one)
+    pretrain: bool = setting(True, "skip the pretrained-regression baseline", name="no_pretrain", const=False,
+                             group=MAML)
     # The task family (a jmaml.tasks.FAMILIES name): sinusoid regression, or few-shot classification
     # from image folders (jmaml.tasks.images).
-    task: str = "sinusoid"
-    data_dir: str | None = None  # the dataset's folder (image tasks)
-    cache_dir: str | None = None  # where the decoded-image cache goes (default: DATA_DIR/.jmaml_cache)
-    ways: int = 5  # N classes per episode (image tasks); num_support / num_query are then per class
-    image_size: int | None = None  # None: 28 (Omniglot), 32 (CIFAR-FS, FC100), 84 (mini/tieredImageNet)
-    backbone: str = "conv4"  # image tasks: "conv4" (the MAML paper's) or "resnet12"
+    task: str = setting("sinusoid", "sinusoid regression (default), or few-shot classification from an image "
+                                    "folder with the MAML paper's settings as defaults (Omniglot 5-way: alpha 0.4, "
+                                    "1 step, 3 at test, 32 tasks; 20-way: 0.1, 5, 5, 16; miniImageNet, "
+                                    "tieredImageNet, CIFAR-FS, FC100: 0.01, 5, 10, 4 (1-shot) / 2; 15 query images "
+                                    "per class)", choices=tuple(tasks.FAMILIES), group=MODEL)
+    data_dir: str | None = setting(None, "the dataset's folder (Omniglot: images_background/..., miniImageNet and "
+                                         "tieredImageNet: train/CLASS/..., CIFAR-FS and FC100: CIFAR-100's "
+                                         "CLASS/*.png folders)", metavar="PATH", group=MODEL)
+    cache_dir: str | None = setting(None, "where the decoded-image cache goes (default: DATA_DIR/.jmaml_cache; for "
+                                          "read-only datasets)", metavar="PATH", group=MODEL)
+    ways: int = setting(5, "N classes per episode (image tasks)", parse=int, group=MODEL)
+    image_size: int | None = setting(None, "resize images to this (default 28 Omniglot, 32 CIFAR, 84 ImageNet)",
+                                     parse=int, group=MODEL)
+    backbone: str = setting("conv4", "image tasks: conv4 (default; the MAML paper's) or resnet12 (64-160-320-640)",
+                            choices=("conv4", "resnet12"), group=MODEL)
     # "bf16": the model's forward and backward passes in bfloat16, parameters, optimiser state and the
     # meta-gradient in float32 (jmaml.models.mixed_precision); "float32": all float32
-    precision: str = "float32"
-    num_train_classes: int = 1200  # Omniglot characters used for meta-training (the rest are test classes)
-    eval_inner_steps: int = 10  # inner steps at test time (evaluation curves run 0..this)
+    precision: str = setting("float32", "bf16: the model's forward and backward passes in bfloat16, parameters, "
+                                        "optimiser state and meta-gradient in float32 (default float32)",
+                             choices=tuple(PRECISIONS), group=MODEL)
+    num_train_classes: int = setting(1200, "Omniglot: characters for meta-training, the rest are test classes",
+                                     parse=int, group=MODEL)
+    eval_inner_steps: int = setting(10, "inner steps at test time (default 10; image tasks: the preset's)",
+                                    parse=int, group=MODEL)
     # Stop at the first step whose adapted query loss is more than this many times its un-adapted one: the
     # inner loop is exploding (the seed's -1515.48, at scale; jmaml.engine.diverged_steps). inf disables.
     max_loss_ratio: float = 1000.0
     # tasks per block of the meta-batch (jmaml.blocking): an int dividing meta_batch_size, "auto" (timed on the
     # first compile, kept on resume) or None (the whole meta-batch at once)
-    meta_batch_block: int | str | None = None
+    meta_batch_block: int | str | None = setting(
+        None, "process each meta-batch in blocks of N tasks (the same gradient to float round-off, a working set "
+              "that stays in cache); auto: time a few sizes on the first compile and keep the fastest (a resume "
+              "keeps it); default: the whole meta-batch at once", parse=block_size, metavar="N|auto", group=MODEL)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algo_options", _freeze(self.algo_options))

@@ -33,6 +33,7 @@ from jmaml.runstore import (  # noqa: F401
     clean_stale_temporaries,
     lock,
     read_metrics,
+    refuse_other_kind,
     trim_metrics,
 )
 
@@ -153,6 +154,7 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
     cfg_path = os.path.join(run_dir, "config.json")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"output dir {run_dir} exists and is not a folder")
+    refuse_other_kind(run_dir, "supervised", "output dir")
     existing = os.path.exists(cfg_path)
     if existing and _read_info(run_dir) is None:
         doomed = sorted(n for n in os.listdir(run_dir) if n in RUN_FILES or n.endswith(".ckpt.npz"))

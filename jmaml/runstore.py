@@ -34,6 +34,11 @@ from jmaml.fingerprint import differences
 LOCK_FILE = ".jmaml.lock"
 METRICS_FILE = "metrics.jsonl"
 
+# The file that records each kind of run in its folder (the run layer's recipes and sweeps) -> the kind
+RUN_RECORDS = {"config.json": "supervised", "rl_config.json": "rl", "sweep-args.json": "sweep",
+               "sweep-plan.json": "sweep", "sweep.json": "sweep"}
+_KIND_COMMANDS = {"supervised": "jmaml train", "rl": "jmaml rl", "sweep": "jmaml sweep"}
+
 _held: dict[str, tuple[int, bool, int]] = {}  # folder -> (thread, shared, depth)
 _held_guard = threading.Lock()
 
@@ -284,3 +289,24 @@ def open_run(run_dir: str, name: str, *, steps: int, resume: bool, overwrite: bo
             record["history"].append({"event": "changed settings", "at_step": done, "changed": changed,
                                       "details": lines, "at": _now()})
     return ckpt, record
+
+
+def run_record(run_dir: str) -> tuple[str, str] | None:
+    """``(kind, file)``: the kind of run ``run_dir`` records (``RUN_RECORDS``: ``"supervised"``, ``"rl"`` or
+    ``"sweep"``) and the file that records it; None where nothing a recipe or a sweep recorded is there (an
+    empty folder, or ``jmaml.fit``'s checkpoints alone)."""
+    if not os.path.isdir(run_dir):
+        return None
+    for name, kind in RUN_RECORDS.items():
+        if os.path.isfile(os.path.join(run_dir, name)):
+            return kind, name
+    return None
+
+
+def refuse_other_kind(run_dir: str, kind: str, flag: str = "--out") -> None:
+    """Raises ValueError when ``run_dir`` records a run of another kind than ``kind``: no command resumes,
+    overwrites or writes beside another command's run."""
+    found = run_record(run_dir)
+    if found is not None and found[0] != kind:
+        raise ValueError(f"{flag} {run_dir} holds another kind of run (a {_KIND_COMMANDS[found[0]]} run: {found[1]}); "
+                         f"{_KIND_COMMANDS[kind]} will not resume, overwrite or write beside it: choose another folder")

@@ -66,7 +66,7 @@ from jmaml.population import INNER_HYPER, PopulationState, fit_population
 from jmaml.protocols import MetaLearner, TaskDistribution, metric_higher_is_better
 from jmaml.recipes import build_model, effective_unroll, task_stream_key
 from jmaml.rundir import data_fingerprint, run_fingerprint
-from jmaml.runstore import atomic_write_text
+from jmaml.runstore import atomic_write_text, refuse_other_kind
 
 DEFAULT_MEMORY_FRACTION = 0.25
 PLAN_FILE = "sweep-plan.json"
@@ -267,6 +267,7 @@ def _open_sweep(run_dir: str | None, *, resume: bool, overwrite: bool, record: d
         if resume:
             raise ValueError("resume=True needs run_dir, the folder of the sweep to continue")
         return per_chunk
+    refuse_other_kind(run_dir, "sweep", "run_dir")
     path = os.path.join(run_dir, PLAN_FILE)
     record = json.loads(json.dumps(record))  # as it reads back (tuples are lists)
     if resume:

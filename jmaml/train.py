@@ -171,6 +171,8 @@ def train(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrite:
     writer = distributed.is_writer()
     if writer and os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"output dir {run_dir} exists and is not a folder")
+    if writer:  # before the lock file is made: another kind of run's folder is left as it is
+        rundir.refuse_other_kind(run_dir, "supervised", "output dir")
     created = not os.path.exists(run_dir)
     with rundir.lock(run_dir, share=True) if writer else contextlib.nullcontext():
         try:

@@ -17,12 +17,12 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jmaml")
 
 LAYERS = {
-    0: ["types", "_util", "_checks", "_signals", "analytic", "checkpoint", "fingerprint", "writers", "protocols",
-        "inner_optimisers", "inner", "meta", "losses", "models", "diagnostics", "adapters"],
+    0: ["types", "_util", "_checks", "flags", "_signals", "analytic", "checkpoint", "fingerprint", "writers",
+        "protocols", "inner_optimisers", "inner", "meta", "losses", "models", "diagnostics", "adapters"],
     1: ["estimators", "fused", "walkthrough", "learners", "learners.*", "tasks", "tasks.*", "rl.envs",
         "rl.policies", "rl.rollouts", "rl.learner"],
     2: ["distributed", "blocking", "runstore", "engine", "population", "gradcheck", "evaluation", "rl.evaluation"],
-    3: ["config", "recipes", "rundir", "runinfo", "evaluate", "train", "sweep", "plot", "rl.recipe", "rl"],
+    3: ["config", "recipes", "runs", "rundir", "runinfo", "evaluate", "train", "sweep", "plot", "rl.recipe", "rl"],
     4: ["cli", "_entry", "__main__"],
 }
 UNLAYERED = {"jmaml"}  # the package's lazy front door (PEP 562): it names every module, imports none eagerly

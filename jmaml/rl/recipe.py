@@ -20,9 +20,11 @@ import optax
 from jmaml import checkpoint
 from jmaml._checks import check_positive_finite, check_positive_int
 from jmaml.evaluation import learner_curves
+from jmaml.flags import floats, ints, setting
 from jmaml.rl import envs, evaluation
-from jmaml.rl.learner import maml_rl, task_distribution, trpo_optimiser
+from jmaml.rl.learner import ESTIMATORS, maml_rl, task_distribution, trpo_optimiser
 from jmaml.rl.policies import gaussian_mlp
+from jmaml.runstore import refuse_other_kind
 
 METHODS = ("maml", "maml_best", "pretrained", "random")  # maml: the last meta-step; maml_best: best on validation
 OUTER_STEPS = ("trpo", "ppo", "adam")  # MAML's outer step: maml_rl's outer, "adam" its "gradient"
@@ -31,6 +33,7 @@ PAPER_GOAL_TOLERANCE = {"navigation2d": 0.01}  # cbfinn/maml_rl's point environm
 EVAL_KEY, VALIDATION_KEY = 10_000, 20_000  # + seed: the held-out test tasks and the separate validation tasks
 BEST_FILE = "maml_best.npz"  # MAML's parameters at its best validation return, kept during training
 CONFIG_FILE = "rl_config.json"
+EVALUATION = "evaluation"  # the flags `jmaml rl eval` takes too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,33 +55,44 @@ class RLConfig:
     (jmaml's earlier setting).
     """
 
-    env: str = "navigation2d"
-    horizon: int = 100
-    steps: int = 100
-    meta_batch_size: int = 20
-    inner_lr: float = 0.1
-    inner_episodes: int = 20
+    env: str = setting("navigation2d", "navigation2d (the MAML paper's 2D navigation) or pendulum",
+                       choices=("navigation2d", "pendulum"))
+    horizon: int = setting(100, "steps per episode", parse=int)
+    steps: int = setting(100, "meta-steps", parse=int)
+    meta_batch_size: int = setting(20, "tasks per meta-step", parse=int)
+    inner_lr: float = setting(0.1, "the inner policy-gradient rate alpha", parse=float)
+    inner_episodes: int = setting(20, "episodes per task, inner and outer", name="episodes", also=("outer_episodes",),
+                                  parse=int)
     outer_episodes: int = 20
-    gamma: float = 0.99
-    hidden: tuple[int, ...] = (100, 100)
-    outer: str = "trpo"  # MAML's outer step: "trpo", "ppo" (PPO-clip) or "adam"
-    meta_lr: float = 0.01  # Adam's rate (the pretrained policy's, and MAML's with outer="adam")
-    estimator: str = "lvc"
-    seed: int = 0
-    log_every: int = 5
-    pretrain: bool = True
-    eval_tasks: int = 40
-    eval_episodes: int = 40
-    eval_steps: int = 3
-    eval_lr: tuple[float, ...] | None = None
-    goal_tolerance: float | None = None
-    normalized_actions: bool | None = None
-    validation_tasks: int = 20
-    baseline_lrs: tuple[float, ...] = BASELINE_LRS
+    gamma: float = setting(0.99, "discount", parse=float)
+    hidden: tuple[int, ...] = setting((100, 100), "policy widths", parse=ints)
+    # MAML's outer step: "trpo", "ppo" (PPO-clip) or "adam"
+    outer: str = setting("trpo", "MAML's outer step: TRPO (the paper's), PPO-clip, or Adam on the meta-gradient",
+                         choices=OUTER_STEPS)
+    # Adam's rate (the pretrained policy's, and MAML's with outer="adam")
+    meta_lr: float = setting(0.01, "Adam's rate (the pretrained policy's; MAML's with --outer adam)", parse=float)
+    estimator: str = setting("lvc", "the meta-gradient estimator", choices=ESTIMATORS)
+    seed: int = setting(0, "seed", parse=int)
+    log_every: int = setting(5, "meta-steps per chunk, checkpoint and validation of the best policy", parse=int)
+    pretrain: bool = setting(True, "skip the pretrained baseline", name="no_pretrain", const=False)
+    eval_tasks: int = setting(40, "held-out test tasks", parse=int, group=EVALUATION)
+    eval_episodes: int = setting(40, "episodes per evaluation step", parse=int, group=EVALUATION)
+    eval_steps: int = setting(3, "test-time policy-gradient steps", parse=int, group=EVALUATION)
+    eval_lr: tuple[float, ...] | None = setting(
+        None, "test-time rates of steps 1, 2, ... (the last repeats); default: inner-lr then inner-lr/2, the "
+              "paper's", parse=floats, group=EVALUATION)
+    goal_tolerance: float | None = setting(
+        None, "navigation2d: an episode ends this close to the goal (0: never; default: the paper's 0.01)",
+        parse=float)
+    normalized_actions: bool | None = setting(
+        None, "navigation2d: the action is the velocity itself, not in units of the ±0.1 box (the reference "
+              "environment's, rllab's normalize)", name="raw_actions", const=False)
+    validation_tasks: int = setting(20, "validation tasks (the best MAML policy, the baselines' rates)", parse=int,
+                                    group=EVALUATION)
+    baseline_lrs: tuple[float, ...] = setting(BASELINE_LRS, "the baselines' first test-time rates tried on the "
+                                                            "validation tasks", parse=floats, group=EVALUATION)
 
     def validate(self) -> RLConfig:
-        from jmaml.rl.learner import ESTIMATORS
-
         if self.env not in envs.ENVS or self.env == "bandit":
             raise ValueError(f"env must be one of {sorted(set(envs.ENVS) - {'bandit'})}, got {self.env!r}")
         for name in ("horizon", "steps", "meta_batch_size", "inner_episodes", "outer_episodes", "log_every",
@@ -181,6 +195,7 @@ def check_run_dir(run_dir: str) -> None:
     files, or checkpoints and metrics without ``rl_config.json`` -- ``--overwrite`` replaces an RL run only."""
     if not os.path.isdir(run_dir):
         return
+    refuse_other_kind(run_dir, "rl")
     names = set(os.listdir(run_dir))
     if CONFIG_FILE in names:
         return
