@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from jmaml._signals import StopFlag
+from jmaml.engine._signals import StopFlag
 
 
 def main(argv: list[str] | None = None) -> int:

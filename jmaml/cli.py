@@ -14,8 +14,10 @@ import sys
 import tempfile
 import time
 
-from jmaml import flags, learners, tasks, walkthrough
-from jmaml._checks import check_positive_int, check_seed
+from jmaml import learners, tasks
+from jmaml.core import flags
+from jmaml.core._checks import check_positive_int, check_seed
+from jmaml.run import walkthrough
 
 DEFAULT_RUN_DIR = os.path.join("runs", "sinusoid")
 MAX_SWEEP_SEEDS = 1000  # jmaml sweep --seeds: initial-parameter seeds 0..N-1 per grid point
@@ -51,7 +53,7 @@ def _given_algo_options(args: argparse.Namespace) -> dict:
 
 
 def _train_config(args: argparse.Namespace):
-    from jmaml.train import TrainConfig, image_preset, load_config
+    from jmaml.run.train import TrainConfig, image_preset, load_config
 
     given = flags.given(args, TrainConfig)
     options = _given_algo_options(args)
@@ -85,7 +87,7 @@ def _mesh(args: argparse.Namespace):
     """The task-axis mesh: --devices N, or every device when there are several; None for one."""
     import jax
 
-    from jmaml import distributed
+    from jmaml.engine import distributed
 
     if args.devices is None and jax.device_count() == 1:
         return None
@@ -93,7 +95,7 @@ def _mesh(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from jmaml._signals import StopFlag
+    from jmaml.engine._signals import StopFlag
 
     # installed before JAX is imported: SIGINT/SIGTERM at any moment from here on stop the run with a
     # checkpoint where there is something to save, and the exit status says which signal it was
@@ -107,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_and_report(args: argparse.Namespace, flag) -> int:
-    from jmaml import distributed
+    from jmaml.engine import distributed
 
     if args.distributed:  # before any other JAX work
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -118,13 +120,13 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
                 f.write("joined")
     elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
         raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
-    from jmaml import evaluate, train
+    from jmaml.run import evaluate, train
 
     config = _train_config(args)
     mesh = _mesh(args)
     writers = []
     if args.tensorboard is not None:
-        from jmaml.writers import TensorBoardWriter
+        from jmaml.engine.writers import TensorBoardWriter
 
         writers.append(TensorBoardWriter(args.tensorboard or os.path.join(args.out, "tensorboard")))
     t0 = time.perf_counter()
@@ -186,7 +188,7 @@ def _up_to_date(run_dir: str, outputs: list[str], inputs: list[str]) -> bool:
 
 
 def _plot(run_dir: str) -> None:
-    from jmaml import plot
+    from jmaml.run import plot
 
     try:
         paths = plot.plot_run(run_dir)
@@ -197,7 +199,7 @@ def _plot(run_dir: str) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from jmaml import evaluate
+    from jmaml.run import evaluate
 
     results = evaluate.evaluate_run(args.run_dir)
     print(json.dumps(results, indent=2) if args.json else evaluate.format_table(results))
@@ -205,7 +207,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from jmaml import plot
+    from jmaml.run import plot
 
     for path in plot.plot_run(args.run_dir):
         print(path)
@@ -213,7 +215,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from jmaml import runinfo
+    from jmaml.run import runinfo
 
     info = runinfo.inspect_run(args.run_dir)
     print(json.dumps(info, indent=2) if args.json else runinfo.format_inspection(info))
@@ -221,7 +223,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from jmaml._signals import StopFlag
+    from jmaml.engine._signals import StopFlag
 
     # as train: a signal at any moment from start-up on stops the sweep with every population checkpointed
     early = getattr(args, "early_flag", None)
@@ -245,7 +247,7 @@ _SUPERVISED_SWEEP_FLAGS = ("data_dir", "ways", "num_train_classes", "shots", "qu
 
 
 def _rl_tasks() -> tuple[str, ...]:
-    from jmaml import runs
+    from jmaml.run import runs
 
     return runs.RECIPES["rl"].tasks
 
@@ -284,9 +286,9 @@ def _flag(name: str) -> str:
 
 
 def _sweep_and_report(args: argparse.Namespace, flag) -> int:
-    from jmaml import sweep
-    from jmaml.config import TrainConfig
-    from jmaml.train import image_preset
+    from jmaml.run import sweep
+    from jmaml.run.config import TrainConfig
+    from jmaml.run.train import image_preset
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
@@ -296,7 +298,7 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
         raise ValueError(f"--seeds must be between 1 and {MAX_SWEEP_SEEDS} (seeds 0..N-1 of the initial "
                          f"parameters), got {a.seeds}")
     check_seed(a.task_seed, "--task-seed")
-    from jmaml import runs
+    from jmaml.run import runs
 
     if runs.for_task(a.task).name == "rl":
         return _rl_sweep(args, given)
@@ -350,8 +352,8 @@ def _checkpoint_every(checkpoint_every: int | None, log_every: int) -> int:
 def _open_sweep_out(args: argparse.Namespace, given: dict) -> None:
     """--out for a sweep: refuses a finished or unfinished sweep there without --resume/--overwrite, checks it
     is writable, and on a new start records the flags (SWEEP_ARGS_FILE), which --resume continues."""
-    from jmaml import sweep
-    from jmaml.runstore import atomic_write_text, refuse_other_kind
+    from jmaml.engine.runstore import atomic_write_text, refuse_other_kind
+    from jmaml.run import sweep
 
     refuse_other_kind(args.out, "sweep")
     started = os.path.isdir(args.out) and any(n.endswith(".ckpt.npz") or n == sweep.PLAN_FILE
@@ -369,7 +371,8 @@ def _open_sweep_out(args: argparse.Namespace, given: dict) -> None:
 
 def _report_sweep(args: argparse.Namespace, run, steps: int) -> int:
     """Runs the sweep (``run()``), writes its results and prints its table."""
-    from jmaml import engine, sweep
+    from jmaml.engine import loop as engine
+    from jmaml.run import sweep
 
     try:
         result = run()
@@ -390,8 +393,8 @@ def _report_sweep(args: argparse.Namespace, run, steps: int) -> int:
 def _rl_sweep(args: argparse.Namespace, given: dict) -> int:
     """``jmaml sweep --task navigation2d|pendulum``: MAML-RL over the grid (``jmaml.rl.recipe.sweep``), with
     jmaml rl's settings (its flags, its defaults)."""
-    from jmaml import sweep
-    from jmaml.rl import recipe
+    from jmaml.run import rl_recipe as recipe
+    from jmaml.run import sweep
 
     supervised = [_flag(n) for n in _SUPERVISED_SWEEP_FLAGS if n in given]
     supervised += [_flag(n) for n in given.get("algo_options") or {}]
@@ -444,7 +447,7 @@ def _add_sweep_parser(sub) -> None:
                                    "--out (--resume continues an interrupted sweep), then are evaluated on "
                                    "held-out tasks.")
     p.add_argument("--algo", choices=learners.names(), default=None, help="the learner (default maml)")
-    from jmaml import runs
+    from jmaml.run import runs
 
     p.add_argument("--task", choices=runs.all_tasks(), default=None,
                    help="the task family (default sinusoid; image families take the paper's settings, 1-shot "
@@ -455,7 +458,7 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 for the initial parameters (default 1)")
     p.add_argument("--task-seed", type=int, default=None,
                    help="the training tasks shared by every point (default 0)")
-    from jmaml.config import TrainConfig
+    from jmaml.run.config import TrainConfig
 
     # TrainConfig's flags, at the sweep's defaults (shorter runs; the paper's preset for image tasks)
     flags.add_flags(p, TrainConfig, ("data_dir", "ways", "num_train_classes", "steps", "meta_batch_size", "shots",
@@ -485,7 +488,7 @@ def _add_train_parser(sub) -> None:
                                      "image benchmark, then evaluate and plot",
                        description="Sinusoid few-shot regression, Finn et al. 2017 Section 5.1. "
                                    "Defaults are the paper's settings.")
-    from jmaml.config import ALGORITHM, MAML, MODEL, RUN, TrainConfig
+    from jmaml.run.config import ALGORITHM, MAML, MODEL, RUN, TrainConfig
 
     groups = {MODEL: p.add_argument_group("model and task"), MAML: p.add_argument_group("MAML"),
               ALGORITHM: p.add_argument_group("algorithm (the MAML family; each one's own settings apply to it "
@@ -599,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_rl_flags(p, names=None) -> list[str]:
     """RLConfig's flags (``names``; default all) on ``p``: its fields declare them (``jmaml.flags``)."""
-    from jmaml.rl.recipe import RLConfig
+    from jmaml.run.rl_recipe import RLConfig
 
     return flags.add_flags(p, RLConfig, names)
 
@@ -630,13 +633,13 @@ def _add_rl_parser(sub) -> None:
 
 def _rl_eval_flags() -> list[str]:
     """The flags of RLConfig's evaluation section: what ``jmaml rl eval`` may change."""
-    from jmaml.rl.recipe import EVALUATION, RLConfig
+    from jmaml.run.rl_recipe import EVALUATION, RLConfig
 
     return [dest for dest, o in flags.options(RLConfig).items() if o.flag.group == EVALUATION]
 
 
 def _rl_given(args: argparse.Namespace, names=None) -> dict:
-    from jmaml.rl.recipe import RLConfig
+    from jmaml.run.rl_recipe import RLConfig
 
     return flags.given(args, RLConfig, names)
 
@@ -644,7 +647,7 @@ def _rl_given(args: argparse.Namespace, names=None) -> dict:
 def _rl_config(args: argparse.Namespace):
     """jmaml rl's settings: the defaults and the flags, or on --resume the recorded run's, refusing a flag that
     contradicts it."""
-    from jmaml.rl import recipe
+    from jmaml.run import rl_recipe as recipe
 
     if args.resume and not args.overwrite and os.path.exists(os.path.join(args.out, recipe.CONFIG_FILE)):
         recorded = recipe.load_config(args.out)
@@ -654,13 +657,13 @@ def _rl_config(args: argparse.Namespace):
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from jmaml._signals import StopFlag
+    from jmaml.engine._signals import StopFlag
 
     early = getattr(args, "early_flag", None)
     # fit reads the installed flag: a signal stops it between chunks with a checkpoint
     with contextlib.nullcontext(early) if early is not None else StopFlag():
-        from jmaml.engine import DivergenceError, Interrupted
-        from jmaml.rl import recipe
+        from jmaml.engine.loop import DivergenceError, Interrupted
+        from jmaml.run import rl_recipe as recipe
 
         recipe.check_run_dir(args.out)
         config = _rl_config(args)
@@ -678,7 +681,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
 
 
 def _cmd_rl_eval(args: argparse.Namespace) -> int:
-    from jmaml.rl import recipe
+    from jmaml.run import rl_recipe as recipe
 
     if not os.path.isdir(args.run_dir):
         raise ValueError(f"run_dir {args.run_dir!r} is not a folder")
@@ -810,7 +813,7 @@ def main(argv: list[str] | None = None, early_flag=None) -> int:
         print(f"jmaml {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from jmaml.distributed import DistributedError
+        from jmaml.engine.distributed import DistributedError
 
         if "RESOURCE_EXHAUSTED" in str(e):  # out of device memory, e.g. while evaluating: one line
             print(f"jmaml {args.command}: error: out of device memory: {str(e).splitlines()[0][:300]}",

@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jmaml import learners, train  # noqa: E402
+from jmaml import learners  # noqa: E402
+from jmaml.run import train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ def machine_info(device: str) -> dict:
     info = {"device": device, "jax": jax.__version__, "python": platform.python_version(),
             "jax_device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
             "cpu_count": os.cpu_count()}
-    from jmaml._util import cpu_name
+    from jmaml.core._util import cpu_name
 
     info["cpu"] = cpu_name()
     try:
@@ -89,7 +89,7 @@ VARIANTS = {  # jmaml's measured variants: TrainConfig fields beyond the cell's
 
 
 def _config(meta_batch: int, k: int, impl: str, chunk_len: int = 1):
-    from jmaml import train
+    from jmaml.run import train
 
     return train.TrainConfig(meta_batch_size=meta_batch, num_inner_steps=k, log_every=chunk_len,
                              checkpoint_every=chunk_len, steps=chunk_len, **VARIANTS[impl]).validate()
@@ -187,7 +187,8 @@ def _state_and_tasks(meta_batch: int):
     import jax
     import optax
 
-    from jmaml import init_state, models
+    from jmaml import init_state
+    from jmaml.core import models
     from jmaml.tasks import sinusoid
 
     model = models.mlp([1, 40, 40, 1])
@@ -255,7 +256,7 @@ def grid_vs_sequential(steps: int, log, sequential_compiling: bool = True) -> di
     import jax
     import numpy as np
 
-    from jmaml import sweep, train
+    from jmaml.run import sweep, train
 
     alphas = tuple(float(a) for a in np.geomspace(1e-3, 3e-2, 8))
     betas = tuple(float(b) for b in np.geomspace(1e-4, 1e-2, 8))
@@ -294,7 +295,9 @@ def step_costs(cells, log) -> list[dict]:
     upper bound on the kernel's traffic (whose floor is its inputs and outputs)."""
     import jax
 
-    from jmaml import engine, fused, recipes, train
+    from jmaml.core import fused
+    from jmaml.engine import loop as engine
+    from jmaml.run import recipes, train
     from scripts.bench.peers import common, jax_naive
 
     out = []

@@ -21,7 +21,8 @@ for name in jmaml.__all__:  # jmaml loads its names lazily (PEP 562); pdoc reads
 warnings.filterwarnings("ignore", message="Error parsing type annotation")
 pdoc.render.configure(docformat="google", show_source=False, search=True)
 # the package, and the modules its top-level names come from
-pdoc.pdoc("jmaml", "jmaml.types", "jmaml.protocols", "jmaml.meta", "jmaml.inner", "jmaml.inner_optimisers",
-          "jmaml.gradcheck", "jmaml.adapters", "jmaml.config", output_directory=pathlib.Path(sys.argv[1]))
+pdoc.pdoc("jmaml", "jmaml.core.types", "jmaml.core.protocols", "jmaml.core.meta", "jmaml.core.inner",
+          "jmaml.core.inner_optimisers", "jmaml.engine.gradcheck", "jmaml.core.adapters", "jmaml.run.config",
+          output_directory=pathlib.Path(sys.argv[1]))
 PY
 echo "[jmaml] API reference: $root/$out/index.html" >&2

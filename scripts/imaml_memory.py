@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jmaml import Batch, Task, estimators, make_loss, models  # noqa: E402
+from jmaml import Batch, Task, make_loss  # noqa: E402
+from jmaml.core import estimators, models
 
 MIB = 2.0 ** 20
 

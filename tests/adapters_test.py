@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmaml import adapters, estimators, learners, make_loss, models
+from jmaml import learners, make_loss
+from jmaml.core import adapters, estimators, models
 from jmaml.tasks import sinusoid
 
 eqx = pytest.importorskip("equinox")

@@ -11,8 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from jmaml import Task, checkpoint, cli, estimators, evaluate, inner_step, learners, make_loss, models, train
-from jmaml.train import TrainConfig
+from jmaml import Task, cli, inner_step, learners, make_loss
+from jmaml.core import estimators, models
+from jmaml.engine import checkpoint
+from jmaml.run import evaluate, train
+from jmaml.run.train import TrainConfig
 
 TINY = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=20, log_every=10,
                    checkpoint_every=20, pretrain=False, num_inner_steps=2)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jmaml import analytic
+from jmaml.core import analytic
 from jmaml.tasks import seed
 
 S1, Q1 = ((2.0, 3.0), (4.0, 1.0)), ((1.0,), (2.0,))

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import jmaml
-from jmaml import evaluate, learners, make_loss, models
+from jmaml import learners, make_loss
+from jmaml.core import models
+from jmaml.run import evaluate
 
 
 def _bn_learner(model, k=1, inner_lr=0.01):
@@ -130,7 +132,7 @@ def test_an_nnx_batch_norm_model_through_fit_resume_and_evaluate(tmp_path):
                   meta_batch_size=4, key=3, run=jmaml.RunDir(str(tmp_path / "b"), checkpoint_every=10),
                   log=jmaml.Logging(every=10, progress=False), stop_at_step=10)
     resumed = _fit_bn(model, tmp_path / "b", resume=True)
-    from jmaml import checkpoint
+    from jmaml.engine import checkpoint
     for u, v in zip(checkpoint.host_leaves(straight), checkpoint.host_leaves(resumed)):
         np.testing.assert_array_equal(u, v)
     dist = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5)

@@ -11,7 +11,9 @@ import optax
 import pytest
 
 import jmaml
-from jmaml import blocking, checkpoint, learners, make_loss, models
+from jmaml import learners, make_loss
+from jmaml.core import models
+from jmaml.engine import blocking, checkpoint
 
 ALGOS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "imaml", "reptile", "cavia")
 
@@ -140,7 +142,7 @@ def test_a_blocked_run_resumes_bitwise_and_its_block_is_part_of_the_fingerprint(
 
 
 def test_auto_keeps_its_choice_on_resume_whatever_the_load(tmp_path, monkeypatch):
-    from jmaml import engine
+    from jmaml.engine import loop as engine
     with pytest.raises(jmaml.Interrupted):
         model, learner = _learner("maml")
         jmaml.fit(learner, jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5), optax.adam(1e-3),
@@ -164,7 +166,7 @@ def test_auto_keeps_the_whole_batch_unless_a_block_earns_its_place():
     """A block is kept only when it is CALIBRATION_MARGIN times faster than the whole batch: a block that
     timed 2% faster (noise on a short chunk: measured here, blocks of 8 at B = 1000, k = 1 chosen and then
     10% slower) does not make the run take the other program."""
-    from jmaml.engine import CALIBRATION_MARGIN, pick_block
+    from jmaml.engine.loop import CALIBRATION_MARGIN, pick_block
     assert CALIBRATION_MARGIN > 1
     assert pick_block({1000: 10.0, 200: 9.8, 8: 9.9}, 1000) == 1000
     assert pick_block({1000: 10.0, 200: 9.0, 8: 9.5}, 1000) == 200
@@ -174,7 +176,7 @@ def test_auto_keeps_the_whole_batch_unless_a_block_earns_its_place():
 
 def test_a_population_of_a_blocked_learner_equals_the_whole_batchs():
     """Blocks compose with the sweep's population axis: fit_population vmaps over the blocked estimate."""
-    from jmaml.population import fit_population, point
+    from jmaml.engine.population import fit_population, point
     model, learner = _learner("maml")
     dist = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5)
     points = {"inner_lr": [0.01, 0.03], "seed": [0, 1]}

@@ -6,7 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from jmaml import checkpoint, init_state, models
+from jmaml import init_state
+from jmaml.core import models
+from jmaml.engine import checkpoint
 
 
 def _state():
@@ -121,7 +123,7 @@ def test_version_1_checkpoints_still_load(tmp_path):
 
 def test_a_committed_version_1_run_still_loads():
     # experiments/algorithms/results/k1/maml was written before key paths; it loads into today's state.
-    from jmaml import recipes, rundir, train
+    from jmaml.run import recipes, rundir, train
     run = os.path.join(os.path.dirname(__file__), "..", "experiments", "algorithms", "results", "k1", "maml")
     assert checkpoint.read_header(os.path.join(run, "maml.ckpt.npz"))["format"] == "jmaml-checkpoint-v1"
     params = train.load_params(run)

@@ -9,7 +9,9 @@ import numpy as np
 import procs
 import pytest
 
-from jmaml import analytic, cli, walkthrough
+from jmaml import cli
+from jmaml.core import analytic
+from jmaml.run import walkthrough
 
 
 def _run(capsys, *argv):
@@ -150,7 +152,7 @@ def test_train_divergence_exits_with_a_message(tmp_path, capsys):
 
 
 def test_the_command_caches_compiled_programs_and_a_warm_start_is_bitwise(tmp_path):
-    from jmaml import checkpoint
+    from jmaml.engine import checkpoint
 
     env = procs.clean_env(JMAML_COMPILE_CACHE=str(tmp_path / "cache"))
     args = ["train", "--steps", "20", "--log-every", "10", "--hidden", "8", "--no-eval", "--no-pretrain"]

@@ -5,7 +5,7 @@ import os
 import jax
 import pytest
 
-from jmaml._util import enable_x64
+from jmaml.core._util import enable_x64
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # The jmaml command turns JAX's persistent compilation cache on for its process; tests call cli.main in the
@@ -34,12 +34,12 @@ def _release_compiled_code():
 # run), besides those marked @pytest.mark.slow in their files, and the six slowest doctests. CI runs all; every
 # module of jmaml keeps tests in the fast tier.
 SLOW_TESTS = frozenset({
-    "jmaml/models.py::jmaml.models.resnet12",
-    "jmaml/fused.py::jmaml.fused.maml_value_and_grad",
-    "jmaml/engine.py::jmaml.engine.fit",
+    "jmaml/core/models.py::jmaml.core.models.resnet12",
+    "jmaml/core/fused.py::jmaml.core.fused.maml_value_and_grad",
+    "jmaml/engine/loop.py::jmaml.engine.loop.fit",
     "jmaml/rl/__init__.py::jmaml.rl",
-    "jmaml/blocking.py::jmaml.blocking.blocked",
-    "jmaml/models.py::jmaml.models.conv4",
+    "jmaml/engine/blocking.py::jmaml.engine.blocking.blocked",
+    "jmaml/core/models.py::jmaml.core.models.conv4",
     "adapters_test.py::test_adapters_give_the_plain_mlps_meta_gradient[equinox]",
     "adapters_test.py::test_rate_trees_and_masks_walk_library_params[equinox]",
     "adapters_test.py::test_rate_trees_and_masks_walk_library_params[linen]",

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jmaml import Batch, analytic, diagnostics, make_loss, models
+from jmaml import Batch, make_loss
+from jmaml.core import analytic, diagnostics, models
 from jmaml.tasks import seed
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from procs import ROOT, clean_env
 
-from jmaml import checkpoint
+from jmaml.engine import checkpoint
 
 TRAIN = ["--hidden", "8", "--meta-batch-size", "4", "--shots", "5", "--query-shots", "5", "--no-pretrain",
          "--no-eval", "--log-every", "10"]
@@ -69,7 +69,8 @@ def _jmaml(*args):
 def test_sharded_over_four_devices_equals_one_device():
     script = textwrap.dedent(f"""
         import dataclasses, io, jax, numpy as np, tempfile
-        from jmaml import distributed, train
+        from jmaml.engine import distributed
+        from jmaml.run import train
         assert jax.device_count() == 4, jax.devices()
         cfg = train.TrainConfig(hidden=(8,), meta_batch_size=8, num_support=5, num_query=5, steps=30,
                                 log_every=10, checkpoint_every=30, pretrain=False)
@@ -96,7 +97,7 @@ def test_sharded_over_four_devices_equals_one_device():
         else:
             raise AssertionError("no error for 6 tasks over 4 devices")
         # sweeps: the grid axis or the task axis over the four devices, against no mesh
-        from jmaml import sweep
+        from jmaml.run import sweep
         base = dataclasses.replace(cfg, steps=20, checkpoint_every=20)
         grid = sweep.Grid(alphas=(0.01, 0.02), betas=(1e-3, 3e-3), ks=(1,), seeds=(0,))
         ref = sweep.run_sweep(base, grid, evaluate=False, keep_params=True)["params"]
@@ -119,7 +120,10 @@ def test_blocks_are_taken_within_each_devices_shard():
         import io, jax, jax.numpy as jnp, numpy as np, optax
         jax.config.update("jax_enable_x64", True)
         import jmaml
-        from jmaml import blocking, distributed, learners, make_loss, models
+        from jmaml import learners, make_loss
+        from jmaml.engine import blocking
+        from jmaml.engine import distributed
+        from jmaml.core import models
         mesh = distributed.task_mesh()
         model = models.mlp([1, 8, 1])
         learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.05, num_inner_steps=2)
@@ -290,7 +294,8 @@ def test_inconsistent_process_counts_fail_on_both_processes(tmp_path):
 
 
 def test_bad_distributed_flags_are_clear_errors(tmp_path, capsys):
-    from jmaml import cli, distributed
+    from jmaml import cli
+    from jmaml.engine import distributed
 
     assert cli.main(["train", "--process-id", "1", "--out", str(tmp_path / "a")]) == 2
     assert "need --distributed" in capsys.readouterr().err

@@ -8,8 +8,11 @@ import procs
 import pytest
 
 import jmaml
-from jmaml import checkpoint, fused, learners, models, runinfo, writers
-from jmaml.evaluate import evaluate
+from jmaml import learners
+from jmaml.core import fused, models
+from jmaml.engine import checkpoint, writers
+from jmaml.run import runinfo
+from jmaml.run.evaluate import evaluate
 from jmaml.tasks import images, sinusoid
 
 PUBLIC = [
@@ -68,7 +71,8 @@ def test_the_api_reference_builds(tmp_path):
     page = (tmp_path / "api" / "jmaml.html").read_text()
     for name in ("fit", "maml_value_and_grad", "TaskDistribution", "check_meta_gradient"):
         assert f'id="{name}"' in page, name
-    assert (tmp_path / "api" / "jmaml" / "writers.html").exists()
+    for page in ("engine/writers", "engine/loop", "core/meta", "run/config"):  # the layer folders
+        assert (tmp_path / "api" / "jmaml" / f"{page}.html").exists(), page
     assert "Warn" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
 
 

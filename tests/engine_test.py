@@ -17,9 +17,11 @@ import procs
 import pytest
 
 import jmaml
-from jmaml import Task, TaskDistribution, checkpoint, fit, learners, make_loss, models
-from jmaml.config import TrainConfig
-from jmaml.evaluate import evaluate
+from jmaml import Task, TaskDistribution, fit, learners, make_loss
+from jmaml.core import models
+from jmaml.engine import checkpoint
+from jmaml.run.config import TrainConfig
+from jmaml.run.evaluate import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K, Q = 6, 8
@@ -108,7 +110,8 @@ def test_a_users_tasks_on_four_devices_equal_one_device():
         import sys, jax, numpy as np
         sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
         from engine_test import _fit
-        from jmaml import distributed, learners
+        from jmaml import learners
+        from jmaml.engine import distributed
         from engine_test import plane_loss
         assert jax.device_count() == 4
         learner = learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=2)
@@ -330,7 +333,7 @@ def test_a_learner_without_model_state_support_is_named():
 # ---- sweeps of a user's learner and tasks ----------------------------------------------------------
 
 def test_a_users_tasks_and_model_through_a_sweep_equal_single_runs():
-    from jmaml import sweep
+    from jmaml.run import sweep
 
     grid = sweep.Grid(alphas=(0.02, 0.05), betas=(1e-3, 3e-3), ks=(1, 2), seeds=(0, 1))
     result = sweep.sweep_learner(lambda k: learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=k),
@@ -367,7 +370,7 @@ def test_a_users_tasks_and_model_through_a_sweep_equal_single_runs():
 def test_the_explosion_rule_needs_a_loss_that_is_not_negative():
     """The adapted/un-adapted ratio is a scale only for a non-negative loss: minus a return (meta-RL) that
     goes from -1 to +5 is a worse policy, not an exploding inner loop; a positive loss that grows 1e4-fold is."""
-    from jmaml.engine import divergence
+    from jmaml.engine.loop import divergence
 
     def chunk(pre, post):
         return {"meta_loss": np.array([post]), "grad_norm": np.array([1.0]), "pre_adapt_loss": np.array([pre]),
@@ -383,7 +386,7 @@ def test_the_explosion_rule_needs_a_loss_that_is_not_negative():
 
 
 def test_sweep_learner_resume_continues_the_recorded_sweep_or_fails_naming_why(tmp_path):
-    from jmaml import sweep
+    from jmaml.run import sweep
 
     def run(grid, **kw):
         return sweep.sweep_learner(lambda k: learners.maml(plane_loss, inner_lr=0.05, num_inner_steps=k),

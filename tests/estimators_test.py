@@ -8,7 +8,8 @@ import optax
 import pytest
 from jax.test_util import check_grads
 
-from jmaml import Batch, Task, analytic, batched_objective, estimators, init_state, make_loss, models
+from jmaml import Batch, Task, batched_objective, init_state, make_loss
+from jmaml.core import analytic, estimators, models
 from jmaml.tasks import seed
 
 LINEAR = make_loss(models.linear().apply, "sse")

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import jmaml
-from jmaml import Batch, Task, TaskDistribution, evaluate, learners, make_loss, models
+from jmaml import Batch, Task, TaskDistribution, learners, make_loss
+from jmaml.core import models
+from jmaml.run import evaluate
 
 
 def _halfplanes(key, num_tasks, num_support=10, num_query=6):
@@ -68,7 +70,7 @@ def test_a_loss_reports_the_mean_over_all_tasks_beside_the_kept_ones():
 
 
 def test_metric_kind_from_the_distribution():
-    from jmaml.protocols import metric_higher_is_better
+    from jmaml.core.protocols import metric_higher_is_better
     assert metric_higher_is_better(TaskDistribution(sample=_halfplanes, metric_name="accuracy"))
     assert not metric_higher_is_better(TaskDistribution(sample=_halfplanes, metric_name="mse"))
     assert metric_higher_is_better(TaskDistribution(sample=_halfplanes, metric_name="hits", higher_is_better=True))

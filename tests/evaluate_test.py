@@ -2,7 +2,9 @@ import jax
 import numpy as np
 import pytest
 
-from jmaml import Batch, adapt, evaluate, make_loss, models
+from jmaml import Batch, adapt, make_loss
+from jmaml.core import models
+from jmaml.run import evaluate
 
 
 def test_heldout_tasks_are_the_same_on_every_call():

@@ -14,8 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from jmaml import Batch, Task, fused, init_state, learners, make_loss, models, train
-from jmaml.meta import make_estimator_step
+from jmaml import Batch, Task, init_state, learners, make_loss
+from jmaml.core import fused, models
+from jmaml.core.meta import make_estimator_step
+from jmaml.run import train
 from jmaml.tasks import sinusoid
 
 
@@ -230,7 +232,7 @@ def test_train_config_refuses_fused_for_an_image_model_or_bf16():
 def test_sweeps_take_the_fused_learner_and_run_sweep_says_why_not():
     """``sweep_learner`` vmaps whole runs of the fused learner over α × β (one program per k) and gets the
     autodiff learner's losses; ``run_sweep`` (a traced k) refuses the fused backend by name."""
-    from jmaml import sweep
+    from jmaml.run import sweep
 
     net = models.mlp([1, 16, 1])
     loss_fn = make_loss(net.apply, "mse")

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 import jmaml
-from jmaml import learners, make_loss, models
+from jmaml import learners, make_loss
+from jmaml.core import models
 
 EXACT = ("maml", "anil", "metasgd", "mamlpp", "cavia")
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jmaml import Logging, cli, evaluate, models, train
+from jmaml import Logging, cli
+from jmaml.core import models
+from jmaml.run import evaluate, train
 from jmaml.tasks import images
 
 NUM_CHARS = (8, 8, 8)  # characters per alphabet: 2 alphabets in images_background, 1 in images_evaluation
@@ -278,7 +280,8 @@ def test_resuming_on_changed_data_is_refused_unless_asked(tmp_path):
     path = os.path.join(root, "images_background", "Alpha", "character01", "0000_00.png")
     Image.fromarray(np.zeros((105, 105), np.uint8)).save(path)
     images._splits.cache_clear()
-    from jmaml import checkpoint, recipes
+    from jmaml.engine import checkpoint
+    from jmaml.run import recipes
 
     recipes.build_tasks.cache_clear()
     recipes.phase_parts.cache_clear()

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 import jmaml
-from jmaml import Batch, Task, adapt, inner_optimisers, learners, make_loss, models
+from jmaml import Batch, Task, adapt, learners, make_loss
+from jmaml.core import inner_optimisers, models
 from jmaml.tasks import seed, sinusoid
 
 K = 3
@@ -232,7 +233,8 @@ def test_bad_inner_optimisers_are_named():
 def test_inner_optimiser_through_train_config_and_cli(tmp_path):
     import io
 
-    from jmaml import cli, train
+    from jmaml import cli
+    from jmaml.run import train
 
     args = cli.build_parser().parse_args(["train", "--inner-optimiser", "momentum", "--inner-settings",
                                           "momentum=0.5", "--learn-inner-hyper", "learning_rate",
@@ -257,7 +259,8 @@ def test_seed_batch_helper_is_unchanged():
 
 
 def test_a_sweep_varies_the_inner_optimisers_settings_and_equals_single_runs():
-    from jmaml import fit, sweep
+    from jmaml import fit
+    from jmaml.run import sweep
 
     loss, params, _ = _problem()
     init = lambda key: jax.tree.map(lambda a: a.astype(jnp.float32), params)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmaml import Batch, adapt, analytic, inner_step, make_loss, models
+from jmaml import Batch, adapt, inner_step, make_loss
+from jmaml.core import analytic, models
 
 LOSS = make_loss(models.linear().apply, "sse")
 

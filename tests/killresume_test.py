@@ -9,7 +9,8 @@ import time
 import numpy as np
 import procs
 
-from jmaml import checkpoint, rundir
+from jmaml.engine import checkpoint
+from jmaml.run import rundir
 
 TRAIN = [*procs.JMAML, "train", "--hidden", "8", "--meta-batch-size", "4", "--shots", "5",
          "--query-shots", "5", "--steps", "3000", "--log-every", "10", "--checkpoint-every", "10", "--no-pretrain",

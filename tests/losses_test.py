@@ -2,7 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmaml import Batch, losses, make_loss, models
+from jmaml import Batch, make_loss
+from jmaml.core import losses, models
 
 
 def test_sse_is_the_seeds_eq1():

@@ -8,18 +8,8 @@ import optax
 import pytest
 from jax.test_util import check_grads
 
-from jmaml import (
-    Batch,
-    Task,
-    analytic,
-    batched_objective,
-    init_state,
-    make_loss,
-    make_step,
-    maml_value_and_grad,
-    models,
-    task_objective,
-)
+from jmaml import Batch, Task, batched_objective, init_state, make_loss, make_step, maml_value_and_grad, task_objective
+from jmaml.core import analytic, models
 from jmaml.tasks import seed
 
 LOSS = make_loss(models.linear().apply, "sse")

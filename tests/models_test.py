@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmaml import models
+from jmaml.core import models
 
 
 def test_linear_is_theta_times_x():

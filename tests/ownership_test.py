@@ -16,8 +16,10 @@ import optax
 import pytest
 
 import jmaml
-from jmaml import checkpoint, learners, make_loss, models, runstore
-from jmaml.fingerprint import describe, differences, digest
+from jmaml import learners, make_loss
+from jmaml.core import models
+from jmaml.engine import checkpoint, runstore
+from jmaml.engine.fingerprint import describe, differences, digest
 
 MODEL = models.mlp([1, 8, 1])
 LOSS = make_loss(MODEL.apply, "mse")
@@ -140,7 +142,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     # another process holding the run dir
     code = textwrap.dedent(f"""
         import sys, time
-        from jmaml import runstore
+        from jmaml.engine import runstore
         with runstore.lock({str(run)!r}):
             print("locked", flush=True)
             sys.stdin.read()
@@ -197,7 +199,8 @@ def test_the_fingerprint_is_the_same_in_a_new_process(tmp_path):
     """A run stopped in one process resumes in another (the fingerprint holds no ids or addresses)."""
     script = textwrap.dedent("""
         import sys, jax, optax, jmaml
-        from jmaml import learners, make_loss, models
+        from jmaml import learners, make_loss
+        from jmaml.core import models
         model = models.mlp([1, 8, 1])
         learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
         resume = sys.argv[2] == "resume"

@@ -17,8 +17,10 @@ import procs
 import pytest
 
 import jmaml
-from jmaml import checkpoint, learners, make_loss, models
-from jmaml.population import fit_population, point
+from jmaml import learners, make_loss
+from jmaml.core import models
+from jmaml.engine import checkpoint
+from jmaml.engine.population import fit_population, point
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = models.mlp([1, 8, 1])
@@ -114,7 +116,7 @@ def test_a_run_and_the_same_run_as_a_population_point_stop_at_the_same_step_with
 
 
 def test_evaluate_population_scores_every_point_as_evaluate_does_in_one_program():
-    from jmaml.evaluation import evaluate, evaluate_population
+    from jmaml.engine.evaluation import evaluate, evaluate_population
 
     points = {"inner_lr": [0.01, 0.03, 0.3], "seed": [0, 1, 2]}
     pop = _pop(points, steps=20)
@@ -182,8 +184,11 @@ def test_bad_points_are_named(points, err, match):
 def test_a_population_on_four_devices_equals_one_device():
     script = textwrap.dedent("""
         import jax, numpy as np, optax, jmaml
-        from jmaml import checkpoint, distributed, learners, make_loss, models
-        from jmaml.population import fit_population
+        from jmaml import learners, make_loss
+        from jmaml.engine import checkpoint
+        from jmaml.engine import distributed
+        from jmaml.core import models
+        from jmaml.engine.population import fit_population
         model = models.mlp([1, 8, 1])
         learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
         tasks = jmaml.tasks.sinusoid.distribution(num_support=5, num_query=5)

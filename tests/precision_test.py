@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmaml import Batch, cli, make_loss, models, rundir, train
+from jmaml import Batch, cli, make_loss
+from jmaml.core import models
+from jmaml.run import rundir, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

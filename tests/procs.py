@@ -59,7 +59,7 @@ def kill_at_checkpoint(args: list[str], ckpt, *, before_step: int, env: dict[str
     when it was killed; a run that finished first returns its own)."""
     import time
 
-    from jmaml import checkpoint
+    from jmaml.engine import checkpoint
 
     proc = subprocess.Popen(args, env=clean_env() if env is None else env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -10,9 +10,12 @@ import sys
 import procs
 import pytest
 
-from jmaml import cli, flags, runs, runstore
-from jmaml.config import TrainConfig
-from jmaml.rl.recipe import RLConfig
+from jmaml import cli
+from jmaml.core import flags
+from jmaml.engine import runstore
+from jmaml.run import runs
+from jmaml.run.config import TrainConfig
+from jmaml.run.rl_recipe import RLConfig
 
 _EXAMPLES = {int: "7", float: "0.25"}
 
@@ -135,7 +138,7 @@ def test_no_command_touches_another_kind_of_run(tmp_path, capsys, kind, mode):
 
 
 def test_a_python_sweep_refuses_a_training_run_folder(tmp_path):
-    from jmaml import sweep
+    from jmaml.run import sweep
 
     folder = _folder_of("supervised", tmp_path)
     with pytest.raises(ValueError, match="holds another kind of run .*jmaml train run: config.json"):

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import jmaml
-from jmaml import evaluate, learners, make_loss, models
+from jmaml import learners, make_loss
+from jmaml.core import models
+from jmaml.run import evaluate
 
 
 def _fit_run(run_dir, steps=20, **run):
@@ -47,7 +49,7 @@ def test_overwrite_never_writes_into_a_folder_that_is_not_a_run(tmp_path, capsys
 
 
 def test_fit_overwrite_refuses_another_runs_or_a_strangers_checkpoint(tmp_path):
-    from jmaml import checkpoint
+    from jmaml.engine import checkpoint
     _fit_run(tmp_path / "a")
     os.rename(tmp_path / "a" / "maml.ckpt.npz", tmp_path / "a" / "other.ckpt.npz")
     import shutil
@@ -66,7 +68,7 @@ def test_fit_overwrite_refuses_another_runs_or_a_strangers_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("step", [-5, 2000, 10])
 def test_a_header_step_that_is_not_the_states_is_refused_before_anything_is_trimmed(tmp_path, step):
-    from jmaml import checkpoint
+    from jmaml.engine import checkpoint
     run = tmp_path / "run"
     _fit_run(run, steps=20)
     lines = (run / "metrics.jsonl").read_text()
@@ -83,7 +85,7 @@ def test_a_header_step_that_is_not_the_states_is_refused_before_anything_is_trim
     (lambda h: {**h, "keys": "params"}, "keys are not a list"),
 ])
 def test_forged_headers_are_named_not_tracebacks(tmp_path, change, match):
-    from jmaml import checkpoint
+    from jmaml.engine import checkpoint
     path = str(tmp_path / "c.ckpt.npz")
     checkpoint.save(path, {"w": jnp.ones(3), "step": jnp.asarray(3)}, step=3)
     _rewrite_header(path, change)
@@ -113,7 +115,7 @@ def test_eval_says_which_checkpoint_it_scored(tmp_path, capsys):
     run = tmp_path / "run"
     import io
 
-    from jmaml.config import TrainConfig
+    from jmaml.run.config import TrainConfig
     config = TrainConfig(hidden=(8,), meta_batch_size=4, steps=20, log_every=10, checkpoint_every=10, pretrain=False)
     with pytest.raises(jmaml.Interrupted):  # a run still training, or stopped
         jmaml.train.train(config, str(run), stop_at_step=10, stream=io.StringIO())
@@ -125,9 +127,9 @@ def test_eval_says_which_checkpoint_it_scored(tmp_path, capsys):
                                                                           if k != "run"}})
     assert evaluate.evaluate_run(str(run), num_tasks=20, write=False)["checkpoint"]["verified"] is False
     assert "records no run fingerprint" in capsys.readouterr().err
-    from jmaml import runinfo
+    from jmaml.run import runinfo
     assert "WARNING: records no run fingerprint" in runinfo.format_inspection(runinfo.inspect_run(str(run)))
-    from jmaml import plot
+    from jmaml.run import plot
     for foreign in ('{"foo": 1}', "[1, 2]"):  # a foreign eval.json: named, not a KeyError/AttributeError
         (run / "eval.json").write_text(foreign)
         with pytest.raises(ValueError, match="is not a jmaml evaluation of this run"):
@@ -155,7 +157,7 @@ def test_a_tasks_file_with_a_huge_integer_and_a_config_with_an_int_hidden(tmp_pa
     import json
 
     from jmaml import cli
-    from jmaml.config import TrainConfig
+    from jmaml.run.config import TrainConfig
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"tasks": [{"support": {"x": [1, int("9" * 400)], "y": [1, 2]},
                                            "query": {"x": [1], "y": [2]}}]}))
@@ -166,7 +168,7 @@ def test_a_tasks_file_with_a_huge_integer_and_a_config_with_an_int_hidden(tmp_pa
 
 
 def test_restore_params_alone_without_a_train_state_template(tmp_path):
-    from jmaml import checkpoint
+    from jmaml.engine import checkpoint
     state = _fit_run(tmp_path / "run")
     path = str(tmp_path / "run" / "maml.ckpt.npz")
     plain = checkpoint.restore_params(path)

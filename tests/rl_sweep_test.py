@@ -14,9 +14,10 @@ import procs
 import pytest
 
 import jmaml
-from jmaml import checkpoint, cli, rl
-from jmaml.rl import recipe
-from jmaml.sweep import Grid
+from jmaml import cli, rl
+from jmaml.engine import checkpoint
+from jmaml.run import rl_recipe as recipe
+from jmaml.run.sweep import Grid
 
 TINY = dict(horizon=5, meta_batch_size=2, inner_episodes=2, outer_episodes=2, hidden=(8,), log_every=1, eval_tasks=3,
             eval_episodes=2, validation_tasks=2, pretrain=False)

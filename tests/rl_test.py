@@ -384,7 +384,7 @@ def test_an_rl_run_killed_by_sigkill_resumes_bitwise(tmp_path):
     import subprocess
     import sys
 
-    from jmaml import checkpoint
+    from jmaml.engine import checkpoint
 
     cmd, env, root = _rl_cli(tmp_path / "straight", "--no-eval")
     done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)

@@ -11,8 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from jmaml import Logging, checkpoint, evaluate, rundir, train
-from jmaml.config import TrainConfig
+from jmaml import Logging
+from jmaml.engine import checkpoint
+from jmaml.run import evaluate, rundir, train
+from jmaml.run.config import TrainConfig
 
 TINY = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=20, log_every=10,
                    checkpoint_every=10, pretrain=True)
@@ -105,8 +107,8 @@ def _fit(run_dir, **kw):
     import optax
 
     import jmaml
-    from jmaml import models
-    from jmaml.losses import make_loss
+    from jmaml.core import models
+    from jmaml.core.losses import make_loss
 
     model = models.mlp([1, 8, 1], "relu")
     learner = jmaml.learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
@@ -180,7 +182,8 @@ def test_resume_of_an_unchanged_run_is_still_bitwise(tmp_path):
 
 
 def test_seed_walkthrough_names_non_finite_results_instead_of_concluding():
-    from jmaml import Batch, Task, walkthrough
+    from jmaml import Batch, Task
+    from jmaml.run import walkthrough
 
     task = Task(Batch(np.array([1e200, 2.0]), np.array([1.0, 2.0])), Batch(np.array([1.0]), np.array([1.0])))
     result = walkthrough.run_walkthrough(tasks=[task], k_max=2)
@@ -204,7 +207,8 @@ def test_a_signal_during_the_last_chunk_still_stops_with_its_status(tmp_path):
     import jax
     import optax
 
-    from jmaml import fit, learners, make_loss, models, tasks
+    from jmaml import fit, learners, make_loss, tasks
+    from jmaml.core import models
 
     model = models.mlp([1, 8, 1])
     learner = learners.maml(make_loss(model.apply, "mse"), inner_lr=0.01, num_inner_steps=1)
@@ -225,7 +229,7 @@ def test_an_unusable_sweep_out_fails_before_the_sweep_runs(tmp_path, capsys):
 
 
 def test_sweep_evaluation_in_memory_sized_chunks_equals_one_call():
-    from jmaml import sweep
+    from jmaml.run import sweep
 
     base = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=10, log_every=10,
                        checkpoint_every=10)
@@ -246,7 +250,7 @@ def test_sweep_evaluation_in_memory_sized_chunks_equals_one_call():
      r"unknown keys \['z'\]"),
 ])
 def test_tasks_json_is_read_within_limits_with_named_errors(tmp_path, content, match):
-    from jmaml import walkthrough
+    from jmaml.run import walkthrough
 
     path = tmp_path / "tasks.json"
     path.write_bytes(content)
@@ -255,7 +259,7 @@ def test_tasks_json_is_read_within_limits_with_named_errors(tmp_path, content, m
 
 
 def test_tasks_json_that_is_a_folder_or_endless_is_named(tmp_path):
-    from jmaml import walkthrough
+    from jmaml.run import walkthrough
 
     with pytest.raises(ValueError, match="is a folder"):
         walkthrough.load_tasks_json(str(tmp_path))
@@ -280,7 +284,7 @@ def test_huge_integers_and_os_errors_are_one_line(tmp_path, capsys):
 def test_resume_cannot_shorten_a_run_or_mix_precisions(tmp_path):
     import jax
 
-    from jmaml._util import enable_x64
+    from jmaml.core._util import enable_x64
 
     run = tmp_path / "run"
     _train(run)
@@ -322,7 +326,7 @@ def test_a_divergence_stopped_run_continues_with_changed_settings_only_on_purpos
 
 
 def test_a_sweep_reports_its_finished_points_as_chunks_end(tmp_path):
-    from jmaml import sweep
+    from jmaml.run import sweep
 
     base = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=10, log_every=10,
                        checkpoint_every=10)
@@ -344,7 +348,8 @@ def test_a_run_too_large_for_the_device_fails_before_it_starts_and_leaves_nothin
 
 
 def test_a_truncated_eval_json_is_recomputed_by_train_and_named_by_plot(tmp_path, capsys):
-    from jmaml import cli, plot
+    from jmaml import cli
+    from jmaml.run import plot
 
     run = tmp_path / "run"
     argv = ["train", "--out", str(run), "--steps", "10", "--log-every", "10", "--hidden", "8", "--meta-batch-size",
@@ -360,7 +365,7 @@ def test_a_truncated_eval_json_is_recomputed_by_train_and_named_by_plot(tmp_path
 
 
 def test_seed_walkthrough_table_is_bounded():
-    from jmaml import walkthrough
+    from jmaml.run import walkthrough
 
     with pytest.raises(ValueError, match="k must be <= 100"):
         walkthrough.run_walkthrough(k_max=101)

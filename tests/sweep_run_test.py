@@ -11,7 +11,9 @@ import numpy as np
 import procs
 import pytest
 
-from jmaml import checkpoint, cli, rundir
+from jmaml import cli
+from jmaml.engine import checkpoint
+from jmaml.run import rundir
 
 SMALL = ["--hidden", "8", "--meta-batch-size", "4", "--shots", "5", "--query-shots", "5", "--beta", "0.001"]
 

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from jmaml import sweep, train
-from jmaml.train import TrainConfig
+from jmaml.run import sweep, train
+from jmaml.run.train import TrainConfig
 
 BASE = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=30, log_every=10,
                    checkpoint_every=30, pretrain=False)
@@ -99,7 +99,8 @@ def test_a_python_sweep_writes_the_clis_files(tmp_path):
     seed summary, Markdown, JSON and heatmaps."""
     import optax
 
-    from jmaml import learners, make_loss, models, tasks
+    from jmaml import learners, make_loss, tasks
+    from jmaml.core import models
 
     model = models.mlp([1, 8, 1])
     grid = sweep.Grid(alphas=(0.01, 0.05), betas=(1e-3,), ks=(1,), seeds=(0, 1))

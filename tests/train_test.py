@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from jmaml import checkpoint, train
-from jmaml.train import TrainConfig
+from jmaml.engine import checkpoint
+from jmaml.run import train
+from jmaml.run.train import TrainConfig
 
 TINY = TrainConfig(hidden=(8,), meta_batch_size=4, num_support=5, num_query=5, steps=40,
                    log_every=10, checkpoint_every=20)

@@ -11,7 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from jmaml import Logging, fit, learners, make_loss, models, tasks, writers
+from jmaml import Logging, fit, learners, make_loss, tasks
+from jmaml.core import models
+from jmaml.engine import writers
 
 
 def _fit(tmp_path, run_dir=None, writers=None):

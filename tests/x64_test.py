@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jmaml
-from jmaml import Batch, Task, learners, make_loss, models
+from jmaml import Batch, Task, learners, make_loss
+from jmaml.core import models
 
 
 def _seed_loss(theta, batch):  # the seed's single neuron f(x) = θ x, sum of squares, in Python floats
@@ -20,7 +21,7 @@ def _seed_grad(theta, batch):
 
 
 def test_mamlpp_is_float64_end_to_end_and_equals_a_hand_written_reference():
-    from jmaml._util import enable_x64
+    from jmaml.core._util import enable_x64
     k, anneal, t = 3, 7, 4
     rates = [0.011, 0.0123, 0.0097]
     sx, sy, qx, qy = [0.3, -1.1, 2.2], [0.7, -2.0, 4.1], [1.3, -0.4], [2.5, -0.9]
@@ -40,7 +41,7 @@ def test_mamlpp_is_float64_end_to_end_and_equals_a_hand_written_reference():
         col = lambda v: jnp.asarray(v, jnp.float64)[None, :, None]
         tasks = Task(Batch(col(sx), col(sy)), Batch(col(qx), col(qy)))
         got, grads, metrics = learner.estimate(mp, tasks, jnp.asarray(t))
-        from jmaml.estimators import msl_weights
+        from jmaml.core.estimators import msl_weights
         w = msl_weights(k, t, anneal)
         assert w.dtype == jnp.float64 and got.dtype == jnp.float64
         np.testing.assert_allclose(np.asarray(w), weights, rtol=1e-15)
@@ -50,7 +51,7 @@ def test_mamlpp_is_float64_end_to_end_and_equals_a_hand_written_reference():
 
 def test_test_time_rates_are_float64_under_x64():
     """The test-time schedules (fixed rates of MAML's rule, CAVIA's context rates) were float32: 3-7e-8 lost."""
-    from jmaml._util import enable_x64
+    from jmaml.core._util import enable_x64
     sx, sy, qx, qy = [0.3, -1.1, 2.2], [0.7, -2.0, 4.1], [1.3, -0.4], [2.5, -0.9]
     alpha = 0.0123456789  # not a float32 number
     theta, want = 0.8, [_seed_loss(0.8, (qx, qy))]

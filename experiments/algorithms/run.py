@@ -34,7 +34,8 @@ def _suffix(inner_lr: float, rate_meta_lr: float | None) -> str:
 
 
 def run_one(algo: str, k: int, steps: int, inner_lr: float = 0.01, rate_meta_lr: float | None = None) -> dict:
-    from jmaml import evaluate, learners, train
+    from jmaml import learners
+    from jmaml.run import evaluate, train
 
     takes_rate = "rate_meta_lr" in {o.name for o in learners.spec(algo).options}
     rate_meta_lr = rate_meta_lr if takes_rate else None
@@ -78,7 +79,7 @@ def table(records: list[dict]) -> str:
 
 
 def machine() -> str:
-    from jmaml._util import machine_description
+    from jmaml.core._util import machine_description
 
     return machine_description()
 

@@ -24,8 +24,8 @@ import optax
 
 import jmaml
 from jmaml import Task, TaskDistribution, learners
-from jmaml.engine import make_learner_step, sample_tasks
-from jmaml.evaluate import evaluate
+from jmaml.engine.loop import make_learner_step, sample_tasks
+from jmaml.run.evaluate import evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 K, QUERY, EVAL_QUERY, WIDTH = 10, 10, 50, 40
@@ -135,7 +135,7 @@ def sweep(alphas=(0.005, 0.02, 0.05), ks=(1, 3), steps=2_000) -> list[dict]:
 
 
 def main() -> None:
-    from jmaml._util import machine_description
+    from jmaml.core._util import machine_description
 
     run_dir = os.path.join(HERE, "results")
     shutil.rmtree(run_dir, ignore_errors=True)

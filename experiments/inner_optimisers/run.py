@@ -34,8 +34,8 @@ OPTIMISERS = {
 def run_one(name: str, learned: bool, k: int, steps: int) -> dict:
     import jax
 
-    from jmaml import evaluate, train
-    from jmaml.config import TrainConfig
+    from jmaml.run import evaluate, train
+    from jmaml.run.config import TrainConfig
 
     rate, settings, learn = OPTIMISERS[name]
     options = {"inner_optimiser": name, **({"inner_settings": settings} if settings else {}),
@@ -83,7 +83,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jmaml._util import machine_description
+    from jmaml.core._util import machine_description
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20_000)

@@ -64,7 +64,7 @@ def compare(runs: dict) -> tuple[str, int, int]:
 
 
 def main(argv: list[str]) -> int:
-    from jmaml._util import machine_description
+    from jmaml.core._util import machine_description
 
     summary = os.path.join(RESULTS, "summary.json")
     if "--report" in argv:  # rewrite RESULTS.md from the last run's summary

@@ -40,8 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from jmaml import rl  # noqa: E402
-from jmaml._util import machine_description  # noqa: E402
-from jmaml.rl import recipe  # noqa: E402
+from jmaml.core._util import machine_description  # noqa: E402
+from jmaml.run import rl_recipe as recipe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = recipe.METHODS

@@ -29,7 +29,9 @@ def run_one(alpha: float, seed: int, steps: int) -> dict:
     import jax
     import numpy as np
 
-    from jmaml import diagnostics, evaluate, make_loss, recipes, train
+    from jmaml import make_loss
+    from jmaml.core import diagnostics
+    from jmaml.run import evaluate, recipes, train
 
     config = train.TrainConfig(inner_lr=alpha, seed=seed, steps=steps, pretrain=False,
                                checkpoint_every=min(5_000, steps), log_every=min(1_000, steps))
@@ -63,7 +65,7 @@ def falls(curve: list[float]) -> bool:
 def report(records: list[dict], steps: int) -> str:
     import numpy as np
 
-    from jmaml._util import machine_description
+    from jmaml.core._util import machine_description
 
     lines = ["# Sinusoid fidelity: α = 0.01 (the paper's text) against α = 1e-3 (its reference code)", "",
              f"Command: `.venv/bin/python experiments/sinusoid/fidelity.py` — `jmaml train` with every default but "

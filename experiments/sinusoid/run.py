@@ -21,7 +21,7 @@ RUN_DIR = os.path.join(HERE, "results")
 
 
 def machine() -> str:
-    from jmaml._util import machine_description
+    from jmaml.core._util import machine_description
 
     return machine_description()
 
@@ -39,7 +39,9 @@ def curvature_stats() -> dict:
     import jax
     import numpy as np
 
-    from jmaml import diagnostics, evaluate, make_loss, train
+    from jmaml import make_loss
+    from jmaml.core import diagnostics
+    from jmaml.run import evaluate, train
 
     config = train.load_config(RUN_DIR)
     model, _ = train.build_model(config)
@@ -61,7 +63,7 @@ def curvature_stats() -> dict:
 
 
 def stability_text(results: dict) -> str:
-    from jmaml import train
+    from jmaml.run import train
 
     stats = curvature_stats()
     diverged = {k: r["diverged"][-1] for k, r in results["maml"].items()}

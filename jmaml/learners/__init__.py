@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
+from jmaml.core.protocols import MetaLearner
+from jmaml.core.types import LossFn, Model
 from jmaml.learners import anil as _anil
 from jmaml.learners import cavia as _cavia
 from jmaml.learners import imaml as _imaml
@@ -31,8 +33,6 @@ from jmaml.learners.maml import InnerHyperParams, fomaml, maml
 from jmaml.learners.mamlpp import mamlpp
 from jmaml.learners.metasgd import meta_sgd
 from jmaml.learners.reptile import reptile
-from jmaml.protocols import MetaLearner
-from jmaml.types import LossFn, Model
 
 BASELINE = "pretrained"  # the name (and run phase) of the paper's "pretrained" regression baseline
 

@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jmaml._util import default_float
-from jmaml.inner import adapt
-from jmaml.types import LossFn, Params
+from jmaml.core._util import default_float
+from jmaml.core.inner import adapt
+from jmaml.core.types import LossFn, Params
 
 
 @dataclasses.dataclass(frozen=True)

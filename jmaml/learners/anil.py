@@ -11,10 +11,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jmaml import estimators
+from jmaml.core import estimators
+from jmaml.core.protocols import MetaLearner
+from jmaml.core.types import LossFn
 from jmaml.learners._common import rate_rule
-from jmaml.protocols import MetaLearner
-from jmaml.types import LossFn
 
 OPTIONS = ()
 

@@ -24,13 +24,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jmaml._checks import check_positive_int
-from jmaml._util import default_float
-from jmaml.inner import adapt as sgd_adapt
+from jmaml.core._checks import check_positive_int
+from jmaml.core._util import default_float
+from jmaml.core.inner import adapt as sgd_adapt
+from jmaml.core.meta import _check_reduction, pre_adapt_loss
+from jmaml.core.protocols import MetaLearner
+from jmaml.core.types import LossFn, Model, Params
 from jmaml.learners._common import Option, gradient_adapt
-from jmaml.meta import _check_reduction, pre_adapt_loss
-from jmaml.protocols import MetaLearner
-from jmaml.types import LossFn, Model, Params
 
 OPTIONS = (Option("cavia_num_context", 4, "context parameters adapted per task (default 4); the model gets them "
                   "as extra input features", type=int, arg="num_context", check=check_positive_int),)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from jmaml import estimators
-from jmaml._checks import check_positive_finite, check_positive_int
+from jmaml.core import estimators
+from jmaml.core._checks import check_positive_finite, check_positive_int
+from jmaml.core.protocols import MetaLearner
+from jmaml.core.types import LossFn
 from jmaml.learners._common import Option, fixed_rates, rate_rule
-from jmaml.protocols import MetaLearner
-from jmaml.types import LossFn
 
 OPTIONS = (
     Option("imaml_lambda", 1.0, "proximal strength lambda (default 1)", arg="lam", check=check_positive_finite),

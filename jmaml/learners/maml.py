@@ -12,12 +12,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jmaml import estimators, fused, inner_optimisers
-from jmaml.inner import adapt as adapt_inner
+from jmaml.core import estimators, fused, inner_optimisers
+from jmaml.core.inner import adapt as adapt_inner
+from jmaml.core.meta import batched_objective, pre_adapt_loss
+from jmaml.core.protocols import MetaLearner
+from jmaml.core.types import LossFn, Params
 from jmaml.learners._common import Option, fixed_rates, gradient_adapt, rate_rule
-from jmaml.meta import batched_objective, pre_adapt_loss
-from jmaml.protocols import MetaLearner
-from jmaml.types import LossFn, Params
 
 
 def _check_optimiser_name(value, name):

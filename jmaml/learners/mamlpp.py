@@ -12,12 +12,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jmaml import estimators
-from jmaml._checks import check_nonnegative_int, check_positive_int
+from jmaml.core import estimators
+from jmaml.core._checks import check_nonnegative_int, check_positive_int
+from jmaml.core.protocols import MetaLearner
+from jmaml.core.types import LossFn
 from jmaml.learners._common import Option, rate_rule
 from jmaml.learners.metasgd import RATE_META_LR
-from jmaml.protocols import MetaLearner
-from jmaml.types import LossFn
 
 
 def _check_anneal(value, name):

@@ -11,14 +11,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jmaml import estimators
+from jmaml.core import estimators
+from jmaml.core.protocols import MetaLearner
+from jmaml.core.types import LossFn
 from jmaml.learners._common import Option, rate_rule
-from jmaml.protocols import MetaLearner
-from jmaml.types import LossFn
 
 
 def _check_rate_lr(value, name):
-    from jmaml._checks import check_rate
+    from jmaml.core._checks import check_rate
 
     if value is not None:
         check_rate(value, name)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from jmaml import estimators
+from jmaml.core import estimators
+from jmaml.core.protocols import MetaLearner
+from jmaml.core.types import LossFn
 from jmaml.learners._common import fixed_rates, rate_rule
-from jmaml.protocols import MetaLearner
-from jmaml.types import LossFn
 
 OPTIONS = ()
 

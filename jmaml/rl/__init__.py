@@ -13,11 +13,28 @@
     2
 """
 
-from jmaml.rl import envs, evaluation, policies, recipe, rollouts
+import importlib
+from typing import Any
+
+from jmaml.rl import envs, policies, rollouts
 from jmaml.rl.envs import Env
-from jmaml.rl.evaluation import return_metric, returns_after_steps
 from jmaml.rl.learner import RLTask, check_policy, maml_rl, task_distribution, trpo_optimiser
 from jmaml.rl.policies import Policy
+
+# Evaluation (the engine's) and the recipe (the run layer's) live in their layers' folders; their names here
+# are kept, loaded on first use so this folder imports nothing above it.
+_ABOVE = {"evaluation": ("jmaml.engine.rl_evaluation", None), "recipe": ("jmaml.run.rl_recipe", None),
+          "return_metric": ("jmaml.engine.rl_evaluation", "return_metric"),
+          "returns_after_steps": ("jmaml.engine.rl_evaluation", "returns_after_steps")}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _ABOVE:
+        raise AttributeError(f"module 'jmaml.rl' has no attribute {name!r}")
+    module, attr = _ABOVE[name]
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)
+
 
 __all__ = ["Env", "Policy", "RLTask", "check_policy", "envs", "evaluation", "maml_rl", "policies", "recipe",
            "return_metric", "returns_after_steps", "rollouts", "task_distribution", "trpo_optimiser"]

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jmaml._checks import check_positive_finite, check_positive_int
+from jmaml.core._checks import check_positive_finite, check_positive_int
 
 
 class Env(NamedTuple):

@@ -34,9 +34,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jmaml import protocols
-from jmaml._checks import check_num_steps, check_positive_finite, check_positive_int, check_rate
-from jmaml.estimators import _tree_vdot, conjugate_gradient
+from jmaml.core import protocols
+from jmaml.core._checks import check_num_steps, check_positive_finite, check_positive_int, check_rate
+from jmaml.core.estimators import _tree_vdot, conjugate_gradient
 from jmaml.rl import rollouts
 from jmaml.rl.envs import Env
 from jmaml.rl.policies import Policy

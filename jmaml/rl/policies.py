@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jmaml import models
-from jmaml._checks import check_positive_finite, check_positive_int
-from jmaml._util import default_float
+from jmaml.core import models
+from jmaml.core._checks import check_positive_finite, check_positive_int
+from jmaml.core._util import default_float
 
 
 class Policy(NamedTuple):

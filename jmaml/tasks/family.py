@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from jmaml.protocols import TaskDistribution
-from jmaml.types import Model
+from jmaml.core.protocols import TaskDistribution
+from jmaml.core.types import Model
 
 
 class EvalProtocol(NamedTuple):

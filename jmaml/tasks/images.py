@@ -46,9 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmaml._checks import check_positive_int
-from jmaml.protocols import TaskDistribution
-from jmaml.types import Batch, PRNGKey, Task
+from jmaml.core._checks import check_positive_int
+from jmaml.core.protocols import TaskDistribution
+from jmaml.core.types import Batch, PRNGKey, Task
 
 OMNIGLOT_SPLITS = ("images_background", "images_evaluation")
 MINIIMAGENET_SPLITS = ("train", "val", "test")
@@ -637,7 +637,7 @@ def _family_distribution(config) -> TaskDistribution:
 
 
 def _family_model(config, extra_inputs: int = 0):
-    from jmaml.models import conv4, resnet12
+    from jmaml.core.models import conv4, resnet12
 
     if extra_inputs:
         raise ValueError(f"this algorithm adds {extra_inputs} input features to the model; the image tasks' "

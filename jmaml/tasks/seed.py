@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jmaml.types import Batch, Task
+from jmaml.core.types import Batch, Task
 
 CONVENTIONAL_X = (1.0, 2.0, 3.0)
 CONVENTIONAL_Y = (2.0, 4.0, 1.0)

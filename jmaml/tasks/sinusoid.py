@@ -14,9 +14,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jmaml._checks import check_positive_int
-from jmaml.protocols import TaskDistribution
-from jmaml.types import Batch, PRNGKey, Task
+from jmaml.core._checks import check_positive_int
+from jmaml.core.protocols import TaskDistribution
+from jmaml.core.types import Batch, PRNGKey, Task
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, jnp.pi)
@@ -87,7 +87,7 @@ def heldout(key: PRNGKey, num_tasks: int, *, num_support: int = 20, num_query: i
 
 def mse_metric(apply):
     """The paper's evaluation metric for a model's ``apply``: the query MSE."""
-    from jmaml.losses import make_loss
+    from jmaml.core.losses import make_loss
 
     return make_loss(apply, "mse")
 
@@ -139,7 +139,7 @@ def _family_distribution(config) -> TaskDistribution:
 
 
 def _family_model(config, extra_inputs: int = 0):
-    from jmaml.models import mlp
+    from jmaml.core.models import mlp
 
     return mlp([1 + extra_inputs, *config.hidden, 1], config.activation)
 

@@ -27,7 +27,7 @@ def timed_chunk(chunk: Callable, state: Any, chunk_len: int) -> Callable[[], flo
 def chunk_runner(config: Any, chunk_len: int, chunk: Callable | None = None) -> Callable[[], float]:
     """``timed_chunk`` for a ``TrainConfig``'s meta-learner (``jmaml.train.make_chunk``, or ``chunk`` built
     for it) from the config's initial state."""
-    from jmaml import train
+    from jmaml.run import train
 
     return timed_chunk(chunk or train.make_chunk(config), train.initial_state(config), chunk_len)
 

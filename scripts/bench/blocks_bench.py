@@ -39,7 +39,7 @@ CELLS = [(1000, 1), (1000, 5), (10_000, 1), (10_000, 5)]  # image cells by --cel
 
 def _config(cell, block=None, steps: int = 1):
     """The ``TrainConfig`` of a cell: ``(meta_batch, k)`` for the sinusoid MLP, or an ``IMAGE_CELLS`` name."""
-    from jmaml import train
+    from jmaml.run import train
 
     common = dict(log_every=steps, checkpoint_every=steps, steps=steps, meta_batch_block=block, pretrain=False)
     if isinstance(cell, str):
@@ -69,12 +69,12 @@ class _every_task_measured:
     """The step as it was before the un-adapted loss was subsampled: every task measured (while tracing)."""
 
     def __enter__(self):
-        from jmaml import meta
+        from jmaml.core import meta
 
         self.saved, meta.PRE_ADAPT_TASKS = meta.PRE_ADAPT_TASKS, 1 << 40
 
     def __exit__(self, *exc):
-        from jmaml import meta
+        from jmaml.core import meta
 
         meta.PRE_ADAPT_TASKS = self.saved
 
@@ -82,7 +82,8 @@ class _every_task_measured:
 def _jmaml_runner(cell, block, chunk_len: int, before: bool = False):
     """A compiled chunk of the cell's meta-learner; ``before``: the whole batch, every task's un-adapted loss
     measured (a chunk of its own, compiled now under ``_every_task_measured``)."""
-    from jmaml import engine, recipes, train
+    from jmaml.engine import loop as engine
+    from jmaml.run import recipes, train
     from scripts.bench import chunk_runner
 
     config = _config(cell, block, chunk_len)
@@ -116,7 +117,8 @@ def _rate(run, steps_per_call: int, min_time: float) -> float:
 def _auto_block(cell) -> int | None:
     """The block ``meta_batch_block="auto"`` chooses for this cell now (one compile and three timed steps per
     candidate, in interleaved rounds)."""
-    from jmaml import engine, recipes, train
+    from jmaml.engine import loop as engine
+    from jmaml.run import recipes, train
 
     config = _config(cell)
     learner, dist, optimiser = recipes.phase_parts(config, config.algo)
@@ -132,7 +134,8 @@ def costs(cell) -> dict:
     uses the whole batch's count."""
     import jax
 
-    from jmaml import engine, recipes, train
+    from jmaml.engine import loop as engine
+    from jmaml.run import recipes, train
     from scripts.bench.roofline import program_cost
 
     config = _config(cell)
@@ -254,7 +257,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import jax
 
-    from jmaml._util import machine_description
+    from jmaml.core._util import machine_description
     from scripts.bench import write_result
     from scripts.bench.roofline import ceilings
 

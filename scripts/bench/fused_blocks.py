@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jmaml import fused, learners, make_loss, models  # noqa: E402
+from jmaml import learners, make_loss  # noqa: E402
+from jmaml.core import fused, models
 from jmaml.tasks import sinusoid  # noqa: E402
 
 

@@ -55,7 +55,8 @@ def jmaml_fixed(s: dict, min_time: float) -> float:
     import jax.numpy as jnp
     import optax
 
-    from jmaml import Batch, Task, estimators, init_state, make_loss, models
+    from jmaml import Batch, Task, init_state, make_loss
+    from jmaml.core import estimators, models
 
     model = models.conv4(s["ways"], in_channels=s["channels"], filters=s["filters"], strided=s["strided"],
                          image_size=s["size"])
@@ -81,7 +82,7 @@ def jmaml_training_loop(s: dict, min_time: float) -> float:
     """The real loop: jmaml.train's compiled chunk, sampling each meta-batch on the device."""
     import jax
 
-    from jmaml import train
+    from jmaml.run import train
     from jmaml.tasks import images as image_tasks
 
     config = train.TrainConfig(task=s["task"], data_dir="synthetic", ways=s["ways"], num_support=s["shots"],

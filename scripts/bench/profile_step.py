@@ -16,7 +16,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from jmaml import Batch, Task, init_state, make_loss, make_step, maml_value_and_grad, models, train  # noqa: E402
+from jmaml import Batch, Task, init_state, make_loss, make_step, maml_value_and_grad  # noqa: E402
+from jmaml.core import models
+from jmaml.run import train
 from scripts.bench.peers import common, jax_naive  # noqa: E402
 
 

@@ -32,7 +32,9 @@ def jmaml_runner(chunk_len: int = 5, outer: str = "gradient", solver: str = "cho
     import jax
     import optax
 
-    from jmaml import engine, protocols, rl
+    from jmaml import rl
+    from jmaml.core import protocols
+    from jmaml.engine import loop as engine
     from jmaml.rl import rollouts
     from scripts.bench import timed_chunk
 
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import jax
 
-    from jmaml._util import machine_description
+    from jmaml.core._util import machine_description
     from scripts.bench import write_result
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--settings: unknown {unknown}; known {sorted(SETTINGS)}")
     import jax
 
-    from jmaml._util import machine_description
+    from jmaml.core._util import machine_description
     from scripts.bench import write_result
     from scripts.bench.roofline import ceilings
 

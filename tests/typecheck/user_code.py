@@ -10,23 +10,11 @@ import jax.numpy as jnp
 import optax
 
 import jmaml
-from jmaml import (
-    Batch,
-    MetaLearner,
-    Model,
-    Task,
-    TaskDistribution,
-    TrainState,
-    checkpoint,
-    fit,
-    learners,
-    make_loss,
-    models,
-    runinfo,
-    tasks,
-    writers,
-)
-from jmaml.evaluate import evaluate
+from jmaml import Batch, MetaLearner, Model, Task, TaskDistribution, TrainState, fit, learners, make_loss, tasks
+from jmaml.core import models
+from jmaml.engine import checkpoint, writers
+from jmaml.run import runinfo
+from jmaml.run.evaluate import evaluate
 
 
 def my_sample(key: jax.Array, num_tasks: int) -> Task:
