@@ -595,7 +595,7 @@ def test_ppo_trains_through_fit_and_names_bad_settings():
         rl.maml_rl(env, policy, outer="ppo", ppo_clip=0)
     with pytest.raises(ValueError, match="ppo_epochs"):
         rl.maml_rl(env, policy, outer="ppo", ppo_epochs=0)
-    with pytest.raises(ValueError, match=r"outer must be one of \('gradient', 'trpo', 'ppo'\), got 'sgd'"):
+    with pytest.raises(ValueError, match=r"outer must be one of \('gradient', 'trpo', 'ppo', 'promp'\), got 'sgd'"):
         rl.maml_rl(env, policy, outer="sgd")
 
 
@@ -821,3 +821,141 @@ def test_navigation_ends_an_episode_at_the_goal_as_the_reference_environment(x64
     np.testing.assert_array_equal(traj.rewards[0, 3:], 0.0)
     far = rl.rollouts.rollout(env, policy, policy.init(jax.random.key(0)), goal, jax.random.key(1), 1)
     assert float(far.mask.sum()) == 8  # passes 0.25 between steps, never within 0.01 on x: never done
+
+
+@pytest.mark.parametrize("k,estimator", [(1, "lvc"), (2, "lvc"), (1, "emaml")])
+def test_trpos_gauss_newton_fisher_is_the_kl_hessian(x64, k, estimator):
+    """The default Fisher-vector product (Jᵀ H J through the re-adaptation; for one inner step Jᵀ from J's own
+    linearisation, J being symmetric) and the KL's Hessian by forward over reverse give the same TRPO step to
+    round-off (float64; a few CG iterations so round-off is not amplified)."""
+    env = rl.envs.navigation2d(horizon=6)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), policy.init(jax.random.key(0)))
+    tasks = rl.task_distribution(env).sample(jax.random.key(3), 3)
+    steps = [rl.maml_rl(env, policy, inner_episodes=4, outer_episodes=4, outer="trpo", cg_iters=3, num_inner_steps=k,
+                        estimator=estimator, trpo_fisher=f).estimate(params, tasks)[1]
+             for f in ("gauss_newton", "hessian")]
+    chex.assert_trees_all_close(steps[0], steps[1], rtol=1e-11, atol=1e-14)
+    with pytest.raises(ValueError, match="trpo_fisher must be one of .*got 'exact'"):
+        rl.maml_rl(env, policy, outer="trpo", trpo_fisher="exact")
+
+
+def test_trpos_fisher_on_a_subsample_of_tasks(x64):
+    """cg_subsample = 1/2 on a meta-batch that is the same two tasks twice: the first half's Fisher is the whole
+    batch's, so the step equals the full one; on distinct tasks it is another step, accepted in the region."""
+    env = rl.envs.navigation2d(horizon=6)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), policy.init(jax.random.key(0)))
+    two = rl.task_distribution(env).sample(jax.random.key(3), 2)
+    twice = jax.tree.map(lambda x: jnp.concatenate([x, x]), two)
+    make = lambda f: rl.maml_rl(env, policy, inner_episodes=4, outer_episodes=4, outer="trpo", cg_iters=4,  # noqa: E731
+                                cg_subsample=f)
+    chex.assert_trees_all_close(make(0.5).estimate(params, twice)[1], make(1.0).estimate(params, twice)[1],
+                                rtol=1e-10, atol=1e-13)
+    tasks = rl.task_distribution(env).sample(jax.random.key(4), 4)
+    _, step, metrics = make(0.25).estimate(params, tasks)
+    _, full, _ = make(1.0).estimate(params, tasks)
+    assert int(metrics["line_search_steps"]) >= 1 and 0 < float(metrics["kl"]) <= 0.01
+    assert not np.allclose(jax.tree.leaves(step)[0], jax.tree.leaves(full)[0])
+    with pytest.raises(ValueError, match=r"cg_subsample must be a number in \(0, 1\], got 0"):
+        make(0)
+    with pytest.raises(ValueError, match="cg_subsample=0.5 takes trpo_fisher='gauss_newton'"):
+        rl.maml_rl(env, policy, outer="trpo", cg_subsample=0.5, trpo_fisher="hessian")
+
+
+def _first_batches(env, policy, learner, params, tasks, n_in, n_out):
+    """Every task's first inner batch (at ``params``) and outer episodes (at its adapted policy), drawn again
+    from the task's keys as the inner loop draws them (k = 1)."""
+    def one(task_params, key):
+        k_in, k_out = jax.random.split(key, 2)
+        first = rl.rollouts.rollout(env, policy, params, task_params, k_in, n_in)
+        phi = learner.adapt(params, rl.RLTask(task_params, key), 1)
+        return first, rl.rollouts.rollout(env, policy, phi, task_params, k_out, n_out)
+
+    return jax.vmap(one)(tasks.params, tasks.key)
+
+
+def test_emaml_is_the_naive_gradient_plus_its_exploration_term(x64):
+    """E-MAML's meta-gradient minus the naive one is the gradient of its exploration term, computed here from
+    the episodes drawn again: minus each task's post-update mean reward standardised over the meta-batch (NumPy)
+    times the mean log-likelihood of its first inner batch."""
+    env = rl.envs.navigation2d(horizon=6)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(5,))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), policy.init(jax.random.key(0)))
+    tasks = rl.task_distribution(env).sample(jax.random.key(1), 4)
+    common = dict(inner_episodes=3, outer_episodes=4, inner_lr=0.3)
+    e = rl.emaml(env, policy, outer="gradient", **common)
+    assert e.name == "maml_rl_emaml" and e.label == "E-MAML"
+    _, g_e, _ = e.estimate(params, tasks)
+    naive = rl.maml_rl(env, policy, estimator="naive", **common)
+    _, g_n, _ = naive.estimate(params, tasks)
+    first, outer = _first_batches(env, policy, naive, params, tasks, 3, 4)
+    r, m = np.asarray(outer.rewards), np.asarray(outer.mask)
+    mean, std = r[m > 0].mean(), r[m > 0].std()
+    w = ((r * m).sum(axis=(1, 2)) / m.sum(axis=(1, 2)) - mean) / (std + 1e-8)
+
+    def term(p):
+        lp = jax.vmap(lambda t: rl.rollouts.log_probs(policy, p, t))(first)
+        return jnp.mean(-w * jnp.sum(lp, axis=(1, 2)) / jnp.sum(first.mask, axis=(1, 2)))
+
+    expected = jax.tree.map(jnp.add, g_n, jax.grad(term)(params))
+    chex.assert_trees_all_close(g_e, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_promp_is_ppo_at_its_clip_plus_the_inner_kl_penalty(x64):
+    """ProMP without its penalty is PPO-clip at clip 0.3; with it, the reported inner KL is the analytic KL
+    between θ_old and the new θ on the first inner batch's states (drawn again), and a large penalty keeps
+    the pre-update policy closer."""
+    env = rl.envs.navigation2d(horizon=6)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(5,))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), policy.init(jax.random.key(0)))
+    tasks = rl.task_distribution(env).sample(jax.random.key(1), 3)
+    common = dict(inner_episodes=3, outer_episodes=4, inner_lr=0.3, ppo_lr=0.05)
+    p = rl.promp(env, policy, **common)
+    assert p.name == "maml_rl_promp" and p.returns_step
+    _, step0, _ = rl.promp(env, policy, inner_kl_penalty=0.0, **common).estimate(params, tasks)
+    _, ppo_step, _ = rl.maml_rl(env, policy, outer="ppo", ppo_clip=0.3, **common).estimate(params, tasks)
+    chex.assert_trees_all_close(step0, ppo_step, rtol=1e-12, atol=1e-15)
+    _, step, metrics = p.estimate(params, tasks)
+    new = jax.tree.map(jnp.subtract, params, step)
+    first, _ = _first_batches(env, policy, p, params, tasks, 3, 4)
+
+    def kl_task(t):
+        kl = jax.vmap(jax.vmap(policy.kl, (None, None, 0)), (None, None, 0))(params, new, t.obs) * t.mask
+        return jnp.sum(kl) / jnp.sum(t.mask)
+
+    np.testing.assert_allclose(float(metrics["inner_kl"]), float(jnp.mean(jax.vmap(kl_task)(first))), rtol=1e-9)
+    _, _, tight = rl.promp(env, policy, inner_kl_penalty=1e4, **common).estimate(params, tasks)
+    assert 0 < float(tight["inner_kl"]) < float(metrics["inner_kl"])
+
+
+def test_promp_and_emaml_train_and_name_bad_settings():
+    env = rl.envs.navigation2d(horizon=8)
+    policy = rl.policies.gaussian_mlp(2, 2, hidden=(8,))
+    for learner in (rl.promp(env, policy, inner_episodes=3, outer_episodes=3),
+                    rl.emaml(env, policy, inner_episodes=3, outer_episodes=3)):
+        state = jmaml.fit(learner, rl.task_distribution(env), rl.trpo_optimiser(), policy.init(jax.random.key(0)),
+                          steps=2, meta_batch_size=3, log=jmaml.Logging(every=1, progress=False, stream=io.StringIO()))
+        assert int(state.step) == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+    with pytest.raises(ValueError, match="outer='promp' is ProMP, whose estimator is 'lvc' \\(got 'naive'\\)"):
+        rl.maml_rl(env, policy, outer="promp", estimator="naive")
+    with pytest.raises(ValueError, match="estimator='emaml' takes outer 'gradient' or 'trpo'.*got 'ppo'"):
+        rl.maml_rl(env, policy, outer="ppo", estimator="emaml")
+    with pytest.raises(ValueError, match="emaml.*needs num_inner_steps >= 1"):
+        rl.maml_rl(env, policy, estimator="emaml", num_inner_steps=0)
+    with pytest.raises(ValueError, match="inner_kl_penalty"):
+        rl.promp(env, policy, inner_kl_penalty=-1.0)
+    with pytest.raises(ValueError, match="outer 'promp' with estimator 'dice'"):
+        rl.recipe.RLConfig(outer="promp", estimator="dice").validate()
+
+
+@pytest.mark.slow
+def test_jmaml_rl_trains_promp_and_emaml(tmp_path):
+    """``jmaml rl --outer promp`` and ``--estimator emaml`` (E-MAML-TRPO) train, checkpoint and evaluate."""
+    for flags, name in ((("--outer", "promp"), "maml_rl_promp"), (("--estimator", "emaml"), "maml_rl_emaml_trpo")):
+        out = tmp_path / name
+        cmd, env, root = _rl_cli(out, *flags, "--steps", "4")
+        run = procs.run(cmd, env=env, cwd=root, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert (out / f"{name}.ckpt.npz").exists() and (out / "eval.json").exists()
+        assert "maml_best" in run.stdout

@@ -18,7 +18,7 @@ from typing import Any
 
 from jmaml.rl import envs, policies, rollouts
 from jmaml.rl.envs import Env
-from jmaml.rl.learner import RLTask, check_policy, maml_rl, task_distribution, trpo_optimiser
+from jmaml.rl.learner import RLTask, check_policy, emaml, maml_rl, promp, task_distribution, trpo_optimiser
 from jmaml.rl.policies import Policy
 
 # Evaluation (the engine's) and the recipe (the run layer's) live in their layers' folders; their names here
@@ -36,5 +36,6 @@ def __getattr__(name: str) -> Any:
     return value if attr is None else getattr(value, attr)
 
 
-__all__ = ["Env", "Policy", "RLTask", "check_policy", "envs", "evaluation", "maml_rl", "policies", "recipe",
+__all__ = ["Env", "Policy", "RLTask", "check_policy", "emaml", "envs", "evaluation", "maml_rl", "policies", "promp",
+           "recipe",
            "return_metric", "returns_after_steps", "rollouts", "task_distribution", "trpo_optimiser"]

@@ -41,8 +41,12 @@ from jmaml.rl import rollouts
 from jmaml.rl.envs import Env
 from jmaml.rl.policies import Policy
 
-ESTIMATORS = ("dice", "lvc", "naive")
-OUTERS = ("gradient", "trpo", "ppo")
+ESTIMATORS = ("dice", "lvc", "naive", "emaml")
+TRPO_FISHERS = ("gauss_newton", "hessian")  # how TRPO's Fisher-vector products are computed (same matrix)
+OUTERS = ("gradient", "trpo", "ppo", "promp")
+# ProMP's own settings (Rothfuss et al. 2019; jonasrothfuss/ProMP's run scripts): its clip range and its fixed
+# penalty on the inner steps' KL; PPO's clip range is 0.2 (Schulman et al. 2017)
+PROMP_CLIP, PPO_CLIP, PROMP_INNER_KL_PENALTY = 0.3, 0.2, 5e-4
 
 
 def trpo_optimiser() -> protocols.ApplyStep:
@@ -129,8 +133,10 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             normalize_advantages: bool = True, estimator: str = "lvc", first_order: bool = False,
             score_baseline: bool = True, outer: str = "gradient", max_kl: float = 0.01, cg_iters: int = 10,
             cg_damping: float = 1e-5, cg_tol: float = 1e-10, line_search_steps: int = 15,
-            backtrack_ratio: float = 0.8, ppo_clip: float = 0.2, ppo_epochs: int = 5,
-            ppo_lr: float = 1e-3) -> protocols.MetaLearner:
+            backtrack_ratio: float = 0.8, trpo_fisher: str = "gauss_newton", cg_subsample: float = 1.0,
+            ppo_clip: float | None = None,
+            ppo_epochs: int = 5, ppo_lr: float = 1e-3,
+            inner_kl_penalty: float = PROMP_INNER_KL_PENALTY) -> protocols.MetaLearner:
     r"""MAML with a policy-gradient inner loop, as a ``MetaLearner`` for ``jmaml.fit`` on
     ``task_distribution(env)``.
 
@@ -146,6 +152,11 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
       normalised (``normalize_advantages`` normalises the inner steps' advantages, part of φ's definition);
       its score term weighs the inner episodes' log-likelihoods by the outer episodes' discounted return, so
       both terms estimate the gradient of one objective.
+    * ``"emaml"``: E-MAML (Stadie et al., 2018) as ProMP's reference implements it (``emaml``): ``"naive"``'s
+      inner step and outer term, plus the exploration term that credits the pre-update policy's samples with
+      the post-update return: each task's mean log-likelihood of its first inner batch under θ, times minus
+      that task's mean post-update reward standardised over the meta-batch's rewards (mean and standard
+      deviation of every valid step's reward). Outer steps "gradient" and "trpo" (E-MAML-TRPO, its paper's).
     * ``"lvc"`` (ProMP's low-variance curvature estimator, the default) and ``"naive"``: biased for that
       gradient. Both hold the inner samples' probabilities fixed (``"lvc"`` keeps each step's own likelihood
       ratio curvature, ``"naive"`` none), and their outer term is the usual practical policy gradient:
@@ -177,13 +188,25 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         surrogate improves with the KL within ``max_kl``. ``estimate`` returns the step itself
         (``θ_old - θ_new``, ``returns_step``): train with ``trpo_optimiser()`` (``jmaml.apply_step()``; fit
         refuses any other). ``kl`` among its metrics is the accepted step's analytic KL, ``cg_residual`` and
-        ``line_search_steps`` (0: no step was accepted) the solver's.
+        ``line_search_steps`` (0: no step was accepted) the solver's. ``trpo_fisher``: how the Fisher-vector
+        products are computed -- ``"gauss_newton"`` (default) as Jᵀ H J, J the re-adaptation's Jacobian and H
+        the KL's Hessian in the adapted parameters (exact at θ_old, where the KL's gradient in them is zero),
+        ``"hessian"`` as forward over reverse of the KL's gradient through the re-adaptation; the same matrix,
+        the first one order of differentiation cheaper (BENCHMARKS.md). ``cg_subsample``: the fraction of the
+        meta-batch's tasks (the first ones; tasks are drawn independently) whose states make the Fisher metric of
+        the conjugate gradient and its step scale, as rllab's ``subsample_factor`` (default 1: every task, the
+        paper's); the line search keeps the whole batch's KL.
         ``"ppo"``: PPO-clip (Schulman et al., 2017) as ProMP uses it for meta-RL -- ``ppo_epochs`` steps of
         Adam at ``ppo_lr`` (its state fresh at every meta-step) on the clipped surrogate
         ``min(r A, clip(r, 1 - ppo_clip, 1 + ppo_clip) A)``, r the ratio of the re-adapted policy to the
         sampling one on the outer episodes, all on the samples drawn at θ_old and inside one compiled step;
         like ``"trpo"``, ``estimate`` returns the step itself; ``kl`` (analytic where the policy has one) is
         among its metrics. Both take "lvc" or "naive".
+        ``"promp"``: ProMP (Rothfuss et al., 2019): ``"ppo"``'s clipped surrogate (``ppo_clip`` default 0.3,
+        ProMP's; 0.2 for ``"ppo"``) plus ``inner_kl_penalty`` (default 5e-4, fixed, as its experiments) times
+        the mean over the inner steps of the analytic KL between each inner batch's sampling policy and its
+        re-adapted one on that batch's states, the trust region of the pre-update policies; with "lvc", its
+        estimator (``promp``). ``inner_kl`` among its metrics.
 
     Returns:
       A ``MetaLearner`` whose loss is minus the adapted policy's mean (undiscounted) return over the
@@ -220,10 +243,29 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
     cg_damping = _check_nonnegative_finite(cg_damping, "cg_damping")
     cg_tol = _check_nonnegative_finite(cg_tol, "cg_tol")
     line_search_steps = check_positive_int(line_search_steps, "line_search_steps")
+    if trpo_fisher not in TRPO_FISHERS:
+        raise ValueError(f"trpo_fisher must be one of {TRPO_FISHERS}, got {trpo_fisher!r}")
+    cg_subsample = _check_unit(cg_subsample, "cg_subsample", low_open=True)
+    if cg_subsample < 1 and trpo_fisher != "gauss_newton":
+        raise ValueError(f"cg_subsample={cg_subsample} takes trpo_fisher='gauss_newton'")
     backtrack_ratio = _check_unit(backtrack_ratio, "backtrack_ratio", low_open=True, high_open=True)
-    ppo_clip = check_positive_finite(ppo_clip, "ppo_clip")
+    ppo_clip = check_positive_finite(PROMP_CLIP if ppo_clip is None and outer == "promp" else
+                                     PPO_CLIP if ppo_clip is None else ppo_clip, "ppo_clip")
+    inner_kl_penalty = _check_nonnegative_finite(inner_kl_penalty, "inner_kl_penalty")
     ppo_epochs = check_positive_int(ppo_epochs, "ppo_epochs")
     ppo_lr = check_positive_finite(ppo_lr, "ppo_lr")
+    if outer == "promp" and estimator != "lvc":
+        raise ValueError(f"outer='promp' is ProMP, whose estimator is 'lvc' (got {estimator!r}); for PPO-clip on "
+                         "another estimator use outer='ppo'")
+    if estimator == "emaml" and outer not in ("gradient", "trpo"):
+        raise ValueError(f"estimator='emaml' takes outer 'gradient' or 'trpo' (E-MAML-TRPO, its paper's), got "
+                         f"{outer!r}")
+    if estimator == "emaml" and k == 0:
+        raise ValueError("estimator='emaml' credits the pre-update samples with the post-update return: it needs "
+                         "num_inner_steps >= 1")
+    if outer == "promp" and policy.kl is None:
+        raise ValueError("outer='promp' penalises the analytic KL of the inner steps: this policy has no "
+                         "kl(old_params, new_params, obs) (Policy.kl)")
     if outer != "gradient" and estimator == "dice":
         raise ValueError(f"outer={outer!r} takes estimator 'lvc' or 'naive' (the DiCE score term has no "
                          "importance-weighted surrogate)")
@@ -282,7 +324,8 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
 
     def sample(params, tasks, alpha):
         """Every task's episodes at θ_old, the data an outer step that reuses its samples (TRPO's line search,
-        PPO's epochs) works on: the inner batches with their advantages, the outer episodes with theirs, their
+        PPO's epochs) works on: the inner batches with their advantages and sampling policies, the outer episodes
+        with theirs, their
         log-probabilities under the old adapted policy and that policy, and the returns before and after
         adaptation."""
         def one(task):
@@ -290,47 +333,126 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             traj = rollouts.rollout(env, policy, phi, task.params, key_out, n_out)
             old = jax.lax.stop_gradient(rollouts.log_probs(policy, phi, traj))
             ret_pre = jnp.mean(jnp.sum(batches[0][1].rewards, axis=1))
-            return [(t, a) for _, t, a in batches], (traj, adv(traj), old, jax.lax.stop_gradient(phi)), ret_pre, \
-                jnp.mean(jnp.sum(traj.rewards, axis=1))
+            olds = [jax.lax.stop_gradient(phi_j) for phi_j, _, _ in batches]
+            return [(t, a) for _, t, a in batches], olds, (traj, adv(traj), old, jax.lax.stop_gradient(phi)), \
+                ret_pre, jnp.mean(jnp.sum(traj.rewards, axis=1))
 
         return jax.vmap(one)(tasks)
 
-    def readapted(p, inner, traj, old_lp, old_phi, alpha):
-        """On every outer step: ``log π_{φ(p)}(a|s) - log π_{φ(θ_old)}(a|s)`` and, where the policy has one,
-        the analytic ``KL(π_{φ(θ_old)}(·|s) ‖ π_{φ(p)}(·|s))`` (masked; else None), φ(p) re-adapted from p
-        on the inner batches sampled at θ_old (through ``inner_step``, so the estimator's curvature term is
-        kept)."""
-        def one(inner_i, traj_i, old_i):
-            phi = p
+    def readapt(p, inner, alpha, path=False, per_task=False):
+        """Every task's φ(p), re-adapted from p on its inner batches sampled at θ_old (through ``inner_step``, so
+        the estimator's curvature term is kept); a leading task axis. ``path``: also the policy before each
+        inner step (p, φ_1(p), ...). ``per_task``: p has a task axis too, task i re-adapted from p[i]."""
+        def one(p_i, inner_i):
+            phi, seen = p_i, []
             for j, (t_j, a_j) in enumerate(inner_i):
+                seen.append(phi)
                 phi = inner_step(phi, t_j, _rate_at(alpha, j, k), a_j)
+            return (phi, seen) if path else phi
+
+        return jax.vmap(one, (0 if per_task else None, 0))(p, inner)
+
+    def inner_kl(seen, olds, inner):
+        """ProMP's trust region of the pre-update policies: the mean over inner steps j of the mean over tasks of
+        the analytic KL between batch j's sampling policy and ``seen[j]`` on batch j's states."""
+        def one(old_i, cur_i, t_i):
+            kl = jax.vmap(jax.vmap(policy.kl, (None, None, 0)), (None, None, 0))(old_i, cur_i, t_i.obs) * t_i.mask
+            return jnp.sum(kl) / jnp.maximum(jnp.sum(t_i.mask), 1.0)
+
+        return jnp.mean(jnp.stack([jnp.mean(jax.vmap(one)(olds[j], seen[j], inner[j][0])) for j in range(k)]))
+
+    def exploration(p, inner, weights):
+        """E-MAML's exploration term at p: the mean over tasks of minus ``weights`` (each task's standardised
+        post-update reward, a constant) times the mean log-likelihood of its first inner batch under p."""
+        def one(t0, w):
+            lp = rollouts.log_probs(policy, p, t0)
+            return -w * jnp.sum(lp) / jnp.maximum(jnp.sum(t0.mask), 1.0)
+
+        return jnp.mean(jax.vmap(one)(inner[0][0], weights))
+
+    def at_adapted(phis, traj, old_lp, old_phi):
+        """``log π_φ(a|s) - log π_{φ(θ_old)}(a|s)`` on every outer step and, where the policy has one, the
+        analytic ``KL(π_{φ(θ_old)}(·|s) ‖ π_φ(·|s))`` (masked; else None), for every task's ``φ``."""
+        def one(phi, traj_i, old_i):
             lp = rollouts.log_probs(policy, phi, traj_i)
             if policy.kl is None:
                 return lp, None
             kl = jax.vmap(jax.vmap(policy.kl, (None, None, 0)), (None, None, 0))(old_i, phi, traj_i.obs)
             return lp, kl * traj_i.mask
 
-        lp, kl = jax.vmap(one)(inner, traj, old_phi)
+        lp, kl = jax.vmap(one)(phis, traj, old_phi)
         return lp - old_lp, kl
+
+    def standardised_rewards(traj):
+        """E-MAML's weights: each task's mean post-update reward per valid step, standardised by the mean and
+        standard deviation of every valid step's reward in the meta-batch (ProMP's ``adj_avg_rewards``)."""
+        m, r = traj.mask, traj.rewards
+        n = jnp.maximum(jnp.sum(m), 1.0)
+        mean = jnp.sum(r * m) / n
+        std = jnp.sqrt(jnp.sum(jnp.square(r - mean) * m) / n)
+        per_task = jnp.sum(r * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1.0)
+        return jax.lax.stop_gradient((per_task - mean) / (std + 1e-8))
 
     def sampled_metrics(ret_pre, ret_post):
         return {"task_losses": -ret_post, "pre_adapt_loss": -jnp.mean(ret_pre), "return_pre": jnp.mean(ret_pre),
                 "return_post": jnp.mean(ret_post)}
 
+    def linearised_readapt(params, inner, alpha, n):
+        """``(φ, v ↦ Jv, w ↦ Jᵀw)``: the re-adaptation of ``n`` tasks from θ = ``params`` and its Jacobian, linearised
+        once (J stacks each task's J_i = dφ_i/dθ; Jᵀw = Σ_i J_iᵀ w_i)."""
+        if k != 1:
+            phis, jvp = jax.linearize(lambda p: readapt(p, inner, alpha), params)
+            vjp = jax.linear_transpose(jvp, params)
+            return phis, jvp, lambda w: vjp(w)[0]
+        # one inner step φ_i = θ - α∇L_i(θ): each J_i = I - α∇²L_i is symmetric, so Jᵀw = Σ_i J_i w_i comes from the
+        # same linearisation as Jv, of the re-adaptation from one copy of θ per task (no transposed program)
+        copies = lambda v: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), v)  # noqa: E731
+        phis, jvp_each = jax.linearize(lambda c: readapt(c, inner, alpha, per_task=True), copies(params))
+        return phis, lambda v: jvp_each(copies(v)), lambda w: jax.tree.map(lambda x: jnp.sum(x, 0), jvp_each(w))
+
     def trpo_estimate(params, tasks, alpha):
         """The paper's TRPO outer step on a meta-batch (see ``outer``); returns (loss, θ_old - θ_new, metrics)."""
-        inner, (traj, a_out, old_lp, old_phi), ret_pre, ret_post = sample(params, tasks, alpha)
+        inner, _, (traj, a_out, old_lp, old_phi), ret_pre, ret_post = sample(params, tasks, alpha)
         count = jnp.maximum(jnp.sum(traj.mask), 1.0)
+        weights = standardised_rewards(traj) if estimator == "emaml" else None
+
+        def loss_at(phis):
+            log_r, kl = at_adapted(phis, traj, old_lp, old_phi)
+            ratio = jnp.exp(log_r) * traj.mask
+            return -jnp.mean(jnp.sum(ratio * a_out, axis=(1, 2)) / traj.rewards.shape[1]), jnp.sum(kl) / count
 
         def loss_and_kl(p):
-            log_r, kl = readapted(p, inner, traj, old_lp, old_phi, alpha)
-            ratio = jnp.exp(log_r) * traj.mask
-            loss = -jnp.mean(jnp.sum(ratio * a_out, axis=(1, 2)) / traj.rewards.shape[1])
-            return loss, jnp.sum(kl) / count
+            loss, kl = loss_at(readapt(p, inner, alpha))
+            if weights is not None:
+                loss = loss + exploration(p, inner, weights)
+            return loss, kl
 
-        (loss0, _), g = jax.value_and_grad(loss_and_kl, has_aux=True)(params)
-        # the Fisher-vector product: the analytic KL's Hessian at θ_old (forward over reverse), linearised once
-        _, hvp = jax.linearize(jax.grad(lambda p: loss_and_kl(p)[1]), params)
+        n = traj.rewards.shape[0]
+        m = max(1, round(cg_subsample * n))  # the tasks whose states make the Fisher (rllab's subsample_factor)
+        if trpo_fisher == "hessian":
+            # the analytic KL's Hessian at θ_old as forward over reverse of its gradient, linearised once
+            (loss0, _), g = jax.value_and_grad(loss_and_kl, has_aux=True)(params)
+            _, hvp = jax.linearize(jax.grad(lambda p: loss_and_kl(p)[1]), params)
+        else:
+            # the same Hessian in its Gauss-Newton form, exact at θ_old: there the KL's gradient in each task's φ
+            # is zero, so d²KL/dθ² = Jᵀ H J with J = dφ/dθ (the re-adaptation's Jacobian) and H the KL's Hessian
+            # in φ -- one order of differentiation less than the Hessian through the re-adaptation
+            first = lambda tree: jax.tree.map(lambda x: x[:m], tree)  # noqa: E731
+            phis, jvp_phi, vjp_phi = linearised_readapt(params, first(inner), alpha, m)
+            if m == n:  # the gradient through the same linearisation: g = Jᵀ ∇_φ loss
+                (loss0, _), g_phi = jax.value_and_grad(loss_at, has_aux=True)(phis)
+                g = vjp_phi(g_phi)
+                if weights is not None:
+                    explore, g_explore = jax.value_and_grad(lambda p: exploration(p, inner, weights))(params)
+                    loss0, g = loss0 + explore, jax.tree.map(jnp.add, g, g_explore)
+            else:
+                (loss0, _), g = jax.value_and_grad(loss_and_kl, has_aux=True)(params)
+            count_m = jnp.maximum(jnp.sum(first(traj.mask)), 1.0)
+            kl_m = lambda f: jnp.sum(at_adapted(f, first(traj), first(old_lp), first(old_phi))[1]) / count_m  # noqa: E731
+            _, h_phi = jax.linearize(jax.grad(kl_m), phis)
+
+            def hvp(v):
+                return vjp_phi(h_phi(jvp_phi(v)))
 
         def fisher(v):
             return jax.tree.map(lambda h, vi: h + cg_damping * vi, hvp(v), v)
@@ -367,15 +489,20 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         """The PPO-clip outer step (see ``outer``); returns (loss, θ_old - θ_new, metrics)."""
         import optax
 
-        inner, (traj, a_out, old_lp, old_phi), ret_pre, ret_post = sample(params, tasks, alpha)
+        inner, olds, (traj, a_out, old_lp, old_phi), ret_pre, ret_post = sample(params, tasks, alpha)
         count = jnp.maximum(jnp.sum(traj.mask), 1.0)
 
         def clipped(p):
-            log_r, kl = readapted(p, inner, traj, old_lp, old_phi, alpha)
+            phis, seen = readapt(p, inner, alpha, path=True)
+            log_r, kl = at_adapted(phis, traj, old_lp, old_phi)
             ratio = jnp.exp(log_r)
             surrogate = jnp.minimum(ratio * a_out, jnp.clip(ratio, 1 - ppo_clip, 1 + ppo_clip) * a_out)
             kl = jnp.sum(-log_r * traj.mask) if kl is None else jnp.sum(kl)
-            return -jnp.sum(surrogate * traj.mask) / count, kl / count
+            loss = -jnp.sum(surrogate * traj.mask) / count
+            if outer == "promp":
+                kl_in = inner_kl(seen, olds, inner)
+                return loss + inner_kl_penalty * kl_in, (kl / count, kl_in)
+            return loss, (kl / count, None)
 
         opt = optax.adam(ppo_lr)
 
@@ -386,9 +513,12 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
             return optax.apply_updates(p, updates), opt_state
 
         new, _ = jax.lax.fori_loop(0, ppo_epochs, epoch, (params, opt.init(params)))
-        _, kl = clipped(new)
+        _, (kl, kl_in) = clipped(new)
         step = jax.tree.map(lambda p, n: p - n, params, new)
-        return -jnp.mean(ret_post), step, {**sampled_metrics(ret_pre, ret_post), "kl": kl}
+        metrics = {**sampled_metrics(ret_pre, ret_post), "kl": kl}
+        if kl_in is not None:
+            metrics["inner_kl"] = kl_in
+        return -jnp.mean(ret_post), step, metrics
 
     def dice_outer_weights(traj, batches):
         """DiCE's outer term's weights: γ^t (G_t − b_t), b the linear baseline fitted to the last inner batch
@@ -409,17 +539,20 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
         value = jnp.mean(rollouts.discounted_return(traj.rewards, gamma))
         ret_post = jnp.mean(jnp.sum(traj.rewards, axis=1))
         ret_pre = jnp.mean(jnp.sum(batches[0][1].rewards, axis=1)) if batches else ret_post
-        return outer, score, value, ret_post, ret_pre
+        return outer, score, value, ret_post, ret_pre, (batches[0][1] if batches else None), traj
 
     def estimate(params, tasks, meta_step=None, *, inner_lr=inner_lr):
         if outer == "trpo":
             return trpo_estimate(params, tasks, inner_lr)
-        if outer == "ppo":
+        if outer in ("ppo", "promp"):
             return ppo_estimate(params, tasks, inner_lr)
 
         def surrogate(p):
-            outer, score, value, ret_post, ret_pre = jax.vmap(per_task, (None, 0, None))(p, tasks, inner_lr)
+            outer, score, value, ret_post, ret_pre, first, traj = jax.vmap(per_task, (None, 0, None))(
+                p, tasks, inner_lr)
             total = outer
+            if estimator == "emaml":
+                total = total + exploration(p, [(first, None)], standardised_rewards(traj))
             if estimator == "dice":
                 value = jax.lax.stop_gradient(value)
                 n = value.shape[0]
@@ -441,6 +574,45 @@ def maml_rl(env: Env, policy: Policy, *, inner_lr: float = 0.1, num_inner_steps:
     name = ("maml_rl" if estimator == "lvc" else f"maml_rl_{estimator}") if k else "pretrained_rl"
     name += "" if outer == "gradient" else f"_{outer}"
     label = f"MAML-RL ({estimator}{'' if outer == 'gradient' else ', ' + outer.upper()})"
+    if outer == "promp":
+        label = "ProMP (LVC, PPO-clip, inner KL penalty)"
+    elif estimator == "emaml":
+        label = f"E-MAML{'' if outer == 'gradient' else ' (' + outer.upper() + ')'}"
     return protocols.MetaLearner(init=lambda p: p, estimate=estimate, adapt=adapt, name=name, label=label,
                                  exact_gradient=False, hyper={"inner_lr": inner_lr},
                                  reduction="mean", returns_step=outer != "gradient")
+
+
+def promp(env: Env, policy: Policy, **settings: Any) -> protocols.MetaLearner:
+    """ProMP (Rothfuss et al., 2019, "ProMP: Proximal Meta-Policy Search"): ``maml_rl`` with its LVC estimator and
+    its outer step -- PPO-clip at clip range 0.3 plus a fixed penalty 5e-4 on the inner steps' KL, 5 epochs of
+    Adam at 1e-3 on the samples of each meta-step (``outer="promp"``; the settings of jonasrothfuss/ProMP's run
+    scripts). ``settings`` go to ``maml_rl`` (its rates, episodes, ``ppo_clip``, ``inner_kl_penalty`` ...); train
+    with ``trpo_optimiser()``.
+
+        >>> import jax
+        >>> from jmaml import rl
+        >>> env = rl.envs.navigation2d(horizon=5)
+        >>> learner = rl.promp(env, rl.policies.gaussian_mlp(2, 2, hidden=(8,)), inner_episodes=2, outer_episodes=2)
+        >>> learner.label, learner.returns_step
+        ('ProMP (LVC, PPO-clip, inner KL penalty)', True)
+    """
+    if settings.get("outer", "promp") != "promp" or settings.get("estimator", "lvc") != "lvc":
+        raise ValueError("promp is LVC with ProMP's outer step; for others use maml_rl(estimator=..., outer=...)")
+    return maml_rl(env, policy, **{**settings, "estimator": "lvc", "outer": "promp"})
+
+
+def emaml(env: Env, policy: Policy, **settings: Any) -> protocols.MetaLearner:
+    """E-MAML (Stadie et al., 2018, "Some Considerations on Learning to Explore via Meta-Reinforcement Learning")
+    with TRPO, as ProMP's reference runs it: ``maml_rl(estimator="emaml", outer="trpo")`` -- the naive inner step
+    and outer term plus the exploration term (see ``maml_rl``). ``settings`` go to ``maml_rl`` (``outer="gradient"``
+    for E-MAML on Adam); train with ``trpo_optimiser()`` for TRPO.
+
+        >>> from jmaml import rl
+        >>> env = rl.envs.navigation2d(horizon=5)
+        >>> rl.emaml(env, rl.policies.gaussian_mlp(2, 2, hidden=(8,)), inner_episodes=2, outer_episodes=2).label
+        'E-MAML (TRPO)'
+    """
+    if settings.get("estimator", "emaml") != "emaml":
+        raise ValueError("emaml is estimator 'emaml'; for others use maml_rl(estimator=...)")
+    return maml_rl(env, policy, **{"outer": "trpo", **settings, "estimator": "emaml"})

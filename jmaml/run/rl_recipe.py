@@ -28,7 +28,8 @@ from jmaml.rl.learner import ESTIMATORS, maml_rl, task_distribution, trpo_optimi
 from jmaml.rl.policies import gaussian_mlp
 
 METHODS = ("maml", "maml_best", "pretrained", "random")  # maml: the last meta-step; maml_best: best on validation
-OUTER_STEPS = ("trpo", "ppo", "adam")  # MAML's outer step: maml_rl's outer, "adam" its "gradient"
+# MAML's outer step: maml_rl's outer ("promp": ProMP's, on its LVC estimator), "adam" its "gradient"
+OUTER_STEPS = ("trpo", "ppo", "promp", "adam")
 BASELINE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)  # the baselines' first test-time rates tried on the validation tasks
 PAPER_GOAL_TOLERANCE = {"navigation2d": 0.01}  # cbfinn/maml_rl's point environment ends an episode this close
 EVAL_KEY, VALIDATION_KEY = 10_000, 20_000  # + seed: the held-out test tasks and the separate validation tasks
@@ -68,11 +69,13 @@ class RLConfig:
     gamma: float = setting(0.99, "discount", parse=float)
     hidden: tuple[int, ...] = setting((100, 100), "policy widths", parse=ints)
     # MAML's outer step: "trpo", "ppo" (PPO-clip) or "adam"
-    outer: str = setting("trpo", "MAML's outer step: TRPO (the paper's), PPO-clip, or Adam on the meta-gradient",
+    outer: str = setting("trpo", "MAML's outer step: TRPO (the paper's), PPO-clip, ProMP's (PPO-clip with its inner "
+                                 "KL penalty; with --estimator lvc), or Adam on the meta-gradient",
                          choices=OUTER_STEPS)
     # Adam's rate (the pretrained policy's, and MAML's with outer="adam")
     meta_lr: float = setting(0.01, "Adam's rate (the pretrained policy's; MAML's with --outer adam)", parse=float)
-    estimator: str = setting("lvc", "the meta-gradient estimator", choices=ESTIMATORS)
+    estimator: str = setting("lvc", "the meta-gradient estimator (emaml: E-MAML's, the naive one plus its exploration "
+                                    "term; with --outer trpo, E-MAML-TRPO)", choices=ESTIMATORS)
     seed: int = setting(0, "seed", parse=int)
     log_every: int = setting(5, "meta-steps per chunk, checkpoint and validation of the best policy", parse=int)
     pretrain: bool = setting(True, "skip the pretrained baseline", name="no_pretrain", const=False)
@@ -136,6 +139,10 @@ class RLConfig:
                 raise TypeError(f"normalized_actions must be True, False or None, got {self.normalized_actions!r}")
             if self.env not in PAPER_GOAL_TOLERANCE:
                 raise ValueError(f"normalized_actions is navigation2d's; env {self.env!r} takes its own actions")
+        try:  # the outer step's own rules: ProMP is LVC's, E-MAML takes TRPO or Adam ...
+            self.parts()
+        except ValueError as e:
+            raise ValueError(f"outer {self.outer!r} with estimator {self.estimator!r}: {e}") from None
         return self
 
     def eval_schedule(self) -> tuple[float, ...]:
