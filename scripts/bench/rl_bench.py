@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 META_BATCH, EPISODES, HORIZON, HIDDEN = 20, 20, 100, (100, 100)
 
 
-def jmaml_runner(chunk_len: int = 5, outer: str = "gradient", solver: str = "cholesky", fisher: str = "gauss_newton"):
+def jmaml_runner(chunk_len: int = 5, outer: str = "gradient", solver: str = "cholesky", **settings):
     """``(run, chunk_len, compiled one-step program)`` for jmaml's chunk: MAML-RL with the ``outer`` step (Adam on
     the meta-gradient, or TRPO) and the linear baseline by ``solver``."""
     import functools
@@ -41,7 +41,7 @@ def jmaml_runner(chunk_len: int = 5, outer: str = "gradient", solver: str = "cho
     env = rl.envs.navigation2d(horizon=HORIZON)
     policy = rl.policies.gaussian_mlp(2, 2, hidden=HIDDEN)
     learner = rl.maml_rl(env, policy, inner_lr=0.1, inner_episodes=EPISODES, outer_episodes=EPISODES, outer=outer,
-                         trpo_fisher=fisher)
+                         **settings)
     opt = optax.adam(1e-2) if outer == "gradient" else protocols.apply_step()
     chunk = engine.make_chunk(learner, rl.task_distribution(env), opt, meta_batch_size=META_BATCH)
     state = engine.initial_state(learner, policy.init(jax.random.key(0)), opt, jax.random.key(1))
@@ -61,11 +61,13 @@ def measure(rounds: int, min_time: float, log, ceil: dict | None = None) -> dict
 
     env_steps = META_BATCH * 2 * EPISODES * HORIZON
     runners, programs = {}, {}
-    for name, outer, solver, fisher in (("jmaml", "gradient", "cholesky", None),
-                                        ("jmaml_trpo", "trpo", "cholesky", "gauss_newton"),
-                                        ("jmaml_trpo_hessian_fvp", "trpo", "cholesky", "hessian"),
-                                        ("jmaml_lstsq_baseline", "gradient", "lstsq", None)):
-        run, per_call, one = jmaml_runner(outer=outer, solver=solver, fisher=fisher or "gauss_newton")
+    for name, outer, solver, settings in (("jmaml", "gradient", "cholesky", {}),
+                                          ("jmaml_trpo", "trpo", "cholesky", {}),
+                                          ("jmaml_trpo_hessian_fvp", "trpo", "cholesky", {"trpo_fisher": "hessian"}),
+                                          ("jmaml_trpo_cg_subsample_0.1", "trpo", "cholesky", {"cg_subsample": 0.1}),
+                                          ("jmaml_promp", "promp", "cholesky", {}),
+                                          ("jmaml_lstsq_baseline", "gradient", "lstsq", {})):
+        run, per_call, one = jmaml_runner(outer=outer, solver=solver, **settings)
         runners[name], programs[name] = (run, per_call), one
     from scripts.bench.peers import jax_maml_rl
 
@@ -95,6 +97,9 @@ def measure(rounds: int, min_time: float, log, ceil: dict | None = None) -> dict
                  "ratios": {"jmaml_vs_jax_peer": best["jmaml"] / best["jax_peer"],
                             "trpo_time_vs_gradient_time": best["jmaml"] / best["jmaml_trpo"],
                             "trpo_gauss_newton_vs_hessian_fvp": best["jmaml_trpo"] / best["jmaml_trpo_hessian_fvp"],
+                            "trpo_cg_subsample_0.1_time_vs_gradient_time":
+                                best["jmaml"] / best["jmaml_trpo_cg_subsample_0.1"],
+                            "promp_time_vs_gradient_time": best["jmaml"] / best["jmaml_promp"],
                             "cholesky_vs_lstsq_baseline": best["jmaml"] / best["jmaml_lstsq_baseline"]}}
     if "torch" in best:
         out["ratios"]["jmaml_vs_torch"] = best["jmaml"] / best["torch"]
@@ -117,7 +122,9 @@ def to_markdown(result: dict) -> str:
              "rounds, best kept. jmaml: Adam on the LVC meta-gradient (the linear baseline by Cholesky, the "
              "default); jmaml_trpo: `jmaml rl`'s default outer step (TRPO, the paper's; Fisher-vector products in "
              "Gauss-Newton form, the default); jmaml_trpo_hessian_fvp: the same TRPO with them as forward over "
-             "reverse of the KL's gradient (trpo_fisher='hessian', before); jmaml_lstsq_baseline: the "
+             "reverse of the KL's gradient (trpo_fisher='hessian', before); jmaml_trpo_cg_subsample_0.1: TRPO with "
+             "the Fisher of a tenth of the tasks (rllab's subsample_factor, an option); jmaml_promp: ProMP's outer "
+             "step (PPO-clip, 5 epochs, inner KL penalty); jmaml_lstsq_baseline: the "
              "baseline by the SVD least squares used before; jax_peer: scripts/bench/peers/jax_maml_rl.py (the "
              "same algorithm written straight in JAX); torch: a PyTorch loop (peers/torch_maml_rl.py).", "",
              "| implementation | meta-steps/s | environment steps/s | GFLOP per meta-step (XLA) | fraction of peak "
