@@ -304,7 +304,7 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
         return _rl_sweep(args, given)
     rl_only = [_flag(n) for n in (*_RL_SWEEP_FLAGS, "raw_actions") if n in given]
     if rl_only:
-        raise ValueError(f"{', '.join(rl_only)}: meta-RL settings (--task {' or '.join(_rl_tasks())}); --task {a.task} "
+        raise ValueError(f"{', '.join(rl_only)}: meta-RL settings (--task {', '.join(_rl_tasks())}); --task {a.task} "
                          "takes none")
     for name in ("steps", "log_every"):  # the same words as `jmaml train`'s
         check_positive_int(getattr(a, name), _flag(name))

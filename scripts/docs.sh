@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message="Error parsing type annotation")
 pdoc.render.configure(docformat="google", show_source=False, search=True)
 # the package, and the modules its top-level names come from
 pdoc.pdoc("jmaml", "jmaml.core.types", "jmaml.core.protocols", "jmaml.core.meta", "jmaml.core.inner",
-          "jmaml.core.inner_optimisers", "jmaml.engine.gradcheck", "jmaml.core.adapters", "jmaml.run.config",
+          "jmaml.core.inner_optimisers", "jmaml.core.adapters", "jmaml.run.config",
           output_directory=pathlib.Path(sys.argv[1]))
 PY
 echo "[jmaml] API reference: $root/$out/index.html" >&2

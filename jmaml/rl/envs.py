@@ -12,6 +12,8 @@ Families:
   ``±0.1``, horizon 100; with ``goal_tolerance=0.01`` an episode ends at the goal, as in the reference code.
 * ``pendulum`` -- gymnax's ``Pendulum-v1`` dynamics with a sampled mass and length per task (swing up
   and hold; reward ``-(θ^2 + 0.1 θ'^2 + 0.001 u^2)``).
+* ``cartpole`` -- gymnax's ``CartPole-v1`` with the pole's length and mass per task (``jmaml.rl.gymnax``, which
+  makes any gymnax environment a family; the optional extra ``jmaml[gymnax]``).
 * ``bandit`` -- a two-armed (``num_arms``) bandit played for ``horizon`` pulls, arm rewards a task's own
   (deterministic, so every expectation is a finite sum): the exact oracle of the meta-gradient tests.
 """
@@ -172,4 +174,15 @@ def bandit(num_arms: int = 2, horizon: int = 2) -> Env:
     return Env(reset, step, sample_task, (horizon,), (), num_arms, horizon, "bandit")
 
 
-ENVS: dict[str, Callable[..., Env]] = {"navigation2d": navigation2d, "pendulum": pendulum, "bandit": bandit}
+def cartpole(horizon: int = 100) -> Env:
+    """gymnax's ``CartPole-v1`` with the pole's half-length in [0.25, 1] and mass in [0.05, 0.3] drawn per task
+    (``jmaml.rl.gymnax``; needs ``pip install 'jmaml[gymnax]'``). Discrete actions; an episode ends when the pole
+    falls or the cart leaves the track."""
+    import importlib
+
+    # loaded by name: jmaml.rl.gymnax builds on this module's Env (an optional extra, so not imported here)
+    return importlib.import_module("jmaml.rl.gymnax").named("cartpole", horizon)
+
+
+ENVS: dict[str, Callable[..., Env]] = {"navigation2d": navigation2d, "pendulum": pendulum, "bandit": bandit,
+                                       "cartpole": cartpole}

@@ -75,6 +75,30 @@ def gaussian_mlp(obs_dim: int, action_dim: int, hidden: Sequence[int] = (100, 10
     return Policy(init, sample, log_prob, (action_dim,), None, (obs_dim,), kl)
 
 
+def categorical_mlp(obs_dim: int, num_actions: int, hidden: Sequence[int] = (100, 100),
+                    activation: str = "relu") -> Policy:
+    """A softmax over ``num_actions`` discrete actions whose logits are an MLP of the observation (the policy of
+    a discrete environment such as gymnax's CartPole, ``jmaml.rl.gymnax``)."""
+    obs_dim, num_actions = check_positive_int(obs_dim, "obs_dim"), check_positive_int(num_actions, "num_actions")
+    net = models.mlp([obs_dim, *hidden, num_actions], activation)
+
+    def log_softmax(params, obs):
+        return jax.nn.log_softmax(net.apply(params, obs[None])[0])
+
+    def sample(params, obs, key):
+        return jax.random.categorical(key, log_softmax(params, obs))
+
+    def log_prob(params, obs, action):
+        return log_softmax(params, obs)[action]
+
+    def kl(old, new, obs):
+        """Σ_a p_old(a) (log p_old(a) − log p_new(a))."""
+        lp0, lp1 = log_softmax(old, obs), log_softmax(new, obs)
+        return jnp.sum(jnp.exp(lp0) * (lp0 - lp1))
+
+    return Policy(net.init, sample, log_prob, (), num_actions, (obs_dim,), kl)
+
+
 def tabular_softmax(num_states: int, num_actions: int) -> Policy:
     """A softmax over a table of logits, one row per state; the observation is a one-hot state vector.
     Initialised at zero (uniform)."""

@@ -25,7 +25,7 @@ from jmaml.engine.evaluation import learner_curves
 from jmaml.engine.runstore import refuse_other_kind
 from jmaml.rl import envs
 from jmaml.rl.learner import ESTIMATORS, maml_rl, task_distribution, trpo_optimiser
-from jmaml.rl.policies import gaussian_mlp
+from jmaml.rl.policies import categorical_mlp, gaussian_mlp
 
 METHODS = ("maml", "maml_best", "pretrained", "random")  # maml: the last meta-step; maml_best: best on validation
 # MAML's outer step: maml_rl's outer ("promp": ProMP's, on its LVC estimator), "adam" its "gradient"
@@ -35,6 +35,7 @@ PAPER_GOAL_TOLERANCE = {"navigation2d": 0.01}  # cbfinn/maml_rl's point environm
 EVAL_KEY, VALIDATION_KEY = 10_000, 20_000  # + seed: the held-out test tasks and the separate validation tasks
 BEST_FILE = "maml_best.npz"  # MAML's parameters at its best validation return, kept during training
 CONFIG_FILE = "rl_config.json"
+RL_ENVS = ("navigation2d", "pendulum", "cartpole")  # the families jmaml rl trains on
 EVALUATION = "evaluation"  # the flags `jmaml rl eval` takes too
 
 
@@ -57,8 +58,9 @@ class RLConfig:
     (jmaml's earlier setting).
     """
 
-    env: str = setting("navigation2d", "navigation2d (the MAML paper's 2D navigation) or pendulum",
-                       choices=("navigation2d", "pendulum"))
+    env: str = setting("navigation2d", "navigation2d (the MAML paper's 2D navigation), pendulum, or cartpole "
+                                       "(gymnax's, pole length and mass per task; pip install 'jmaml[gymnax]')",
+                       choices=RL_ENVS)
     horizon: int = setting(100, "steps per episode", parse=int)
     steps: int = setting(100, "meta-steps", parse=int)
     meta_batch_size: int = setting(20, "tasks per meta-step", parse=int)
@@ -160,7 +162,10 @@ class RLConfig:
     def parts(self):
         """``(env, policy, maml learner, pretrained learner)``."""
         env = envs.ENVS[self.env](**self.env_settings())
-        policy = gaussian_mlp(env.observation_shape[0], env.action_shape[0], hidden=self.hidden)
+        if env.num_actions is not None:  # discrete actions (cartpole): a softmax over them
+            policy = categorical_mlp(env.observation_shape[0], env.num_actions, hidden=self.hidden)
+        else:
+            policy = gaussian_mlp(env.observation_shape[0], env.action_shape[0], hidden=self.hidden)
         return env, policy, self.maml(env, policy), maml_rl(env, policy, num_inner_steps=0, **self._common())
 
     def maml(self, env: envs.Env, policy: Any, num_inner_steps: int = 1):

@@ -19,7 +19,7 @@ from jmaml import tasks
 from jmaml.engine.runstore import refuse_other_kind
 from jmaml.run.config import TrainConfig
 from jmaml.run.rl_recipe import CONFIG_FILE as RL_CONFIG_FILE
-from jmaml.run.rl_recipe import RLConfig
+from jmaml.run.rl_recipe import RL_ENVS, RLConfig
 
 
 class Recipe(NamedTuple):
@@ -111,7 +111,7 @@ RECIPES: dict[str, Recipe] = {
     "supervised": Recipe("supervised", "train", TrainConfig, "task", tuple(tasks.FAMILIES), "config.json",
                          _supervised_load, _supervised_train, _supervised_evaluate, _supervised_table,
                          _supervised_sweep),
-    "rl": Recipe("rl", "rl", RLConfig, "env", ("navigation2d", "pendulum"), RL_CONFIG_FILE, _rl_load, _rl_train,
+    "rl": Recipe("rl", "rl", RLConfig, "env", RL_ENVS, RL_CONFIG_FILE, _rl_load, _rl_train,
                  _rl_evaluate, _rl_table, _rl_sweep),
 }
 
