@@ -184,5 +184,17 @@ def cartpole(horizon: int = 100) -> Env:
     return importlib.import_module("jmaml.rl.gymnax").named("cartpole", horizon)
 
 
+def _locomotion(name: str) -> Callable[..., Env]:
+    def make(horizon: int = 200) -> Env:
+        import importlib
+
+        # loaded by name: jmaml.rl.brax builds on this module's Env (an optional extra, so not imported here)
+        return importlib.import_module("jmaml.rl.brax").family(name, horizon)
+
+    make.__doc__ = f"brax's {name.replace('_', ' goal ')} (jmaml.rl.brax; pip install 'jmaml[brax]')."
+    return make
+
+
+LOCOMOTION = ("halfcheetah_velocity", "halfcheetah_direction", "ant_velocity", "ant_direction")
 ENVS: dict[str, Callable[..., Env]] = {"navigation2d": navigation2d, "pendulum": pendulum, "bandit": bandit,
-                                       "cartpole": cartpole}
+                                       "cartpole": cartpole, **{n: _locomotion(n) for n in LOCOMOTION}}

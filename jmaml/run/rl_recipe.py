@@ -35,7 +35,8 @@ PAPER_GOAL_TOLERANCE = {"navigation2d": 0.01}  # cbfinn/maml_rl's point environm
 EVAL_KEY, VALIDATION_KEY = 10_000, 20_000  # + seed: the held-out test tasks and the separate validation tasks
 BEST_FILE = "maml_best.npz"  # MAML's parameters at its best validation return, kept during training
 CONFIG_FILE = "rl_config.json"
-RL_ENVS = ("navigation2d", "pendulum", "cartpole")  # the families jmaml rl trains on
+# the families jmaml rl trains on (locomotion: brax, the paper's half-cheetah and ant; pip install 'jmaml[brax]')
+RL_ENVS = ("navigation2d", "pendulum", "cartpole", *envs.LOCOMOTION)
 EVALUATION = "evaluation"  # the flags `jmaml rl eval` takes too
 
 
