@@ -19,8 +19,6 @@ brax's forward velocity of the torso and the action:
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -91,8 +89,3 @@ def family(name: str, horizon: int = 200, backend: str = "mjx") -> Env:
 
 FAMILIES = tuple(f"{r}_{g}" for r in ROBOTS for g in GOALS)
 
-
-def describe(env: Env) -> dict[str, Any]:
-    """What a locomotion family is, for result files."""
-    return {"name": env.name, "observation_size": env.observation_shape[0], "action_size": env.action_shape[0],
-            "horizon": env.horizon}
