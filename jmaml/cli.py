@@ -651,8 +651,12 @@ def _rl_config(args: argparse.Namespace):
 
     if args.resume and not args.overwrite and os.path.exists(os.path.join(args.out, recipe.CONFIG_FILE)):
         recorded = recipe.load_config(args.out)
-        flags.refuse_conflicts(args, recipe.RLConfig, recorded, f"{args.out}/{recipe.CONFIG_FILE}")
-        return recorded
+        # as for jmaml train: --steps N continues the recorded run to N meta-steps (rl_recipe.train refuses
+        # shortening it); any other flag that contradicts the record is refused by name
+        others = [name for name in flags.options(recipe.RLConfig) if name != "steps"]
+        flags.refuse_conflicts(args, recipe.RLConfig, recorded, f"{args.out}/{recipe.CONFIG_FILE}", others)
+        steps = _rl_given(args, ["steps"]).get("steps", recorded.steps)
+        return dataclasses.replace(recorded, steps=steps).validate()
     return dataclasses.replace(recipe.RLConfig(), **_rl_given(args)).validate()
 
 

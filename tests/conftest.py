@@ -147,6 +147,7 @@ SLOW_TESTS = frozenset({
     "precision_test.py::test_cli_precision_flag",
     "refusals_test.py::test_eval_says_which_checkpoint_it_scored",
     "rl_test.py::test_a_non_finite_reward_stops_the_run_naming_it",
+    "rl_test.py::test_a_resumed_rl_run_is_lengthened_as_jmaml_train_is_and_never_shortened",
     "rl_test.py::test_a_sweep_over_the_inner_rate_and_seed_of_an_rl_learner_is_one_program",
     "rl_test.py::test_an_rl_run_killed_by_sigkill_resumes_bitwise",
     "rl_test.py::test_gae_against_its_definition",

@@ -160,6 +160,9 @@ def test_jmaml_rl_resume_refuses_a_contradicting_flag_by_name(tmp_path):
         cli._rl_config(args)
     args = cli.build_parser().parse_args(["rl", "--out", str(folder), "--resume", "--steps", "4"])
     assert cli._rl_config(args) == recorded
+    # --steps lengthens the recorded run, as in jmaml train (rl_recipe.train refuses shortening it)
+    args = cli.build_parser().parse_args(["rl", "--out", str(folder), "--resume", "--steps", "10"])
+    assert cli._rl_config(args) == dataclasses.replace(recorded, steps=10)
 
 
 def test_jmaml_train_help_comes_from_the_config(capsys):

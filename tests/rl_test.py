@@ -394,9 +394,9 @@ def test_an_rl_run_killed_by_sigkill_resumes_bitwise(tmp_path):
     code = procs.kill_at_checkpoint(cmd, ckpt, before_step=30, env=env)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     jmaml_rl = [sys.executable, "-m", "jmaml", "rl", "--out", str(tmp_path / "killed")]
-    refused = subprocess.run(jmaml_rl + ["--resume", "--steps", "50", "--no-eval"], env=env, cwd=root,
+    refused = subprocess.run(jmaml_rl + ["--resume", "--horizon", "9", "--no-eval"], env=env, cwd=root,
                              capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "--steps 50 (recorded 30)" in refused.stderr, refused.stderr[-2000:]
+    assert refused.returncode == 2 and "--horizon 9 (recorded 8)" in refused.stderr, refused.stderr[-2000:]
     resumed = subprocess.run(jmaml_rl + ["--resume", "--no-eval"], env=env, cwd=root, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -483,6 +483,26 @@ def test_the_best_policy_on_validation_is_the_run_at_that_step(tmp_path):
     loaded = rl.recipe.load_trained(config, str(tmp_path / "long"))
     for a, b in zip(jax.tree.leaves(loaded["maml_best"]), jax.tree.leaves(trained["maml_best"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_resumed_rl_run_is_lengthened_as_jmaml_train_is_and_never_shortened(tmp_path):
+    """``resume`` with more steps continues the recorded run (jmaml train's rule): 4 steps then resumed to 6 is a
+    6-step run, bitwise, and records 6; asking for fewer steps than a checkpoint holds is refused by name, and so
+    is another setting."""
+    config = _small_rl_config(steps=6)
+    straight = rl.recipe.train(config, str(tmp_path / "straight"), progress=False)
+    run = str(tmp_path / "run")
+    rl.recipe.train(dataclasses.replace(config, steps=4), run, progress=False)
+    longer = rl.recipe.train(config, run, resume=True, progress=False)
+    for name in ("maml", "maml_best"):
+        for a, b in zip(jax.tree.leaves(straight[name]), jax.tree.leaves(longer[name])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert rl.recipe.load_config(run).steps == 6
+    with pytest.raises(ValueError, match=r"--resume --steps 2: .* holds checkpoints at steps .*cannot be shortened"):
+        rl.recipe.train(dataclasses.replace(config, steps=2), run, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"settings differ: horizon"):
+        rl.recipe.train(dataclasses.replace(config, horizon=9), run, resume=True, progress=False)
+    assert rl.recipe.load_config(run) == config
 
 
 def test_the_evaluation_schedule_reaches_adapt():

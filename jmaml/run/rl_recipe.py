@@ -304,15 +304,25 @@ def train(config: RLConfig, run_dir: str | None, *, resume: bool = False, overwr
     if run_dir is not None:
         check_run_dir(run_dir)
         path = os.path.join(run_dir, CONFIG_FILE)
+        extend = False
         if resume and os.path.exists(path) and not overwrite:
             recorded = load_config(run_dir)
-            if recorded != config:
-                changed = [f.name for f in dataclasses.fields(config)
-                           if getattr(recorded, f.name) != getattr(config, f.name)]
+            changed = [f.name for f in dataclasses.fields(config)
+                       if f.name != "steps" and getattr(recorded, f.name) != getattr(config, f.name)]
+            if changed:
                 raise ValueError(f"{run_dir} records another run (settings differ: {', '.join(changed)}); resume "
                                  "it with its own settings (jmaml rl --out DIR --resume) or --overwrite")
+            extend = recorded.steps != config.steps
+            if extend:  # the rule of jmaml train: a resumed run may be lengthened, never shortened
+                beyond = {name: checkpoint.read_header(os.path.join(run_dir, name))["step"]
+                          for name in sorted(os.listdir(run_dir)) if name.endswith(".ckpt.npz")}
+                beyond = {name: step for name, step in beyond.items() if step > config.steps}
+                if beyond:
+                    raise ValueError(f"--resume --steps {config.steps}: {run_dir} holds checkpoints at steps "
+                                     f"{beyond}; a run cannot be shortened (evaluate it as it is, or use another "
+                                     "--out)")
         os.makedirs(run_dir, exist_ok=True)
-        if overwrite or not os.path.exists(path):
+        if overwrite or extend or not os.path.exists(path):
             if overwrite and os.path.exists(os.path.join(run_dir, BEST_FILE)):
                 os.remove(os.path.join(run_dir, BEST_FILE))
             checkpoint.atomic_write(path, lambda f: json.dump(dataclasses.asdict(config), f, indent=2), text=True)
