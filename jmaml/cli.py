@@ -120,8 +120,9 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
                 f.write("joined")
     elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
         raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
-    from jmaml.run import evaluate, train
+    from jmaml.run import runs, train
 
+    recipe = runs.RECIPES["supervised"]
     config = _train_config(args)
     mesh = _mesh(args)
     writers = []
@@ -131,7 +132,7 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
         writers.append(TensorBoardWriter(args.tensorboard or os.path.join(args.out, "tensorboard")))
     t0 = time.perf_counter()
     try:
-        train.train(config, args.out, resume=args.resume, overwrite=args.overwrite, mesh=mesh,
+        recipe.train(config, args.out, resume=args.resume, overwrite=args.overwrite, mesh=mesh,
                     allow=tuple(name for name, on in (("changed-data", args.allow_changed_data),
                                                       ("changed-settings", args.allow_changed_settings)) if on),
                     writers=writers)
@@ -162,8 +163,8 @@ def _train_and_report(args: argparse.Namespace, flag) -> int:
     else:
         results = None
     if results is None:  # not evaluated yet, or an eval.json left truncated by an older version
-        results = evaluate.evaluate_run(args.out)
-    print(evaluate.format_table(results))
+        results = recipe.evaluate(config, args.out)
+    print(recipe.format_table(config, results))
     if not args.no_plot and not _up_to_date(args.out, ["plots/curves.png"], ["eval.json"]):
         _plot(args.out)
     return 0
@@ -246,12 +247,6 @@ _SUPERVISED_SWEEP_FLAGS = ("data_dir", "ways", "num_train_classes", "shots", "qu
                            "remat")
 
 
-def _rl_tasks() -> tuple[str, ...]:
-    from jmaml.run import runs
-
-    return runs.RECIPES["rl"].tasks
-
-
 def _json_value(value):
     return json.loads(json.dumps(value))
 
@@ -304,7 +299,8 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
         return _rl_sweep(args, given)
     rl_only = [_flag(n) for n in (*_RL_SWEEP_FLAGS, "raw_actions") if n in given]
     if rl_only:
-        raise ValueError(f"{', '.join(rl_only)}: meta-RL settings (--task {', '.join(_rl_tasks())}); --task {a.task} "
+        raise ValueError(f"{', '.join(rl_only)}: meta-RL settings (--task {', '.join(runs.RECIPES['rl'].tasks)}); "
+                         f"--task {a.task} "
                          "takes none")
     for name in ("steps", "log_every"):  # the same words as `jmaml train`'s
         check_positive_int(getattr(a, name), _flag(name))
@@ -334,10 +330,10 @@ def _sweep_and_report(args: argparse.Namespace, flag) -> int:
     _open_sweep_out(args, given)
 
     def run():
-        return sweep.run_sweep(base, grid, task_seed=a.task_seed, mesh=_mesh(args), shard=args.shard,
-                               run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
-                               log=lambda m: print(m, file=sys.stderr, flush=True),
-                               on_chunk=lambda rows: sweep.write_rows(rows, args.out))  # partial results
+        return runs.RECIPES["supervised"].sweep(
+            base, grid, run_dir=args.out, task_seed=a.task_seed, mesh=_mesh(args), shard=args.shard,
+            resume=args.resume, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True),
+            on_chunk=lambda rows: sweep.write_rows(rows, args.out))  # partial results
 
     return _report_sweep(args, run, a.steps)
 
@@ -393,9 +389,9 @@ def _report_sweep(args: argparse.Namespace, run, steps: int) -> int:
 def _rl_sweep(args: argparse.Namespace, given: dict) -> int:
     """``jmaml sweep --task navigation2d|pendulum``: MAML-RL over the grid (``jmaml.rl.recipe.sweep``), with
     jmaml rl's settings (its flags, its defaults)."""
-    from jmaml.run import rl_recipe as recipe
-    from jmaml.run import sweep
+    from jmaml.run import rl_recipe, runs, sweep
 
+    recipe = runs.RECIPES["rl"]
     supervised = [_flag(n) for n in _SUPERVISED_SWEEP_FLAGS if n in given]
     supervised += [_flag(n) for n in given.get("algo_options") or {}]
     if given.get("algo", "maml") != "maml":
@@ -403,7 +399,7 @@ def _rl_sweep(args: argparse.Namespace, given: dict) -> int:
     if supervised:
         raise ValueError(f"{', '.join(supervised)}: not a setting of a meta-RL sweep (--task {given['task']} runs "
                          "MAML-RL: its estimator and outer step are --estimator and --outer)")
-    d = recipe.RLConfig()
+    d = rl_recipe.RLConfig()
     names = ("steps", "meta_batch_size", "log_every", *_RL_SWEEP_FLAGS, "hidden")
     from_flags = _rl_given(argparse.Namespace(**given), names)
     fields = {"env": given["task"], "pretrain": False,
@@ -421,8 +417,9 @@ def _rl_sweep(args: argparse.Namespace, given: dict) -> int:
     grid = sweep.Grid(alphas, betas, tuple(given.get("k") or (1,)), tuple(range(given.get("seeds", 1))))
     _open_sweep_out(args, given)
     return _report_sweep(args, lambda: recipe.sweep(
-        config, grid, args.out, task_seed=given.get("task_seed", 0), resume=args.resume, overwrite=args.overwrite,
-        checkpoint_every=min(every, config.steps), log=lambda m: print(m, file=sys.stderr, flush=True)),
+        config, grid, run_dir=args.out, task_seed=given.get("task_seed", 0), resume=args.resume,
+        overwrite=args.overwrite, checkpoint_every=min(every, config.steps),
+        log=lambda m: print(m, file=sys.stderr, flush=True)),
         config.steps)
 
 
@@ -667,12 +664,13 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     # fit reads the installed flag: a signal stops it between chunks with a checkpoint
     with contextlib.nullcontext(early) if early is not None else StopFlag():
         from jmaml.engine.loop import DivergenceError, Interrupted
-        from jmaml.run import rl_recipe as recipe
+        from jmaml.run import rl_recipe, runs
 
-        recipe.check_run_dir(args.out)
+        recipe = runs.RECIPES["rl"]
+        rl_recipe.check_run_dir(args.out)
         config = _rl_config(args)
         try:
-            trained = recipe.train(config, args.out, resume=args.resume, overwrite=args.overwrite)
+            recipe.train(config, args.out, resume=args.resume, overwrite=args.overwrite)
         except Interrupted as e:
             print(f"jmaml rl: {e}. Resume with: jmaml rl --out {args.out} --resume", file=sys.stderr)
             return 128 + (e.signum or signal.SIGINT)
@@ -680,21 +678,21 @@ def _cmd_rl(args: argparse.Namespace) -> int:
             print(f"jmaml rl: {e}", file=sys.stderr)
             return 3
         if not args.no_eval:
-            print(recipe.format_table(config.env, recipe.evaluate(config, trained, args.out)))
+            print(recipe.format_table(config, recipe.evaluate(config, args.out)))
     return 0
 
 
 def _cmd_rl_eval(args: argparse.Namespace) -> int:
-    from jmaml.run import rl_recipe as recipe
+    from jmaml.run import runs
 
+    recipe = runs.RECIPES["rl"]
     if not os.path.isdir(args.run_dir):
         raise ValueError(f"run_dir {args.run_dir!r} is not a folder")
     if os.sep in args.name or args.name in ("", ".", "..") or args.name.startswith("rl_config"):
         raise ValueError(f"--name must be a plain file name other than rl_config, got {args.name!r}")
     recorded = recipe.load_config(args.run_dir)
     config = dataclasses.replace(recorded, **_rl_given(args, _rl_eval_flags())).validate()
-    trained = recipe.load_trained(recorded, args.run_dir)
-    print(recipe.format_table(config.env, recipe.evaluate(config, trained, args.run_dir, name=args.name)))
+    print(recipe.format_table(config, recipe.evaluate(config, args.run_dir, name=args.name)))
     return 0
 
 

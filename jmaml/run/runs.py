@@ -27,7 +27,8 @@ class Recipe(NamedTuple):
     ``config``: its config class; ``task_field``: the config field naming the task (``task``, ``env``) and
     ``tasks`` its choices; ``config_file``: what a run folder records it in. The callables:
     ``load_config(run_dir)``, ``train(config, run_dir, resume=, overwrite=, **kw)``,
-    ``evaluate(config, run_dir)`` (scores a finished run and writes ``eval.json``/``eval.md``),
+    ``evaluate(config, run_dir, **kw)`` (scores a finished run and writes its results: ``eval.json``, and
+    for RL ``name=`` another protocol's file beside it),
     ``format_table(config, results)`` and ``sweep(config, grid, run_dir, **kw)``."""
 
     name: str
@@ -38,7 +39,7 @@ class Recipe(NamedTuple):
     config_file: str
     load_config: Callable[[str], Any]
     train: Callable[..., Any]
-    evaluate: Callable[[Any, str], Any]
+    evaluate: Callable[..., Any]
     format_table: Callable[[Any, Any], str]
     sweep: Callable[..., Any]
 
@@ -59,10 +60,10 @@ def _supervised_train(config: TrainConfig, run_dir: str, **kw: Any) -> Any:
     return train(config, run_dir, **kw)
 
 
-def _supervised_evaluate(config: TrainConfig, run_dir: str) -> Any:
+def _supervised_evaluate(config: TrainConfig, run_dir: str, **kw: Any) -> Any:
     from jmaml.run.evaluate import evaluate_run
 
-    return evaluate_run(run_dir)
+    return evaluate_run(run_dir, **kw)
 
 
 def _supervised_table(config: TrainConfig, results: Any) -> str:
@@ -89,10 +90,10 @@ def _rl_train(config: RLConfig, run_dir: str, **kw: Any) -> Any:
     return train(config, run_dir, **kw)
 
 
-def _rl_evaluate(config: RLConfig, run_dir: str) -> Any:
+def _rl_evaluate(config: RLConfig, run_dir: str, **kw: Any) -> Any:
     from jmaml.run.rl_recipe import evaluate, load_trained
 
-    return evaluate(config, load_trained(config, run_dir), run_dir)
+    return evaluate(config, load_trained(config, run_dir), run_dir, **kw)
 
 
 def _rl_table(config: RLConfig, results: Any) -> str:
