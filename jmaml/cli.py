@@ -399,7 +399,7 @@ def _rl_sweep(args: argparse.Namespace, given: dict) -> int:
     if supervised:
         raise ValueError(f"{', '.join(supervised)}: not a setting of a meta-RL sweep (--task {given['task']} runs "
                          "MAML-RL: its estimator and outer step are --estimator and --outer)")
-    d = rl_recipe.RLConfig()
+    d = rl_recipe.RLConfig.paper(given["task"])
     names = ("steps", "meta_batch_size", "log_every", *_RL_SWEEP_FLAGS, "hidden")
     from_flags = _rl_given(argparse.Namespace(**given), names)
     fields = {"env": given["task"], "pretrain": False,
@@ -654,7 +654,8 @@ def _rl_config(args: argparse.Namespace):
         flags.refuse_conflicts(args, recipe.RLConfig, recorded, f"{args.out}/{recipe.CONFIG_FILE}", others)
         steps = _rl_given(args, ["steps"]).get("steps", recorded.steps)
         return dataclasses.replace(recorded, steps=steps).validate()
-    return dataclasses.replace(recipe.RLConfig(), **_rl_given(args)).validate()
+    given = _rl_given(args)
+    return recipe.RLConfig.paper(**given).validate()  # the paper's settings for the family where no flag is given
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:

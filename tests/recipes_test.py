@@ -171,3 +171,21 @@ def test_jmaml_train_help_comes_from_the_config(capsys):
     text = " ".join(out.stdout.split())
     for option in flags.options(TrainConfig).values():
         assert " ".join(option.flag.help.split())[:40] in text, option.dest
+
+
+def test_jmaml_rl_takes_the_papers_settings_for_locomotion_where_no_flag_says_otherwise(tmp_path, monkeypatch):
+    """The locomotion families train with the paper's horizon 200 and 40 tasks per meta-step (ant direction: 40
+    episodes per step); a flag wins; navigation keeps RLConfig's defaults (its own paper settings)."""
+    monkeypatch.setattr(RLConfig, "parts", lambda self: None)  # validate builds the env: brax is an optional extra
+    parse = cli.build_parser().parse_args
+    out = str(tmp_path / "rl")
+    cheetah = cli._rl_config(parse(["rl", "--out", out, "--env", "halfcheetah_velocity"]))
+    assert (cheetah.horizon, cheetah.meta_batch_size, cheetah.inner_episodes) == (200, 40, 20)
+    ant = cli._rl_config(parse(["rl", "--out", out, "--env", "ant_direction"]))
+    assert (ant.inner_episodes, ant.outer_episodes) == (40, 40)
+    small = cli._rl_config(parse(["rl", "--out", out, "--env", "ant_direction", "--horizon", "8", "--episodes", "3"]))
+    assert (small.horizon, small.meta_batch_size, small.inner_episodes, small.outer_episodes) == (8, 40, 3, 3)
+    assert cli._rl_config(parse(["rl", "--out", out])) == RLConfig()
+    assert RLConfig(env="ant_velocity").horizon == 100  # the dataclass keeps its plain defaults
+    with pytest.raises(ValueError, match="env must be one of .*got 'chess'"):
+        RLConfig.paper("chess")

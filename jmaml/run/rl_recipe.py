@@ -38,6 +38,14 @@ CONFIG_FILE = "rl_config.json"
 # the families jmaml rl trains on (locomotion: brax, the paper's half-cheetah and ant; pip install 'jmaml[brax]')
 RL_ENVS = ("navigation2d", "pendulum", "cartpole", *envs.LOCOMOTION)
 EVALUATION = "evaluation"  # the flags `jmaml rl eval` takes too
+# The paper's settings per family where they differ from RLConfig's defaults (2D navigation's): the locomotion
+# runs of Finn et al. (2017, App. A.2) and cbfinn/maml_rl's cluster_maml_trpo_{cheetah,ant}.py -- horizon 200,
+# 40 tasks per meta-step, 20 episodes per step (ant forward/backward: 40), alpha 0.1, a 100-100 ReLU policy,
+# TRPO with KL 0.01 (RLConfig's defaults already).
+_LOCOMOTION = {"horizon": 200, "meta_batch_size": 40}
+PAPER_SETTINGS: dict[str, dict[str, Any]] = {
+    "halfcheetah_velocity": _LOCOMOTION, "halfcheetah_direction": _LOCOMOTION, "ant_velocity": _LOCOMOTION,
+    "ant_direction": {**_LOCOMOTION, "inner_episodes": 40, "outer_episodes": 40}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +67,18 @@ class RLConfig:
     (jmaml's earlier setting).
     """
 
-    env: str = setting("navigation2d", "navigation2d (the MAML paper's 2D navigation), pendulum, or cartpole "
-                                       "(gymnax's, pole length and mass per task; pip install 'jmaml[gymnax]')",
+    env: str = setting("navigation2d", "navigation2d (the MAML paper's 2D navigation), pendulum, cartpole "
+                                       "(gymnax's, pole length and mass per task; pip install 'jmaml[gymnax]'), or "
+                                       "the paper's locomotion: halfcheetah_velocity, halfcheetah_direction, "
+                                       "ant_velocity, ant_direction (brax/MJX; pip install 'jmaml[brax]'; with the "
+                                       "paper's horizon 200 and 40 tasks per meta-step unless flags say otherwise)",
                        choices=RL_ENVS)
-    horizon: int = setting(100, "steps per episode", parse=int)
+    horizon: int = setting(100, "steps per episode (locomotion: 200)", parse=int)
     steps: int = setting(100, "meta-steps", parse=int)
-    meta_batch_size: int = setting(20, "tasks per meta-step", parse=int)
+    meta_batch_size: int = setting(20, "tasks per meta-step (locomotion: 40)", parse=int)
     inner_lr: float = setting(0.1, "the inner policy-gradient rate alpha", parse=float)
-    inner_episodes: int = setting(20, "episodes per task, inner and outer", name="episodes", also=("outer_episodes",),
-                                  parse=int)
+    inner_episodes: int = setting(20, "episodes per task, inner and outer (ant_direction: 40)", name="episodes",
+                                  also=("outer_episodes",), parse=int)
     outer_episodes: int = 20
     gamma: float = setting(0.99, "discount", parse=float)
     hidden: tuple[int, ...] = setting((100, 100), "policy widths", parse=ints)
@@ -98,6 +109,18 @@ class RLConfig:
                                     group=EVALUATION)
     baseline_lrs: tuple[float, ...] = setting(BASELINE_LRS, "the baselines' first test-time rates tried on the "
                                                             "validation tasks", parse=floats, group=EVALUATION)
+
+    @classmethod
+    def paper(cls, env: str = "navigation2d", **settings: Any) -> RLConfig:
+        """The config of a run on ``env`` with the paper's settings for that family (``PAPER_SETTINGS``: the
+        locomotion runs' horizon 200, meta-batch 40, ...) where ``settings`` does not say otherwise -- what
+        ``jmaml rl --env ENV`` trains. ``RLConfig(env=...)`` keeps the plain defaults."""
+        if env not in RL_ENVS:
+            raise ValueError(f"env must be one of {list(RL_ENVS)}, got {env!r}")
+        preset = dict(PAPER_SETTINGS.get(env, {}))
+        if "inner_episodes" in settings:  # --episodes sets both; an explicit one wins over the preset's
+            preset.pop("outer_episodes", None)
+        return cls(env=env, **{**preset, **settings})
 
     def validate(self) -> RLConfig:
         if self.env not in envs.ENVS or self.env == "bandit":
