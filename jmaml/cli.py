@@ -786,6 +786,30 @@ def _use_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _use_recorded_xla_flags(args: argparse.Namespace) -> None:
+    """On ``--resume``, where this process sets no ``XLA_FLAGS`` of its own, the ones the run in ``--out`` was
+    written under (recorded in its checkpoints by ``jmaml.fit``), before JAX's backend starts: a resumed run then
+    compiles with the same XLA:CPU settings, and a bitwise resume holds. A user's own ``XLA_FLAGS`` are left as
+    they are (``fit`` then says on stderr that they differ)."""
+    out = getattr(args, "out", None)
+    if not getattr(args, "resume", False) or "XLA_FLAGS" in os.environ or not out or not os.path.isdir(out):
+        return
+    from jmaml.engine import checkpoint
+    from jmaml.engine.runstore import recorded_xla_flags
+
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".ckpt.npz"):
+            try:
+                flags_there = recorded_xla_flags(checkpoint.read_header(os.path.join(out, name)))
+            except checkpoint.CheckpointError:
+                continue  # the resume itself reports a damaged checkpoint
+            if flags_there:
+                os.environ["XLA_FLAGS"] = flags_there
+                print(f"jmaml {args.command}: resuming with the run's recorded XLA_FLAGS={flags_there!r}",
+                      file=sys.stderr)
+                return
+
+
 def main(argv: list[str] | None = None, early_flag=None) -> int:
     """Runs the ``jmaml`` command. ``early_flag``: the ``StopFlag`` the entry point installed before
     importing JAX; ``jmaml train`` keeps honouring it, the other commands stop on a signal it caught."""
@@ -807,6 +831,7 @@ def main(argv: list[str] | None = None, early_flag=None) -> int:
     try:
         if args.command in _COMPILING_COMMANDS:
             _use_compile_cache()
+            _use_recorded_xla_flags(args)
         return args.func(args)
     except (ValueError, TypeError, ImportError) as e:
         print(f"jmaml {args.command}: error: {e}", file=sys.stderr)

@@ -427,3 +427,37 @@ def test_check_meta_gradient_names_a_task_without_its_task_axis_and_reports_the_
     one = jmaml.Task(jmaml.Batch(jnp.ones((3, 1)), jnp.ones((3, 1))), jmaml.Batch(jnp.ones((5, 1)), jnp.ones((5, 1))))
     with pytest.raises(ValueError, match="Is it a single task without a task axis"):
         jmaml.check_meta_gradient(learner, jnp.array(1.0), one)
+
+
+def test_a_run_records_its_xla_flags_and_the_jmaml_command_resumes_under_them(tmp_path, monkeypatch, capsys):
+    """fit records XLA_FLAGS in its checkpoint's run record; a resume under other flags says so on stderr (the
+    arithmetic is the same, XLA:CPU's kernels may not be); the jmaml command, where XLA_FLAGS is unset, resumes
+    under the recorded ones, and leaves a user's own alone."""
+    from jmaml import cli
+    from jmaml.engine import checkpoint, runstore
+
+    learner = jmaml.learners.maml(plane_loss, inner_lr=0.1, num_inner_steps=1)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_xnnpack=false")
+    _fit(learner, str(tmp_path), steps=10)
+    header = checkpoint.read_header(tmp_path / "maml.ckpt.npz")
+    assert runstore.recorded_xla_flags(header) == "--xla_cpu_use_xnnpack=false"
+    capsys.readouterr()
+    monkeypatch.delenv("XLA_FLAGS")
+    _fit(learner, str(tmp_path), resume=True, steps=20)
+    err = capsys.readouterr().err
+    assert "under XLA_FLAGS=''; it was written under XLA_FLAGS='--xla_cpu_use_xnnpack=false'" in err, err
+    assert runstore.recorded_xla_flags(checkpoint.read_header(tmp_path / "maml.ckpt.npz")) == ""
+    # the command: a run recorded under flags, resumed from a process that sets none
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_xnnpack=false")
+    _fit(learner, str(tmp_path / "cli"), steps=10)
+    monkeypatch.delenv("XLA_FLAGS")
+    args = cli.build_parser().parse_args(["train", "--out", str(tmp_path / "cli"), "--resume"])
+    cli._use_recorded_xla_flags(args)
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_xnnpack=false"
+    assert "resuming with the run's recorded XLA_FLAGS='--xla_cpu_use_xnnpack=false'" in capsys.readouterr().err
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=true")  # the user's own: kept
+    cli._use_recorded_xla_flags(args)
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_onednn=true"
+    monkeypatch.delenv("XLA_FLAGS")
+    cli._use_recorded_xla_flags(cli.build_parser().parse_args(["train", "--out", str(tmp_path / "cli")]))
+    assert "XLA_FLAGS" not in os.environ  # a fresh start: nothing recorded applies

@@ -205,6 +205,22 @@ def changed_settings(old: dict, new: dict) -> list[str]:
     return out
 
 
+def xla_flags() -> str:
+    """This process's ``XLA_FLAGS`` (XLA's library and code-generation switches, read when JAX's backend starts):
+    recorded in a run's checkpoints, since XLA:CPU may pick other kernels under other flags and a bitwise resume
+    holds only under the recorded ones."""
+    return os.environ.get("XLA_FLAGS", "").strip()
+
+
+def recorded_xla_flags(header: dict[str, Any]) -> str | None:
+    """The ``XLA_FLAGS`` a checkpoint's run was written under (``open_run``'s record), or None where it records
+    none (written before jmaml recorded them, or not by ``fit``)."""
+    extra = header.get("extra") if isinstance(header.get("extra"), dict) else {}
+    run = extra.get("fit") if isinstance(extra.get("fit"), dict) else {}
+    value = run.get("xla_flags")
+    return value if isinstance(value, str) else None
+
+
 def open_run(run_dir: str, name: str, *, steps: int, resume: bool, overwrite: bool,
              allow_changed: bool | Iterable[str], fingerprint: str, settings: dict) -> tuple[str, dict]:
     """Checks what ``run_dir`` holds of run ``name`` against what ``fit`` was asked to do, clears it on
@@ -224,7 +240,8 @@ def open_run(run_dir: str, name: str, *, steps: int, resume: bool, overwrite: bo
     os.makedirs(run_dir, exist_ok=True)
     ckpt = os.path.join(run_dir, f"{name}.ckpt.npz")
     metrics = os.path.join(run_dir, METRICS_FILE)
-    record: dict[str, Any] = {"fingerprint": fingerprint, "settings": settings, "history": []}
+    record: dict[str, Any] = {"fingerprint": fingerprint, "settings": settings, "history": [],
+                              "xla_flags": xla_flags()}
     if os.path.exists(metrics):
         try:
             kept = read_metrics(metrics)
@@ -275,6 +292,12 @@ def open_run(run_dir: str, name: str, *, steps: int, resume: bool, overwrite: bo
         raise ValueError(f"resume with steps={steps}: {ckpt} is at step {done}; a run cannot be shortened "
                          "(evaluate it as it is, or start another run)")
     trim_metrics(metrics, {name: done}, only=[name])  # lines past the checkpoint will be recomputed
+    before = recorded_xla_flags(header)
+    if before is not None and before != record["xla_flags"]:  # not refused: the same arithmetic, other kernels
+        print(f"jmaml: resuming run {name!r} under XLA_FLAGS={record['xla_flags']!r}; it was written under "
+              f"XLA_FLAGS={before!r}. XLA:CPU may choose other kernels, so the result may differ from an "
+              "uninterrupted run in the last bits; set XLA_FLAGS to the recorded value for a bitwise resume (the "
+              "jmaml command does so itself where XLA_FLAGS is unset)", file=sys.stderr)
     if old is not None:
         record["history"] = list(old.get("history", []))
         if old.get("fingerprint") != fingerprint:
