@@ -215,9 +215,9 @@ def xla_flags() -> str:
 def recorded_xla_flags(header: dict[str, Any]) -> str | None:
     """The ``XLA_FLAGS`` a checkpoint's run was written under (``open_run``'s record), or None where it records
     none (written before jmaml recorded them, or not by ``fit``)."""
-    extra = header.get("extra") if isinstance(header.get("extra"), dict) else {}
-    run = extra.get("fit") if isinstance(extra.get("fit"), dict) else {}
-    value = run.get("xla_flags")
+    extra = header.get("extra")
+    run = extra.get("fit") if isinstance(extra, dict) else None
+    value = run.get("xla_flags") if isinstance(run, dict) else None
     return value if isinstance(value, str) else None
 
 
@@ -292,10 +292,10 @@ def open_run(run_dir: str, name: str, *, steps: int, resume: bool, overwrite: bo
         raise ValueError(f"resume with steps={steps}: {ckpt} is at step {done}; a run cannot be shortened "
                          "(evaluate it as it is, or start another run)")
     trim_metrics(metrics, {name: done}, only=[name])  # lines past the checkpoint will be recomputed
-    before = recorded_xla_flags(header)
-    if before is not None and before != record["xla_flags"]:  # not refused: the same arithmetic, other kernels
+    recorded_flags = recorded_xla_flags(header)
+    if recorded_flags is not None and recorded_flags != record["xla_flags"]:  # not refused: the same arithmetic, other kernels
         print(f"jmaml: resuming run {name!r} under XLA_FLAGS={record['xla_flags']!r}; it was written under "
-              f"XLA_FLAGS={before!r}. XLA:CPU may choose other kernels, so the result may differ from an "
+              f"XLA_FLAGS={recorded_flags!r}. XLA:CPU may choose other kernels, so the result may differ from an "
               "uninterrupted run in the last bits; set XLA_FLAGS to the recorded value for a bitwise resume (the "
               "jmaml command does so itself where XLA_FLAGS is unset)", file=sys.stderr)
     if old is not None:
