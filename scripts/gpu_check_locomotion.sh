@@ -5,7 +5,7 @@
 #      TRPO) for half-cheetah velocity and ant direction: scripts/bench/locomotion_bench.py;
 #   2. a short paper-size training, `jmaml rl --env halfcheetah_velocity` with every other setting the paper's:
 #      meta-steps/s from metrics.jsonl and the return after 0-3 test-time steps (eval.json, the paper's protocol).
-# About 10 minutes on one H100 (an estimate: no GPU has run it yet). BENCH_ARGS and TRAIN_ARGS add flags to the two
+# About 10 minutes on one H100 (an estimate: no GPU has run it yet; run end to end on a CPU at a tiny size). BENCH_ARGS and TRAIN_ARGS add flags to the two
 # commands (a smoke run on a CPU: BENCH_ARGS="--meta-batch 2 --episodes 2 --horizon 5" TRAIN_ARGS="--horizon 5 ...").
 set -uo pipefail
 out="${OUT:-gpu_out}"
@@ -33,7 +33,7 @@ python3 - "$out/halfcheetah_velocity" <<'PY' | tee "$out/summary.txt"
 import json, sys
 run = sys.argv[1]
 rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl") if line.strip()]
-print("meta-steps/s per chunk:", [round(r.get("steps_per_s", float("nan")), 4) for r in rows])
+print("meta-steps/s per chunk (the first includes its compile):", [round(r.get("steps_per_s", float("nan")), 4) for r in rows])
 results = json.load(open(f"{run}/eval.json"))["results"]
 for method, r in results.items():
     print(method, "return after 0..3 steps:", [round(v, 1) for v in r["mean"]])

@@ -73,8 +73,9 @@ def measure_env(name: str, outer: str, meta_batch: int | None, episodes: int | N
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"Locomotion meta-step (MJX physics) on {result['device']}, JAX {result['jax']}; best of "
-             f"{result['rounds']} calls of a one-meta-step chunk after its compile.", "",
+    lines = [f"### Locomotion meta-step (MJX physics): {result['machine']}", "",
+             f"{result['date']}; device {result['device']}; best of {result['rounds']} call(s) of a one-meta-step "
+             "chunk after its compile; env steps: inner + outer rollouts (tasks x episodes x horizon x 2).", "",
              "| env | outer | tasks | episodes | horizon | compile + first (s) | meta-step (s) | env steps/s | "
              "paper-size meta-step (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
@@ -106,7 +107,10 @@ def main(argv=None) -> int:
             for name in args.envs.split(",")]
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
-    result = {"device": f"{device.platform} ({kind})", "jax": jax.__version__, "rounds": args.rounds,
+    from jmaml.core._util import machine_description
+
+    result = {"machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
+              "device": f"{device.platform} ({kind})", "jax": jax.__version__, "rounds": args.rounds,
               "rows": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in rows]}
     os.makedirs(args.out, exist_ok=True)
     write_result(result, os.path.join(args.out, f"locomotion_{device.platform}"), to_markdown(result))
