@@ -293,7 +293,8 @@ def open_run(run_dir: str, name: str, *, steps: int, resume: bool, overwrite: bo
                          "(evaluate it as it is, or start another run)")
     trim_metrics(metrics, {name: done}, only=[name])  # lines past the checkpoint will be recomputed
     recorded_flags = recorded_xla_flags(header)
-    if recorded_flags is not None and recorded_flags != record["xla_flags"]:  # not refused: the same arithmetic, other kernels
+    # not refused: the same arithmetic, perhaps other kernels
+    if recorded_flags is not None and recorded_flags != record["xla_flags"]:
         print(f"jmaml: resuming run {name!r} under XLA_FLAGS={record['xla_flags']!r}; it was written under "
               f"XLA_FLAGS={recorded_flags!r}. XLA:CPU may choose other kernels, so the result may differ from an "
               "uninterrupted run in the last bits; set XLA_FLAGS to the recorded value for a bitwise resume (the "
