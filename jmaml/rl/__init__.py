@@ -22,9 +22,9 @@ from jmaml.rl.learner import RLTask, check_policy, emaml, maml_rl, promp, task_d
 from jmaml.rl.policies import Policy
 
 # Evaluation (the engine's) and the recipe (the run layer's) live in their layers' folders; their names here
-# are kept, loaded on first use so this folder imports nothing above it. gymnax: the optional extra's adapter.
+# are kept, loaded on first use so this folder imports nothing above it. gymnax, brax: the optional extras' adapters.
 _ABOVE = {"evaluation": ("jmaml.engine.rl_evaluation", None), "recipe": ("jmaml.run.rl_recipe", None),
-          "gymnax": ("jmaml.rl.gymnax", None),
+          "gymnax": ("jmaml.rl.gymnax", None), "brax": ("jmaml.rl.brax", None),
           "return_metric": ("jmaml.engine.rl_evaluation", "return_metric"),
           "returns_after_steps": ("jmaml.engine.rl_evaluation", "returns_after_steps")}
 
@@ -37,6 +37,7 @@ def __getattr__(name: str) -> Any:
     return value if attr is None else getattr(value, attr)
 
 
-__all__ = ["Env", "Policy", "RLTask", "check_policy", "emaml", "envs", "evaluation", "gymnax", "maml_rl", "policies",
+__all__ = ["Env", "Policy", "RLTask", "brax", "check_policy", "emaml", "envs", "evaluation", "gymnax", "maml_rl",
+           "policies",
            "promp", "recipe",
            "return_metric", "returns_after_steps", "rollouts", "task_distribution", "trpo_optimiser"]
