@@ -205,6 +205,16 @@ def changed_settings(old: dict, new: dict) -> list[str]:
     return out
 
 
+def checkpoints_beyond(run_dir: str, steps: int) -> dict[str, int]:
+    """The checkpoints in ``run_dir`` whose step passes ``steps``, by file name: what a resume asked to run
+    ``steps`` meta-steps would have to shorten (refused by ``jmaml train`` and ``jmaml rl``)."""
+    from jmaml.engine import checkpoint
+
+    held = {name: checkpoint.read_header(os.path.join(run_dir, name))["step"]
+            for name in sorted(os.listdir(run_dir)) if name.endswith(".ckpt.npz")}
+    return {name: step for name, step in held.items() if step > steps}
+
+
 def xla_flags() -> str:
     """This process's ``XLA_FLAGS`` (XLA's library and code-generation switches, read when JAX's backend starts):
     recorded in a run's checkpoints, since XLA:CPU may pick other kernels under other flags and a bitwise resume

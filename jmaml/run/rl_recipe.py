@@ -22,7 +22,7 @@ from jmaml.core.flags import floats, ints, setting
 from jmaml.engine import checkpoint
 from jmaml.engine import rl_evaluation as evaluation
 from jmaml.engine.evaluation import learner_curves
-from jmaml.engine.runstore import refuse_other_kind
+from jmaml.engine.runstore import checkpoints_beyond, refuse_other_kind
 from jmaml.rl import envs
 from jmaml.rl.learner import ESTIMATORS, maml_rl, task_distribution, trpo_optimiser
 from jmaml.rl.policies import categorical_mlp, gaussian_mlp
@@ -337,9 +337,7 @@ def train(config: RLConfig, run_dir: str | None, *, resume: bool = False, overwr
                                  "it with its own settings (jmaml rl --out DIR --resume) or --overwrite")
             extend = recorded.steps != config.steps
             if extend:  # the rule of jmaml train: a resumed run may be lengthened, never shortened
-                beyond = {name: checkpoint.read_header(os.path.join(run_dir, name))["step"]
-                          for name in sorted(os.listdir(run_dir)) if name.endswith(".ckpt.npz")}
-                beyond = {name: step for name, step in beyond.items() if step > config.steps}
+                beyond = checkpoints_beyond(run_dir, config.steps)
                 if beyond:
                     raise ValueError(f"--resume --steps {config.steps}: {run_dir} holds checkpoints at steps "
                                      f"{beyond}; a run cannot be shortened (evaluate it as it is, or use another "

@@ -29,6 +29,7 @@ from jmaml.engine import checkpoint
 from jmaml.engine.runstore import (  # noqa: F401
     LOCK_FILE,
     atomic_write_text,
+    checkpoints_beyond,
     clean_stale_temporaries,
     lock,
     read_metrics,
@@ -203,9 +204,7 @@ def prepare(config: TrainConfig, run_dir: str, *, resume: bool = False, overwrit
         if not resume:
             return "complete"  # an unfinished run without --resume was refused above
         if old.steps != config.steps:
-            beyond = {name: checkpoint.read_header(os.path.join(run_dir, name))["step"]
-                      for name in sorted(os.listdir(run_dir)) if name.endswith(".ckpt.npz")}
-            beyond = {name: step for name, step in beyond.items() if step > config.steps}
+            beyond = checkpoints_beyond(run_dir, config.steps)
             if beyond:
                 raise ValueError(f"--resume --steps {config.steps}: {run_dir} holds checkpoints at steps {beyond}; a "
                                  "run cannot be shortened (evaluate it as it is, or use another --out)")
