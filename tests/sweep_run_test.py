@@ -127,6 +127,26 @@ def test_resume_continues_the_recorded_sweep_and_refuses_a_contradicting_flag(tm
     assert cli.main([*args, "--resume", "--steps", "20", "--beta", "0.001"]) == 0  # agreeing flags are fine
 
 
+def test_a_sweep_records_its_xla_flags_and_jmaml_sweep_resumes_under_them(tmp_path, monkeypatch, capsys):
+    """Each population's checkpoint records the process's XLA_FLAGS (as fit's do); ``jmaml sweep --resume`` with
+    XLA_FLAGS unset adopts them before JAX's backend starts, so a resumed sweep compiles as the first part did."""
+    from jmaml.engine import runstore
+
+    out = tmp_path / "s"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_xnnpack=false")
+    assert cli.main(["sweep", "--out", str(out), "--alpha", "0.01", "--k", "1,2", "--steps", "10",
+                     "--log-every", "10", *SMALL]) == 0
+    names = sorted(p.name for p in out.iterdir() if p.name.endswith(".ckpt.npz"))
+    assert names, sorted(p.name for p in out.iterdir())
+    for name in names:
+        assert runstore.recorded_xla_flags(checkpoint.read_header(out / name)) == "--xla_cpu_use_xnnpack=false"
+    monkeypatch.delenv("XLA_FLAGS")
+    capsys.readouterr()
+    cli._use_recorded_xla_flags(cli.build_parser().parse_args(["sweep", "--out", str(out), "--resume"]))
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_xnnpack=false"
+    assert "jmaml sweep: resuming with the run's recorded XLA_FLAGS" in capsys.readouterr().err
+
+
 def test_sweep_takes_the_learners_options_and_checkpoint_every(tmp_path, capsys):
     out = tmp_path / "m"
     args = ["sweep", "--algo", "metasgd", "--alpha", "0.01", "--rate-meta-lr", "1e-4", "--steps", "20",

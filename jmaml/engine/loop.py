@@ -530,9 +530,10 @@ def fit(learner: MetaLearner, tasks: TaskDistribution, optimiser: optax.Gradient
         populations), keeping the state before it; ``math.inf`` disables.
       meta_batch_block: process each meta-batch in blocks of this many tasks (``jmaml.blocking``: the
         same gradient to float round-off, a working set that stays in cache); ``"auto"`` times a few
-        block sizes on the first compile and keeps the fastest; None: the whole meta-batch at once. The
+        block sizes on the first compile and keeps the fastest -- timed in this process, so under its
+        ``XLA_FLAGS`` (which the run records); None: the whole meta-batch at once. The
         block is part of the run's fingerprint, and a resumed ``"auto"`` run keeps the block it chose,
-        whatever the machine's load now, so its numbers do not change. With a ``mesh``: tasks per block
+        whatever the machine's load or XLA settings now, so its numbers do not change. With a ``mesh``: tasks per block
         within each device's shard.
       mesh: shard each meta-batch's tasks over this mesh (``jmaml.distributed.task_mesh``). In a
         multi-process job every process calls ``fit`` alike; process 0 alone writes files.
@@ -672,8 +673,9 @@ def choose_block(block: int | str | None, learner: MetaLearner, tasks: TaskDistr
         chosen = pick_block(timings, shard)
         chosen = distributed.broadcast_int(chosen)  # every process runs one program: process 0's timing decides
         shown = ", ".join(f"{size}: {1e3 * t:.1f} ms" for size, t in timings.items())
+        flags = runstore.xla_flags()  # timed under this process's XLA settings, which the run records
         print(f"jmaml: meta_batch_block auto: {chosen} tasks per block{' per device' if mesh is not None else ''} "
-              f"(one meta-step: {shown})", file=stream or sys.stderr)
+              f"(one meta-step: {shown}{f'; under XLA_FLAGS={flags!r}' if flags else ''})", file=stream or sys.stderr)
         return None if chosen == shard else chosen
     return blocking.check_block(block, meta_batch_size, mesh)
 

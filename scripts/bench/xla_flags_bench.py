@@ -29,7 +29,42 @@ SETTINGS = {  # name -> XLA_FLAGS (this jaxlib's XLA:CPU library switches)
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "onednn": "--xla_cpu_use_onednn=true",
 }
-CELLS = ("25x1", "25x5", "1000x1", "1000x5", "10000x1", "10000x5", "conv4-omniglot", "rl")
+CELLS = ("25x1", "25x5", "1000x1", "1000x5", "10000x1", "10000x5", "conv4-omniglot", "rl", "dots")
+# "dots": the sinusoid step's 40 x 40 products alone (K = 10 points a task, the hidden layer's width), at B = 1000
+# tasks: what XLA:CPU's code for them reaches of the peak bounds every step made of them
+DOT_TASKS, DOT_ROWS, DOT_WIDTH, DOT_REPEATS = 1000, 10, 40, 16
+
+
+def dot_programs(tasks: int = DOT_TASKS, rows: int = DOT_ROWS, width: int = DOT_WIDTH, repeats: int = DOT_REPEATS):
+    """The three kinds of product in a task-batched MLP step, each as ``repeats`` dependent products in one
+    compiled program, with its FLOPs: ``per_task`` -- each task's [rows x width] activations times its own
+    [width x width] weights (the adapted θ'), ``packed`` -- all tasks' activations as one
+    [tasks * rows x width] matrix times one shared weight matrix (θ before adaptation: vmap's batching rule),
+    ``outer`` -- each task's weight gradient xᵀδ ([width x rows] times [rows x width], accumulated)."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (tasks, rows, width), jnp.float32)
+    w = jax.random.normal(keys[1], (tasks, width, width), jnp.float32) / width ** 0.5
+    d = jax.random.normal(keys[2], (tasks, rows, width), jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+
+    def per_task(x, w):
+        return jax.lax.fori_loop(0, repeats, lambda _, v: jnp.einsum("bkn,bnm->bkm", v, w, precision=hi), x)
+
+    def packed(x, w):
+        return jax.lax.fori_loop(0, repeats, lambda _, v: jnp.dot(v, w[0], precision=hi),
+                                 x.reshape(tasks * rows, width))
+
+    def outer(x, d):
+        def body(_, acc):
+            return acc + jnp.einsum("bkn,bkm->bnm", x, d + acc[:, :rows], precision=hi)
+        return jax.lax.fori_loop(0, repeats, body, jnp.zeros((tasks, width, width), jnp.float32))
+
+    flops = 2.0 * tasks * rows * width * width * repeats
+    return {"per_task": (jax.jit(per_task), (x, w), flops), "packed": (jax.jit(packed), (x, w), flops),
+            "outer": (jax.jit(outer), (x, d), flops)}
 
 
 def _parse_cell(name: str):
@@ -50,7 +85,16 @@ def child(cells: list[str], blocks: dict[str, int | None], min_time: float) -> d
     for name in cells:
         cell = _parse_cell(name)
         row: dict = {}
-        if cell == "rl":
+        if cell == "dots":
+            for impl, (fn, args, flops) in dot_programs().items():
+                jax.block_until_ready(fn(*args))  # compile and warm up
+
+                def run(fn=fn, args=args):
+                    start = time.perf_counter()
+                    jax.block_until_ready(fn(*args))
+                    return time.perf_counter() - start
+                row[impl] = {"rate": blocks_bench._rate(run, 1, min_time), "flops": flops, "bytes": 0.0}
+        elif cell == "rl":
             run, per_call, one = rl_bench.jmaml_runner()
             row["jmaml"] = {"rate": blocks_bench._rate(run, per_call, min_time), **program_cost(one)}
         else:
@@ -149,6 +193,10 @@ def to_markdown(result: dict) -> str:
             block = result["blocks"].get(cell)
             label = f"{impl} (block {block})" if impl == "jmaml_blocked" else impl
             lines.append(f"| {cell} | {label} | " + " | ".join(cells) + f" | {top}{gain} |")
+    if "dots" in result["cells"]:
+        lines += ["", f"dots: programs/s of {DOT_REPEATS} dependent products of the step's kinds at B = {DOT_TASKS} "
+                  f"tasks, {DOT_ROWS} points a task, width {DOT_WIDTH} (per_task: each task's activations times its "
+                  "own weights; packed: all tasks' activations times one shared matrix; outer: each task's xᵀδ)."]
     lines += ["", "Blocked / naive per setting (the issue's target: >= 1.3x at 1000x1, >= 2x at 1000x5 and 10^4):", "",
               "| cell | " + " | ".join(settings) + " |", "|" + " --- |" * (len(settings) + 1)]
     for cell in result["cells"]:
