@@ -141,3 +141,25 @@ def test_bad_grids(grid, match):
 def test_grid_too_large_even_for_chunking():
     with pytest.raises(ValueError, match="too large even for chunking"):
         sweep.run_sweep(BASE, GRID, memory_budget_bytes=1000)
+
+
+def test_held_out_tasks_evaluated_in_chunks_give_the_curves_of_one_call(monkeypatch):
+    # an image family's sweep evaluates its held-out tasks a protocol batch at a time (all at once they need
+    # tens of GiB); chunking, padding and unpadding must not change any task's curve
+    model, _ = train.build_model(BASE)
+    keys = jax.random.split(jax.random.key(3), 3)
+    params = jax.vmap(model.init)(keys)
+    alphas = jax.numpy.asarray([0.01, 0.05, 0.1], jax.numpy.float32)
+    args = dict(num_tasks=20, num_diag_tasks=4, budget_bytes=2**30)
+    whole, lam = sweep._evaluate_points(BASE, model, params, alphas, **args)
+    monkeypatch.setattr(sweep, "_eval_task_chunk", lambda config, n: 7)  # 7 + 7 + 6 (padded to 7)
+    parts, lam_parts = sweep._evaluate_points(BASE, model, params, alphas, **args)
+    assert whole.shape == parts.shape == (3, 20, sweep.MAX_EVAL_STEPS + 1)
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(lam_parts, lam)
+
+
+def test_the_held_out_chunk_is_the_familys_evaluation_batch():
+    assert sweep._eval_task_chunk(BASE, 600) == 600  # the sinusoid's protocol: all tasks in one call
+    omniglot = dataclasses.replace(BASE, task="omniglot", hidden=())
+    assert sweep._eval_task_chunk(omniglot, 600) == 50 and sweep._eval_task_chunk(omniglot, 30) == 30

@@ -48,6 +48,7 @@ import optax
 from jax.sharding import Mesh
 
 from jmaml import learners
+from jmaml import tasks as task_families
 from jmaml.core import protocols
 from jmaml.core._checks import check_num_steps, check_rate, check_seed
 from jmaml.core._util import default_float
@@ -143,15 +144,37 @@ def _heldout(config: TrainConfig, dist: Any, num_tasks: int) -> Any:
     return tasks._replace(support=jax.tree.map(lambda a: a[:, :config.num_support], tasks.support))
 
 
+def _eval_task_chunk(config: TrainConfig, num_tasks: int) -> int:
+    """Held-out tasks per compiled evaluation call: the family's protocol's batch size where it has one (an
+    image family's held-out curves for all tasks at once need tens of GiB: 600 tasks x 75 query images x
+    the conv's 28 x 28 x 64 activations), else all of them."""
+    batch = task_families.family(config.task).protocol(config).batch_size
+    return num_tasks if batch is None else max(1, min(num_tasks, int(batch)))
+
+
+def _task_slices(num_tasks: int, chunk: int) -> list[np.ndarray]:
+    """Indices of the held-out tasks per call, the last one padded (repeating its final task) so that every
+    call has the same shape and the evaluation compiles once; ``_unpad`` drops the padding."""
+    return [np.minimum(np.arange(start, start + chunk), num_tasks - 1) for start in range(0, num_tasks, chunk)]
+
+
+def _chunked_curves(fn: Callable[[Any], Any], tasks: Any, num_tasks: int, chunk: int, axis: int) -> np.ndarray:
+    """``fn(task_chunk)`` over the held-out tasks a chunk at a time, the results joined on ``axis`` (the
+    task axis of ``fn``'s output) with the padding dropped."""
+    parts = [np.asarray(fn(jax.tree.map(lambda a, i=idx: a[i], tasks))) for idx in _task_slices(num_tasks, chunk)]
+    return np.take(np.concatenate(parts, axis=axis), np.arange(num_tasks), axis=axis)
+
+
 def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: int, num_diag_tasks: int,
                      budget_bytes: int):
     dist: Any = recipes.build_tasks(config)
     eval_loss = dist.make_metric(model.apply)
     tasks = _heldout(config, dist, num_tasks)
+    chunk = _eval_task_chunk(config, num_tasks)
 
     @jax.jit
-    def curves(params, alphas):
-        return jax.vmap(lambda p, a: adaptation_curve(eval_loss, p, tasks.support, tasks.query, inner_lr=a,
+    def curves(params, alphas, part):
+        return jax.vmap(lambda p, a: adaptation_curve(eval_loss, p, part.support, part.query, inner_lr=a,
                                                       num_steps=MAX_EVAL_STEPS))(params, alphas)
 
     _, train_loss = build_model(config)
@@ -162,19 +185,21 @@ def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: i
         return jax.vmap(lambda p: jax.vmap(lambda b: hessian_max_eigenvalue(train_loss, p, b))(diag_support))(params)
 
     # evaluation needs far more memory per point than a training step (every held-out task's curve):
-    # points go through it in sub-chunks that fit the budget, padded so that they compile once
+    # points go through it in sub-chunks that fit the budget, padded so that they compile once, and the
+    # held-out tasks in chunks of the family's evaluation batch
     n = len(alphas)
     width = 1 + sum(config.hidden) + 1
-    point_bytes = num_tasks * (config.num_support + NUM_EVAL_QUERY) * width * 4 * 6 * (MAX_EVAL_STEPS + 2)
+    point_bytes = chunk * (config.num_support + NUM_EVAL_QUERY) * width * 4 * 6 * (MAX_EVAL_STEPS + 2)
     per_call = max(1, min(n, budget_bytes // max(point_bytes, 1)))
     out_curves, out_lam = [], []
     for start in range(0, n, per_call):
         idx = np.minimum(np.arange(start, start + per_call), n - 1)
         part_params = jax.tree.map(lambda a: a[idx], params)
-        out_curves.append(np.asarray(curves(part_params, alphas[idx])))
+        part_alphas = alphas[idx]
+        out_curves.append(_chunked_curves(lambda part: curves(part_params, part_alphas, part), tasks, num_tasks,
+                                          chunk, axis=1))
         out_lam.append(np.asarray(curvature(part_params)))
     return np.concatenate(out_curves)[:n], np.concatenate(out_lam)[:n]
-
 
 
 def _shard_axis(shard: str) -> str:
@@ -484,11 +509,16 @@ def _evaluate_sweep_points(base: TrainConfig, model: Any, learner: MetaLearner, 
     tasks = _heldout(base, dist, eval_tasks)
     uses_alpha = "inner_lr" in learner.hyper
 
-    point_curves = jax.jit(lambda meta_params, alpha: learner_curves(  # the learner's own rule, as evaluate's
-        learner, meta_params, tasks, metric, MAX_EVAL_STEPS, hyper={"inner_lr": alpha} if uses_alpha else None))
+    chunk = _eval_task_chunk(base, eval_tasks)
+    point_curves = jax.jit(lambda meta_params, alpha, batch: learner_curves(  # the learner's own rule, as evaluate's
+        learner, meta_params, batch, metric, MAX_EVAL_STEPS, hyper={"inner_lr": alpha} if uses_alpha else None))
 
-    curves = [np.asarray(point_curves(jax.tree.map(lambda a, g=g: a[g], params), alphas[g]))
-              for g in range(len(part))]
+    def one_point(g: int) -> np.ndarray:
+        meta_params = jax.tree.map(lambda a: a[g], params)
+        return _chunked_curves(lambda batch: point_curves(meta_params, alphas[g], batch), tasks, eval_tasks, chunk,
+                               axis=0)
+
+    curves = [one_point(g) for g in range(len(part))]
     return np.stack(curves), np.full((len(part), 1), np.nan)
 
 
