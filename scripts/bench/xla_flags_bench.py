@@ -131,7 +131,10 @@ def _run_child(setting: str, cells: list[str], blocks: dict, min_time: float, lo
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(cells: list[str], settings: list[str], rounds: int, min_time: float, blocks: dict, log) -> dict:
+def measure(cells: list[str], settings: list[str], rounds: int, min_time: float, blocks: dict, log,
+            after_round=None) -> dict:
+    """Best rate per setting, cell and step over ``rounds`` rounds; ``after_round(best, rounds_done)`` after each
+    (the caller writes the results so far: a long run stopped early keeps its finished rounds)."""
     best: dict = {}
     for r in range(rounds):
         for setting in (settings if r % 2 == 0 else settings[::-1]):  # alternating, so drift spreads evenly
@@ -148,6 +151,8 @@ def measure(cells: list[str], settings: list[str], rounds: int, min_time: float,
                         mine[cell][impl] = v
             log(f"round {r + 1}, {setting}: " + json.dumps({c: {i: round(v['rate'], 2) for i, v in row.items()}
                                                             for c, row in got.items()}))
+        if after_round is not None:
+            after_round(best, r + 1)
     return best
 
 
@@ -241,9 +246,13 @@ def main(argv=None) -> int:
     result = {"machine": machine_description(), "device": jax.devices()[0].platform,
               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "cells": cells, "settings": settings,
               "flags": {s: SETTINGS[s] for s in settings}, "blocks": blocks, "ceilings": ceilings(log)}
-    result["best"] = measure(cells, settings, args.rounds, args.min_time, blocks, log)
-    write_result(result, args.out or os.path.join(ROOT, "scripts", "bench", "results",
-                                                  f"xla_flags_{result['device']}"), to_markdown(result))
+    prefix = args.out or os.path.join(ROOT, "scripts", "bench", "results", f"xla_flags_{result['device']}")
+
+    def write(best: dict, done: int) -> None:
+        result.update(best=best, rounds=done)  # "rounds": the rounds finished, so a stopped run says how many
+        write_result(result, prefix, to_markdown(result))
+
+    measure(cells, settings, args.rounds, args.min_time, blocks, log, after_round=write)
     return 0
 
 
