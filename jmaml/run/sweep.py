@@ -152,16 +152,17 @@ def _eval_task_chunk(config: TrainConfig, num_tasks: int) -> int:
     return num_tasks if batch is None else max(1, min(num_tasks, int(batch)))
 
 
-def _task_slices(num_tasks: int, chunk: int) -> list[np.ndarray]:
-    """Indices of the held-out tasks per call, the last one padded (repeating its final task) so that every
-    call has the same shape and the evaluation compiles once; ``_unpad`` drops the padding."""
-    return [np.minimum(np.arange(start, start + chunk), num_tasks - 1) for start in range(0, num_tasks, chunk)]
+def _padded_slices(n: int, size: int) -> list[np.ndarray]:
+    """Indices of ``n`` items in slices of ``size``, the last one padded (repeating item ``n - 1``) so that
+    every call has the same shape and compiles once; the caller drops the results past ``n``."""
+    return [np.minimum(np.arange(start, start + size), n - 1) for start in range(0, n, size)]
 
 
-def _chunked_curves(fn: Callable[[Any], Any], tasks: Any, num_tasks: int, chunk: int, axis: int) -> np.ndarray:
-    """``fn(task_chunk)`` over the held-out tasks a chunk at a time, the results joined on ``axis`` (the
+def _chunked_curves(fn: Callable[[Any], Any], tasks: Any, chunk: int, axis: int) -> np.ndarray:
+    """``fn(task_chunk)`` over the held-out tasks ``chunk`` at a time, the results joined on ``axis`` (the
     task axis of ``fn``'s output) with the padding dropped."""
-    parts = [np.asarray(fn(jax.tree.map(lambda a, i=idx: a[i], tasks))) for idx in _task_slices(num_tasks, chunk)]
+    num_tasks = jax.tree.leaves(tasks)[0].shape[0]
+    parts = [np.asarray(fn(jax.tree.map(lambda a, i=idx: a[i], tasks))) for idx in _padded_slices(num_tasks, chunk)]
     return np.take(np.concatenate(parts, axis=axis), np.arange(num_tasks), axis=axis)
 
 
@@ -192,12 +193,11 @@ def _evaluate_points(config: TrainConfig, model, params, alphas, *, num_tasks: i
     point_bytes = chunk * (config.num_support + NUM_EVAL_QUERY) * width * 4 * 6 * (MAX_EVAL_STEPS + 2)
     per_call = max(1, min(n, budget_bytes // max(point_bytes, 1)))
     out_curves, out_lam = [], []
-    for start in range(0, n, per_call):
-        idx = np.minimum(np.arange(start, start + per_call), n - 1)
+    for idx in _padded_slices(n, per_call):
         part_params = jax.tree.map(lambda a: a[idx], params)
         part_alphas = alphas[idx]
-        out_curves.append(_chunked_curves(lambda part: curves(part_params, part_alphas, part), tasks, num_tasks,
-                                          chunk, axis=1))
+        out_curves.append(_chunked_curves(lambda part: curves(part_params, part_alphas, part), tasks, chunk,
+                                          axis=1))
         out_lam.append(np.asarray(curvature(part_params)))
     return np.concatenate(out_curves)[:n], np.concatenate(out_lam)[:n]
 
@@ -515,8 +515,7 @@ def _evaluate_sweep_points(base: TrainConfig, model: Any, learner: MetaLearner, 
 
     def one_point(g: int) -> np.ndarray:
         meta_params = jax.tree.map(lambda a: a[g], params)
-        return _chunked_curves(lambda batch: point_curves(meta_params, alphas[g], batch), tasks, eval_tasks, chunk,
-                               axis=0)
+        return _chunked_curves(lambda batch: point_curves(meta_params, alphas[g], batch), tasks, chunk, axis=0)
 
     curves = [one_point(g) for g in range(len(part))]
     return np.stack(curves), np.full((len(part), 1), np.nan)
